@@ -1,0 +1,433 @@
+"""The CUDA backend: the five primitives as CUDA kernels, for CuPy arrays or the simulator.
+
+The launch code is written once against an array module and a kernel loader
+(`cupy_bn.kernels.loader`): `CudaBackend.for_cupy()` runs on CuPy arrays on the current GPU
+(backend "cuda"); `CudaBackend.for_simulator()` runs the same kernels on NumPy arrays in
+`cupy_bn.sim` (backend "sim").
+
+Kernels and passes (R = a full read of a tensor, W = a full write; see docs/kernels.md):
+
+| primitive | launches | passes |
+|---|---|---|
+| `batch_stats` | `*_stats` (per-block Welford partials) + `bn_finalize_stats` (per channel) | R1 |
+| `apply` | `*_apply` | R1 W1 |
+| `backward_reduce` | `*_reduce` (per-block partial sums) + `bn_finalize_sums` (per channel) | R2 |
+| `backward_apply` | `*_backward` | R2 W1 |
+| `update_running` | one ElementwiseKernel over C values | none |
+
+Training forward is therefore 3 tensor passes in 2 tensor launches, backward 5 in 2, eval
+2 in 1; the finalize launches touch C x P partials only. `train_statistics` (optional, used by
+`cupy_bn.functional` when present) also computes invstd, scale and shift and updates the
+running statistics inside the finalize launch.
+
+Launch heuristics: reductions get at most one wave of blocks (SM count x resident blocks per
+SM), splitting a channel over several blocks only while each block keeps
+`Tuning.reduction_min_work` elements; elementwise kernels get blocks of about
+`Tuning.elementwise_work` elements. Partials are merged in a fixed order, so results are bitwise
+identical run to run on one device (a device with another SM count may split differently).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cupy_bn.backends.base import Array
+from cupy_bn.dtypes import accumulation_dtype
+from cupy_bn.kernels.elementwise import UPDATE_RUNNING
+from cupy_bn.kernels.loader import CupyLoader, KernelLoader, SimLoader
+from cupy_bn.layout import NCS, View
+
+#: Threads of the tensor kernels' blocks (the kernels' shared memory is sized for 256).
+BLOCK_THREADS = 256
+#: Threads per block of the per-channel finalize kernels (a warp per channel).
+FINALIZE_THREADS = 256
+#: The fused finalize runs in a single block of up to this many threads.
+FUSED_FINALIZE_THREADS = 1024
+#: Elements one block may own: the kernels count a block's elements in 32-bit integers.
+MAX_BLOCK_WORK = 1 << 28
+MAX_GRID_Y = 65535
+_PASSES = {"forward_train": 3, "backward": 5, "eval": 2}
+
+# bn_finalize_stats flags (bn_finalize.cu)
+_AFFINE, _WEIGHT, _BIAS, _RUNNING = 1, 2, 4, 8
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Work sizes of the launch heuristics, in elements per block."""
+
+    #: A reduction splits a channel over more blocks only while each keeps this many elements.
+    reduction_min_work: int = 16384
+    #: Elementwise kernels (apply, backward apply) give each block about this many elements.
+    elementwise_work: int = 32768
+
+
+@dataclass(frozen=True)
+class NcsGrid:
+    """Launch shape of an NCS kernel: grid (C, row_pieces * col_pieces), 1-D blocks."""
+
+    channels: int
+    row_pieces: int
+    col_pieces: int
+
+    @property
+    def pieces(self) -> int:
+        return self.row_pieces * self.col_pieces
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.channels, self.pieces)
+
+    @property
+    def block(self) -> tuple[int]:
+        return (BLOCK_THREADS,)
+
+
+@dataclass(frozen=True)
+class McGrid:
+    """Launch shape of an MC kernel: grid (channel tiles, row ranges), blocks (bx, by)."""
+
+    channels: int
+    block_x: int
+    pieces: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (-(-self.channels // self.block_x), self.pieces)
+
+    @property
+    def block(self) -> tuple[int, int]:
+        return (self.block_x, BLOCK_THREADS // self.block_x)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def reduction_pieces(units: int, work_per_unit: int, resident_blocks: int, min_work: int) -> int:
+    """Blocks per unit (channel or channel tile) of a reduction grid.
+
+    At most one wave (`units * pieces <= resident_blocks` unless one block per unit already
+    exceeds it), each block with at least `min_work` elements, none above MAX_BLOCK_WORK.
+    """
+    pieces = max(1, resident_blocks // max(units, 1))
+    pieces = min(pieces, max(1, work_per_unit // max(min_work, 1)))
+    pieces = max(pieces, -(-work_per_unit // MAX_BLOCK_WORK))
+    return _check_pieces(pieces)
+
+
+def elementwise_pieces(work_per_unit: int, work: int) -> int:
+    """Blocks per unit of an elementwise grid: about `work` elements each."""
+    pieces = max(1, -(-work_per_unit // max(work, 1)), -(-work_per_unit // MAX_BLOCK_WORK))
+    return _check_pieces(min(pieces, MAX_GRID_Y))
+
+
+def _check_pieces(pieces: int) -> int:
+    if pieces > MAX_GRID_Y:
+        raise ValueError(f"a channel of this tensor needs {pieces} blocks, more than the grid "
+                         f"allows ({MAX_GRID_Y}); the tensor is too large for these kernels")
+    return pieces
+
+
+def ncs_grid(n: int, c: int, s: int, pieces: int) -> NcsGrid:
+    """Split each channel's (N, S) plane into about `pieces` tiles: whole rows first."""
+    row_pieces = min(n, pieces)
+    col_pieces = min(s, -(-pieces // row_pieces))
+    tile = -(-n // row_pieces) * -(-s // col_pieces)
+    if tile + 8 * BLOCK_THREADS >= 1 << 30:  # the kernels' 32-bit per-block counters
+        raise ValueError(f"a block tile of {tile} elements is too large for the kernels")
+    return NcsGrid(c, row_pieces, col_pieces)
+
+
+def mc_block_x(channels: int) -> int:
+    """Threads along C of an MC block: the channel count rounded up to a power of 2, <= 32."""
+    return min(_next_pow2(channels), 32)
+
+
+class CudaBackend:
+    """Batch-norm primitives as CUDA kernels (see `cupy_bn.backends.base` for the contract).
+
+    `xp` is the array module of the tensors (cupy, or numpy in the simulator) and `loader`
+    compiles and launches the kernels for that target.
+    """
+
+    def __init__(self, name: str, xp: Any, loader: KernelLoader, tuning: Tuning | None = None):
+        self.name = name
+        self.xp = xp
+        self.loader = loader
+        self.tuning = tuning or Tuning()
+
+    @classmethod
+    def for_cupy(cls, tuning: Tuning | None = None) -> CudaBackend:
+        """The "cuda" backend: CuPy arrays on the current GPU."""
+        import cupy
+
+        return cls("cuda", cupy, CupyLoader(), tuning)
+
+    @classmethod
+    def for_simulator(cls, schedule: str = "forward", seed: int = 0, check_races: bool = False,
+                      tuning: Tuning | None = None) -> CudaBackend:
+        """The "sim" backend: NumPy arrays, kernels run by `cupy_bn.sim` on the CPU."""
+        return cls("sim", np, SimLoader(schedule, seed, check_races), tuning)
+
+    # -- launch geometry ----------------------------------------------------------------------
+    def _resident_blocks(self, kernel: Any, threads: int) -> int:
+        device = self.loader.device()
+        return device.sm_count * self.loader.resident_blocks_per_sm(kernel, threads)
+
+    def _ncs_reduction_grid(self, x: View, kernel: Any) -> NcsGrid:
+        n, c, s = x.data.shape
+        pieces = reduction_pieces(c, n * s, self._resident_blocks(kernel, BLOCK_THREADS),
+                                  self.tuning.reduction_min_work)
+        return ncs_grid(n, c, s, pieces)
+
+    def _ncs_elementwise_grid(self, x: View) -> NcsGrid:
+        n, c, s = x.data.shape
+        return ncs_grid(n, c, s, elementwise_pieces(n * s, self.tuning.elementwise_work))
+
+    def _mc_reduction_grid(self, x: View, kernel: Any) -> McGrid:
+        m, c = x.data.shape
+        bx = mc_block_x(c)
+        units = -(-c // bx)
+        pieces = reduction_pieces(units, m * bx, self._resident_blocks(kernel, BLOCK_THREADS),
+                                  self.tuning.reduction_min_work)
+        return McGrid(c, bx, max(1, min(pieces, m)))
+
+    def _mc_elementwise_grid(self, x: View) -> McGrid:
+        m, c = x.data.shape
+        bx = mc_block_x(c)
+        pieces = elementwise_pieces(m * bx, self.tuning.elementwise_work)
+        return McGrid(c, bx, max(1, min(pieces, m)))
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _vector(self, v: Array, dtype: np.dtype, channels: int, name: str) -> Array:
+        """`v` as a contiguous (C,) array of `dtype` (no copy when it already is one)."""
+        out = self.xp.ascontiguousarray(self.xp.asarray(v), dtype=dtype)
+        if out.shape != (channels,):
+            raise ValueError(f"{name} must have shape ({channels},), got {tuple(out.shape)}")
+        return out
+
+    def _ncs_shape_args(self, x: View, grid: NcsGrid) -> tuple:
+        n, c, s = x.data.shape
+        return (np.int64(n), np.int32(c), np.int64(s), np.int32(grid.col_pieces))
+
+    def _common(self, dy: View, x: View) -> tuple[Array, Array, np.dtype]:
+        """dy and x data in one storage dtype (the wider one when they differ)."""
+        dtype = np.result_type(dy.data.dtype, x.data.dtype)
+        return (dy.data.astype(dtype, copy=False), x.data.astype(dtype, copy=False),
+                np.dtype(dtype))
+
+    # -- statistics ---------------------------------------------------------------------------
+    def _stats_partials(self, x: View) -> tuple[Array, Array, Array, int]:
+        """Launch the stats kernel: per-(channel, block) Welford partials, laid out [C][P]."""
+        xp, data = self.xp, x.data
+        acc = accumulation_dtype(data.dtype)
+        if x.layout == NCS:
+            kernel = self.loader.function("ncs", "bn_ncs_stats", data.dtype)
+            grid = self._ncs_reduction_grid(x, kernel)
+            shape_args = self._ncs_shape_args(x, grid)
+        else:
+            kernel = self.loader.function("mc", "bn_mc_stats", data.dtype)
+            grid = self._mc_reduction_grid(x, kernel)
+            shape_args = (np.int64(data.shape[0]), np.int32(data.shape[1]))
+        slots = x.num_channels * grid.pieces
+        part_mean, part_m2 = xp.empty(slots, acc), xp.empty(slots, acc)
+        part_count = xp.empty(slots, np.int32)
+        self.loader.launch(kernel, grid.grid, grid.block,
+                           (data, *shape_args, part_mean, part_m2, part_count))
+        return part_mean, part_m2, part_count, grid.pieces
+
+    def _finalize_stats(self, x: View, flags: int, weight: Array | None = None,
+                        bias: Array | None = None, eps: float = 1.0, momentum: float = 0.0,
+                        running: tuple[Array, Array] | None = None) -> tuple[Array, ...]:
+        """Partials -> (mean, var, invstd, scale, shift); the last three only with _AFFINE."""
+        xp = self.xp
+        channels = x.num_channels
+        acc = accumulation_dtype(x.data.dtype)
+        part_mean, part_m2, part_count, pieces = self._stats_partials(x)
+        mean, var = xp.empty(channels, acc), xp.empty(channels, acc)
+        unused = xp.empty(1, acc)
+        invstd, scale, shift = ((xp.empty(channels, acc) for _ in range(3)) if flags & _AFFINE
+                                else (unused, unused, unused))
+        running_mean, running_var = running if running is not None else (unused, unused)
+        count = x.count
+        unbias = count / (count - 1) if count > 1 else 1.0
+        kernel = self.loader.function("finalize", "bn_finalize_stats", acc)
+        if flags & _RUNNING:  # all-or-nothing running update: one block sees every channel
+            grid, block = (1,), (min(FUSED_FINALIZE_THREADS, 32 * channels),)
+        else:
+            warps = FINALIZE_THREADS // 32
+            grid, block = (-(-channels // warps),), (min(FINALIZE_THREADS, 32 * channels),)
+        self.loader.launch(kernel, grid, block, (
+            part_mean, part_m2, part_count, np.int32(channels), np.int32(pieces),
+            np.int32(flags), unused if weight is None else weight,
+            unused if bias is None else bias, acc.type(eps), np.float64(momentum),
+            np.float64(unbias), mean, var, invstd, scale, shift, running_mean, running_var))
+        return mean, var, invstd, scale, shift
+
+    def batch_stats(self, x: View) -> tuple[Array, Array]:
+        acc = accumulation_dtype(x.data.dtype)
+        if x.count == 0 or x.num_channels == 0:
+            return self.xp.zeros(x.num_channels, acc), self.xp.zeros(x.num_channels, acc)
+        mean, var, *_ = self._finalize_stats(x, 0)
+        return mean, var
+
+    def train_statistics(self, x: View, weight: Array | None, bias: Array | None,
+                         running_mean: Array | None, running_var: Array | None,
+                         momentum: float, eps: float) -> tuple[Array, Array, Array, Array, Array]:
+        """Batch statistics and everything a training forward derives from them, fused.
+
+        Returns `(mean, var, invstd, scale, shift)` with `invstd = 1 / sqrt(var + eps)`,
+        `scale = weight * invstd` (invstd without weight), `shift = bias - mean * scale`
+        (without bias: `-mean * scale`). When running statistics are given they are updated in
+        place (`update_running`'s formula, momentum weighting the new batch) if and only if
+        every channel's mean and var are finite: the caller checks the returned statistics and
+        reports non-finite channels. Needs `x.count >= 2` when running statistics are given.
+        One stats launch (R1) and one per-channel finalize launch.
+        """
+        xp = self.xp
+        channels = x.num_channels
+        acc = accumulation_dtype(x.data.dtype)
+        if x.count == 0 or channels == 0:
+            raise ValueError(f"train_statistics needs a non-empty batch, got shape {x.shape}")
+        if running_mean is not None and x.count < 2:
+            raise ValueError("updating running statistics needs more than one value per "
+                             f"channel, got {x.count}")
+        flags = _AFFINE
+        if weight is not None:
+            weight = self._vector(weight, acc, channels, "weight")
+            flags |= _WEIGHT
+        if bias is not None:
+            bias = self._vector(bias, acc, channels, "bias")
+            flags |= _BIAS
+        fused_running = (running_mean is not None and running_var is not None
+                         and all(r.dtype == acc and r.flags.c_contiguous
+                                 and r.shape == (channels,) for r in (running_mean, running_var)))
+        if fused_running:
+            flags |= _RUNNING
+        stats = self._finalize_stats(x, flags, weight, bias, eps, momentum,
+                                     (running_mean, running_var) if fused_running else None)
+        if running_mean is not None and not fused_running:
+            mean, var = stats[0], stats[1]
+            if bool(xp.isfinite(mean).all()) and bool(xp.isfinite(var).all()):
+                self.update_running(running_mean, running_var, mean, var, x.count, momentum)
+        return stats
+
+    # -- forward apply ------------------------------------------------------------------------
+    def apply(self, x: View, scale: Array, shift: Array) -> Array:
+        xp, data = self.xp, x.data
+        acc = accumulation_dtype(data.dtype)
+        out = xp.empty(data.shape, data.dtype)
+        if data.size == 0:
+            return out
+        scale = self._vector(scale, acc, x.num_channels, "scale")
+        shift = self._vector(shift, acc, x.num_channels, "shift")
+        if x.layout == NCS:
+            grid = self._ncs_elementwise_grid(x)
+            kernel = self.loader.function("ncs", "bn_ncs_apply", data.dtype)
+            args = (data, scale, shift, *self._ncs_shape_args(x, grid), out)
+        else:
+            grid = self._mc_elementwise_grid(x)
+            kernel = self.loader.function("mc", "bn_mc_apply", data.dtype)
+            args = (data, scale, shift, np.int64(data.shape[0]), np.int32(data.shape[1]), out)
+        self.loader.launch(kernel, grid.grid, grid.block, args)
+        return out
+
+    # -- backward -----------------------------------------------------------------------------
+    def backward_reduce(self, dy: View, x: View, mean: Array) -> tuple[Array, Array]:
+        xp = self.xp
+        g, data, dtype = self._common(dy, x)
+        acc = accumulation_dtype(dtype)
+        channels = x.num_channels
+        if x.count == 0 or channels == 0:
+            return xp.zeros(channels, acc), xp.zeros(channels, acc)
+        mean = self._vector(mean, acc, channels, "mean")
+        if x.layout == NCS:
+            kernel = self.loader.function("ncs", "bn_ncs_reduce", dtype)
+            grid = self._ncs_reduction_grid(x, kernel)
+            shape_args = self._ncs_shape_args(x, grid)
+        else:
+            kernel = self.loader.function("mc", "bn_mc_reduce", dtype)
+            grid = self._mc_reduction_grid(x, kernel)
+            shape_args = (np.int64(data.shape[0]), np.int32(data.shape[1]))
+        slots = channels * grid.pieces
+        part_dy, part_dy_xmu = xp.empty(slots, acc), xp.empty(slots, acc)
+        self.loader.launch(kernel, grid.grid, grid.block,
+                           (g, data, mean, *shape_args, part_dy, part_dy_xmu))
+        sum_dy, sum_dy_xmu = xp.empty(channels, acc), xp.empty(channels, acc)
+        warps = FINALIZE_THREADS // 32
+        finalize = self.loader.function("finalize", "bn_finalize_sums", acc)
+        self.loader.launch(finalize, (-(-channels // warps),),
+                           (min(FINALIZE_THREADS, 32 * channels),),
+                           (part_dy, part_dy_xmu, np.int32(channels), np.int32(grid.pieces),
+                            sum_dy, sum_dy_xmu))
+        return sum_dy, sum_dy_xmu
+
+    def backward_apply(self, dy: View, x: View, mean: Array, invstd: Array, gamma: Array,
+                       sum_dy: Array, sum_dy_xmu: Array, count: int) -> Array:
+        xp = self.xp
+        g, data, dtype = self._common(dy, x)
+        acc = accumulation_dtype(dtype)
+        channels = x.num_channels
+        out = xp.empty(data.shape, dtype)
+        if data.size == 0:
+            return out.astype(dy.data.dtype, copy=False)
+        vectors = [self._vector(v, acc, channels, name) for v, name in
+                   ((mean, "mean"), (invstd, "invstd"), (gamma, "gamma"), (sum_dy, "sum_dy"),
+                    (sum_dy_xmu, "sum_dy_xmu"))]
+        if x.layout == NCS:
+            grid = self._ncs_elementwise_grid(x)
+            kernel = self.loader.function("ncs", "bn_ncs_backward", dtype)
+            shape_args = self._ncs_shape_args(x, grid)
+        else:
+            grid = self._mc_elementwise_grid(x)
+            kernel = self.loader.function("mc", "bn_mc_backward", dtype)
+            shape_args = (np.int64(data.shape[0]), np.int32(data.shape[1]))
+        self.loader.launch(kernel, grid.grid, grid.block,
+                           (g, data, *vectors, np.int64(count), *shape_args, out))
+        return out.astype(dy.data.dtype, copy=False)
+
+    # -- running statistics -------------------------------------------------------------------
+    def update_running(self, running_mean: Array, running_var: Array, mean: Array, var: Array,
+                       count: int, momentum: float) -> None:
+        if count < 2:
+            raise ValueError(f"the unbiased variance needs count >= 2, got {count}")
+        unbias = count / (count - 1)
+        dtype = running_mean.dtype
+        if (dtype in (np.float32, np.float64) and running_var.dtype == dtype
+                and running_mean.flags.c_contiguous and running_var.flags.c_contiguous):
+            kernel = self.loader.elementwise(UPDATE_RUNNING)
+            kernel(mean.astype(dtype, copy=False), var.astype(dtype, copy=False),
+                   float(momentum), float(unbias), running_mean, running_var)
+            return
+        xp = self.xp  # other dtypes (float16 / bfloat16 buffers): the same formula, in float64
+        running_mean[...] = ((1.0 - momentum) * running_mean.astype(np.float64)
+                             + momentum * mean.astype(np.float64))
+        running_var[...] = ((1.0 - momentum) * running_var.astype(np.float64)
+                            + momentum * (xp.asarray(var, np.float64) * unbias))
+
+    def traffic(self, phase: str, numel: int, itemsize: int) -> int:
+        """Stats R1 + apply R1 W1; reduce R2 + backward apply R2 W1; eval apply R1 W1."""
+        if phase not in _PASSES:
+            raise ValueError(f"phase must be one of {', '.join(_PASSES)}, got {phase!r}")
+        return _PASSES[phase] * numel * itemsize
+
+    def launches(self, phase: str) -> int:
+        """Kernel launches that stream the tensor in `phase` (finalize launches not counted)."""
+        return {"forward_train": 2, "backward": 2, "eval": 1}[phase]
+
+
+def simulator_usable() -> bool:
+    """True when the simulator's toolchain (g++ and CUDA headers) is found."""
+    try:
+        from cupy_bn import sim
+    except ImportError:
+        return False
+    return bool(sim.toolchain_available())
+
+
+__all__ = ["CudaBackend", "McGrid", "NcsGrid", "Tuning", "elementwise_pieces", "mc_block_x",
+           "ncs_grid", "reduction_pieces", "simulator_usable"]

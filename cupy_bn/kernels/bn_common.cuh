@@ -1,0 +1,259 @@
+// Shared device code of the batch-norm kernels: type conversions, Welford triples and their
+// Chan merges (per thread, across a warp by shuffles, across a block through shared memory),
+// and the per-thread cursor that walks one channel's tile of an NCS tensor.
+//
+// Conventions: T is the storage type (float, double, __half, __nv_bfloat16); Acc the
+// accumulation type (double for double, float otherwise). Element offsets are 64-bit; the
+// number of elements one block handles is below 2^30 (the launch code guarantees it), so
+// per-block counters are 32-bit.
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+namespace bn {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Values each thread loads before it consumes any of them (memory-level parallelism): 8 for
+// 2- and 4-byte types, 4 doubles.
+template <typename T>
+struct Unroll {
+  static constexpr int value = sizeof(T) >= 8 ? 4 : 8;
+};
+
+__device__ __forceinline__ float widen(float v) { return v; }
+__device__ __forceinline__ double widen(double v) { return v; }
+__device__ __forceinline__ float widen(__half v) { return __half2float(v); }
+__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(double* p, double v) { *p = v; }
+__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// ------------------------------------------------------------------ Welford / Chan merges
+
+// Count, mean and sum of squared deviations (M2) of a set of values.
+template <typename Acc, typename Count>
+struct Welford {
+  Count n;
+  Acc mean;
+  Acc m2;
+};
+
+// Chan et al.'s pairwise merge. `a` is the earlier part in the fixed merge order; an empty
+// triple is (0, 0, 0), and merging with it returns the other operand exactly.
+template <typename Acc, typename Count>
+__device__ __forceinline__ Welford<Acc, Count> chan_merge(const Welford<Acc, Count>& a,
+                                                          const Welford<Acc, Count>& b) {
+  const Count n = a.n + b.n;
+  if (n == 0) return a;
+  const Acc delta = b.mean - a.mean;
+  const Acc ratio = static_cast<Acc>(b.n) / static_cast<Acc>(n);
+  Welford<Acc, Count> r;
+  r.n = n;
+  r.mean = a.mean + delta * ratio;
+  r.m2 = a.m2 + b.m2 + delta * delta * static_cast<Acc>(a.n) * ratio;
+  return r;
+}
+
+// Fold `cnt` (1..U) freshly loaded values into a thread's triple: the group's own mean and M2
+// are exact two-pass values, then one Chan merge (one division per group, not per value).
+template <int U, typename Acc>
+__device__ __forceinline__ void fold_group(Welford<Acc, int>& w, const Acc (&v)[U], int cnt) {
+  Acc sum = v[0];
+#pragma unroll
+  for (int k = 1; k < U; ++k)
+    if (k < cnt) sum += v[k];
+  Welford<Acc, int> g;
+  g.n = cnt;
+  g.mean = sum / static_cast<Acc>(cnt);
+  g.m2 = Acc(0);
+#pragma unroll
+  for (int k = 0; k < U; ++k)
+    if (k < cnt) {
+      const Acc d = v[k] - g.mean;
+      g.m2 += d * d;
+    }
+  w = chan_merge(w, g);
+}
+
+// Butterfly merge over a full warp; lane 0's result depends only on the data (fixed tree).
+template <typename Acc, typename Count>
+__device__ __forceinline__ Welford<Acc, Count> warp_merge(Welford<Acc, Count> w) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    Welford<Acc, Count> o;
+    o.n = __shfl_xor_sync(kFullMask, w.n, offset);
+    o.mean = __shfl_xor_sync(kFullMask, w.mean, offset);
+    o.m2 = __shfl_xor_sync(kFullMask, w.m2, offset);
+    w = chan_merge(w, o);
+  }
+  return w;
+}
+
+template <typename Acc>
+__device__ __forceinline__ Acc warp_sum(Acc v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
+
+// Merge over a 1-D block (blockDim.x a multiple of 32, at most 1024): warp shuffles, then the
+// per-warp triples through shared memory, merged by warp 0 in warp order. Thread 0 returns
+// the block's triple.
+template <typename Acc>
+__device__ __forceinline__ Welford<Acc, int> block_merge(Welford<Acc, int> w) {
+  __shared__ int s_n[32];
+  __shared__ Acc s_mean[32];
+  __shared__ Acc s_m2[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  w = warp_merge(w);
+  if (lane == 0) {
+    s_n[warp] = w.n;
+    s_mean[warp] = w.mean;
+    s_m2[warp] = w.m2;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    Welford<Acc, int> v = {0, Acc(0), Acc(0)};
+    if (lane < warps) {
+      v.n = s_n[lane];
+      v.mean = s_mean[lane];
+      v.m2 = s_m2[lane];
+    }
+    w = warp_merge(v);
+  }
+  return w;
+}
+
+// Sums of two values over a 1-D block (same shape rules as block_merge); thread 0 returns them.
+template <typename Acc>
+__device__ __forceinline__ void block_sum2(Acc& a, Acc& b) {
+  __shared__ Acc s_a[32];
+  __shared__ Acc s_b[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  a = warp_sum(a);
+  b = warp_sum(b);
+  if (lane == 0) {
+    s_a[warp] = a;
+    s_b[warp] = b;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    a = lane < warps ? s_a[lane] : Acc(0);
+    b = lane < warps ? s_b[lane] : Acc(0);
+    a = warp_sum(a);
+    b = warp_sum(b);
+  }
+}
+
+// Merge over threadIdx.y of a 2-D block of at most 256 threads (blockDim.y a power of two):
+// a tree in shared memory, pairing row y with row y + half. Threads with threadIdx.y == 0
+// return the triple of their column (channel).
+template <typename Acc>
+__device__ __forceinline__ Welford<Acc, int> block_merge_rows(Welford<Acc, int> w) {
+  __shared__ int s_n[256];
+  __shared__ Acc s_mean[256];
+  __shared__ Acc s_m2[256];
+  const int slot = threadIdx.y * blockDim.x + threadIdx.x;
+  s_n[slot] = w.n;
+  s_mean[slot] = w.mean;
+  s_m2[slot] = w.m2;
+  __syncthreads();
+  for (int half = blockDim.y >> 1; half > 0; half >>= 1) {
+    if (threadIdx.y < half) {
+      const int other = slot + half * blockDim.x;
+      Welford<Acc, int> b;
+      b.n = s_n[other];
+      b.mean = s_mean[other];
+      b.m2 = s_m2[other];
+      w = chan_merge(w, b);
+      s_n[slot] = w.n;
+      s_mean[slot] = w.mean;
+      s_m2[slot] = w.m2;
+    }
+    __syncthreads();
+  }
+  return w;
+}
+
+// Sums of two values over threadIdx.y, same tree as block_merge_rows.
+template <typename Acc>
+__device__ __forceinline__ void block_sum2_rows(Acc& a, Acc& b) {
+  __shared__ Acc s_a[256];
+  __shared__ Acc s_b[256];
+  const int slot = threadIdx.y * blockDim.x + threadIdx.x;
+  s_a[slot] = a;
+  s_b[slot] = b;
+  __syncthreads();
+  for (int half = blockDim.y >> 1; half > 0; half >>= 1) {
+    if (threadIdx.y < half) {
+      const int other = slot + half * blockDim.x;
+      a += s_a[other];
+      b += s_b[other];
+      s_a[slot] = a;
+      s_b[slot] = b;
+    }
+    __syncthreads();
+  }
+}
+
+// ------------------------------------------------------------------ NCS tiles
+
+// The part of channel blockIdx.x that block (blockIdx.x, blockIdx.y) covers in an (N, C, S)
+// tensor: gridDim.y = row_pieces * col_pieces tiles, tile p = (p / col_pieces, p % col_pieces)
+// holding rows [n0, n1) of the batch and columns [s0, s1) of the spatial axis (balanced
+// splits, so tiles differ in size by at most one row / column).
+struct NcsTile {
+  long long base;        // offset of element (n0, c, s0)
+  long long row_stride;  // C * S: distance between consecutive batch rows of one channel
+  int width;             // s1 - s0
+  int count;             // (n1 - n0) * width, < 2^30
+};
+
+__device__ __forceinline__ NcsTile ncs_tile(long long N, int C, long long S, int col_pieces) {
+  const int row_pieces = gridDim.y / col_pieces;
+  const int pr = blockIdx.y / col_pieces, pc = blockIdx.y % col_pieces;
+  const long long n0 = N * pr / row_pieces, n1 = N * (pr + 1) / row_pieces;
+  const long long s0 = S * pc / col_pieces, s1 = S * (pc + 1) / col_pieces;
+  NcsTile t;
+  t.row_stride = static_cast<long long>(C) * S;
+  t.base = n0 * t.row_stride + static_cast<long long>(blockIdx.x) * S + s0;
+  t.width = static_cast<int>(s1 - s0);
+  t.count = static_cast<int>(n1 - n0) * t.width;
+  return t;
+}
+
+// A thread's position in its tile, visiting tile elements first, first + stride, ... in
+// row-major order without a division per element.
+struct NcsCursor {
+  long long off;       // element offset in the tensor
+  int col;             // column within the tile
+  int width;
+  int col_step;        // stride % width
+  long long off_step;  // (stride / width) * row_stride + col_step
+  long long wrap;      // row_stride - width: the extra jump when a step crosses a row end
+
+  __device__ __forceinline__ NcsCursor(const NcsTile& t, int first, int stride) {
+    width = t.width;
+    const int row = first / width;
+    col = first - row * width;
+    off = t.base + row * t.row_stride + col;
+    const int rows_per_step = stride / width;
+    col_step = stride - rows_per_step * width;
+    off_step = rows_per_step * t.row_stride + col_step;
+    wrap = t.row_stride - width;
+  }
+
+  __device__ __forceinline__ void advance() {
+    off += off_step;
+    col += col_step;
+    if (col >= width) {
+      col -= width;
+      off += wrap;
+    }
+  }
+};
+
+}  // namespace bn
