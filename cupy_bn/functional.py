@@ -144,6 +144,15 @@ def batch_norm(x: Array, weight: Array | None = None, bias: Array | None = None,
         if reducer is None and view.count < 2:
             raise ValueError(f"a training batch needs more than one value per channel, got "
                              f"input shape {view.shape} ({view.count} value(s) per channel)")
+        fused = getattr(be, "train_statistics", None) if reducer is None else None
+        if fused is not None:  # backends that derive scale/shift and update running stats at once
+            mean, var, invstd, scale, shift = fused(view, weight, bias, running_mean,
+                                                    running_var, momentum, eps)
+            check_finite_stats(mean, var)
+            y = view.restore(be.apply(view, scale, shift))
+            return y, SavedForBackward(view, mean, invstd, weight,
+                                       None if bias is None else bias.dtype, training,
+                                       view.count, be, reducer)
         mean, var = be.batch_stats(view)
         count = view.count
         if reducer is not None:

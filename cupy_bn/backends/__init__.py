@@ -88,4 +88,24 @@ def _numpy_backend() -> Backend:
     return NumpyBackend()
 
 
+def _cuda_backend() -> Backend:
+    from cupy_bn.backends.cuda_backend import CudaBackend
+
+    return CudaBackend.for_cupy()
+
+
+def _sim_backend() -> Backend:
+    from cupy_bn.backends.cuda_backend import CudaBackend
+
+    return CudaBackend.for_simulator()
+
+
+def _sim_usable() -> bool:
+    from cupy_bn.backends.cuda_backend import simulator_usable
+
+    return simulator_usable()
+
+
 register_backend("numpy", _numpy_backend)
+register_backend("cuda", _cuda_backend, cupy_usable)
+register_backend("sim", _sim_backend, _sim_usable)

@@ -29,6 +29,7 @@ identical run to run on one device (a device with another SM count may split dif
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,7 @@ import numpy as np
 from cupy_bn.backends.base import Array
 from cupy_bn.dtypes import accumulation_dtype
 from cupy_bn.kernels.elementwise import UPDATE_RUNNING
-from cupy_bn.kernels.loader import CupyLoader, KernelLoader, SimLoader
+from cupy_bn.kernels.loader import CupyLoader, KernelLoader, SimLoader, cuda_include_dir
 from cupy_bn.layout import NCS, View
 
 #: Threads of the tensor kernels' blocks (the kernels' shared memory is sized for 256).
@@ -421,12 +422,12 @@ class CudaBackend:
 
 
 def simulator_usable() -> bool:
-    """True when the simulator's toolchain (g++ and CUDA headers) is found."""
+    """True when the simulator imports and its toolchain (g++, CUDA headers) is found."""
     try:
-        from cupy_bn import sim
+        import cupy_bn.sim  # noqa: F401
     except ImportError:
         return False
-    return bool(sim.toolchain_available())
+    return shutil.which("g++") is not None and cuda_include_dir() is not None
 
 
 __all__ = ["CudaBackend", "McGrid", "NcsGrid", "Tuning", "elementwise_pieces", "mc_block_x",
