@@ -61,7 +61,7 @@ class Tuning:
     """Work sizes of the launch heuristics, in elements per block."""
 
     #: A reduction splits a channel over more blocks only while each keeps this many elements.
-    reduction_min_work: int = 16384
+    reduction_min_work: int = 4096
     #: Elementwise kernels (apply, backward apply) give each block about this many elements.
     elementwise_work: int = 32768
 

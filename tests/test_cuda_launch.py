@@ -1,0 +1,104 @@
+"""Launch heuristics, kernel sources and the loader's naming (pure Python, no simulator)."""
+
+import numpy as np
+import pytest
+
+from cupy_bn.backends.cuda_backend import (
+    BLOCK_THREADS,
+    MAX_BLOCK_WORK,
+    MAX_GRID_Y,
+    CudaBackend,
+    McGrid,
+    elementwise_pieces,
+    mc_block_x,
+    ncs_grid,
+    reduction_pieces,
+)
+from cupy_bn.kernels.loader import KERNEL_FILES, dtype_name, read_source
+
+
+def ncs_tiles(n, s, grid):
+    """The tiles the kernels compute from (row_pieces, col_pieces): bn::ncs_tile in Python."""
+    tiles = []
+    for p in range(grid.pieces):
+        pr, pc = divmod(p, grid.col_pieces)
+        n0, n1 = n * pr // grid.row_pieces, n * (pr + 1) // grid.row_pieces
+        s0, s1 = s * pc // grid.col_pieces, s * (pc + 1) // grid.col_pieces
+        tiles.append((n0, n1, s0, s1))
+    return tiles
+
+
+@pytest.mark.parametrize("n,s,pieces", [(32, 3136, 16), (2, 100_000, 64), (1, 7, 5),
+                                        (5, 1, 3), (256, 49, 4), (3, 300, 1), (7, 11, 100)])
+def test_ncs_tiles_partition_each_channel(n, s, pieces):
+    grid = ncs_grid(n, 4, s, pieces)
+    assert grid.row_pieces <= n and grid.col_pieces <= s
+    tiles = ncs_tiles(n, s, grid)
+    covered = np.zeros((n, s), np.int32)
+    for n0, n1, s0, s1 in tiles:
+        assert n1 > n0 and s1 > s0  # no empty tile
+        covered[n0:n1, s0:s1] += 1
+    assert (covered == 1).all()
+    sizes = [(n1 - n0) * (s1 - s0) for n0, n1, s0, s1 in tiles]
+    assert max(sizes) <= 2 * min(sizes) + s  # balanced up to a row
+
+
+def test_reductions_fill_one_wave_and_split_small_channel_counts():
+    resident = 132 * 8
+    # 64 channels of 100K values: 16 blocks each, one wave (not 17, which would need a second)
+    assert reduction_pieces(64, 100_352, resident, 4096) == 16
+    assert 64 * reduction_pieces(64, 100_352, resident, 4096) <= resident
+    # many channels: one block each
+    assert reduction_pieces(2048, 1568, resident, 4096) == 1
+    # a small tensor is not split below the minimum work per block
+    assert reduction_pieces(2, 1000, resident, 4096) == 1
+    assert reduction_pieces(1, 40_000, resident, 4096) == 9
+    # a huge channel is split so no block owns more than MAX_BLOCK_WORK elements
+    assert reduction_pieces(4096, 3 * MAX_BLOCK_WORK, resident, 4096) == 3
+
+
+def test_elementwise_blocks_and_limits():
+    assert elementwise_pieces(100, 32768) == 1
+    assert elementwise_pieces(100_000, 32768) == 4
+    with pytest.raises(ValueError, match="too large"):
+        reduction_pieces(1, (MAX_GRID_Y + 1) * MAX_BLOCK_WORK, 1, 1)
+
+
+@pytest.mark.parametrize("channels,bx", [(1, 1), (3, 4), (32, 32), (37, 32), (2048, 32)])
+def test_mc_blocks_run_threads_along_channels(channels, bx):
+    assert mc_block_x(channels) == bx
+    grid = McGrid(channels, bx, 5)
+    assert grid.block[0] * grid.block[1] == BLOCK_THREADS
+    assert grid.grid[0] * bx >= channels > (grid.grid[0] - 1) * bx
+
+
+def test_traffic_model_counts_passes():
+    be = CudaBackend("probe", np, loader=None)
+    assert be.traffic("forward_train", 1000, 4) == 3 * 4000
+    assert be.traffic("backward", 1000, 2) == 5 * 2000
+    assert be.traffic("eval", 10, 8) == 2 * 80
+    assert (be.launches("forward_train"), be.launches("backward"), be.launches("eval")) == (2, 2, 1)
+    with pytest.raises(ValueError, match="phase must be one of"):
+        be.traffic("inference", 10, 4)
+
+
+def test_sources_inline_the_common_header_once():
+    for spec in KERNEL_FILES.values():
+        text = spec.source()
+        assert '#include "' not in text
+        assert text.count("struct Welford") == 1
+        assert '#line 1 "bn_common.cuh"' in text
+    assert read_source("bn_mc.cu").count("namespace bn {") >= 2
+
+
+def test_name_expressions_cover_every_storage_type():
+    names = KERNEL_FILES["ncs"].name_expressions()
+    for t in ("__half", "__nv_bfloat16", "float", "double"):
+        assert any(f"bn_ncs_stats<{t}," in n for n in names)
+    assert "bn_ncs_stats<__half, float>" in names
+    assert "bn_ncs_stats<double, double>" in names
+    assert KERNEL_FILES["finalize"].name_expressions() == (
+        "bn_finalize_stats<float>", "bn_finalize_stats<double>",
+        "bn_finalize_sums<float>", "bn_finalize_sums<double>")
+    with pytest.raises(TypeError, match="no kernels for dtype int32"):
+        dtype_name(np.int32)

@@ -1,0 +1,224 @@
+"""The CUDA backend's kernels run in the simulator (`backend="sim"`) against float64 references.
+
+Every case runs under two thread schedules; "split" tuning makes even small tensors spread a
+channel over several blocks, so the workspace merges run as they do on a GPU.
+"""
+
+import cuda_checks as cc
+import numpy as np
+import pytest
+
+import cupy_bn as cbn
+from cupy_bn.backends.cuda_backend import CudaBackend, Tuning, simulator_usable
+from cupy_bn.backends.numpy_backend import NumpyBackend
+from cupy_bn.layout import canonical
+
+pytestmark = pytest.mark.skipif(not simulator_usable(),
+                                reason="CUDA simulator toolchain (g++, CUDA headers) not found")
+
+#: Tiny work sizes: a few dozen elements per block, so reductions split channels over blocks.
+SPLIT = Tuning(reduction_min_work=32, elementwise_work=64)
+TUNINGS = {"default": None, "split": SPLIT}
+
+
+def sim(schedule="forward", tuning=None, **kw) -> CudaBackend:
+    return CudaBackend.for_simulator(schedule=schedule, tuning=tuning, **kw)
+
+
+@pytest.mark.parametrize("schedule", ["forward", "reverse"])
+@pytest.mark.parametrize("tuning", sorted(TUNINGS))
+@pytest.mark.parametrize("dtype", cc.DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("shape,channel_axis", cc.SHAPES, ids=lambda v: str(v))
+def test_primitives_match_float64(shape, channel_axis, dtype, tuning, schedule):
+    cc.check_primitives(sim(schedule, TUNINGS[tuning]), shape, channel_axis, dtype)
+
+
+def test_split_tuning_really_splits():
+    be = sim(tuning=SPLIT)
+    ncs = canonical(np.zeros((3, 2, 300), np.float32), 1)
+    mc = canonical(np.zeros((300, 2), np.float32), -1)
+    kernel = be.loader.function("ncs", "bn_ncs_stats", np.float32)
+    assert be._ncs_reduction_grid(ncs, kernel).pieces > 4
+    assert be._mc_reduction_grid(mc, kernel).pieces > 4
+    assert sim()._ncs_reduction_grid(ncs, kernel).pieces == 1  # default: small tensors, 1 block
+
+
+@pytest.mark.parametrize("shape,channel_axis", [((6, 3, 4, 5), 1), ((5, 4, 6, 3), -1),
+                                                ((40, 3), -1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_matches_the_numpy_backend(shape, channel_axis, dtype):
+    x, dy = cc.make_inputs(shape, dtype, seed=3)
+    view, ref = canonical(x, channel_axis), NumpyBackend()
+    dview = view.match(dy, "dy")
+    be = sim("reverse", SPLIT)
+    tol = cc.OUTPUT_TOL[np.dtype(dtype).name]
+    mean, var = be.batch_stats(view)
+    rmean, rvar = ref.batch_stats(view)
+    cc.assert_close(mean, rmean, 1e-6, "mean")
+    cc.assert_close(var, rvar, 1e-6, "var")
+    scale, shift = 1.0 / np.sqrt(rvar + 1e-5), -rmean / np.sqrt(rvar + 1e-5)
+    cc.assert_close(be.apply(view, scale, shift), ref.apply(view, scale, shift), tol, "apply")
+    s1, s2 = be.backward_reduce(dview, view, rmean)
+    r1, r2 = ref.backward_reduce(dview, view, rmean)
+    cc.assert_close(s1, r1, 1e-5, "sum_dy")
+    cc.assert_close(s2, r2, 1e-5, "sum_dy_xmu")
+    gamma = np.linspace(0.5, 1.5, view.num_channels).astype(np.float32)
+    args = (dview, view, rmean, scale.astype(np.float32), gamma, r1, r2, view.count)
+    cc.assert_close(be.backward_apply(*args), ref.backward_apply(*args), 2 * tol, "dx")
+
+
+# -- numerics ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("tuning", sorted(TUNINGS))
+@pytest.mark.parametrize("shape,channel_axis", [((64, 4, 32, 32), 1), ((65536, 4), -1)])
+def test_float32_offset_data_statistics(shape, channel_axis, tuning):
+    """Mean 1e3, std 0.1: E[x^2] - E[x]^2 in float32 would lose every digit of the variance."""
+    rng = np.random.default_rng(0)
+    x = (1e3 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    view = canonical(x, channel_axis)
+    mean, var = sim(tuning=TUNINGS[tuning]).batch_stats(view)
+    axes = (0, 2) if view.layout == "NCS" else (0,)
+    x64 = view.data.astype(np.float64)
+    np.testing.assert_allclose(mean, x64.mean(axis=axes), rtol=1e-6)
+    np.testing.assert_allclose(var, x64.var(axis=axes), rtol=1e-3)
+    naive = (x * x).mean(dtype=np.float32) - x.mean(dtype=np.float32) ** 2
+    assert abs(naive / x64.var() - 1) > 1e-1  # the failure this guards against
+
+
+@pytest.mark.parametrize("shape,channel_axis", [((16, 2, 256, 256), 1), ((1 << 20, 2), -1)])
+def test_float16_with_a_million_values_per_channel(shape, channel_axis):
+    """2^20 values per channel (the core issue's size; the simulator streams them in ~0.1 s).
+
+    A float16 accumulator would stop counting at 2048 and a float16 sum overflows at 65504;
+    the kernels accumulate in float32.
+    """
+    rng = np.random.default_rng(1)
+    x = (50 + 2 * rng.standard_normal(shape)).astype(np.float16)
+    view = canonical(x, channel_axis)
+    mean, var = sim().batch_stats(view)
+    assert mean.dtype == np.float32
+    axes = (0, 2) if view.layout == "NCS" else (0,)
+    x64 = view.data.astype(np.float64)
+    np.testing.assert_allclose(mean, x64.mean(axis=axes), rtol=1e-3)
+    np.testing.assert_allclose(var, x64.var(axis=axes), rtol=1e-3)
+    y, _ = cbn.batch_norm(x, channel_axis=channel_axis, backend="sim")
+    assert y.dtype == np.float16 and np.isfinite(y).all()
+    y64 = y.astype(np.float64)
+    np.testing.assert_allclose(y64.mean(axis=axes if x.ndim == 2 else (0, 2, 3)), 0, atol=2e-3)
+
+
+# -- determinism and races --------------------------------------------------------------------
+def _run_everything(be, shape, channel_axis, dtype):
+    x, dy = cc.make_inputs(shape, dtype, seed=5)
+    view = canonical(x, channel_axis)
+    dview = view.match(dy, "dy")
+    channels = view.num_channels
+    mean, var = be.batch_stats(view)
+    rm, rv = np.zeros(channels, mean.dtype), np.ones(channels, mean.dtype)
+    fused = be.train_statistics(view, np.ones(channels, mean.dtype), None, rm, rv, 0.1, 1e-5)
+    y = be.apply(view, fused[3], fused[4])
+    sums = be.backward_reduce(dview, view, mean)
+    dx = be.backward_apply(dview, view, mean, fused[2], np.ones(channels, mean.dtype), *sums,
+                           view.count)
+    return (mean, var, *fused, rm, rv, y, *sums, dx)
+
+
+@pytest.mark.parametrize("shape,channel_axis", [((5, 3, 301), 1), ((700, 37), -1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_bitwise_identical_across_schedules(shape, channel_axis, dtype):
+    runs = [_run_everything(sim(schedule, SPLIT, seed=seed), shape, channel_axis, dtype)
+            for schedule, seed in (("forward", 0), ("reverse", 0), ("random", 1), ("random", 2))]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("shape,channel_axis", [((2, 2, 70), 1), ((70, 3), -1)])
+def test_reduction_kernels_are_race_free(shape, channel_axis):
+    """Stats, gradient sums and both finalize kernels (the fused one updating running stats)
+    under the simulator's race detector, with channels split over several blocks."""
+    be = sim("forward", Tuning(reduction_min_work=32, elementwise_work=64), check_races=True)
+    x, dy = cc.make_inputs(shape, np.float32, seed=6)
+    view = canonical(x, channel_axis)
+    dview = view.match(dy, "dy")
+    axes = (0, 2) if view.layout == "NCS" else (0,)
+    x64 = view.data.astype(np.float64)
+    mean, var = be.batch_stats(view)
+    cc.assert_close(var, x64.var(axis=axes), 1e-5, "var")
+    rm, rv = np.zeros(view.num_channels, np.float32), np.ones(view.num_channels, np.float32)
+    fused = be.train_statistics(view, None, None, rm, rv, 0.5, 1e-5)
+    cc.assert_close(rm, 0.5 * x64.mean(axis=axes), 1e-5, "running_mean")
+    cc.assert_close(fused[2], 1 / np.sqrt(x64.var(axis=axes) + 1e-5), 1e-5, "invstd")
+    sum_dy, _ = be.backward_reduce(dview, view, mean)
+    cc.assert_close(sum_dy, dview.data.astype(np.float64).sum(axis=axes), 1e-5, "sum_dy")
+
+
+# -- through the functional API and the layers ------------------------------------------------
+@pytest.mark.parametrize("shape,channel_axis", [((4, 3, 5, 5), 1), ((6, 5, 3), -1), ((8, 4), 1)])
+@pytest.mark.parametrize("training", [True, False])
+def test_functional_sim_matches_numpy(shape, channel_axis, training):
+    x, dy = cc.make_inputs(shape, np.float64, seed=8)
+    c = shape[channel_axis]
+    w, b = np.linspace(0.5, 2, c), np.linspace(-1, 1, c)
+    results = {}
+    for backend in ("numpy", "sim"):
+        rm, rv = np.linspace(-0.5, 0.5, c), np.linspace(1, 2, c)
+        y, saved = cbn.batch_norm(x, w, b, rm, rv, training=training, momentum=0.3,
+                                  channel_axis=channel_axis, backend=backend)
+        results[backend] = (y, *cbn.batch_norm_backward(dy, saved), rm, rv)
+    for a, b_ in zip(results["numpy"], results["sim"], strict=True):
+        np.testing.assert_allclose(b_, a, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("running_dtype", [np.float32, np.float64])
+def test_non_finite_batch_leaves_running_stats_untouched(running_dtype):
+    """float32 running stats take the fused finalize path, float64 ones the fallback."""
+    x = np.random.default_rng(9).normal(size=(4, 3, 5)).astype(np.float32)
+    x[1, 2, 3] = np.inf
+    rm, rv = np.zeros(3, running_dtype), np.ones(3, running_dtype)
+    with pytest.raises(FloatingPointError, match=r"channel\(s\) 2"):
+        cbn.batch_norm(x, None, None, rm, rv, backend="sim")
+    assert (rm == 0).all() and (rv == 1).all()
+    x[1, 2, 3] = 0.0
+    cbn.batch_norm(x, None, None, rm, rv, backend="sim")
+    np.testing.assert_allclose(rm, 0.1 * x.astype(np.float64).mean(axis=(0, 2)), rtol=1e-6)
+
+
+def test_layer_step_on_sim_matches_numpy():
+    rng = np.random.default_rng(10)
+    x = rng.normal(1, 2, (4, 3, 6, 5)).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    layers = {b: cbn.BatchNorm2d(3, momentum=None, backend=b) for b in ("numpy", "sim")}
+    outputs = {}
+    for backend, bn in layers.items():
+        ys = [bn(x + k) for k in range(2)]
+        outputs[backend] = (*ys, bn.backward(dy), bn.grads["weight"], bn.grads["bias"],
+                            bn.running_mean, bn.running_var)
+        assert bn.num_batches_tracked == 2
+    for a, b in zip(outputs["numpy"], outputs["sim"], strict=True):
+        np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-5)
+
+
+def test_gradient_of_float16_input_with_float32_dy():
+    x, _ = cc.make_inputs((4, 3, 7), np.float16, seed=11)
+    dy = np.random.default_rng(12).normal(size=x.shape).astype(np.float32)
+    view = canonical(x, 1)
+    be = sim()
+    mean, var = be.batch_stats(view)
+    sums = be.backward_reduce(view.match(dy, "dy"), view, mean)
+    invstd = (1 / np.sqrt(var + 1e-5)).astype(np.float32)
+    dx = be.backward_apply(view.match(dy, "dy"), view, mean, invstd, np.ones(3, np.float32),
+                           *sums, view.count)
+    assert dx.dtype == np.float32
+    from reference import backward
+
+    cc.assert_close(dx, backward(x, dy)[0], 1e-4, "dx")
+
+
+def test_empty_batch():
+    be = sim()
+    view = canonical(np.zeros((0, 3, 4), np.float32), 1)
+    mean, var = be.batch_stats(view)
+    assert mean.shape == (3,) and (mean == 0).all() and (var == 0).all()
+    assert be.apply(view, np.ones(3, np.float32), np.zeros(3, np.float32)).shape == (0, 3, 4)
+    with pytest.raises(ValueError, match="non-empty batch"):
+        be.train_statistics(view, None, None, None, None, 0.1, 1e-5)
