@@ -1,0 +1,99 @@
+"""The simulator's checks, on a real GPU through CuPy (backend "cuda").
+
+Skipped unless `cupy.is_available()`; select them with `pytest -m gpu`.
+"""
+
+import cuda_checks as cc
+import numpy as np
+import pytest
+
+import cupy_bn as cbn
+from cupy_bn.backends import cupy_usable
+from cupy_bn.layout import canonical
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not cupy_usable(), reason="no usable CuPy GPU here")]
+
+
+@pytest.fixture(scope="module")
+def cupy():
+    import cupy
+
+    return cupy
+
+
+@pytest.fixture(scope="module")
+def cuda_backend():
+    from cupy_bn.backends.cuda_backend import CudaBackend
+
+    return CudaBackend.for_cupy()
+
+
+@pytest.fixture(scope="module")
+def split_backend():
+    from cupy_bn.backends.cuda_backend import CudaBackend, Tuning
+
+    return CudaBackend.for_cupy(Tuning(reduction_min_work=32, elementwise_work=64))
+
+
+@pytest.mark.parametrize("dtype", cc.DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("shape,channel_axis", cc.SHAPES, ids=lambda v: str(v))
+def test_primitives_match_float64(cuda_backend, split_backend, shape, channel_axis, dtype):
+    cc.check_primitives(cuda_backend, shape, channel_axis, dtype)
+    cc.check_primitives(split_backend, shape, channel_axis, dtype)
+
+
+@pytest.mark.parametrize("shape,channel_axis", [((32, 64, 56, 56), 1), ((32, 56, 56, 64), -1),
+                                                ((256, 2048, 7, 7), 1)])
+def test_resnet_shapes(cuda_backend, shape, channel_axis):
+    cc.check_primitives(cuda_backend, shape, channel_axis, np.float32)
+
+
+@pytest.mark.parametrize("shape,channel_axis", [((64, 4, 32, 32), 1), ((65536, 4), -1)])
+def test_float32_offset_data_statistics(cupy, cuda_backend, shape, channel_axis):
+    x = (1e3 + 0.1 * np.random.default_rng(0).standard_normal(shape)).astype(np.float32)
+    view = canonical(cupy.asarray(x), channel_axis)
+    mean, var = cuda_backend.batch_stats(view)
+    axes = (0, 2) if view.layout == "NCS" else (0,)
+    x64 = cc.to_numpy(view.data).astype(np.float64)
+    np.testing.assert_allclose(mean.get(), x64.mean(axis=axes), rtol=1e-6)
+    np.testing.assert_allclose(var.get(), x64.var(axis=axes), rtol=1e-3)
+
+
+@pytest.mark.parametrize("shape,channel_axis", [((16, 2, 256, 256), 1), ((1 << 20, 2), -1)])
+def test_float16_with_a_million_values_per_channel(cupy, cuda_backend, shape, channel_axis):
+    x = (50 + 2 * np.random.default_rng(1).standard_normal(shape)).astype(np.float16)
+    view = canonical(cupy.asarray(x), channel_axis)
+    mean, var = cuda_backend.batch_stats(view)
+    axes = (0, 2) if view.layout == "NCS" else (0,)
+    x64 = cc.to_numpy(view.data).astype(np.float64)
+    np.testing.assert_allclose(mean.get(), x64.mean(axis=axes), rtol=1e-3)
+    np.testing.assert_allclose(var.get(), x64.var(axis=axes), rtol=1e-3)
+
+
+@pytest.mark.parametrize("shape,channel_axis", [((32, 64, 28, 28), 1), ((4096, 1024), -1)])
+def test_bitwise_identical_run_to_run(cupy, cuda_backend, shape, channel_axis):
+    x, dy = cc.make_inputs(shape, np.float32, seed=2)
+    view = canonical(cupy.asarray(x), channel_axis)
+    dview = view.match(cupy.asarray(dy), "dy")
+    first = None
+    for _ in range(3):
+        mean, var = cuda_backend.batch_stats(view)
+        sums = cuda_backend.backward_reduce(dview, view, mean)
+        bits = b"".join(a.get().tobytes() for a in (mean, var, *sums))
+        assert first is None or bits == first
+        first = bits
+
+
+def test_functional_auto_routes_cupy_arrays_to_cuda(cupy):
+    x, dy = cc.make_inputs((8, 3, 5, 5), np.float32, seed=3)
+    w, b = np.linspace(0.5, 2, 3).astype(np.float32), np.linspace(-1, 1, 3).astype(np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    y, saved = cbn.batch_norm(x, w, b, rm, rv)
+    grads = cbn.batch_norm_backward(dy, saved)
+    grm, grv = cupy.zeros(3, np.float32), cupy.ones(3, np.float32)
+    gy, gsaved = cbn.batch_norm(cupy.asarray(x), cupy.asarray(w), cupy.asarray(b), grm, grv)
+    assert gsaved.backend.name == "cuda"
+    ggrads = cbn.batch_norm_backward(cupy.asarray(dy), gsaved)
+    for want, got in zip((y, *grads, rm, rv), (gy, *ggrads, grm, grv), strict=True):
+        np.testing.assert_allclose(got.get(), want, rtol=1e-4, atol=1e-5)
