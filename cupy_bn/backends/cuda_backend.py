@@ -411,14 +411,24 @@ class CudaBackend:
                             + momentum * (xp.asarray(var, np.float64) * unbias))
 
     def traffic(self, phase: str, numel: int, itemsize: int) -> int:
-        """Stats R1 + apply R1 W1; reduce R2 + backward apply R2 W1; eval apply R1 W1."""
-        if phase not in _PASSES:
-            raise ValueError(f"phase must be one of {', '.join(_PASSES)}, got {phase!r}")
-        return _PASSES[phase] * numel * itemsize
+        """Bytes moved by `phase`: see `traffic_bytes`."""
+        return traffic_bytes(phase, numel, itemsize)
 
     def launches(self, phase: str) -> int:
         """Kernel launches that stream the tensor in `phase` (finalize launches not counted)."""
         return {"forward_train": 2, "backward": 2, "eval": 1}[phase]
+
+
+def traffic_bytes(phase: str, numel: int, itemsize: int) -> int:
+    """The backend's bytes-moved model of a phase over a tensor of `numel` elements.
+
+    forward_train: stats R1 + apply R1 W1 (3 passes); backward: reduce R2 + backward apply
+    R2 W1 (5 passes); eval: apply R1 W1 (2 passes). Per-channel vectors and partials (a few KB)
+    are left out.
+    """
+    if phase not in _PASSES:
+        raise ValueError(f"phase must be one of {', '.join(_PASSES)}, got {phase!r}")
+    return _PASSES[phase] * numel * itemsize
 
 
 def simulator_usable() -> bool:
@@ -431,4 +441,4 @@ def simulator_usable() -> bool:
 
 
 __all__ = ["CudaBackend", "McGrid", "NcsGrid", "Tuning", "elementwise_pieces", "mc_block_x",
-           "ncs_grid", "reduction_pieces", "simulator_usable"]
+           "ncs_grid", "reduction_pieces", "simulator_usable", "traffic_bytes"]
