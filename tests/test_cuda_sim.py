@@ -198,9 +198,12 @@ def test_layer_step_on_sim_matches_numpy():
         np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-5)
 
 
-def test_gradient_of_float16_input_with_float32_dy():
+@pytest.mark.parametrize("dy_dtype", [d for d in cc.DTYPES if d.name in ("float32", "bfloat16")],
+                         ids=lambda d: d.name)
+def test_gradient_of_float16_input_with_another_dy_dtype(dy_dtype):
+    """x and dy meet in float32; dx comes back in dy's dtype."""
     x, _ = cc.make_inputs((4, 3, 7), np.float16, seed=11)
-    dy = np.random.default_rng(12).normal(size=x.shape).astype(np.float32)
+    dy = np.random.default_rng(12).normal(size=x.shape).astype(dy_dtype)
     view = canonical(x, 1)
     be = sim()
     mean, var = be.batch_stats(view)
@@ -208,10 +211,10 @@ def test_gradient_of_float16_input_with_float32_dy():
     invstd = (1 / np.sqrt(var + 1e-5)).astype(np.float32)
     dx = be.backward_apply(view.match(dy, "dy"), view, mean, invstd, np.ones(3, np.float32),
                            *sums, view.count)
-    assert dx.dtype == np.float32
+    assert dx.dtype == dy_dtype
     from reference import backward
 
-    cc.assert_close(dx, backward(x, dy)[0], 1e-4, "dx")
+    cc.assert_close(dx, backward(x, dy)[0], 4 * cc.OUTPUT_TOL[dy_dtype.name], "dx")
 
 
 def test_empty_batch():

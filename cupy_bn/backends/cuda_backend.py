@@ -217,9 +217,12 @@ class CudaBackend:
 
     def _common(self, dy: View, x: View) -> tuple[Array, Array, np.dtype]:
         """dy and x data in one storage dtype (the wider one when they differ)."""
-        dtype = np.result_type(dy.data.dtype, x.data.dtype)
-        return (dy.data.astype(dtype, copy=False), x.data.astype(dtype, copy=False),
-                np.dtype(dtype))
+        a, b = np.dtype(dy.data.dtype), np.dtype(x.data.dtype)
+        if a == b:
+            dtype = a
+        else:  # float16 and bfloat16 have no common 16-bit type: meet in float32 (or float64)
+            dtype = np.dtype(np.float64 if np.float64 in (a, b) else np.float32)
+        return dy.data.astype(dtype, copy=False), x.data.astype(dtype, copy=False), dtype
 
     # -- statistics ---------------------------------------------------------------------------
     def _stats_partials(self, x: View) -> tuple[Array, Array, Array, int]:

@@ -130,6 +130,7 @@ class KernelLoader:
     target = ""
     _modules: dict[tuple[str, str], Any] = {}
     _elementwise: dict[tuple[str, str], Any] = {}
+    _functions: dict[tuple[str, ...], Any] = {}
     _lock = threading.Lock()
 
     def _raw_module(self, code: str, name_expressions: tuple[str, ...]) -> Any:
@@ -161,8 +162,12 @@ class KernelLoader:
 
     def function(self, key: str, kernel: str, dtype: Any) -> Any:
         """Kernel `kernel` of file `key`, instantiated for `dtype` (storage or accumulator)."""
-        expression = KERNEL_FILES[key].name_expression(kernel, dtype_name(dtype))
-        return self.module(key).get_function(expression)
+        cache_key = (self.target, key, kernel, np.dtype(dtype).name)
+        found = self._functions.get(cache_key)
+        if found is None:
+            expression = KERNEL_FILES[key].name_expression(kernel, dtype_name(dtype))
+            found = self._functions[cache_key] = self.module(key).get_function(expression)
+        return found
 
     def elementwise(self, spec: ElementwiseSpec) -> Any:
         with self._lock:
@@ -181,6 +186,7 @@ class CupyLoader(KernelLoader):
         import cupy
 
         self._cupy = cupy
+        self._occupancy: dict[tuple[int, int, int], int] = {}
 
     def _raw_module(self, code, name_expressions):
         include = cuda_include_dir()
@@ -199,14 +205,18 @@ class CupyLoader(KernelLoader):
         kernel(grid, block, args, shared_mem=shared_mem)
 
     def resident_blocks_per_sm(self, kernel, threads):
-        try:
-            from cupy.cuda import driver
+        key = (id(kernel), threads, self._cupy.cuda.runtime.getDevice())
+        blocks = self._occupancy.get(key)
+        if blocks is None:
+            try:
+                from cupy.cuda import driver
 
-            blocks = driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr,
-                                                                     threads, 0)
-        except Exception:  # older CuPy without the occupancy API: the thread limit
-            return super().resident_blocks_per_sm(kernel, threads)
-        return max(1, int(blocks))
+                blocks = max(1, int(driver.occupancyMaxActiveBlocksPerMultiprocessor(
+                    kernel.kernel.ptr, threads, 0)))
+            except Exception:  # a CuPy without the occupancy API: the thread limit
+                blocks = super().resident_blocks_per_sm(kernel, threads)
+            self._occupancy[key] = blocks
+        return blocks
 
 
 @cache
