@@ -10,6 +10,7 @@ from cupy_bn.backends.cuda_backend import (
     CudaBackend,
     McGrid,
     elementwise_pieces,
+    finalize_shape,
     mc_block_x,
     ncs_grid,
     reduction_pieces,
@@ -55,6 +56,15 @@ def test_reductions_fill_one_wave_and_split_small_channel_counts():
     assert reduction_pieces(1, 40_000, resident, 4096) == 9
     # a huge channel is split so no block owns more than MAX_BLOCK_WORK elements
     assert reduction_pieces(4096, 3 * MAX_BLOCK_WORK, resident, 4096) == 3
+
+
+def test_finalize_shapes():
+    assert finalize_shape(64, 16, single_block=False) == (1, (1,), (64,))  # a thread per channel
+    assert finalize_shape(3, 528, single_block=False) == (32, (1,), (96,))  # a warp per channel
+    assert finalize_shape(64, 528, single_block=False) == (32, (8,), (256,))
+    assert finalize_shape(2048, 1, single_block=True) == (1, (1,), (1024,))
+    assert finalize_shape(100, 40, single_block=True) == (32, (1,), (1024,))
+    assert finalize_shape(5, 40, single_block=True) == (32, (1,), (160,))
 
 
 def test_elementwise_blocks_and_limits():

@@ -47,6 +47,8 @@ BLOCK_THREADS = 256
 FINALIZE_THREADS = 256
 #: The fused finalize runs in a single block of up to this many threads.
 FUSED_FINALIZE_THREADS = 1024
+#: Above this many partials per channel a finalize merges a channel with a warp, not a thread.
+FINALIZE_WARP_PIECES = 16
 #: Elements one block may own: the kernels count a block's elements in 32-bit integers.
 MAX_BLOCK_WORK = 1 << 28
 MAX_GRID_Y = 65535
@@ -63,7 +65,7 @@ class Tuning:
     #: A reduction splits a channel over more blocks only while each keeps this many elements.
     reduction_min_work: int = 4096
     #: Elementwise kernels (apply, backward apply) give each block about this many elements.
-    elementwise_work: int = 32768
+    elementwise_work: int = 8192
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,20 @@ def ncs_grid(n: int, c: int, s: int, pieces: int) -> NcsGrid:
     if tile + 8 * BLOCK_THREADS >= 1 << 30:  # the kernels' 32-bit per-block counters
         raise ValueError(f"a block tile of {tile} elements is too large for the kernels")
     return NcsGrid(c, row_pieces, col_pieces)
+
+
+def finalize_shape(channels: int, pieces: int, single_block: bool
+                   ) -> tuple[int, tuple[int], tuple[int]]:
+    """(lanes per channel, grid, block) of a finalize launch.
+
+    A warp per channel when there are more than FINALIZE_WARP_PIECES partials to merge, else a
+    thread per channel. `single_block` puts every channel in one block (fused running update).
+    """
+    lanes = 32 if pieces > FINALIZE_WARP_PIECES else 1
+    limit = FUSED_FINALIZE_THREADS if single_block else FINALIZE_THREADS
+    threads = min(limit, 32 * -(-channels * lanes // 32))
+    blocks = 1 if single_block else -(-channels * lanes // threads)
+    return lanes, (blocks,), (threads,)
 
 
 def mc_block_x(channels: int) -> int:
@@ -260,14 +276,11 @@ class CudaBackend:
         count = x.count
         unbias = count / (count - 1) if count > 1 else 1.0
         kernel = self.loader.function("finalize", "bn_finalize_stats", acc)
-        if flags & _RUNNING:  # all-or-nothing running update: one block sees every channel
-            grid, block = (1,), (min(FUSED_FINALIZE_THREADS, 32 * channels),)
-        else:
-            warps = FINALIZE_THREADS // 32
-            grid, block = (-(-channels // warps),), (min(FINALIZE_THREADS, 32 * channels),)
+        # all-or-nothing running update: one block sees every channel
+        lanes, grid, block = finalize_shape(channels, pieces, single_block=bool(flags & _RUNNING))
         self.loader.launch(kernel, grid, block, (
             part_mean, part_m2, part_count, np.int32(channels), np.int32(pieces),
-            np.int32(flags), unused if weight is None else weight,
+            np.int32(lanes), np.int32(flags), unused if weight is None else weight,
             unused if bias is None else bias, acc.type(eps), np.float64(momentum),
             np.float64(unbias), mean, var, invstd, scale, shift, running_mean, running_var))
         return mean, var, invstd, scale, shift
@@ -362,12 +375,11 @@ class CudaBackend:
         self.loader.launch(kernel, grid.grid, grid.block,
                            (g, data, mean, *shape_args, part_dy, part_dy_xmu))
         sum_dy, sum_dy_xmu = xp.empty(channels, acc), xp.empty(channels, acc)
-        warps = FINALIZE_THREADS // 32
         finalize = self.loader.function("finalize", "bn_finalize_sums", acc)
-        self.loader.launch(finalize, (-(-channels // warps),),
-                           (min(FINALIZE_THREADS, 32 * channels),),
+        lanes, fgrid, fblock = finalize_shape(channels, grid.pieces, single_block=False)
+        self.loader.launch(finalize, fgrid, fblock,
                            (part_dy, part_dy_xmu, np.int32(channels), np.int32(grid.pieces),
-                            sum_dy, sum_dy_xmu))
+                            np.int32(lanes), sum_dy, sum_dy_xmu))
         return sum_dy, sum_dy_xmu
 
     def backward_apply(self, dy: View, x: View, mean: Array, invstd: Array, gamma: Array,
@@ -443,5 +455,5 @@ def simulator_usable() -> bool:
     return shutil.which("g++") is not None and cuda_include_dir() is not None
 
 
-__all__ = ["CudaBackend", "McGrid", "NcsGrid", "Tuning", "elementwise_pieces", "mc_block_x",
-           "ncs_grid", "reduction_pieces", "simulator_usable", "traffic_bytes"]
+__all__ = ["CudaBackend", "McGrid", "NcsGrid", "Tuning", "elementwise_pieces", "finalize_shape",
+           "mc_block_x", "ncs_grid", "reduction_pieces", "simulator_usable", "traffic_bytes"]

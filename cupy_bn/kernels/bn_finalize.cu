@@ -1,9 +1,10 @@
 // Per-channel finalize kernels: merge the [C][P] partials of the NCS / MC reductions.
 //
-// One warp per channel (channels c = warp, warp + warps, ... across the grid): lane l merges
-// partials l, l + 32, l + 64, ... in order, then the 32 lane results are merged by a fixed
-// shuffle tree. The merge order depends only on P, never on timing: results are bitwise
-// identical run to run. No tensor passes: these read C * P partials and write C values.
+// A channel is merged by `lanes` threads, 1 or 32 (the launch code takes 32 when P > 16):
+// with one thread, partials 0, 1, ..., P-1 are merged in order; with a warp, lane l merges
+// partials l, l + 32, l + 64, ... in order and the 32 lane results meet in a fixed shuffle
+// tree. The merge order depends only on P, never on timing: results are bitwise identical run
+// to run. No tensor passes: these read C * P partials and write C values.
 //
 //   bn_finalize_stats  Welford partials -> mean, biased var; with FINALIZE_AFFINE also
 //                      invstd = 1 / sqrt(var + eps), scale = weight * invstd (weight optional),
@@ -22,18 +23,19 @@
 template <typename Acc>
 __global__ void __launch_bounds__(1024)
 bn_finalize_stats(const Acc* __restrict__ part_mean, const Acc* __restrict__ part_m2,
-                  const int* __restrict__ part_count, int C, int P, int flags,
+                  const int* __restrict__ part_count, int C, int P, int lanes, int flags,
                   const Acc* __restrict__ weight, const Acc* __restrict__ bias, Acc eps,
                   double momentum, double unbias,
                   Acc* __restrict__ mean, Acc* __restrict__ var, Acc* __restrict__ invstd,
                   Acc* __restrict__ scale, Acc* __restrict__ shift,
                   Acc* __restrict__ running_mean, Acc* __restrict__ running_var) {
-  const int lane = threadIdx.x & 31;
-  const int warps = blockDim.x >> 5;
+  const int lane = threadIdx.x % lanes;
+  const int groups = blockDim.x / lanes;
   int bad = 0;
-  for (int c = blockIdx.x * warps + (threadIdx.x >> 5); c < C; c += gridDim.x * warps) {
+  // with lanes == 32 a warp shares a channel, so the loop is uniform over each warp
+  for (int c = blockIdx.x * groups + threadIdx.x / lanes; c < C; c += gridDim.x * groups) {
     bn::Welford<Acc, long long> w = {0, Acc(0), Acc(0)};
-    for (int p = lane; p < P; p += 32) {
+    for (int p = lane; p < P; p += lanes) {
       const long long slot = static_cast<long long>(c) * P + p;
       bn::Welford<Acc, long long> part;
       part.n = part_count[slot];
@@ -41,7 +43,7 @@ bn_finalize_stats(const Acc* __restrict__ part_mean, const Acc* __restrict__ par
       part.m2 = part_m2[slot];
       w = bn::chan_merge(w, part);
     }
-    w = bn::warp_merge(w);
+    if (lanes == 32) w = bn::warp_merge(w);
     if (lane == 0) {
       const Acc m = w.n > 0 ? w.mean : Acc(0);
       const Acc m2 = w.m2 < Acc(0) ? Acc(0) : w.m2;  // keeps NaN
@@ -76,18 +78,20 @@ bn_finalize_stats(const Acc* __restrict__ part_mean, const Acc* __restrict__ par
 template <typename Acc>
 __global__ void __launch_bounds__(1024)
 bn_finalize_sums(const Acc* __restrict__ part_dy, const Acc* __restrict__ part_dy_xmu, int C,
-                 int P, Acc* __restrict__ sum_dy, Acc* __restrict__ sum_dy_xmu) {
-  const int lane = threadIdx.x & 31;
-  const int warps = blockDim.x >> 5;
-  for (int c = blockIdx.x * warps + (threadIdx.x >> 5); c < C; c += gridDim.x * warps) {
+                 int P, int lanes, Acc* __restrict__ sum_dy, Acc* __restrict__ sum_dy_xmu) {
+  const int lane = threadIdx.x % lanes;
+  const int groups = blockDim.x / lanes;
+  for (int c = blockIdx.x * groups + threadIdx.x / lanes; c < C; c += gridDim.x * groups) {
     Acc a = Acc(0), b = Acc(0);
-    for (int p = lane; p < P; p += 32) {
+    for (int p = lane; p < P; p += lanes) {
       const long long slot = static_cast<long long>(c) * P + p;
       a += part_dy[slot];
       b += part_dy_xmu[slot];
     }
-    a = bn::warp_sum(a);
-    b = bn::warp_sum(b);
+    if (lanes == 32) {
+      a = bn::warp_sum(a);
+      b = bn::warp_sum(b);
+    }
     if (lane == 0) {
       sum_dy[c] = a;
       sum_dy_xmu[c] = b;
