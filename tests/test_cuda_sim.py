@@ -4,6 +4,8 @@ Every case runs under two thread schedules; "split" tuning makes even small tens
 channel over several blocks, so the workspace merges run as they do on a GPU.
 """
 
+import warnings
+
 import cuda_checks as cc
 import numpy as np
 import pytest
@@ -19,6 +21,16 @@ pytestmark = pytest.mark.skipif(not simulator_usable(),
 #: Tiny work sizes: a few dozen elements per block, so reductions split channels over blocks.
 SPLIT = Tuning(reduction_min_work=32, elementwise_work=64)
 TUNINGS = {"default": None, "split": SPLIT}
+
+
+@pytest.fixture(autouse=True)
+def _argument_type_warnings_are_errors():
+    """A scalar whose type differs from the kernel parameter reads garbage on a GPU."""
+    from cupy_bn import sim as simulator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", simulator.ArgumentTypeWarning)
+        yield
 
 
 def sim(schedule="forward", tuning=None, **kw) -> CudaBackend:
@@ -132,11 +144,20 @@ def test_bitwise_identical_across_schedules(shape, channel_axis, dtype):
             assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
-@pytest.mark.parametrize("shape,channel_axis", [((2, 2, 70), 1), ((70, 3), -1)])
+@pytest.mark.parametrize("shape,channel_axis", [
+    ((2, 2, 70), 1),   # 4 tiles per channel: finalize with a thread per channel
+    ((70, 3), -1),     # 8 row ranges
+    ((2, 1, 600), 1),  # 18 tiles: finalize with a warp per channel (shuffle tree)
+])
 def test_reduction_kernels_are_race_free(shape, channel_axis):
     """Stats, gradient sums and both finalize kernels (the fused one updating running stats)
     under the simulator's race detector, with channels split over several blocks."""
-    be = sim("forward", Tuning(reduction_min_work=32, elementwise_work=64), check_races=True)
+    from cupy_bn import sim as simulator
+
+    supported, why = simulator.race_mode_support()
+    if not supported:
+        pytest.skip(f"race mode unavailable here: {why}")
+    be = sim("forward", Tuning(reduction_min_work=64, elementwise_work=64), check_races=True)
     x, dy = cc.make_inputs(shape, np.float32, seed=6)
     view = canonical(x, channel_axis)
     dview = view.match(dy, "dy")
