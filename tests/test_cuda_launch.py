@@ -10,7 +10,6 @@ from cupy_bn.backends.cuda_backend import (
     CudaBackend,
     McGrid,
     elementwise_pieces,
-    finalize_shape,
     mc_block_x,
     ncs_grid,
     reduction_pieces,
@@ -58,15 +57,6 @@ def test_reductions_fill_one_wave_and_split_small_channel_counts():
     assert reduction_pieces(4096, 3 * MAX_BLOCK_WORK, resident, 4096) == 3
 
 
-def test_finalize_shapes():
-    assert finalize_shape(64, 16, single_block=False) == (1, (1,), (64,))  # a thread per channel
-    assert finalize_shape(3, 528, single_block=False) == (32, (1,), (96,))  # a warp per channel
-    assert finalize_shape(64, 528, single_block=False) == (32, (8,), (256,))
-    assert finalize_shape(2048, 1, single_block=True) == (1, (1,), (1024,))
-    assert finalize_shape(100, 40, single_block=True) == (32, (1,), (1024,))
-    assert finalize_shape(5, 40, single_block=True) == (32, (1,), (160,))
-
-
 def test_elementwise_blocks_and_limits():
     assert elementwise_pieces(100, 32768) == 1
     assert elementwise_pieces(100_000, 32768) == 4
@@ -97,6 +87,7 @@ def test_sources_inline_the_common_header_once():
         text = spec.source()
         assert '#include "' not in text
         assert text.count("struct Welford") == 1
+        assert text.count("bool arrive_last(") == 1  # bn_finalize.cuh, once
         assert '#line 1 "bn_common.cuh"' in text
     assert read_source("bn_mc.cu").count("namespace bn {") >= 2
 
@@ -107,8 +98,6 @@ def test_name_expressions_cover_every_storage_type():
         assert any(f"bn_ncs_stats<{t}," in n for n in names)
     assert "bn_ncs_stats<__half, float>" in names
     assert "bn_ncs_stats<double, double>" in names
-    assert KERNEL_FILES["finalize"].name_expressions() == (
-        "bn_finalize_stats<float>", "bn_finalize_stats<double>",
-        "bn_finalize_sums<float>", "bn_finalize_sums<double>")
+    assert len(names) == 4 * 4 and len(set(names)) == len(names)
     with pytest.raises(TypeError, match="no kernels for dtype int32"):
         dtype_name(np.int32)

@@ -52,7 +52,7 @@ def test_kernel_file_compiles_for_architecture(key, arch):
                     f"compute_{arch}")
     spec = KERNEL_FILES[key]
     names = spec.name_expressions()
-    assert len(names) == len(spec.kernels) * (4 if spec.templated_on == "storage" else 2)
+    assert len(names) == len(spec.kernels) * 4
     ptx, lowered = compile_ptx(spec.source(), spec.filename, arch, names)
     for name, mangled in lowered.items():
         assert f".entry {mangled}(" in ptx, f"{name} ({mangled}) missing from the PTX"

@@ -137,21 +137,25 @@ def _run_everything(be, shape, channel_axis, dtype):
 @pytest.mark.parametrize("shape,channel_axis", [((5, 3, 301), 1), ((700, 37), -1)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_bitwise_identical_across_schedules(shape, channel_axis, dtype):
-    runs = [_run_everything(sim(schedule, SPLIT, seed=seed), shape, channel_axis, dtype)
-            for schedule, seed in (("forward", 0), ("reverse", 0), ("random", 1), ("random", 2))]
+    schedules = (("forward", 0), ("reverse", 0), ("random", 1), ("random", 2))
+    backends = [sim(schedule, SPLIT, seed=seed) for schedule, seed in schedules]
+    runs = [_run_everything(be, shape, channel_axis, dtype) for be in backends]
+    for be in backends:  # every last-block counter was reset for the next launch
+        assert be._sync and all((buffer == 0).all() for buffer in be._sync.values())
     for other in runs[1:]:
         for a, b in zip(runs[0], other, strict=True):
             assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
 @pytest.mark.parametrize("shape,channel_axis", [
-    ((2, 2, 70), 1),   # 4 tiles per channel: finalize with a thread per channel
-    ((70, 3), -1),     # 8 row ranges
-    ((2, 1, 600), 1),  # 18 tiles: finalize with a warp per channel (shuffle tree)
+    ((2, 2, 70), 1),   # 2 tiles per channel
+    ((70, 3), -1),     # 4 row ranges
+    ((2, 1, 600), 1),  # 18 tiles: more partials than a block's warps
 ])
 def test_reduction_kernels_are_race_free(shape, channel_axis):
-    """Stats, gradient sums and both finalize kernels (the fused one updating running stats)
-    under the simulator's race detector, with channels split over several blocks."""
+    """The stats kernel (plain, and fused with the running-stat update) and the gradient-sum
+    kernel under the simulator's race detector, with channels split over several blocks: the
+    workspace, the last-block merge and the counters."""
     from cupy_bn import sim as simulator
 
     supported, why = simulator.race_mode_support()

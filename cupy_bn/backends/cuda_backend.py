@@ -5,26 +5,26 @@ The launch code is written once against an array module and a kernel loader
 (backend "cuda"); `CudaBackend.for_simulator()` runs the same kernels on NumPy arrays in
 `cupy_bn.sim` (backend "sim").
 
-Kernels and passes (R = a full read of a tensor, W = a full write; see docs/kernels.md):
+One launch per primitive (R = a full read of a tensor, W = a full write; docs/kernels.md):
 
-| primitive | launches | passes |
+| primitive | kernel | passes |
 |---|---|---|
-| `batch_stats` | `*_stats` (per-block Welford partials) + `bn_finalize_stats` (per channel) | R1 |
-| `apply` | `*_apply` | R1 W1 |
-| `backward_reduce` | `*_reduce` (per-block partial sums) + `bn_finalize_sums` (per channel) | R2 |
-| `backward_apply` | `*_backward` | R2 W1 |
+| `batch_stats` | `bn_{ncs,mc}_stats`: Welford partials merged by the last block per channel | R1 |
+| `apply` | `bn_{ncs,mc}_apply` | R1 W1 |
+| `backward_reduce` | `bn_{ncs,mc}_reduce`: partial sums merged by the last block per channel | R2 |
+| `backward_apply` | `bn_{ncs,mc}_backward` | R2 W1 |
 | `update_running` | one ElementwiseKernel over C values | none |
 
-Training forward is therefore 3 tensor passes in 2 tensor launches, backward 5 in 2, eval
-2 in 1; the finalize launches touch C x P partials only. `train_statistics` (optional, used by
-`cupy_bn.functional` when present) also computes invstd, scale and shift and updates the
-running statistics inside the finalize launch.
+Training forward is 3 tensor passes in 2 launches, backward 5 in 2, eval 2 in 1.
+`train_statistics` (optional, used by `cupy_bn.functional` when present) also computes
+invstd, scale and shift and updates the running statistics inside the stats launch.
 
 Launch heuristics: reductions get at most one wave of blocks (SM count x resident blocks per
 SM), splitting a channel over several blocks only while each block keeps
 `Tuning.reduction_min_work` elements; elementwise kernels get blocks of about
-`Tuning.elementwise_work` elements. Partials are merged in a fixed order, so results are bitwise
-identical run to run on one device (a device with another SM count may split differently).
+`Tuning.elementwise_work` elements. Cross-block merges run in a fixed order (integer atomic
+counters decide only which block merges), so results are bitwise identical run to run on one
+device (a device with another SM count may split differently).
 """
 
 from __future__ import annotations
@@ -43,18 +43,14 @@ from cupy_bn.layout import NCS, View
 
 #: Threads of the tensor kernels' blocks (the kernels' shared memory is sized for 256).
 BLOCK_THREADS = 256
-#: Threads per block of the per-channel finalize kernels (a warp per channel).
-FINALIZE_THREADS = 256
-#: The fused finalize runs in a single block of up to this many threads.
-FUSED_FINALIZE_THREADS = 1024
-#: Above this many partials per channel a finalize merges a channel with a warp, not a thread.
-FINALIZE_WARP_PIECES = 16
 #: Elements one block may own: the kernels count a block's elements in 32-bit integers.
 MAX_BLOCK_WORK = 1 << 28
 MAX_GRID_Y = 65535
+#: Initial size of a stream's counter buffer for the last-block merges (grows as needed).
+SYNC_CAPACITY = 1024
 _PASSES = {"forward_train": 3, "backward": 5, "eval": 2}
 
-# bn_finalize_stats flags (bn_finalize.cu)
+# flags of the statistics kernels (bn_finalize.cuh)
 _AFFINE, _WEIGHT, _BIAS, _RUNNING = 1, 2, 4, 8
 
 
@@ -145,20 +141,6 @@ def ncs_grid(n: int, c: int, s: int, pieces: int) -> NcsGrid:
     return NcsGrid(c, row_pieces, col_pieces)
 
 
-def finalize_shape(channels: int, pieces: int, single_block: bool
-                   ) -> tuple[int, tuple[int], tuple[int]]:
-    """(lanes per channel, grid, block) of a finalize launch.
-
-    A warp per channel when there are more than FINALIZE_WARP_PIECES partials to merge, else a
-    thread per channel. `single_block` puts every channel in one block (fused running update).
-    """
-    lanes = 32 if pieces > FINALIZE_WARP_PIECES else 1
-    limit = FUSED_FINALIZE_THREADS if single_block else FINALIZE_THREADS
-    threads = min(limit, 32 * -(-channels * lanes // 32))
-    blocks = 1 if single_block else -(-channels * lanes // threads)
-    return lanes, (blocks,), (threads,)
-
-
 def mc_block_x(channels: int) -> int:
     """Threads along C of an MC block: the channel count rounded up to a power of 2, <= 32."""
     return min(_next_pow2(channels), 32)
@@ -176,6 +158,7 @@ class CudaBackend:
         self.xp = xp
         self.loader = loader
         self.tuning = tuning or Tuning()
+        self._sync: dict[Any, Array] = {}
 
     @classmethod
     def for_cupy(cls, tuning: Tuning | None = None) -> CudaBackend:
@@ -231,6 +214,30 @@ class CudaBackend:
         n, c, s = x.data.shape
         return (np.int64(n), np.int32(c), np.int64(s), np.int32(grid.col_pieces))
 
+    def _stream_key(self) -> Any:
+        if self.xp is np:
+            return None
+        return (self.xp.cuda.Device().id, self.xp.cuda.get_current_stream().ptr)
+
+    def _sync_buffer(self, units: int) -> Array:
+        """Counters for the last-block merges: `units` + 2 int32 zeros, kept per stream.
+
+        The kernels leave every counter they use at zero again, so a stream reuses its buffer;
+        launches on one stream run in order, so they never share counters concurrently.
+        """
+        key = self._stream_key()
+        buffer = self._sync.get(key)
+        if buffer is None or buffer.size < units + 2:
+            buffer = self._sync[key] = self.xp.zeros(max(units + 2, SYNC_CAPACITY), np.int32)
+        return buffer
+
+    def _launch_synced(self, kernel: Any, grid: tuple, block: tuple, args: tuple) -> None:
+        try:
+            self.loader.launch(kernel, grid, block, args)
+        except BaseException:
+            self._sync.pop(self._stream_key(), None)  # a failed launch may leave counters set
+            raise
+
     def _common(self, dy: View, x: View) -> tuple[Array, Array, np.dtype]:
         """dy and x data in one storage dtype (the wider one when they differ)."""
         a, b = np.dtype(dy.data.dtype), np.dtype(x.data.dtype)
@@ -241,9 +248,12 @@ class CudaBackend:
         return dy.data.astype(dtype, copy=False), x.data.astype(dtype, copy=False), dtype
 
     # -- statistics ---------------------------------------------------------------------------
-    def _stats_partials(self, x: View) -> tuple[Array, Array, Array, int]:
-        """Launch the stats kernel: per-(channel, block) Welford partials, laid out [C][P]."""
+    def _stats(self, x: View, flags: int, weight: Array | None = None,
+               bias: Array | None = None, eps: float = 1.0, momentum: float = 0.0,
+               running: tuple[Array, Array] | None = None) -> tuple[Array, ...]:
+        """One stats launch -> (mean, var, invstd, scale, shift); the last three with _AFFINE."""
         xp, data = self.xp, x.data
+        channels, count = x.num_channels, x.count
         acc = accumulation_dtype(data.dtype)
         if x.layout == NCS:
             kernel = self.loader.function("ncs", "bn_ncs_stats", data.dtype)
@@ -253,34 +263,18 @@ class CudaBackend:
             kernel = self.loader.function("mc", "bn_mc_stats", data.dtype)
             grid = self._mc_reduction_grid(x, kernel)
             shape_args = (np.int64(data.shape[0]), np.int32(data.shape[1]))
-        slots = x.num_channels * grid.pieces
+        slots = channels * grid.pieces if grid.pieces > 1 else 1
         part_mean, part_m2 = xp.empty(slots, acc), xp.empty(slots, acc)
         part_count = xp.empty(slots, np.int32)
-        self.loader.launch(kernel, grid.grid, grid.block,
-                           (data, *shape_args, part_mean, part_m2, part_count))
-        return part_mean, part_m2, part_count, grid.pieces
-
-    def _finalize_stats(self, x: View, flags: int, weight: Array | None = None,
-                        bias: Array | None = None, eps: float = 1.0, momentum: float = 0.0,
-                        running: tuple[Array, Array] | None = None) -> tuple[Array, ...]:
-        """Partials -> (mean, var, invstd, scale, shift); the last three only with _AFFINE."""
-        xp = self.xp
-        channels = x.num_channels
-        acc = accumulation_dtype(x.data.dtype)
-        part_mean, part_m2, part_count, pieces = self._stats_partials(x)
         mean, var = xp.empty(channels, acc), xp.empty(channels, acc)
         unused = xp.empty(1, acc)
         invstd, scale, shift = ((xp.empty(channels, acc) for _ in range(3)) if flags & _AFFINE
                                 else (unused, unused, unused))
         running_mean, running_var = running if running is not None else (unused, unused)
-        count = x.count
         unbias = count / (count - 1) if count > 1 else 1.0
-        kernel = self.loader.function("finalize", "bn_finalize_stats", acc)
-        # all-or-nothing running update: one block sees every channel
-        lanes, grid, block = finalize_shape(channels, pieces, single_block=bool(flags & _RUNNING))
-        self.loader.launch(kernel, grid, block, (
-            part_mean, part_m2, part_count, np.int32(channels), np.int32(pieces),
-            np.int32(lanes), np.int32(flags), unused if weight is None else weight,
+        self._launch_synced(kernel, grid.grid, grid.block, (
+            data, *shape_args, part_mean, part_m2, part_count, self._sync_buffer(grid.grid[0]),
+            np.int32(flags), unused if weight is None else weight,
             unused if bias is None else bias, acc.type(eps), np.float64(momentum),
             np.float64(unbias), mean, var, invstd, scale, shift, running_mean, running_var))
         return mean, var, invstd, scale, shift
@@ -289,7 +283,7 @@ class CudaBackend:
         acc = accumulation_dtype(x.data.dtype)
         if x.count == 0 or x.num_channels == 0:
             return self.xp.zeros(x.num_channels, acc), self.xp.zeros(x.num_channels, acc)
-        mean, var, *_ = self._finalize_stats(x, 0)
+        mean, var, *_ = self._stats(x, 0)
         return mean, var
 
     def train_statistics(self, x: View, weight: Array | None, bias: Array | None,
@@ -303,7 +297,7 @@ class CudaBackend:
         place (`update_running`'s formula, momentum weighting the new batch) if and only if
         every channel's mean and var are finite: the caller checks the returned statistics and
         reports non-finite channels. Needs `x.count >= 2` when running statistics are given.
-        One stats launch (R1) and one per-channel finalize launch.
+        One launch (R1): the last block to finish updates the running statistics.
         """
         xp = self.xp
         channels = x.num_channels
@@ -325,8 +319,8 @@ class CudaBackend:
                                  and r.shape == (channels,) for r in (running_mean, running_var)))
         if fused_running:
             flags |= _RUNNING
-        stats = self._finalize_stats(x, flags, weight, bias, eps, momentum,
-                                     (running_mean, running_var) if fused_running else None)
+        stats = self._stats(x, flags, weight, bias, eps, momentum,
+                            (running_mean, running_var) if fused_running else None)
         if running_mean is not None and not fused_running:
             mean, var = stats[0], stats[1]
             if bool(xp.isfinite(mean).all()) and bool(xp.isfinite(var).all()):
@@ -370,16 +364,12 @@ class CudaBackend:
             kernel = self.loader.function("mc", "bn_mc_reduce", dtype)
             grid = self._mc_reduction_grid(x, kernel)
             shape_args = (np.int64(data.shape[0]), np.int32(data.shape[1]))
-        slots = channels * grid.pieces
+        slots = channels * grid.pieces if grid.pieces > 1 else 1
         part_dy, part_dy_xmu = xp.empty(slots, acc), xp.empty(slots, acc)
-        self.loader.launch(kernel, grid.grid, grid.block,
-                           (g, data, mean, *shape_args, part_dy, part_dy_xmu))
         sum_dy, sum_dy_xmu = xp.empty(channels, acc), xp.empty(channels, acc)
-        finalize = self.loader.function("finalize", "bn_finalize_sums", acc)
-        lanes, fgrid, fblock = finalize_shape(channels, grid.pieces, single_block=False)
-        self.loader.launch(finalize, fgrid, fblock,
-                           (part_dy, part_dy_xmu, np.int32(channels), np.int32(grid.pieces),
-                            np.int32(lanes), sum_dy, sum_dy_xmu))
+        self._launch_synced(kernel, grid.grid, grid.block, (
+            g, data, mean, *shape_args, part_dy, part_dy_xmu, self._sync_buffer(grid.grid[0]),
+            sum_dy, sum_dy_xmu))
         return sum_dy, sum_dy_xmu
 
     def backward_apply(self, dy: View, x: View, mean: Array, invstd: Array, gamma: Array,
@@ -430,7 +420,7 @@ class CudaBackend:
         return traffic_bytes(phase, numel, itemsize)
 
     def launches(self, phase: str) -> int:
-        """Kernel launches that stream the tensor in `phase` (finalize launches not counted)."""
+        """Kernel launches of `phase` (per-channel elementwise work of the caller not counted)."""
         return {"forward_train": 2, "backward": 2, "eval": 1}[phase]
 
 
@@ -455,5 +445,5 @@ def simulator_usable() -> bool:
     return shutil.which("g++") is not None and cuda_include_dir() is not None
 
 
-__all__ = ["CudaBackend", "McGrid", "NcsGrid", "Tuning", "elementwise_pieces", "finalize_shape",
-           "mc_block_x", "ncs_grid", "reduction_pieces", "simulator_usable", "traffic_bytes"]
+__all__ = ["CudaBackend", "McGrid", "NcsGrid", "Tuning", "elementwise_pieces", "mc_block_x",
+           "ncs_grid", "reduction_pieces", "simulator_usable", "traffic_bytes"]

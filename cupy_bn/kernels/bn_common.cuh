@@ -101,10 +101,10 @@ __device__ __forceinline__ Acc warp_sum(Acc v) {
 
 // Merge over a 1-D block (blockDim.x a multiple of 32, at most 1024): warp shuffles, then the
 // per-warp triples through shared memory, merged by warp 0 in warp order. Thread 0 returns
-// the block's triple.
-template <typename Acc>
-__device__ __forceinline__ Welford<Acc, int> block_merge(Welford<Acc, int> w) {
-  __shared__ int s_n[32];
+// the block's triple. Callers separate two uses by a __syncthreads.
+template <typename Acc, typename Count>
+__device__ __forceinline__ Welford<Acc, Count> block_merge(Welford<Acc, Count> w) {
+  __shared__ Count s_n[32];
   __shared__ Acc s_mean[32];
   __shared__ Acc s_m2[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -116,7 +116,7 @@ __device__ __forceinline__ Welford<Acc, int> block_merge(Welford<Acc, int> w) {
   }
   __syncthreads();
   if (warp == 0) {
-    Welford<Acc, int> v = {0, Acc(0), Acc(0)};
+    Welford<Acc, Count> v = {0, Acc(0), Acc(0)};
     if (lane < warps) {
       v.n = s_n[lane];
       v.mean = s_mean[lane];
@@ -150,10 +150,10 @@ __device__ __forceinline__ void block_sum2(Acc& a, Acc& b) {
 
 // Merge over threadIdx.y of a 2-D block of at most 256 threads (blockDim.y a power of two):
 // a tree in shared memory, pairing row y with row y + half. Threads with threadIdx.y == 0
-// return the triple of their column (channel).
-template <typename Acc>
-__device__ __forceinline__ Welford<Acc, int> block_merge_rows(Welford<Acc, int> w) {
-  __shared__ int s_n[256];
+// return the triple of their column (channel). Ends with a __syncthreads.
+template <typename Acc, typename Count>
+__device__ __forceinline__ Welford<Acc, Count> block_merge_rows(Welford<Acc, Count> w) {
+  __shared__ Count s_n[256];
   __shared__ Acc s_mean[256];
   __shared__ Acc s_m2[256];
   const int slot = threadIdx.y * blockDim.x + threadIdx.x;
@@ -164,7 +164,7 @@ __device__ __forceinline__ Welford<Acc, int> block_merge_rows(Welford<Acc, int> 
   for (int half = blockDim.y >> 1; half > 0; half >>= 1) {
     if (threadIdx.y < half) {
       const int other = slot + half * blockDim.x;
-      Welford<Acc, int> b;
+      Welford<Acc, Count> b;
       b.n = s_n[other];
       b.mean = s_mean[other];
       b.m2 = s_m2[other];
@@ -178,7 +178,8 @@ __device__ __forceinline__ Welford<Acc, int> block_merge_rows(Welford<Acc, int> 
   return w;
 }
 
-// Sums of two values over threadIdx.y, same tree as block_merge_rows.
+// Sums of two values over threadIdx.y, same tree as block_merge_rows; ends with a
+// __syncthreads.
 template <typename Acc>
 __device__ __forceinline__ void block_sum2_rows(Acc& a, Acc& b) {
   __shared__ Acc s_a[256];

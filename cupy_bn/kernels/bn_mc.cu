@@ -4,16 +4,18 @@
 // Grid: (ceil(C / bx), P), block: (bx, by) with bx * by <= 256 and by a power of two. Threads
 // run along C, so a warp reads consecutive channels of a row (coalesced); thread (tx, ty) of
 // block (cb, p) owns channel cb * bx + tx and rows m0 + ty, m0 + ty + by, ... of the row range
-// [m0, m1) = [M * p / P, M * (p + 1) / P). Reductions merge a block's rows in shared memory and
-// write one partial per (channel, row range) to a workspace laid out [C][P]; bn_finalize.cu
-// merges them in row-range order.
+// [m0, m1) = [M * p / P, M * (p + 1) / P). Reductions merge a block's rows in shared memory;
+// with P > 1 each block writes one partial per channel to a [C][P] workspace and the last block
+// of the channel tile to arrive merges them in row-range order (bn_finalize.cuh), in the same
+// launch.
 //
-// Tensor passes (R = one full read of a tensor, W = one full write):
-//   bn_mc_stats      R1      per-range Welford triples (count, mean, M2) of x
+// Tensor passes (R = one full read of a tensor, W = one full write), one launch each:
+//   bn_mc_stats      R1      per-channel mean, var (+ invstd, scale, shift, running stats)
 //   bn_mc_apply      R1 W1   y = x * scale[c] + shift[c]
-//   bn_mc_reduce     R2      per-range sums of dy and dy * (x - mean[c])
+//   bn_mc_reduce     R2      per-channel sum(dy), sum(dy * (x - mean[c]))
 //   bn_mc_backward   R2 W1   dx = p[c] * dy + q[c] * (x - mean[c]) + r[c]
 #include "bn_common.cuh"
+#include "bn_finalize.cuh"
 
 namespace bn {
 
@@ -31,13 +33,19 @@ __device__ __forceinline__ McRows mc_rows(long long M) {
 
 }  // namespace bn
 
-// Per-range statistics: each thread folds its channel's values U rows at a time into a Welford
-// triple (U loads in flight), then the block merges its rows with a fixed shared-memory tree.
+// Statistics: each thread folds its channel's values U rows at a time into a Welford triple
+// (U loads in flight), the block merges its rows with a fixed shared-memory tree, then the
+// fixed-order cross-block merge. `sync`: one counter per channel tile, done, bad;
+// `flags` as for bn_ncs_stats.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(256)
 bn_mc_stats(const T* __restrict__ x, long long M, int C,
             Acc* __restrict__ part_mean, Acc* __restrict__ part_m2,
-            int* __restrict__ part_count) {
+            int* __restrict__ part_count, int* __restrict__ sync, int flags,
+            const Acc* __restrict__ weight, const Acc* __restrict__ bias, Acc eps,
+            double momentum, double unbias, Acc* __restrict__ mean, Acc* __restrict__ var,
+            Acc* __restrict__ invstd, Acc* __restrict__ scale, Acc* __restrict__ shift,
+            Acc* __restrict__ running_mean, Acc* __restrict__ running_var) {
   constexpr int U = bn::Unroll<T>::value;
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   const bn::McRows rows = bn::mc_rows(M);
@@ -60,12 +68,28 @@ bn_mc_stats(const T* __restrict__ x, long long M, int C,
     }
   }
   w = bn::block_merge_rows(w);
-  if (threadIdx.y == 0 && c < C) {
-    const long long slot = static_cast<long long>(c) * gridDim.y + blockIdx.y;
-    part_mean[slot] = w.mean;
-    part_m2[slot] = w.m2;
-    part_count[slot] = w.n;
+
+  const int P = gridDim.y;
+  bn::Welford<Acc, long long> total = {w.n, w.mean, w.m2};  // valid in row 0
+  if (P > 1) {
+    const long long base = static_cast<long long>(c) * P;
+    if (threadIdx.y == 0 && c < C) {
+      part_mean[base + blockIdx.y] = w.mean;
+      part_m2[base + blockIdx.y] = w.m2;
+      part_count[base + blockIdx.y] = w.n;
+    }
+    if (!bn::arrive_last(&sync[blockIdx.x], P)) return;
+    total = {0, Acc(0), Acc(0)};
+    if (c < C)
+      for (int p = threadIdx.y; p < P; p += blockDim.y)
+        total = bn::chan_merge(total, bn::load_partial(part_mean, part_m2, part_count, base + p));
+    total = bn::block_merge_rows(total);
   }
+  const bn::StatsOutputs<Acc> out = {flags, weight, bias, eps, momentum, unbias, mean, var,
+                                     invstd, scale, shift, running_mean, running_var};
+  const int bad = threadIdx.y == 0 && c < C ? bn::write_channel_stats(out, c, total) : 0;
+  if (flags & BN_RUNNING)
+    bn::update_running_if_last(out, &sync[gridDim.x], &sync[gridDim.x + 1], gridDim.x, bad, C);
 }
 
 // y = x * scale[c] + shift[c], computed in Acc and rounded once to T.
@@ -93,11 +117,13 @@ bn_mc_apply(const T* __restrict__ x, const Acc* __restrict__ scale,
   }
 }
 
-// Per-range sum(dy) and sum(dy * (x - mean[c])), both in one pass over dy and x.
+// sum(dy) and sum(dy * (x - mean[c])) per channel, both in one pass over dy and x, merged
+// across blocks like the statistics (`sync`: one counter per channel tile).
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(256)
 bn_mc_reduce(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __restrict__ mean,
-             long long M, int C, Acc* __restrict__ part_dy, Acc* __restrict__ part_dy_xmu) {
+             long long M, int C, Acc* __restrict__ part_dy, Acc* __restrict__ part_dy_xmu,
+             int* __restrict__ sync, Acc* __restrict__ out_dy, Acc* __restrict__ out_dy_xmu) {
   constexpr int U = bn::Unroll<T>::value;
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   const bn::McRows rows = bn::mc_rows(M);
@@ -130,10 +156,27 @@ bn_mc_reduce(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __res
     }
   }
   bn::block_sum2_rows(sum_dy, sum_dy_xmu);
+
+  const int P = gridDim.y;
+  if (P > 1) {
+    const long long base = static_cast<long long>(c) * P;
+    if (threadIdx.y == 0 && c < C) {
+      part_dy[base + blockIdx.y] = sum_dy;
+      part_dy_xmu[base + blockIdx.y] = sum_dy_xmu;
+    }
+    if (!bn::arrive_last(&sync[blockIdx.x], P)) return;
+    sum_dy = Acc(0);
+    sum_dy_xmu = Acc(0);
+    if (c < C)
+      for (int p = threadIdx.y; p < P; p += blockDim.y) {
+        sum_dy += __ldcg(part_dy + base + p);
+        sum_dy_xmu += __ldcg(part_dy_xmu + base + p);
+      }
+    bn::block_sum2_rows(sum_dy, sum_dy_xmu);
+  }
   if (threadIdx.y == 0 && c < C) {
-    const long long slot = static_cast<long long>(c) * gridDim.y + blockIdx.y;
-    part_dy[slot] = sum_dy;
-    part_dy_xmu[slot] = sum_dy_xmu;
+    out_dy[c] = sum_dy;
+    out_dy_xmu[c] = sum_dy_xmu;
   }
 }
 

@@ -3,24 +3,31 @@
 //
 // Grid: (C, P), block: 1-D, a multiple of 32 threads (the launch code uses 256). Block (c, p)
 // owns tile p of channel c (bn::ncs_tile): P = row_pieces * col_pieces, so a channel is split
-// over several blocks when C alone would leave SMs idle. Reductions write one partial per
-// (channel, tile) to a workspace laid out [C][P]; bn_finalize.cu merges them in tile order.
+// over several blocks when C alone would leave SMs idle. The reductions finish in the same
+// launch: with P > 1 each block writes a partial to a [C][P] workspace and the last block of
+// the channel to arrive merges the P partials in tile order (bn_finalize.cuh).
 //
-// Tensor passes (R = one full read of a tensor, W = one full write):
-//   bn_ncs_stats      R1      per-tile Welford triples (count, mean, M2) of x
+// Tensor passes (R = one full read of a tensor, W = one full write), one launch each:
+//   bn_ncs_stats      R1      per-channel mean, var (+ invstd, scale, shift, running stats)
 //   bn_ncs_apply      R1 W1   y = x * scale[c] + shift[c]
-//   bn_ncs_reduce     R2      per-tile sums of dy and dy * (x - mean[c])
+//   bn_ncs_reduce     R2      per-channel sum(dy), sum(dy * (x - mean[c]))
 //   bn_ncs_backward   R2 W1   dx = p[c] * dy + q[c] * (x - mean[c]) + r[c]
 #include "bn_common.cuh"
+#include "bn_finalize.cuh"
 
-// Per-tile statistics: Welford per thread (values folded U at a time), warp shuffles, then
-// shared memory across warps. No floating-point atomics: the tree is fixed, so the partials
-// are bitwise identical run to run.
+// Statistics: Welford per thread (values folded U at a time), warp shuffles, shared memory
+// across warps, then the fixed-order cross-block merge. No floating-point atomics: results are
+// bitwise identical run to run. `sync`: C channel counters, done, bad (see bn_finalize.cuh);
+// `flags`: BN_AFFINE, BN_WEIGHT, BN_BIAS, BN_RUNNING select the fused per-channel outputs.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(256)
 bn_ncs_stats(const T* __restrict__ x, long long N, int C, long long S, int col_pieces,
              Acc* __restrict__ part_mean, Acc* __restrict__ part_m2,
-             int* __restrict__ part_count) {
+             int* __restrict__ part_count, int* __restrict__ sync, int flags,
+             const Acc* __restrict__ weight, const Acc* __restrict__ bias, Acc eps,
+             double momentum, double unbias, Acc* __restrict__ mean, Acc* __restrict__ var,
+             Acc* __restrict__ invstd, Acc* __restrict__ scale, Acc* __restrict__ shift,
+             Acc* __restrict__ running_mean, Acc* __restrict__ running_var) {
   constexpr int U = bn::Unroll<T>::value;
   const int step = blockDim.x;
   const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
@@ -41,12 +48,27 @@ bn_ncs_stats(const T* __restrict__ x, long long N, int C, long long S, int col_p
     bn::fold_group<U>(w, v, cnt);
   }
   w = bn::block_merge(w);
-  if (threadIdx.x == 0) {
-    const long long slot = static_cast<long long>(blockIdx.x) * gridDim.y + blockIdx.y;
-    part_mean[slot] = w.mean;
-    part_m2[slot] = w.m2;
-    part_count[slot] = w.n;
+
+  const int c = blockIdx.x, P = gridDim.y;
+  bn::Welford<Acc, long long> total = {w.n, w.mean, w.m2};  // valid in thread 0
+  if (P > 1) {
+    const long long base = static_cast<long long>(c) * P;
+    if (threadIdx.x == 0) {
+      part_mean[base + blockIdx.y] = w.mean;
+      part_m2[base + blockIdx.y] = w.m2;
+      part_count[base + blockIdx.y] = w.n;
+    }
+    if (!bn::arrive_last(&sync[c], P)) return;
+    total = {0, Acc(0), Acc(0)};
+    for (int p = threadIdx.x; p < P; p += step)
+      total = bn::chan_merge(total, bn::load_partial(part_mean, part_m2, part_count, base + p));
+    total = bn::block_merge(total);
   }
+  const bn::StatsOutputs<Acc> out = {flags, weight, bias, eps, momentum, unbias, mean, var,
+                                     invstd, scale, shift, running_mean, running_var};
+  const int bad = threadIdx.x == 0 ? bn::write_channel_stats(out, c, total) : 0;
+  if (flags & BN_RUNNING)
+    bn::update_running_if_last(out, &sync[gridDim.x], &sync[gridDim.x + 1], gridDim.x, bad, C);
 }
 
 // y = x * scale[c] + shift[c], computed in Acc and rounded once to T.
@@ -81,12 +103,14 @@ bn_ncs_apply(const T* __restrict__ x, const Acc* __restrict__ scale,
   }
 }
 
-// Per-tile sum(dy) and sum(dy * (x - mean[c])), both in one pass over dy and x.
+// sum(dy) and sum(dy * (x - mean[c])) per channel, both in one pass over dy and x, merged
+// across blocks like the statistics (`sync`: C channel counters).
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(256)
 bn_ncs_reduce(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __restrict__ mean,
               long long N, int C, long long S, int col_pieces,
-              Acc* __restrict__ part_dy, Acc* __restrict__ part_dy_xmu) {
+              Acc* __restrict__ part_dy, Acc* __restrict__ part_dy_xmu, int* __restrict__ sync,
+              Acc* __restrict__ out_dy, Acc* __restrict__ out_dy_xmu) {
   constexpr int U = bn::Unroll<T>::value;
   const int step = blockDim.x;
   const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
@@ -117,10 +141,26 @@ bn_ncs_reduce(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __re
     sum_dy_xmu += group_dy_xmu;
   }
   bn::block_sum2(sum_dy, sum_dy_xmu);
+
+  const int c = blockIdx.x, P = gridDim.y;
+  if (P > 1) {
+    const long long base = static_cast<long long>(c) * P;
+    if (threadIdx.x == 0) {
+      part_dy[base + blockIdx.y] = sum_dy;
+      part_dy_xmu[base + blockIdx.y] = sum_dy_xmu;
+    }
+    if (!bn::arrive_last(&sync[c], P)) return;
+    sum_dy = Acc(0);
+    sum_dy_xmu = Acc(0);
+    for (int p = threadIdx.x; p < P; p += step) {
+      sum_dy += __ldcg(part_dy + base + p);
+      sum_dy_xmu += __ldcg(part_dy_xmu + base + p);
+    }
+    bn::block_sum2(sum_dy, sum_dy_xmu);
+  }
   if (threadIdx.x == 0) {
-    const long long slot = static_cast<long long>(blockIdx.x) * gridDim.y + blockIdx.y;
-    part_dy[slot] = sum_dy;
-    part_dy_xmu[slot] = sum_dy_xmu;
+    out_dy[c] = sum_dy;
+    out_dy_xmu[c] = sum_dy_xmu;
   }
 }
 

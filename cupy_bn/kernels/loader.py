@@ -33,33 +33,24 @@ STORAGE_TYPES: dict[str, tuple[str, str]] = {
     "float32": ("float", "float"),
     "float64": ("double", "double"),
 }
-ACCUMULATOR_TYPES: dict[str, str] = {"float32": "float", "float64": "double"}
 
 
 @dataclass(frozen=True)
 class KernelFile:
-    """A `.cu` file and its kernels.
-
-    `templated_on` is "storage" for kernels templated `<T, Acc>` (one instantiation per storage
-    type) and "accumulator" for kernels templated `<Acc>` (float and double).
-    """
+    """A `.cu` file and its kernels, each templated `<T, Acc>` (storage, accumulator type)."""
 
     filename: str
     kernels: tuple[str, ...]
-    templated_on: str
 
     def name_expression(self, kernel: str, dtype_name: str) -> str:
         if kernel not in self.kernels:
             raise KeyError(f"{self.filename} has no kernel {kernel!r}")
-        if self.templated_on == "storage":
-            storage, acc = STORAGE_TYPES[dtype_name]
-            return f"{kernel}<{storage}, {acc}>"
-        return f"{kernel}<{ACCUMULATOR_TYPES[dtype_name]}>"
+        storage, acc = STORAGE_TYPES[dtype_name]
+        return f"{kernel}<{storage}, {acc}>"
 
     def name_expressions(self) -> tuple[str, ...]:
         """Every instantiation, in a fixed order."""
-        types = STORAGE_TYPES if self.templated_on == "storage" else ACCUMULATOR_TYPES
-        return tuple(self.name_expression(k, t) for k in self.kernels for t in types)
+        return tuple(self.name_expression(k, t) for k in self.kernels for t in STORAGE_TYPES)
 
     def source(self) -> str:
         return read_source(self.filename)
@@ -67,11 +58,9 @@ class KernelFile:
 
 KERNEL_FILES: dict[str, KernelFile] = {
     "ncs": KernelFile("bn_ncs.cu", ("bn_ncs_stats", "bn_ncs_apply", "bn_ncs_reduce",
-                                    "bn_ncs_backward"), "storage"),
+                                    "bn_ncs_backward")),
     "mc": KernelFile("bn_mc.cu", ("bn_mc_stats", "bn_mc_apply", "bn_mc_reduce",
-                                  "bn_mc_backward"), "storage"),
-    "finalize": KernelFile("bn_finalize.cu", ("bn_finalize_stats", "bn_finalize_sums"),
-                           "accumulator"),
+                                  "bn_mc_backward")),
 }
 
 _LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.MULTILINE)
@@ -161,7 +150,7 @@ class KernelLoader:
             return self._modules[cache_key]
 
     def function(self, key: str, kernel: str, dtype: Any) -> Any:
-        """Kernel `kernel` of file `key`, instantiated for `dtype` (storage or accumulator)."""
+        """Kernel `kernel` of file `key`, instantiated for storage dtype `dtype`."""
         cache_key = (self.target, key, kernel, np.dtype(dtype).name)
         found = self._functions.get(cache_key)
         if found is None:

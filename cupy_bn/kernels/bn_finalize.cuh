@@ -1,0 +1,129 @@
+// Cross-block finalize of the reduction kernels, in the last block to arrive.
+//
+// A reduction splits each unit (an NCS channel, or an MC tile of channels) over gridDim.y
+// blocks. Every block writes its partial to a workspace laid out [C][P] (P = gridDim.y), then
+// counts itself in with an integer atomicAdd on the unit's counter; the block that draws the
+// last ticket merges the unit's P partials in index order (never in arrival order), so the
+// result is bitwise identical whichever block arrives last. No floating-point atomics.
+//
+// `sync` holds gridDim.x unit counters, then `done` and `bad` for the fused running-stat
+// update: int32 zeros before the launch, and zeros again after it (each counter is reset by
+// the block that drew its last ticket), so one buffer serves launch after launch on a stream.
+//
+// Memory ordering: writers release their partials with __threadfence before the atomicAdd;
+// the last block fences again (acquire) and reads the partials with __ldcg (L2, not the
+// non-coherent L1).
+#pragma once
+#include "bn_common.cuh"
+
+#define BN_AFFINE 1   // also write invstd, scale, shift
+#define BN_WEIGHT 2   // scale = weight * invstd (else invstd)
+#define BN_BIAS 4     // shift = bias - mean * scale (else -mean * scale)
+#define BN_RUNNING 8  // update the running statistics when every channel is finite
+
+namespace bn {
+
+// The per-channel outputs of a statistics kernel (pointers used only under their flag).
+template <typename Acc>
+struct StatsOutputs {
+  int flags;
+  const Acc* weight;
+  const Acc* bias;
+  Acc eps;
+  double momentum;  // weight of the new batch
+  double unbias;    // count / (count - 1)
+  Acc* mean;
+  Acc* var;
+  Acc* invstd;
+  Acc* scale;
+  Acc* shift;
+  Acc* running_mean;
+  Acc* running_var;
+};
+
+// True in every thread of the block that arrives last at `counter` (of `arrivals` blocks).
+// All threads call it after writing their share of the block's partial. (Counter: int or
+// unsigned.)
+template <typename Counter>
+__device__ __forceinline__ bool arrive_last(Counter* counter, int arrivals) {
+  __shared__ int s_last;
+  __threadfence();  // release this thread's partial writes
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    s_last = atomicAdd(counter, Counter(1)) == Counter(arrivals - 1);
+    if (s_last) atomicExch(counter, Counter(0));  // all others have counted in: reset for reuse
+  }
+  __syncthreads();
+  const bool last = s_last != 0;
+  if (last) __threadfence();  // acquire the other blocks' partials
+  return last;
+}
+
+template <typename Acc>
+__device__ __forceinline__ Welford<Acc, long long> load_partial(const Acc* part_mean,
+                                                                const Acc* part_m2,
+                                                                const int* part_count,
+                                                                long long slot) {
+  Welford<Acc, long long> w;
+  w.n = __ldcg(part_count + slot);
+  w.mean = __ldcg(part_mean + slot);
+  w.m2 = __ldcg(part_m2 + slot);
+  return w;
+}
+
+// Mean, biased variance and (with BN_AFFINE) invstd, scale, shift of channel c; returns 1 when
+// mean or variance is not finite. An empty channel gives zeros.
+template <typename Acc>
+__device__ __forceinline__ int write_channel_stats(const StatsOutputs<Acc>& o, int c,
+                                                   const Welford<Acc, long long>& w) {
+  const Acc m = w.n > 0 ? w.mean : Acc(0);
+  const Acc m2 = w.m2 < Acc(0) ? Acc(0) : w.m2;  // rounding can dip below 0; NaN stays
+  const Acc v = w.n > 0 ? m2 / static_cast<Acc>(w.n) : Acc(0);
+  o.mean[c] = m;
+  o.var[c] = v;
+  if (o.flags & BN_AFFINE) {
+    const Acc is = Acc(1) / sqrt(v + o.eps);
+    const Acc sc = (o.flags & BN_WEIGHT) ? o.weight[c] * is : is;
+    Acc sh = -m * sc;
+    if (o.flags & BN_BIAS) sh = sh + o.bias[c];
+    o.invstd[c] = is;
+    o.scale[c] = sc;
+    o.shift[c] = sh;
+  }
+  return !(isfinite(m) && isfinite(v));
+}
+
+// Called by every block that finalized a unit (`units` of them), `bad` nonzero in threads
+// that found a non-finite channel. The last of them updates the running statistics of all C
+// channels in place, in double, if no channel was bad, and leaves them untouched otherwise;
+// then it resets `done` and `bad_flag`.
+template <typename Acc>
+__device__ __forceinline__ void update_running_if_last(const StatsOutputs<Acc>& o, int* done,
+                                                       int* bad_flag, int units, int bad, int C) {
+  __shared__ int s_state;  // 0: not the last, 1: last and all finite, 2: last, a channel bad
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  if (bad) atomicOr(bad_flag, 1);
+  __threadfence();  // release this unit's mean / var
+  __syncthreads();
+  if (tid == 0) {
+    s_state = 0;
+    if (atomicAdd(done, 1) == units - 1) {
+      s_state = atomicOr(bad_flag, 0) ? 2 : 1;
+      atomicExch(done, 0);
+      atomicExch(bad_flag, 0);
+    }
+  }
+  __syncthreads();
+  if (s_state != 1) return;
+  __threadfence();  // acquire the other units' mean / var
+  for (int c = tid; c < C; c += blockDim.x * blockDim.y) {
+    const double m = static_cast<double>(__ldcg(o.mean + c));
+    const double v = static_cast<double>(__ldcg(o.var + c));
+    const double rm = static_cast<double>(o.running_mean[c]);
+    const double rv = static_cast<double>(o.running_var[c]);
+    o.running_mean[c] = static_cast<Acc>((1.0 - o.momentum) * rm + o.momentum * m);
+    o.running_var[c] = static_cast<Acc>((1.0 - o.momentum) * rv + o.momentum * (v * o.unbias));
+  }
+}
+
+}  // namespace bn
