@@ -1,3 +1,28 @@
-"""cupy_bn: fast, exact batch normalization for array code (NumPy on the CPU, CuPy on the GPU)."""
+"""cupy_bn: fast, exact batch normalization for array code (NumPy on the CPU, CuPy on the GPU).
+
+    import cupy_bn as cbn
+    bn = cbn.BatchNorm2d(64)
+    y = bn(x); dx = bn.backward(dy)
+    y, saved = cbn.batch_norm(x, weight, bias, running_mean, running_var, training=True)
+    dx, dweight, dbias = cbn.batch_norm_backward(dy, saved)
+
+Momentum follows PyTorch: the weight of the new batch in the running averages.
+"""
+
+from cupy_bn.backends import available_backends, get_backend
+from cupy_bn.functional import SavedForBackward, batch_norm, batch_norm_backward
+from cupy_bn.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "SavedForBackward",
+    "__version__",
+    "available_backends",
+    "batch_norm",
+    "batch_norm_backward",
+    "get_backend",
+]

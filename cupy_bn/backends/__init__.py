@@ -1,0 +1,91 @@
+"""Backends: objects implementing the five primitives of `cupy_bn.backends.base.Backend`.
+
+`backend="auto"` sends CuPy arrays to the CUDA backend and NumPy arrays to the NumPy backend.
+Backends register a factory by name; `get_backend` builds each one once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+from cupy_bn.backends.base import Backend, minimal_bytes
+from cupy_bn.layout import array_module
+
+__all__ = ["Backend", "available_backends", "describe_environment", "get_backend",
+           "minimal_bytes", "register_backend"]
+
+_FACTORIES: dict[str, Callable[[], Backend]] = {}
+_AVAILABLE: dict[str, Callable[[], bool]] = {}
+
+
+def register_backend(name: str, factory: Callable[[], Backend],
+                     available: Callable[[], bool] = lambda: True) -> None:
+    """Make `backend=name` build `factory()`; `available()` says whether it can run here."""
+    _FACTORIES[name] = factory
+    _AVAILABLE[name] = available
+    _instance.cache_clear()
+
+
+@cache
+def _instance(name: str) -> Backend:
+    return _FACTORIES[name]()
+
+
+def cupy_usable() -> bool:
+    """True when CuPy imports and sees a GPU (an install without one imports fine)."""
+    try:
+        import cupy
+    except ImportError:
+        return False
+    try:
+        return bool(cupy.is_available())
+    except Exception:  # a broken driver or library raises instead of answering
+        return False
+
+
+def available_backends() -> list[str]:
+    """Names of the registered backends that can run on this machine."""
+    return [name for name, ok in _AVAILABLE.items() if ok()]
+
+
+def get_backend(backend: str | Backend, x: Any) -> Backend:
+    """The backend object for `backend` ("auto", a registered name, or a Backend instance)."""
+    if not isinstance(backend, str):
+        if isinstance(backend, Backend):
+            return backend
+        raise TypeError(f"backend must be a name or a Backend object, got {type(backend).__name__}")
+    if backend == "auto":
+        backend = "cuda" if array_module(x).__name__ == "cupy" else "numpy"
+    if backend not in _FACTORIES:
+        known = ", ".join(["auto", *_FACTORIES])
+        raise ValueError(f"backend must be one of {known}; got {backend!r}")
+    if not _AVAILABLE[backend]():
+        raise RuntimeError(f"backend {backend!r} cannot run on this machine "
+                           f"(available: {', '.join(available_backends())})")
+    chosen = _instance(backend)
+    if array_module(x) is not chosen.xp:
+        raise TypeError(f"backend {backend!r} takes {chosen.xp.__name__} arrays, "
+                        f"got a {array_module(x).__name__} array")
+    return chosen
+
+
+def describe_environment() -> dict[str, Any]:
+    """What `cupy-bn info` reports: CuPy's state and the backends that can run here."""
+    try:
+        import cupy
+
+        cupy_state = f"{cupy.__version__} ({'usable' if cupy_usable() else 'no usable GPU'})"
+    except ImportError:
+        cupy_state = "not installed"
+    return {"cupy": cupy_state, "backends": available_backends()}
+
+
+def _numpy_backend() -> Backend:
+    from cupy_bn.backends.numpy_backend import NumpyBackend
+
+    return NumpyBackend()
+
+
+register_backend("numpy", _numpy_backend)
