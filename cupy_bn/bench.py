@@ -555,7 +555,7 @@ def run_bench(
         if reason is None:
             runnable.append(impl)
         else:
-            report.notes.append(f"{name}: skipped ({reason})")
+            report.notes.append(f"{name} skipped: {reason}")
     report.cpu_bandwidth = measure_copy_bandwidth(copy_bytes)
     report.gpus = gpu_devices() if any(i.device == "gpu" for i in runnable) else []
     gpu_peak = report.gpus[0]["peak_bandwidth"] if report.gpus else None
