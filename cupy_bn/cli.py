@@ -696,41 +696,41 @@ def _print_bench(report: Any) -> None:
     from rich import box
 
     console = _console()
-    table = Table(
-        title="cupy-bn bench: ms per call, GB/s of the minimal traffic", box=box.SIMPLE_HEAD
-    )
-    table.add_column("case", overflow="fold", max_width=16)
-    table.add_column("phase", no_wrap=True)
-    table.add_column("implementation", no_wrap=True)
-    for column in ("median", "min", "GB/s", "% bw", "vs peer"):
-        table.add_column(column, justify="right", no_wrap=True)
-    case_order = list(dict.fromkeys(row.case for row in report.rows))
-    rows = sorted(
-        report.rows,
-        key=lambda r: (case_order.index(r.case), list(_PHASE_LABELS).index(r.phase)),
-    )
-    previous = None
-    for row in rows:
-        key = (row.case, row.phase)
-        first = key != previous
-        if first and previous is not None:
-            table.add_section()
-        previous = key
-        pct, ratio = row.percent_of_bandwidth, row.ratio_to_fastest_peer
-        table.add_row(
-            f"{row.case.name} {row.case.dtype}" if first else "",
-            _PHASE_LABELS[row.phase] if first else "",
-            f"[bold]{row.impl}[/]" if row.ours else row.impl,
-            f"{row.median * 1e3:.3f}",
-            f"{row.stats['min'] * 1e3:.3f}",
-            f"{row.gbps:.1f}",
-            "-" if pct is None else f"{pct:.0f}%",
-            "-" if ratio is None else f"{ratio:.2f}x",
+    phase_order = list(_PHASE_LABELS)
+    for case in dict.fromkeys(row.case for row in report.rows):
+        table = Table(
+            title=f"{case.name}: {'x'.join(map(str, case.shape))} {case.dtype}, "
+            f"channel axis {case.channel_axis} (ms per call)",
+            box=box.SIMPLE_HEAD,
         )
-    console.print(table)
+        table.add_column("phase", no_wrap=True)
+        table.add_column("implementation", no_wrap=True)
+        for column in ("median", "min", "GB/s", "% bw", "vs peer"):
+            table.add_column(column, justify="right", no_wrap=True)
+        rows = sorted(
+            (r for r in report.rows if r.case == case), key=lambda r: phase_order.index(r.phase)
+        )
+        previous = None
+        for row in rows:
+            first = row.phase != previous
+            if first and previous is not None:
+                table.add_section()
+            previous = row.phase
+            pct, ratio = row.percent_of_bandwidth, row.ratio_to_fastest_peer
+            table.add_row(
+                _PHASE_LABELS[row.phase] if first else "",
+                f"[bold]{row.impl}[/]" if row.ours else row.impl,
+                f"{row.median * 1e3:.3f}",
+                f"{row.stats['min'] * 1e3:.3f}",
+                f"{row.gbps:.1f}",
+                "-" if pct is None else f"{pct:.0f}%",
+                "-" if ratio is None else f"{ratio:.2f}x",
+            )
+        console.print(table)
     if report.cpu_bandwidth:
         console.print(
-            f"CPU bandwidth (numpy.copyto, read + write): {report.cpu_bandwidth / 1e9:.1f} GB/s"
+            f"CPU memory bandwidth (numpy.copyto, read + write, best of 1 and "
+            f"{report.cpu_threads} threads): {report.cpu_bandwidth / 1e9:.1f} GB/s"
         )
     for gpu in report.gpus:
         peak = gpu["peak_bandwidth"]
