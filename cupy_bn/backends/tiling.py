@@ -22,24 +22,43 @@ import numpy as np
 
 from cupy_bn.layout import NCS, View
 
-TILE_ELEMENTS = 1 << 16
+TILE_ELEMENTS = 1 << 17
+
+
+def _worker_count() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
 
 
 @cache
 def _pool() -> ThreadPoolExecutor:
-    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return ThreadPoolExecutor(max_workers=max(1, workers or 1), thread_name_prefix="cupy-bn")
+    return ThreadPoolExecutor(max_workers=max(1, _worker_count() - 1),
+                              thread_name_prefix="cupy-bn")
 
 
 def run_parallel(fn, items) -> None:
-    """Call `fn(item)` for every item, in parallel when there is more than one."""
+    """Call `fn(item)` for every item, split into one contiguous share per CPU core.
+
+    The calling thread works through the first share while pool threads take the others; one
+    task per core keeps the pool's per-task cost out of the per-tile loop.
+    """
     items = list(items)
-    if len(items) <= 1:
+    shares = min(_worker_count(), len(items))
+    if shares <= 1:
         for item in items:
             fn(item)
         return
-    for _ in _pool().map(fn, items):  # re-raises the first exception
-        pass
+    bounds = [len(items) * k // shares for k in range(shares + 1)]
+
+    def work(k: int) -> None:
+        for item in items[bounds[k] : bounds[k + 1]]:
+            fn(item)
+
+    futures = [_pool().submit(work, k) for k in range(1, shares)]
+    work(0)
+    for f in futures:
+        f.result()  # re-raises a worker's exception
 
 
 @dataclass(frozen=True)

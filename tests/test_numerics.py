@@ -1,0 +1,64 @@
+"""Statistics stay exact when |mean| >> std, and low-precision inputs accumulate in float32."""
+
+import numpy as np
+import pytest
+
+import cupy_bn as cbn
+from cupy_bn.layout import canonical
+
+
+def backend():
+    return cbn.get_backend("numpy", np.empty(0))
+
+
+@pytest.mark.parametrize("shape,channel_axis", [((64, 4, 32, 32), 1), ((65536, 4), -1)])
+def test_float32_offset_data_statistics(shape, channel_axis):
+    rng = np.random.default_rng(0)
+    x = (1e3 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    mean, var = backend().batch_stats(canonical(x, channel_axis))
+    axes = tuple(a for a in range(x.ndim) if a != channel_axis % x.ndim)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(mean, x64.mean(axis=axes), rtol=1e-6)
+    np.testing.assert_allclose(var, x64.var(axis=axes), rtol=1e-3)
+    # the naive one-pass formula in float32 is nowhere near (what this test guards against)
+    naive = (x * x).mean(axis=axes, dtype=np.float32) - x.mean(axis=axes, dtype=np.float32) ** 2
+    assert np.max(np.abs(naive / x64.var(axis=axes) - 1)) > 1e-1
+
+
+@pytest.mark.parametrize("shape,channel_axis", [((16, 2, 256, 256), 1), ((1 << 20, 2), -1)])
+def test_float16_with_a_million_values_per_channel(shape, channel_axis):
+    rng = np.random.default_rng(1)
+    x = (50 + 2 * rng.standard_normal(shape)).astype(np.float16)
+    mean, var = backend().batch_stats(canonical(x, channel_axis))
+    assert mean.dtype == np.float32
+    axes = tuple(a for a in range(x.ndim) if a != channel_axis % x.ndim)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(mean, x64.mean(axis=axes), rtol=1e-3)
+    np.testing.assert_allclose(var, x64.var(axis=axes), rtol=1e-3)
+    y, _ = cbn.batch_norm(x, channel_axis=channel_axis)
+    assert y.dtype == np.float16 and np.isfinite(y).all()
+
+
+def test_float64_statistics_are_float64_exact():
+    rng = np.random.default_rng(2)
+    x = 1e8 + rng.standard_normal((300, 3, 50))
+    mean, var = backend().batch_stats(canonical(x, 1))
+    assert mean.dtype == np.float64
+    np.testing.assert_allclose(var, x.var(axis=(0, 2)), rtol=1e-7)
+
+
+def test_backward_sums_are_centred():
+    rng = np.random.default_rng(3)
+    x = (1e3 + 0.1 * rng.standard_normal((32, 3, 64))).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    be = backend()
+    view = canonical(x, 1)
+    mean, _ = be.batch_stats(view)
+    sum_dy, sum_dy_xmu = be.backward_reduce(canonical(dy, 1), view, mean)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    expect = (dy64 * (x64 - mean.astype(np.float64)[:, None])).sum(axis=(0, 2))
+    np.testing.assert_allclose(sum_dy, dy64.sum(axis=(0, 2)), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(sum_dy_xmu, expect, atol=1e-4)
+    # sum(dy * x) - mean * sum(dy) in float32 cancels catastrophically
+    naive = (dy * x).sum(axis=(0, 2), dtype=np.float32) - mean * sum_dy
+    assert np.max(np.abs(naive - expect)) > 5e-4
