@@ -122,7 +122,8 @@ def _bn_scale_shift(
 
 
 def _store(name: str, value64: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    stored = value64.astype(dtype)
+    with np.errstate(over="ignore"):
+        stored = value64.astype(dtype)
     if not np.all(np.isfinite(stored)) and np.all(np.isfinite(value64)):
         raise FoldError(f"{name}: folded values overflow {np.dtype(dtype).name}")
     return stored
