@@ -707,7 +707,13 @@ def plot_report(report: BenchReport, path: str | os.PathLike[str]) -> None:
     ax.set_xticklabels([f"{c}\n{d}\n{p}" for c, d, p in groups], fontsize=8)
     ax.set_ylabel("GB/s (minimal-traffic model)")
     if report.cpu_bandwidth:
-        ax.axhline(report.cpu_bandwidth / 1e9, color="gray", linestyle="--", linewidth=1)
+        ax.axhline(
+            report.cpu_bandwidth / 1e9,
+            color="gray",
+            linestyle="--",
+            linewidth=1,
+            label="CPU copy bandwidth",
+        )
     ax.set_title("cupy-bn bench")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -115,7 +115,7 @@ def _parse_assignments(values: tuple[str, ...], option: str, what: str) -> list[
     for value in values:
         left, sep, right = value.partition("=")
         if not sep or not left or not right:
-            raise click.BadParameter(f"expected {what}, got {value!r}", param_hint=option)
+            raise UserError(f"{option}: expected {what}, got {value!r}")
         result.append((left, right))
     return result
 
@@ -201,8 +201,8 @@ def fold(
         try:
             group_map[name] = int(value)
         except ValueError:
-            raise click.BadParameter(
-                f"expected LAYER=G with an integer G, got {name}={value}", param_hint="--groups"
+            raise UserError(
+                f"--groups: expected LAYER=G with an integer G, got {name}={value}"
             ) from None
     output = output if output is not None else _default_output(model)
     if output.exists() and _same_file(output, model) or output.resolve() == model.resolve():
@@ -281,12 +281,15 @@ def fold(
 
 
 def _print_fold_table(rows: list[dict[str, Any]], unpaired: list[str], verified: bool) -> None:
-    table = Table(title="Folded pairs")
-    for column in ("layer", "batch norm", "kind"):
-        table.add_column(column, overflow="fold")
-    for column in ("channels", "groups"):
-        table.add_column(column, justify="right", no_wrap=True)
-    table.add_column("new bias", no_wrap=True)
+    from rich import box
+
+    table = Table(title="Folded pairs", box=box.SIMPLE_HEAD)
+    table.add_column("layer", overflow="fold")
+    table.add_column("batch norm", overflow="fold")
+    table.add_column("kind", no_wrap=True)
+    table.add_column("C", justify="right", no_wrap=True)
+    table.add_column("groups", justify="right", no_wrap=True)
+    table.add_column("bias", no_wrap=True)
     if verified:
         table.add_column("max abs err", justify="right", no_wrap=True)
         table.add_column("check", no_wrap=True)
@@ -297,7 +300,7 @@ def _print_fold_table(rows: list[dict[str, Any]], unpaired: list[str], verified:
             row["kind"],
             str(row["channels"]),
             str(row["groups"]),
-            "yes" if row["created_bias"] else "",
+            "new" if row["created_bias"] else "",
         ]
         if verified:
             err = row["max_abs_error"]
@@ -320,13 +323,9 @@ def _parse_shape(text: str, option: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
     except ValueError:
-        raise click.BadParameter(
-            f"expected comma-separated sizes like 4,3,5,5, got {text!r}", param_hint=option
-        ) from None
+        raise UserError(f"{option}: expected sizes like 4,3,5,5, got {text!r}") from None
     if not 2 <= len(shape) <= 5 or min(shape) < 1:
-        raise click.BadParameter(
-            f"expected rank 2 to 5 with positive sizes, got {text!r}", param_hint=option
-        )
+        raise UserError(f"{option}: expected rank 2 to 5 with positive sizes, got {text!r}")
     return shape
 
 
