@@ -62,3 +62,41 @@ def test_backward_sums_are_centred():
     # sum(dy * x) - mean * sum(dy) in float32 cancels catastrophically
     naive = (dy * x).sum(axis=(0, 2), dtype=np.float32) - mean * sum_dy
     assert np.max(np.abs(naive - expect)) > 5e-4
+
+
+def test_unrepresentative_leading_sample_triggers_a_recentred_pass(monkeypatch):
+    from cupy_bn.backends.numpy_backend import NumpyBackend
+
+    rng = np.random.default_rng(4)
+    x = (0.5 * rng.standard_normal((2, 2, 1 << 21))).astype(np.float32)
+    x[0, :, : 1 << 15] += 400.0  # the shift comes from here, far out in the tail
+    calls = []
+    original = NumpyBackend._shifted_stats
+
+    def spy(*args):
+        calls.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(NumpyBackend, "_shifted_stats", staticmethod(spy))
+    mean, var = backend().batch_stats(canonical(x, 1))
+    assert len(calls) == 2  # the first shift was > 4 std from the mean
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(mean, x64.mean(axis=(0, 2)), rtol=1e-6)
+    np.testing.assert_allclose(var, x64.var(axis=(0, 2)), rtol=1e-5)
+
+
+def test_slab_plan_for_large_channels():
+    from cupy_bn.backends.tiling import Plan
+
+    rng = np.random.default_rng(5)
+    x = (3 + rng.standard_normal((3, 2, 400_000))).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    assert Plan(canonical(x, 1)).slab
+    y, saved = cbn.batch_norm(x)
+    x64 = x.astype(np.float64)
+    mean, std = x64.mean(axis=(0, 2), keepdims=True), x64.std(axis=(0, 2), keepdims=True)
+    np.testing.assert_allclose(y, (x64 - mean) / np.sqrt(std**2 + 1e-5), atol=1e-4)
+    dx, _, _ = cbn.batch_norm_backward(dy, saved)
+    import reference as ref
+
+    np.testing.assert_allclose(dx, ref.backward(x, dy)[0], atol=1e-4)
