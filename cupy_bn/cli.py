@@ -205,7 +205,7 @@ def fold(
                 f"--groups: expected LAYER=G with an integer G, got {name}={value}"
             ) from None
     output = output if output is not None else _default_output(model)
-    if output.exists() and _same_file(output, model) or output.resolve() == model.resolve():
+    if _same_file(output, model):
         raise UserError(f"{output}: is the input model; refusing to write over it")
     if output.exists() and not force:
         raise UserError(f"{output}: already exists (use --force to overwrite it)")
@@ -425,23 +425,25 @@ def gradcheck(
 
     Exit status 0 when every case passes, 1 when one fails.
     """
-    from cupy_bn import gradcheck as gc
+    # Names, not the module: `cupy_bn.gradcheck` is also the exported function.
+    from cupy_bn.gradcheck import CHANNEL_AXES, MODES, build_cases
+    from cupy_bn.gradcheck import gradcheck as run_gradcheck
 
     shape_list = [_parse_shape(s, "--shape") for s in shapes] or None
     options = {
-        "channel_axes": channel_axes or gc.CHANNEL_AXES,
-        "modes": gc.MODES if mode == "both" else (mode,),
+        "channel_axes": channel_axes or CHANNEL_AXES,
+        "modes": MODES if mode == "both" else (mode,),
         "affine": {"both": (True, False), "on": (True,), "off": (False,)}[affine],
         "backends": _resolve_backends(backends),
     }
     try:
-        cases = gc.build_cases(shape_list, **options)
+        cases = build_cases(shape_list, **options)
     except ValueError as e:
         raise UserError(str(e)) from None
     progress, task = _progress(not as_json, len(cases), "gradcheck")
     try:
         with progress:
-            result = gc.gradcheck(
+            result = run_gradcheck(
                 shape_list,
                 **options,
                 step=step,

@@ -113,7 +113,7 @@ class GradcheckResult:
         )
 
 
-def _as_tuple(value: Any, what: str) -> tuple:
+def _as_tuple(value: Any) -> tuple:
     if isinstance(value, (str, bool, int)) or value is None:
         return (value,)
     return tuple(value)
@@ -128,8 +128,8 @@ def build_cases(
 ) -> list[GradcheckCase]:
     """The cross product of the options, validated (`ValueError` naming the option)."""
     shape_list = [tuple(int(d) for d in s) for s in (DEFAULT_SHAPES if shapes is None else shapes)]
-    axes, mode_list = _as_tuple(channel_axes, "channel_axes"), _as_tuple(modes, "modes")
-    affine_list, backend_list = _as_tuple(affine, "affine"), _as_tuple(backends, "backends")
+    axes, mode_list = _as_tuple(channel_axes), _as_tuple(modes)
+    affine_list, backend_list = _as_tuple(affine), _as_tuple(backends)
     for name, values in (
         ("shapes", shape_list),
         ("channel_axes", axes),

@@ -345,6 +345,15 @@ def test_gradcheck_default_matrix_passes():
     assert all(c["max_rel_error"] < 1e-3 for c in report["cases"])
 
 
+def test_gradcheck_command_works_when_the_package_exports_the_function(monkeypatch):
+    from cupy_bn.gradcheck import gradcheck
+
+    # `cupy_bn.gradcheck` is both a module and (exported from the package) a function.
+    monkeypatch.setattr(cupy_bn, "gradcheck", gradcheck, raising=False)
+    result = run("gradcheck", "--shape", "3,2", "--mode", "eval")
+    assert result.exit_code == 0, result.output
+
+
 def test_gradcheck_human_table_and_summary():
     result = run("gradcheck", "--shape", "4,3,5,5", "--channel-axis", "-1", "--mode", "train")
     assert result.exit_code == 0, result.output

@@ -103,8 +103,8 @@ def test_catches_a_wrong_weight_gradient(monkeypatch):
         return dx, None if dweight is None else dweight * 1.01, dbias
 
     monkeypatch.setattr(functional, "batch_norm_backward", wrong)
-    result = gradcheck(affine=True)
-    assert not result.passed
+    result = gradcheck(shapes=[(2, 3, 2, 2), (4, 3)], affine=True)
+    assert not result.passed and len(result.cases) == 8
     for outcome in result.cases:
         assert not outcome.comparisons["weight"].passed
         assert outcome.comparisons["x"].passed and outcome.comparisons["bias"].passed
@@ -120,8 +120,8 @@ def test_catches_one_wrong_element(monkeypatch):
         return dx, dweight, dbias
 
     monkeypatch.setattr(functional, "batch_norm_backward", wrong)
-    result = gradcheck()
-    assert len(result.failures) == len(result.cases)
+    result = gradcheck(shapes=[(3, 4, 2), (5, 2)])
+    assert len(result.failures) == len(result.cases) == 16
 
 
 def test_catches_a_wrong_forward(monkeypatch):
@@ -170,11 +170,3 @@ def test_options_select_the_cases():
 def test_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         gradcheck(**kwargs)
-
-
-def test_default_run_is_fast():
-    import time
-
-    start = time.perf_counter()
-    gradcheck()
-    assert time.perf_counter() - start < 20  # typically well under a second
