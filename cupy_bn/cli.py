@@ -8,6 +8,7 @@ print a one-line reason on stderr without a traceback.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ class UserError(click.ClickException):
         super().__init__(" ".join(str(message).split()))
 
 
-class CheckFailed(click.ClickException):
+class CheckFailed(UserError):
     """A check ran and failed: one line on stderr, exit status 1."""
 
     exit_code = 1
@@ -46,7 +47,7 @@ def _json_default(value: Any) -> Any:
 
 
 def _finite_or_none(value: float) -> float | None:
-    return value if value == value and abs(value) != float("inf") else None
+    return value if math.isfinite(value) else None
 
 
 def _console() -> Console:

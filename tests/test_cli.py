@@ -299,6 +299,12 @@ def test_fold_bad_options(tmp_path, args, fragment):
     assert_user_error(run("fold", model, *args), fragment)
 
 
+def test_fold_output_directory_must_exist(tmp_path):
+    model = tmp_path / "net.npz"
+    _write_model(model)
+    assert_user_error(run("fold", model, "-o", tmp_path / "no" / "out.npz"), "does not exist")
+
+
 def test_fold_usage_error_exits_2():
     result = run("fold")
     assert result.exit_code == 2 and "Missing argument" in result.stderr
