@@ -403,6 +403,11 @@ def _resolve_backends(requested: tuple[str, ...]) -> list[str]:
     show_default=True,
     help="Backend to check; repeatable. 'all': every backend that can run here.",
 )
+@click.option(
+    "--fast",
+    is_flag=True,
+    help="Check dx along random directions instead of entry by entry (for slow backends).",
+)
 @click.option("--step", type=float, default=1e-6, show_default=True, help="Difference step h.")
 @click.option("--atol", type=float, default=1e-5, show_default=True)
 @click.option("--rtol", type=float, default=1e-3, show_default=True)
@@ -415,6 +420,7 @@ def gradcheck(
     mode: str,
     affine: str,
     backends: tuple[str, ...],
+    fast: bool,
     step: float,
     atol: float,
     rtol: float,
@@ -452,6 +458,7 @@ def gradcheck(
                 rtol=rtol,
                 eps=eps,
                 seed=seed,
+                fast=fast,
                 progress=lambda _: progress.advance(task),
             )
     except ValueError as e:

@@ -363,6 +363,8 @@ def test_gradcheck_command_works_when_the_package_exports_the_function(monkeypat
 def test_gradcheck_human_table_and_summary():
     result = run("gradcheck", "--shape", "4,3,5,5", "--channel-axis", "-1", "--mode", "train")
     assert result.exit_code == 0, result.output
+    fast = run("gradcheck", "--shape", "4,3,5,5", "--mode", "eval", "--fast")
+    assert fast.exit_code == 0 and "gradcheck passed: 4/4 cases" in fast.stdout
     assert "gradcheck passed: 2/2 cases" in result.stdout
     assert "4x3x5x5" in result.stdout
 

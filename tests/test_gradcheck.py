@@ -70,14 +70,15 @@ def test_reference_forward_is_the_textbook_formula():
     np.testing.assert_allclose(y.var(axis=0), 1 / (1 + 1e-5 / x.var(axis=0)), rtol=1e-12)
 
 
-def test_catches_a_backend_primitive_with_a_wrong_count(monkeypatch):
+@pytest.mark.parametrize("fast", [False, True], ids=["elementwise", "fast"])
+def test_catches_a_backend_primitive_with_a_wrong_count(monkeypatch, fast):
     real = NumpyBackend.backward_apply
 
     def wrong(self, dy, x, mean, invstd, gamma, sum_dy, sum_dy_xmu, count):
         return real(self, dy, x, mean, invstd, gamma, sum_dy, sum_dy_xmu, count - 1)
 
     monkeypatch.setattr(NumpyBackend, "backward_apply", wrong)
-    result = gradcheck()
+    result = gradcheck(fast=fast)
     assert not result.passed and not bool(result)
     failed = {c.case for c in result.failures}
     assert failed == {c.case for c in result.cases if c.case.mode == "train"}
@@ -145,6 +146,11 @@ def test_a_raising_backend_is_a_failed_case_not_an_exception(monkeypatch):
     (outcome,) = result.cases
     assert not outcome.passed and outcome.error == "RuntimeError: no kernel"
     assert np.isnan(outcome.max_abs_error)
+
+
+def test_fast_mode_passes_the_real_backward():
+    result = gradcheck(fast=True)
+    assert result.passed and len(result.cases) == 32
 
 
 def test_options_select_the_cases():
