@@ -47,6 +47,10 @@ def _pool() -> ThreadPoolExecutor:
                               thread_name_prefix="cupy-bn")
 
 
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's pool threads
+    os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
 def run_parallel(fn, items) -> None:
     """Call `fn(index, item)` for every item, split into one contiguous share per CPU core.
 
