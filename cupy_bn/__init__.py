@@ -10,7 +10,9 @@ Momentum follows PyTorch: the weight of the new batch in the running averages.
 """
 
 from cupy_bn.backends import available_backends, get_backend
+from cupy_bn.fold import fold_conv_bn, fold_linear_bn, fold_state_dict
 from cupy_bn.functional import SavedForBackward, batch_norm, batch_norm_backward
+from cupy_bn.gradcheck import gradcheck
 from cupy_bn.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __version__ = "0.1.0"
@@ -24,5 +26,9 @@ __all__ = [
     "available_backends",
     "batch_norm",
     "batch_norm_backward",
+    "fold_conv_bn",
+    "fold_linear_bn",
+    "fold_state_dict",
     "get_backend",
+    "gradcheck",
 ]
