@@ -40,7 +40,7 @@ import numpy as np
 
 from cupy_bn.backends import Backend
 from cupy_bn.communicators import Communicator, as_communicator
-from cupy_bn.functional import SavedForBackward, batch_norm, batch_norm_backward
+from cupy_bn.functional import SavedForBackward, batch_norm
 from cupy_bn.layers import _BatchNorm
 from cupy_bn.layout import array_module, normalize_axis
 
@@ -48,7 +48,7 @@ Array = Any
 Phase = Literal["stats", "grads"]
 
 __all__ = ["RemoteFailure", "SyncBatchNorm", "SyncReducer", "convert_sync_batchnorm",
-           "merge_shifted", "shifted_terms", "sync_batch_norm", "sync_batch_norm_backward"]
+           "merge_shifted", "shifted_terms", "sync_batch_norm"]
 
 #: Failure flags: process r sets bit r % 52 of slot r // 52. Sums of distinct powers of two
 #: below 2**52 are exact in float64, so the flags survive the all-reduce sum in any order.
@@ -263,7 +263,7 @@ def sync_batch_norm(x: Array, weight: Array | None = None, bias: Array | None = 
     """`batch_norm` with statistics over the batches of all processes of `comm`.
 
     Same arguments and result as `cupy_bn.functional.batch_norm`; `batch_norm_backward(dy,
-    saved)` (or `sync_batch_norm_backward`) gives the gradients, dx over the global batch.
+    saved)` gives the gradients (dx over the global batch, one all-reduce).
     `comm`: an mpi4py / NCCL / cupyx.distributed communicator, or a `SyncReducer` kept across
     steps (its shift saves the rare second all-reduce; it also fixes the channel count, so a
     process with malformed `x` still takes part in the collective).
@@ -273,12 +273,6 @@ def sync_batch_norm(x: Array, weight: Array | None = None, bias: Array | None = 
     return batch_norm(x, weight, bias, running_mean, running_var, training=training,
                       momentum=momentum, eps=eps, channel_axis=channel_axis, backend=backend,
                       reducer=reducer)
-
-
-def sync_batch_norm_backward(dy: Array, saved: SavedForBackward
-                             ) -> tuple[Array, Array | None, Array | None]:
-    """`(dx, dweight, dbias)` of a `sync_batch_norm` forward (= `batch_norm_backward`)."""
-    return batch_norm_backward(dy, saved)
 
 
 # -- layer --------------------------------------------------------------------------------
