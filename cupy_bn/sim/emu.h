@@ -870,8 +870,16 @@ struct GuardedMemory {
   size_t bytes = 0;
 };
 
+// Bytes between the copy's start and the guard page: 0 unless the start must move down to
+// keep the host pointer's alignment (phase) modulo r.align.
+EMU_INTERNAL inline size_t region_pad(const Region& r) {
+  const uint64_t a = r.align ? r.align : 1;
+  const uint64_t phase = reinterpret_cast<uintptr_t>(r.host) % a;
+  return size_t((a - (r.nbytes + phase) % a) % a);
+}
+
 EMU_INTERNAL inline size_t region_span(const Region& r) {
-  return (r.nbytes + r.align + kPage - 1) / kPage * kPage;
+  return (r.nbytes + region_pad(r) + kPage - 1) / kPage * kPage;
 }
 
 EMU_INTERNAL inline GuardedMemory map_regions(Launch* l) {
@@ -891,8 +899,7 @@ EMU_INTERNAL inline GuardedMemory map_regions(Launch* l) {
     p += i == 0 ? kPage : 2 * kPage;
     const size_t span = region_span(r);
     unsigned char* end = p + span;
-    uintptr_t start = reinterpret_cast<uintptr_t>(end) - r.nbytes;
-    start -= start % (r.align ? r.align : 1);
+    const uintptr_t start = reinterpret_cast<uintptr_t>(end) - r.nbytes - region_pad(r);
     r.sim = reinterpret_cast<void*>(start);
     memset(p, 0xFF, size_t(start - reinterpret_cast<uintptr_t>(p)));  // poisoned slack
     if (r.nbytes) memcpy(r.sim, r.host, r.nbytes);
@@ -922,7 +929,7 @@ EMU_INTERNAL inline bool locate_guard_hit(Launch* l, uintptr_t a, int* region, i
     const Region& r = l->regions[i];
     if (!r.sim) continue;
     const uintptr_t s = reinterpret_cast<uintptr_t>(r.sim);
-    const uintptr_t area_end = (s + r.nbytes + kPage - 1) / kPage * kPage;
+    const uintptr_t area_end = s + r.nbytes + region_pad(r);
     const uintptr_t area_start = area_end - region_span(r);
     if ((a >= area_end && a < area_end + kPage) || (a < area_start && a + kPage >= area_start)) {
       *region = i;
@@ -943,7 +950,7 @@ EMU_INTERNAL inline void describe_fault() {
   int region = -1;
   int64_t offset = 0;
   if (fault_sig == SIGALRM) {
-    log_append("the kernel did not finish within %.0f s (a spin-wait on another thread or block? "
+    log_append("the kernel did not finish within %g s (a spin-wait on another thread or block? "
                "the simulator runs blocks one after another and switches threads only at "
                "__syncthreads and warp intrinsics)", L ? L->timeout_s : 0.0);
   } else if (fault_sig == SIGFPE) {
@@ -1007,8 +1014,13 @@ inline void on_signal(int sig, siginfo_t* si, void* ucv) {
 #ifdef EMU_TSAN
   describe_fault();
   (void)!write(1, log_buf, log_len);
-  char rc[32];
-  (void)!write(1, rc, size_t(snprintf(rc, sizeof rc, "\nEMU_RC %d\n", sig == SIGALRM ? TIMEOUT : FAULT)));
+  char line[160];
+  const uintptr_t base = module_base();
+  const int n = snprintf(line, sizeof line, "\nEMU_FAULT %d %lld %d %llu\nEMU_RC %d\n",
+                         L ? L->fault_region : -1, L ? (long long)L->fault_offset : 0LL,
+                         int(fault_write), (unsigned long long)(fault_pc > base ? fault_pc - base : 0),
+                         sig == SIGALRM ? TIMEOUT : FAULT);
+  (void)!write(1, line, size_t(n));
   _exit(0);
 #else
   siglongjmp(abort_jmp, sig == SIGALRM ? TIMEOUT : FAULT);

@@ -133,8 +133,10 @@ def run(artifact: build.Artifact, index: int, cfg: LaunchConfig, packed: Packed,
     dyn = [(int(a, 16), int(b, 16)) for a, b in
            re.findall(r"^EMU_DYN (0x[0-9a-f]+) (0x[0-9a-f]+)$", out, re.M)]
     written = [int(i) for i in re.findall(r"^EMU_WRITTEN (\d+)$", out, re.M)]
-    log = "\n".join(ln for ln in out.splitlines()
-                    if not ln.startswith(("EMU_RC", "EMU_REGION", "EMU_DYN", "EMU_WRITTEN")))
+    fault = re.search(r"^EMU_FAULT (-?\d+) (-?\d+) (-?\d+) (\d+)$", out, re.M)
+    region, offset, write, pc = (int(g) for g in fault.groups()) if fault else (-1, 0, -1, 0)
+    log = "\n".join(ln for ln in out.splitlines() if not ln.startswith(
+        ("EMU_RC", "EMU_REGION", "EMU_DYN", "EMU_WRITTEN", "EMU_FAULT")))
     races = parse_reports(err, regions, dyn, packed, params)
     if races:
         extra = len(races) - MAX_REPORTED
@@ -143,7 +145,7 @@ def run(artifact: build.Artifact, index: int, cfg: LaunchConfig, packed: Packed,
             lines.append(f"ERROR: ... and {extra} more data race report(s)")
         log = "\n".join(lines) + "\n" + log
         rc = rc or 1
-    return LaunchResult(rc, log, 0, 0, -1, -1, 0, written)
+    return LaunchResult(rc, log, 0, pc, region, write, offset, written)
 
 
 _REPORT = re.compile(r"WARNING: ThreadSanitizer: data race.*?(?=\n==================|\Z)", re.S)

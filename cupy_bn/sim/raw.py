@@ -314,7 +314,7 @@ class RawKernel:
         cfg = launch.make_config(
             grid, block, shared_mem, max_dyn_smem=max_dyn, max_threads=self._max_threads,
             schedule=schedule, seed=seed, stack_kb=stack_kb, guard=guard, timeout=timeout,
-            kernel=self.name,
+            kernel=self.name, check_races=check_races,
         )
         packed = pack_arguments(self.params, args, self.name)
         for msg in packed.warnings:
@@ -343,7 +343,8 @@ class RawKernel:
         if result.fault_region >= 0:
             lines[0] = _describe_oob(result, packed, self.params, lines[0])
         if result.fault_pc and self._mod is not None:
-            where = build.source_location(self._mod.artifact.path, result.fault_pc)
+            binary = self._mod.race_executable() if cfg.check_races else self._mod.artifact
+            where = build.source_location(binary.path, result.fault_pc)
             if where:
                 lines[0] += f" at {where}"
         raise SimulationError(

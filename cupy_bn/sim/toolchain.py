@@ -170,6 +170,33 @@ def _find_cxx() -> tuple[str, str]:
     return path, version
 
 
+@dataclass(frozen=True)
+class CudaHeaders:
+    """The CUDA include folder, plus a folder providing ``nv/target`` when it lacks one."""
+
+    include: str
+    include_dirs: tuple[str, ...]
+    source: str
+    cuda_version: int
+
+
+@functools.lru_cache(maxsize=1)
+def _find_headers_cached() -> CudaHeaders:
+    include, dirs, source = _find_headers()
+    return CudaHeaders(str(include), tuple(str(d) for d in dirs), source, _cuda_version(include))
+
+
+def find_cuda_headers(*, refresh: bool = False) -> CudaHeaders:
+    """The CUDA headers (used by the simulator and by the NVRTC helper).
+
+    Raises:
+        ToolchainError: naming what to install.
+    """
+    if refresh:
+        _find_headers_cached.cache_clear()
+    return _find_headers_cached()
+
+
 def _find_headers() -> tuple[Path, tuple[Path, ...], str]:
     checked = []
     for include, source in _header_candidates():
@@ -197,14 +224,14 @@ def _find_toolchain_cached() -> Toolchain:
             f"the CUDA simulator runs on Linux only (this is {platform.system()})"
         )
     cxx, version = _find_cxx()
-    include, dirs, source = _find_headers()
+    h = find_cuda_headers()
     return Toolchain(
         cxx=cxx,
         cxx_version=version,
-        cuda_include=str(include),
-        include_dirs=tuple(str(d) for d in dirs),
-        header_source=source,
-        cuda_version=_cuda_version(include),
+        cuda_include=h.include,
+        include_dirs=h.include_dirs,
+        header_source=h.source,
+        cuda_version=h.cuda_version,
     )
 
 
@@ -218,6 +245,7 @@ def find_toolchain(*, refresh: bool = False) -> Toolchain:
     """
     if refresh:
         _find_toolchain_cached.cache_clear()
+        _find_headers_cached.cache_clear()
     return _find_toolchain_cached()
 
 
