@@ -161,20 +161,20 @@ def build(source: str, *, flags: tuple[str, ...], executable: bool = False,
 
     folder = cache_dir()
     suffix = ".exe" if executable else ".so"
-    target = folder / f"{key}{suffix}"
     meta_path = folder / f"{key}.json"
-    art = _load_entry(target, meta_path)
+    art = _load_entry(folder, meta_path)
     if art is None:
-        art = _compile(source, all_flags, target, meta_path, tc)
+        art = _compile(source, all_flags, folder, key, suffix, tc)
     with _memory_lock:
         _built[key] = art
     return art
 
 
-def _load_entry(target: Path, meta_path: Path) -> Artifact | None:
+def _load_entry(folder: Path, meta_path: Path) -> Artifact | None:
     try:
         meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError):
+        target = folder / meta["file"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     if not target.exists() or not _deps_still_valid(meta):
         return None
@@ -188,23 +188,27 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _compile(source: str, flags: tuple[str, ...], target: Path, meta_path: Path,
+def _compile(source: str, flags: tuple[str, ...], folder: Path, key: str, suffix: str,
              tc: Toolchain) -> Artifact:
-    folder = target.parent
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as tmp:
         src = Path(tmp) / "module.cpp"
         src.write_text(source)
-        out = Path(tmp) / target.name
+        out = Path(tmp) / f"module{suffix}"
         dep = Path(tmp) / "module.d"
         cmd = [tc.cxx, *flags, "-MMD", "-MF", str(dep), "-o", str(out), str(src)]
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
         if r.returncode != 0:
             raise SimulationError(_compile_error(r.stderr))
         deps = _user_deps(dep, (os.path.realpath(src), os.path.realpath(HEADER)))
-        static = () if target.suffix == ".exe" else _template_shared_statics(out)
+        static = () if suffix == ".exe" else _template_shared_statics(out)
+        # The file name also hashes the included headers: a rebuilt module gets a new name,
+        # since a process cannot load a second library under a name it has loaded.
+        dep_digest = hashlib.sha256(json.dumps(sorted(deps.items())).encode()).hexdigest()[:8]
+        target = folder / f"{key}-{dep_digest}{suffix}"
         os.replace(out, target)
-    _atomic_write(meta_path, json.dumps({"deps": deps, "static_smem": static}))
+    meta = {"file": target.name, "deps": deps, "static_smem": static}
+    _atomic_write(folder / f"{key}.json", json.dumps(meta))
     return Artifact(target, static)
 
 

@@ -45,6 +45,18 @@ def blank_comments_and_strings(src: str) -> str:
     return "".join(out)
 
 
+def blank_preprocessor_lines(code: str) -> str:
+    """Blank directive lines (and their backslash continuations): macros define no kernel
+    the scan could see."""
+    lines = code.split("\n")
+    in_directive = False
+    for i, line in enumerate(lines):
+        if in_directive or line.lstrip().startswith("#"):
+            in_directive = line.rstrip().endswith("\\")
+            lines[i] = " " * len(line)
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class KernelDecl:
     """A ``__global__`` function found in the source."""
@@ -103,19 +115,16 @@ def _literal_int(expr: str | None) -> int | None:
 
 
 def find_kernels(src: str) -> list[KernelDecl]:
-    """The ``__global__`` functions defined or declared in ``src``."""
-    code = blank_comments_and_strings(src)
+    """The ``__global__`` functions defined or declared in ``src`` (outside macros)."""
+    code = blank_preprocessor_lines(blank_comments_and_strings(src))
     spans = _extern_c_spans(code)
     kernels: dict[str, KernelDecl] = {}
     for m in _GLOBAL.finditer(code):
         after = _AFTER_GLOBAL.match(code, m.end())
         if not after:
             continue
-        # the declaration's start: after the previous `;`, `{`, `}` or preprocessor line
+        # the declaration starts after the previous `;`, `{` or `}`
         start = max(code.rfind(c, 0, m.start()) for c in ";{}") + 1
-        nl = code.rfind("\n#", start, m.start())
-        if nl >= 0:
-            start = code.find("\n", nl + 1) + 1
         head = code[start:m.start()]
         name = after.group("name")
         extern_c = bool(re.search(r'\bextern\s+"C"', head)) or any(
