@@ -27,6 +27,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/time.h>
+#include <time.h>
 #include <ucontext.h>
 #include <unistd.h>
 #include <dlfcn.h>
@@ -720,8 +721,8 @@ EMU_INTERNAL inline void settle() {
   if (n_at_barrier == n_live) {
     if (n_live != n_threads)
       fail_at(nullptr, "__syncthreads at %s:%d reached by %d of %d threads; the other %d have "
-              "exited (a return before a barrier?)", barrier_file, barrier_line, n_live,
-              n_threads, n_threads - n_live);
+              "exited (a return before the barrier, or a barrier in code that only some "
+              "threads run)", barrier_file, barrier_line, n_live, n_threads, n_threads - n_live);
     for (int k = 0; k < 3; ++k) barrier_res[k] = barrier_acc[k];
     barrier_acc[0] = 0;
     barrier_acc[1] = 1;
@@ -1027,11 +1028,15 @@ inline void on_signal(int sig, siginfo_t* si, void* ucv) {
 #endif
 }
 
-struct SignalGuard {  // installs the fault handlers for the duration of a launch
+// Installs the fault handlers (and the watchdog timer) for the duration of a launch, and
+// puts back whatever the process had: handlers, alternate stack, a pending ITIMER_REAL.
+struct SignalGuard {
   static constexpr int kSignals[6] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT, SIGALRM};
   struct sigaction old[6];
   stack_t old_stack;
   bool timer = false;
+  itimerval old_timer = {};
+  timespec started = {};
 
   EMU_INTERNAL explicit SignalGuard(double timeout_s) {
     static char altstack[64 * 1024];
@@ -1048,7 +1053,8 @@ struct SignalGuard {  // installs the fault handlers for the duration of a launc
       itimerval t = {};
       t.it_value.tv_sec = time_t(timeout_s);
       t.it_value.tv_usec = suseconds_t((timeout_s - double(time_t(timeout_s))) * 1e6);
-      setitimer(ITIMER_REAL, &t, nullptr);
+      clock_gettime(CLOCK_MONOTONIC, &started);
+      setitimer(ITIMER_REAL, &t, &old_timer);
       timer = true;
     }
   }
@@ -1056,6 +1062,16 @@ struct SignalGuard {  // installs the fault handlers for the duration of a launc
     if (timer) {
       itimerval t = {};
       setitimer(ITIMER_REAL, &t, nullptr);
+      if (old_timer.it_value.tv_sec || old_timer.it_value.tv_usec) {
+        timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        const int64_t spent = (now.tv_sec - started.tv_sec) * 1000000 + (now.tv_nsec - started.tv_nsec) / 1000;
+        int64_t left = old_timer.it_value.tv_sec * 1000000 + old_timer.it_value.tv_usec - spent;
+        if (left < 1) left = 1;  // expired meanwhile: let it fire now
+        old_timer.it_value.tv_sec = time_t(left / 1000000);
+        old_timer.it_value.tv_usec = suseconds_t(left % 1000000);
+        setitimer(ITIMER_REAL, &old_timer, nullptr);
+      }
     }
     for (int i = 0; i < 6; ++i) sigaction(kSignals[i], &old[i], nullptr);
     sigaltstack(&old_stack, nullptr);

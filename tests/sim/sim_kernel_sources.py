@@ -362,6 +362,39 @@ extern "C" __global__ void missing_barrier(const float* x, int n, float* out) {
     }
 }
 
+// Warp-synchronous tail of a shared memory reduction (64 threads), done right: __syncwarp
+// between the reads and the writes of every step.
+extern "C" __global__ void warp_tail_syncwarp(const float* x, float* out) {
+    __shared__ float sdata[64];
+    const int tid = threadIdx.x;
+    sdata[tid] = x[tid];
+    __syncthreads();
+    if (tid < 32) {
+        float v = sdata[tid];
+        for (int o = 32; o > 0; o >>= 1) {
+            v += sdata[tid + o];
+            __syncwarp();
+            sdata[tid] = v;
+            __syncwarp();
+        }
+        if (tid == 0) *out = v;
+    }
+}
+
+// BUG: the pre-Volta warp-synchronous idiom (volatile, no __syncwarp).
+extern "C" __global__ void warp_tail_legacy(const float* x, float* out) {
+    __shared__ float sdata[64];
+    const int tid = threadIdx.x;
+    sdata[tid] = x[tid];
+    __syncthreads();
+    if (tid < 32) {
+        volatile float* v = sdata;
+        v[tid] += v[tid + 32]; v[tid] += v[tid + 16]; v[tid] += v[tid + 8];
+        v[tid] += v[tid + 4]; v[tid] += v[tid + 2]; v[tid] += v[tid + 1];
+        if (tid == 0) *out = v[0];
+    }
+}
+
 // BUG: shuffle offsets start at 8: lanes 0-15 and 16-31 are summed separately.
 extern "C" __global__ void wrong_offsets(const float* x, int n, float* out) {
     const int lane = threadIdx.x % 32;

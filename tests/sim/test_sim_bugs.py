@@ -53,6 +53,17 @@ def test_wrong_shuffle_offsets_give_wrong_result(bugs, schedule, seed):
 
 
 @schedules
+def test_warp_synchronous_code_needs_syncwarp(bugs, schedule, seed):
+    x = rng().integers(-8, 8, 64).astype(np.float32)
+    out = np.zeros(1, np.float32)
+    bugs.get_function("warp_tail_syncwarp")(1, 64, (x, out), schedule=schedule, seed=seed)
+    assert out[0] == x.sum()
+    # without __syncwarp, lane 0 runs all its steps before lane 16 has added its part
+    bugs.get_function("warp_tail_legacy")(1, 64, (x, out), schedule="forward")
+    assert out[0] != x.sum()
+
+
+@schedules
 def test_partial_warp_with_full_mask_is_an_error(bugs, schedule, seed):
     x = np.ones(256, np.float32)
     # depending on the order: a lane leaves while the others wait for it, or the others go
@@ -240,3 +251,22 @@ def test_launch_bounds_and_opt_in_shared_memory():
     k.max_dynamic_shared_size_bytes = 300 * 1024
     with pytest.raises(sim.SimulationError, match=r"max_dynamic_shared_size_bytes must be"):
         k(1, 128, (np.zeros(128, np.float32),))
+
+
+def test_launch_puts_back_the_process_timer_and_handlers(bugs):
+    import signal
+    def handler(*args):
+        pass
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 100.0)
+        x = np.ones(4, np.float32)
+        bugs.get_function("scale")(1, 32, (x, np.int32(4), np.float32(2)), timeout=5)
+        remaining, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 90 < remaining <= 100
+        assert signal.getsignal(signal.SIGALRM) is handler
+        np.testing.assert_array_equal(x, 2)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -59,6 +59,15 @@ def test_missing_barrier_is_a_shared_memory_race_even_where_the_result_is_right(
     assert out[0] == 128
 
 
+def test_warp_synchronous_code_without_syncwarp_is_a_race(bugs):
+    x = np.ones(64, np.float32)
+    out = np.zeros(1, np.float32)
+    bugs.get_function("warp_tail_syncwarp")(1, 64, (x, out), check_races=True)
+    assert out[0] == 64
+    with pytest.raises(sim.SimulationError, match=r"data race on static shared memory"):
+        bugs.get_function("warp_tail_legacy")(1, 64, (x, out), check_races=True)
+
+
 def test_last_block_pattern_needs_the_writer_fence(bugs):
     x = np.ones(4 * 32, np.float32)
     with pytest.raises(sim.SimulationError, match=r"data race on global memory .* parameter 1"):
