@@ -29,7 +29,6 @@ device (a device with another SM count may split differently).
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +37,7 @@ import numpy as np
 from cupy_bn.backends.base import Array
 from cupy_bn.dtypes import accumulation_dtype
 from cupy_bn.kernels.elementwise import UPDATE_RUNNING
-from cupy_bn.kernels.loader import CupyLoader, KernelLoader, SimLoader, cuda_include_dir
+from cupy_bn.kernels.loader import CupyLoader, KernelLoader, SimLoader
 from cupy_bn.layout import NCS, View
 
 #: Threads of the tensor kernels' blocks (the kernels' shared memory is sized for 256).
@@ -437,12 +436,10 @@ def traffic_bytes(phase: str, numel: int, itemsize: int) -> int:
 
 
 def simulator_usable() -> bool:
-    """True when the simulator imports and its toolchain (g++, CUDA headers) is found."""
-    try:
-        import cupy_bn.sim  # noqa: F401
-    except ImportError:
-        return False
-    return shutil.which("g++") is not None and cuda_include_dir() is not None
+    """True when the simulator's toolchain (g++, CUDA headers) is found."""
+    from cupy_bn import sim
+
+    return sim.is_available()
 
 
 __all__ = ["CudaBackend", "McGrid", "NcsGrid", "Tuning", "elementwise_pieces", "mc_block_x",

@@ -178,8 +178,7 @@ class CupyLoader(KernelLoader):
         self._occupancy: dict[tuple[int, int, int], int] = {}
 
     def _raw_module(self, code, name_expressions):
-        include = cuda_include_dir()
-        options = ("--std=c++17",) + ((f"-I{include}",) if include else ())
+        options = ("--std=c++17", *(f"-I{d}" for d in cuda_include_dirs()))
         return self._cupy.RawModule(code=code, options=options,
                                     name_expressions=name_expressions)
 
@@ -250,20 +249,16 @@ class SimLoader(KernelLoader):
                check_races=self.check_races)
 
 
-def cuda_include_dir() -> str | None:
-    """A folder holding `cuda_fp16.h`: the CUDA toolkit's, else the nvidia-cuda-runtime wheel's."""
-    import os
-    import sys
+def cuda_include_dirs() -> tuple[str, ...]:
+    """Folders with the CUDA headers the kernels include (`cuda_fp16.h`, `cuda_bf16.h`).
 
-    candidates = []
-    for var in ("CUDA_PATH", "CUDA_HOME"):
-        if os.environ.get(var):
-            candidates.append(Path(os.environ[var]) / "include")
-    candidates.append(Path("/usr/local/cuda/include"))
-    for entry in sys.path:
-        base = Path(entry) / "nvidia"
-        candidates += [base / "cu13" / "include", base / "cuda_runtime" / "include"]
-    for folder in candidates:
-        if (folder / "cuda_fp16.h").is_file():
-            return str(folder)
-    return None
+    The simulator's discovery (toolkit, else the nvidia-cuda-runtime wheels); empty when none
+    is found, leaving the search to CuPy.
+    """
+    from cupy_bn.sim.errors import ToolchainError
+    from cupy_bn.sim.toolchain import find_cuda_headers
+
+    try:
+        return tuple(str(d) for d in find_cuda_headers().include_dirs)
+    except ToolchainError:
+        return ()
