@@ -38,6 +38,7 @@ SHAPES = [
     ((3, 2, 300), 1),       # S above the block size, not a multiple of it
     ((300, 2), -1),         # M above the block size
     ((9, 37), -1),          # C = 37: two MC channel tiles, the second partly idle
+    ((300, 40), -1),        # split: 300 row ranges merged in two levels (groups of 32)
 ]
 
 

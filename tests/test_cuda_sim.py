@@ -53,6 +53,10 @@ def test_split_tuning_really_splits():
     assert be._ncs_reduction_grid(ncs, kernel).pieces > 4
     assert be._mc_reduction_grid(mc, kernel).pieces > 4
     assert sim()._ncs_reduction_grid(ncs, kernel).pieces == 1  # default: small tensors, 1 block
+    two_level = be._mc_reduction_grid(canonical(np.zeros((300, 40), np.float32), -1), kernel)
+    assert two_level.groups > 1
+    assert be._mc_reduction_grid(canonical(np.zeros((80, 20), np.float32), -1),
+                                 kernel).groups == 3
 
 
 @pytest.mark.parametrize("shape,channel_axis", [((6, 3, 4, 5), 1), ((5, 4, 6, 3), -1),
@@ -149,8 +153,7 @@ def test_bitwise_identical_across_schedules(shape, channel_axis, dtype):
 
 @pytest.mark.parametrize("shape,channel_axis", [
     ((2, 2, 70), 1),   # 2 tiles per channel
-    ((70, 3), -1),     # 4 row ranges
-    ((2, 1, 600), 1),  # 18 tiles: more partials than a block's warps
+    ((40, 20), -1),    # 20 row ranges merged in two levels (groups of 8)
 ])
 def test_reduction_kernels_are_race_free(shape, channel_axis):
     """The stats kernel (plain, and fused with the running-stat update) and the gradient-sum
@@ -161,7 +164,11 @@ def test_reduction_kernels_are_race_free(shape, channel_axis):
     supported, why = simulator.race_mode_support()
     if not supported:
         pytest.skip(f"race mode unavailable here: {why}")
-    be = sim("forward", Tuning(reduction_min_work=64, elementwise_work=64), check_races=True)
+    be = sim("forward", Tuning(reduction_min_work=64, elementwise_work=64, merge_group=1),
+             check_races=True)
+    if channel_axis == -1:  # the two-level merge really runs
+        assert be._mc_reduction_grid(canonical(np.zeros(shape, np.float32), -1),
+                                     None).groups == 3
     x, dy = cc.make_inputs(shape, np.float32, seed=6)
     view = canonical(x, channel_axis)
     dview = view.match(dy, "dy")

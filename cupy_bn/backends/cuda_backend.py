@@ -61,6 +61,8 @@ class Tuning:
     reduction_min_work: int = 4096
     #: Elementwise kernels (apply, backward apply) give each block about this many elements.
     elementwise_work: int = 8192
+    #: MC reductions: partials each thread of a last block merges per level (McGrid).
+    merge_group: int = 4
 
 
 @dataclass(frozen=True)
@@ -86,19 +88,42 @@ class NcsGrid:
 
 @dataclass(frozen=True)
 class McGrid:
-    """Launch shape of an MC kernel: grid (channel tiles, row ranges), blocks (bx, by)."""
+    """Launch shape of an MC kernel: grid (channel tiles, row ranges), blocks (bx, by).
+
+    Reductions merge row ranges in groups of `group` = merge_group * by (the last block of a
+    group merges at most `merge_group` partials per thread), then the `groups` group results
+    (bn_mc.cu).
+    """
 
     channels: int
     block_x: int
     pieces: int
+    merge_group: int = 4
+
+    @property
+    def tiles(self) -> int:
+        return -(-self.channels // self.block_x)
 
     @property
     def grid(self) -> tuple[int, int]:
-        return (-(-self.channels // self.block_x), self.pieces)
+        return (self.tiles, self.pieces)
 
     @property
     def block(self) -> tuple[int, int]:
         return (self.block_x, BLOCK_THREADS // self.block_x)
+
+    @property
+    def group(self) -> int:
+        return self.merge_group * self.block[1]
+
+    @property
+    def groups(self) -> int:
+        return -(-self.pieces // self.group)
+
+    @property
+    def counters(self) -> int:
+        """Group counters, tile counters, done and bad."""
+        return self.tiles * self.groups + self.tiles + 2
 
 
 def _next_pow2(n: int) -> int:
@@ -193,7 +218,7 @@ class CudaBackend:
         units = -(-c // bx)
         pieces = reduction_pieces(units, m * bx, self._resident_blocks(kernel, BLOCK_THREADS),
                                   self.tuning.reduction_min_work)
-        return McGrid(c, bx, max(1, min(pieces, m)))
+        return McGrid(c, bx, max(1, min(pieces, m)), self.tuning.merge_group)
 
     def _mc_elementwise_grid(self, x: View) -> McGrid:
         m, c = x.data.shape
@@ -218,16 +243,16 @@ class CudaBackend:
             return None
         return (self.xp.cuda.Device().id, self.xp.cuda.get_current_stream().ptr)
 
-    def _sync_buffer(self, units: int) -> Array:
-        """Counters for the last-block merges: `units` + 2 int32 zeros, kept per stream.
+    def _sync_buffer(self, counters: int) -> Array:
+        """At least `counters` int32 zeros for the last-block merges, kept per stream.
 
         The kernels leave every counter they use at zero again, so a stream reuses its buffer;
         launches on one stream run in order, so they never share counters concurrently.
         """
         key = self._stream_key()
         buffer = self._sync.get(key)
-        if buffer is None or buffer.size < units + 2:
-            buffer = self._sync[key] = self.xp.zeros(max(units + 2, SYNC_CAPACITY), np.int32)
+        if buffer is None or buffer.size < counters:
+            buffer = self._sync[key] = self.xp.zeros(max(counters, SYNC_CAPACITY), np.int32)
         return buffer
 
     def _launch_synced(self, kernel: Any, grid: tuple, block: tuple, args: tuple) -> None:
@@ -257,14 +282,20 @@ class CudaBackend:
         if x.layout == NCS:
             kernel = self.loader.function("ncs", "bn_ncs_stats", data.dtype)
             grid = self._ncs_reduction_grid(x, kernel)
-            shape_args = self._ncs_shape_args(x, grid)
+            slots = channels * grid.pieces if grid.pieces > 1 else 1
+            part_mean, part_m2 = xp.empty(slots, acc), xp.empty(slots, acc)
+            part_count = xp.empty(slots, np.int32)
+            layout_args = (*self._ncs_shape_args(x, grid), part_mean, part_m2, part_count,
+                           self._sync_buffer(channels + 2))
         else:
             kernel = self.loader.function("mc", "bn_mc_stats", data.dtype)
             grid = self._mc_reduction_grid(x, kernel)
-            shape_args = (np.int64(data.shape[0]), np.int32(data.shape[1]))
-        slots = channels * grid.pieces if grid.pieces > 1 else 1
-        part_mean, part_m2 = xp.empty(slots, acc), xp.empty(slots, acc)
-        part_count = xp.empty(slots, np.int32)
+            slots = channels * grid.pieces if grid.pieces > 1 else 1
+            group_slots = channels * grid.groups if grid.groups > 1 else 1
+            layout_args = (np.int64(data.shape[0]), np.int32(channels), np.int32(grid.group),
+                           xp.empty(slots, acc), xp.empty(slots, acc), xp.empty(slots, np.int32),
+                           xp.empty(group_slots, acc), xp.empty(group_slots, acc),
+                           xp.empty(group_slots, np.int64), self._sync_buffer(grid.counters))
         mean, var = xp.empty(channels, acc), xp.empty(channels, acc)
         unused = xp.empty(1, acc)
         invstd, scale, shift = ((xp.empty(channels, acc) for _ in range(3)) if flags & _AFFINE
@@ -272,8 +303,7 @@ class CudaBackend:
         running_mean, running_var = running if running is not None else (unused, unused)
         unbias = count / (count - 1) if count > 1 else 1.0
         self._launch_synced(kernel, grid.grid, grid.block, (
-            data, *shape_args, part_mean, part_m2, part_count, self._sync_buffer(grid.grid[0]),
-            np.int32(flags), unused if weight is None else weight,
+            data, *layout_args, np.int32(flags), unused if weight is None else weight,
             unused if bias is None else bias, acc.type(eps), np.float64(momentum),
             np.float64(unbias), mean, var, invstd, scale, shift, running_mean, running_var))
         return mean, var, invstd, scale, shift
@@ -358,17 +388,21 @@ class CudaBackend:
         if x.layout == NCS:
             kernel = self.loader.function("ncs", "bn_ncs_reduce", dtype)
             grid = self._ncs_reduction_grid(x, kernel)
-            shape_args = self._ncs_shape_args(x, grid)
+            slots = channels * grid.pieces if grid.pieces > 1 else 1
+            layout_args = (*self._ncs_shape_args(x, grid), xp.empty(slots, acc),
+                           xp.empty(slots, acc), self._sync_buffer(channels + 2))
         else:
             kernel = self.loader.function("mc", "bn_mc_reduce", dtype)
             grid = self._mc_reduction_grid(x, kernel)
-            shape_args = (np.int64(data.shape[0]), np.int32(data.shape[1]))
-        slots = channels * grid.pieces if grid.pieces > 1 else 1
-        part_dy, part_dy_xmu = xp.empty(slots, acc), xp.empty(slots, acc)
+            slots = channels * grid.pieces if grid.pieces > 1 else 1
+            group_slots = channels * grid.groups if grid.groups > 1 else 1
+            layout_args = (np.int64(data.shape[0]), np.int32(channels), np.int32(grid.group),
+                           xp.empty(slots, acc), xp.empty(slots, acc),
+                           xp.empty(group_slots, acc), xp.empty(group_slots, acc),
+                           self._sync_buffer(grid.counters))
         sum_dy, sum_dy_xmu = xp.empty(channels, acc), xp.empty(channels, acc)
-        self._launch_synced(kernel, grid.grid, grid.block, (
-            g, data, mean, *shape_args, part_dy, part_dy_xmu, self._sync_buffer(grid.grid[0]),
-            sum_dy, sum_dy_xmu))
+        self._launch_synced(kernel, grid.grid, grid.block,
+                            (g, data, mean, *layout_args, sum_dy, sum_dy_xmu))
         return sum_dy, sum_dy_xmu
 
     def backward_apply(self, dy: View, x: View, mean: Array, invstd: Array, gamma: Array,

@@ -2,13 +2,14 @@
 //
 // A reduction splits each unit (an NCS channel, or an MC tile of channels) over gridDim.y
 // blocks. Every block writes its partial to a workspace laid out [C][P] (P = gridDim.y), then
-// counts itself in with an integer atomicAdd on the unit's counter; the block that draws the
-// last ticket merges the unit's P partials in index order (never in arrival order), so the
-// result is bitwise identical whichever block arrives last. No floating-point atomics.
+// counts itself in with an integer atomicAdd on a counter; the block that draws the last
+// ticket merges the partials in index order (never in arrival order), so the result is
+// bitwise identical whichever block arrives last. No floating-point atomics. (The MC kernels
+// merge in two levels, fixed groups of row ranges first: see bn_mc.cu.)
 //
-// `sync` holds gridDim.x unit counters, then `done` and `bad` for the fused running-stat
-// update: int32 zeros before the launch, and zeros again after it (each counter is reset by
-// the block that drew its last ticket), so one buffer serves launch after launch on a stream.
+// `sync` holds the counters, then `done` and `bad` for the fused running-stat update: int32
+// zeros before the launch, and zeros again after it (each counter is reset by the block that
+// drew its last ticket), so one buffer serves launch after launch on a stream.
 //
 // Memory ordering: writers release their partials with __threadfence before the atomicAdd;
 // the last block fences again (acquire) and reads the partials with __ldcg (L2, not the
@@ -59,16 +60,62 @@ __device__ __forceinline__ bool arrive_last(Counter* counter, int arrivals) {
   return last;
 }
 
-template <typename Acc>
+template <typename Acc, typename Count>
 __device__ __forceinline__ Welford<Acc, long long> load_partial(const Acc* part_mean,
                                                                 const Acc* part_m2,
-                                                                const int* part_count,
+                                                                const Count* part_count,
                                                                 long long slot) {
   Welford<Acc, long long> w;
   w.n = __ldcg(part_count + slot);
   w.mean = __ldcg(part_mean + slot);
   w.m2 = __ldcg(part_m2 + slot);
   return w;
+}
+
+// Chan-merge the partials row + p for p = first, first + stride, ... < end, in that order,
+// with K partials loaded before any is merged (the loads overlap; the merge order does not
+// change).
+template <int K, typename Acc, typename Count>
+__device__ __forceinline__ Welford<Acc, long long> merge_partials(
+    const Acc* part_mean, const Acc* part_m2, const Count* part_count, long long row, int first,
+    int end, int stride) {
+  Welford<Acc, long long> acc = {0, Acc(0), Acc(0)};
+  for (int p = first; p < end; p += K * stride) {
+    Welford<Acc, long long> v[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      if (p + k * stride < end) v[k] = load_partial(part_mean, part_m2, part_count, row + p + k * stride);
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      if (p + k * stride < end) acc = chan_merge(acc, v[k]);
+  }
+  return acc;
+}
+
+// Sums of the partials row + p for p = first, first + stride, ... < end, in that order, K
+// loads in flight.
+template <int K, typename Acc>
+__device__ __forceinline__ void sum_partials(const Acc* part_a, const Acc* part_b, long long row,
+                                             int first, int end, int stride, Acc& a, Acc& b) {
+  a = Acc(0);
+  b = Acc(0);
+  for (int p = first; p < end; p += K * stride) {
+    Acc va[K], vb[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      va[k] = Acc(0);
+      vb[k] = Acc(0);
+      if (p + k * stride < end) {
+        va[k] = __ldcg(part_a + row + p + k * stride);
+        vb[k] = __ldcg(part_b + row + p + k * stride);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      a += va[k];
+      b += vb[k];
+    }
+  }
 }
 
 // Mean, biased variance and (with BN_AFFINE) invstd, scale, shift of channel c; returns 1 when

@@ -4,10 +4,16 @@
 // Grid: (ceil(C / bx), P), block: (bx, by) with bx * by <= 256 and by a power of two. Threads
 // run along C, so a warp reads consecutive channels of a row (coalesced); thread (tx, ty) of
 // block (cb, p) owns channel cb * bx + tx and rows m0 + ty, m0 + ty + by, ... of the row range
-// [m0, m1) = [M * p / P, M * (p + 1) / P). Reductions merge a block's rows in shared memory;
-// with P > 1 each block writes one partial per channel to a [C][P] workspace and the last block
-// of the channel tile to arrive merges them in row-range order (bn_finalize.cuh), in the same
-// launch.
+// [m0, m1) = [M * p / P, M * (p + 1) / P).
+//
+// Reductions merge a block's rows in shared memory, then across blocks in the same launch
+// (bn_finalize.cuh), in two fixed levels because a channel tile may span hundreds of row
+// ranges while only `by` threads of the last block serve each channel: the row ranges form
+// groups of `group` consecutive ranges (G = ceil(P / group) groups); the last block of a group
+// merges the group's partials ([C][P] workspace) in order, and with G > 1 writes a group
+// partial ([C][G]) and the last group of the tile merges those in order.
+// `sync`: tile * G + g group counters, then one counter per tile (after ceil(C/bx) * G of
+// them), then done and bad.
 //
 // Tensor passes (R = one full read of a tensor, W = one full write), one launch each:
 //   bn_mc_stats      R1      per-channel mean, var (+ invstd, scale, shift, running stats)
@@ -31,6 +37,30 @@ __device__ __forceinline__ McRows mc_rows(long long M) {
   return r;
 }
 
+// The counters of block (blockIdx.x, blockIdx.y) in the two-level merge.
+struct McSync {
+  int groups;      // G
+  int first, end;  // row ranges [first, end) of this block's group
+  int* group_counter;
+  int* tile_counter;
+  int* done;       // done, bad: the fused running-stat update
+  int* bad;
+};
+
+__device__ __forceinline__ McSync mc_sync(int* sync, int group) {
+  McSync s;
+  const int P = gridDim.y, tiles = gridDim.x;
+  s.groups = (P + group - 1) / group;
+  const int g = blockIdx.y / group;
+  s.first = g * group;
+  s.end = s.first + group < P ? s.first + group : P;
+  s.group_counter = sync + blockIdx.x * s.groups + g;
+  s.tile_counter = sync + tiles * s.groups + blockIdx.x;
+  s.done = sync + tiles * s.groups + tiles;
+  s.bad = s.done + 1;
+  return s;
+}
+
 }  // namespace bn
 
 // Statistics: each thread folds its channel's values U rows at a time into a Welford triple
@@ -39,9 +69,11 @@ __device__ __forceinline__ McRows mc_rows(long long M) {
 // `flags` as for bn_ncs_stats.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(256)
-bn_mc_stats(const T* __restrict__ x, long long M, int C,
+bn_mc_stats(const T* __restrict__ x, long long M, int C, int group,
             Acc* __restrict__ part_mean, Acc* __restrict__ part_m2,
-            int* __restrict__ part_count, int* __restrict__ sync, int flags,
+            int* __restrict__ part_count, Acc* __restrict__ group_mean,
+            Acc* __restrict__ group_m2, long long* __restrict__ group_count,
+            int* __restrict__ sync, int flags,
             const Acc* __restrict__ weight, const Acc* __restrict__ bias, Acc eps,
             double momentum, double unbias, Acc* __restrict__ mean, Acc* __restrict__ var,
             Acc* __restrict__ invstd, Acc* __restrict__ scale, Acc* __restrict__ shift,
@@ -70,6 +102,7 @@ bn_mc_stats(const T* __restrict__ x, long long M, int C,
   w = bn::block_merge_rows(w);
 
   const int P = gridDim.y;
+  const bn::McSync sy = bn::mc_sync(sync, group);
   bn::Welford<Acc, long long> total = {w.n, w.mean, w.m2};  // valid in row 0
   if (P > 1) {
     const long long base = static_cast<long long>(c) * P;
@@ -78,18 +111,31 @@ bn_mc_stats(const T* __restrict__ x, long long M, int C,
       part_m2[base + blockIdx.y] = w.m2;
       part_count[base + blockIdx.y] = w.n;
     }
-    if (!bn::arrive_last(&sync[blockIdx.x], P)) return;
+    if (!bn::arrive_last(sy.group_counter, sy.end - sy.first)) return;
     total = {0, Acc(0), Acc(0)};
     if (c < C)
-      for (int p = threadIdx.y; p < P; p += blockDim.y)
-        total = bn::chan_merge(total, bn::load_partial(part_mean, part_m2, part_count, base + p));
+      total = bn::merge_partials<4>(part_mean, part_m2, part_count, base,
+                                    sy.first + threadIdx.y, sy.end, blockDim.y);
     total = bn::block_merge_rows(total);
+    if (sy.groups > 1) {
+      const long long gbase = static_cast<long long>(c) * sy.groups;
+      if (threadIdx.y == 0 && c < C) {
+        group_mean[gbase + blockIdx.y / group] = total.mean;
+        group_m2[gbase + blockIdx.y / group] = total.m2;
+        group_count[gbase + blockIdx.y / group] = total.n;
+      }
+      if (!bn::arrive_last(sy.tile_counter, sy.groups)) return;
+      total = {0, Acc(0), Acc(0)};
+      if (c < C)
+        total = bn::merge_partials<4>(group_mean, group_m2, group_count, gbase, threadIdx.y,
+                                      sy.groups, blockDim.y);
+      total = bn::block_merge_rows(total);
+    }
   }
   const bn::StatsOutputs<Acc> out = {flags, weight, bias, eps, momentum, unbias, mean, var,
                                      invstd, scale, shift, running_mean, running_var};
   const int bad = threadIdx.y == 0 && c < C ? bn::write_channel_stats(out, c, total) : 0;
-  if (flags & BN_RUNNING)
-    bn::update_running_if_last(out, &sync[gridDim.x], &sync[gridDim.x + 1], gridDim.x, bad, C);
+  if (flags & BN_RUNNING) bn::update_running_if_last(out, sy.done, sy.bad, gridDim.x, bad, C);
 }
 
 // y = x * scale[c] + shift[c], computed in Acc and rounded once to T.
@@ -118,12 +164,14 @@ bn_mc_apply(const T* __restrict__ x, const Acc* __restrict__ scale,
 }
 
 // sum(dy) and sum(dy * (x - mean[c])) per channel, both in one pass over dy and x, merged
-// across blocks like the statistics (`sync`: one counter per channel tile).
+// across blocks in the statistics' two levels.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(256)
 bn_mc_reduce(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __restrict__ mean,
-             long long M, int C, Acc* __restrict__ part_dy, Acc* __restrict__ part_dy_xmu,
-             int* __restrict__ sync, Acc* __restrict__ out_dy, Acc* __restrict__ out_dy_xmu) {
+             long long M, int C, int group, Acc* __restrict__ part_dy,
+             Acc* __restrict__ part_dy_xmu, Acc* __restrict__ group_dy,
+             Acc* __restrict__ group_dy_xmu, int* __restrict__ sync, Acc* __restrict__ out_dy,
+             Acc* __restrict__ out_dy_xmu) {
   constexpr int U = bn::Unroll<T>::value;
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   const bn::McRows rows = bn::mc_rows(M);
@@ -159,20 +207,33 @@ bn_mc_reduce(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __res
 
   const int P = gridDim.y;
   if (P > 1) {
+    const bn::McSync sy = bn::mc_sync(sync, group);
     const long long base = static_cast<long long>(c) * P;
     if (threadIdx.y == 0 && c < C) {
       part_dy[base + blockIdx.y] = sum_dy;
       part_dy_xmu[base + blockIdx.y] = sum_dy_xmu;
     }
-    if (!bn::arrive_last(&sync[blockIdx.x], P)) return;
+    if (!bn::arrive_last(sy.group_counter, sy.end - sy.first)) return;
     sum_dy = Acc(0);
     sum_dy_xmu = Acc(0);
     if (c < C)
-      for (int p = threadIdx.y; p < P; p += blockDim.y) {
-        sum_dy += __ldcg(part_dy + base + p);
-        sum_dy_xmu += __ldcg(part_dy_xmu + base + p);
-      }
+      bn::sum_partials<4>(part_dy, part_dy_xmu, base, sy.first + threadIdx.y, sy.end,
+                          blockDim.y, sum_dy, sum_dy_xmu);
     bn::block_sum2_rows(sum_dy, sum_dy_xmu);
+    if (sy.groups > 1) {
+      const long long gbase = static_cast<long long>(c) * sy.groups;
+      if (threadIdx.y == 0 && c < C) {
+        group_dy[gbase + blockIdx.y / group] = sum_dy;
+        group_dy_xmu[gbase + blockIdx.y / group] = sum_dy_xmu;
+      }
+      if (!bn::arrive_last(sy.tile_counter, sy.groups)) return;
+      sum_dy = Acc(0);
+      sum_dy_xmu = Acc(0);
+      if (c < C)
+        bn::sum_partials<4>(group_dy, group_dy_xmu, gbase, threadIdx.y, sy.groups, blockDim.y,
+                            sum_dy, sum_dy_xmu);
+      bn::block_sum2_rows(sum_dy, sum_dy_xmu);
+    }
   }
   if (threadIdx.y == 0 && c < C) {
     out_dy[c] = sum_dy;

@@ -59,16 +59,14 @@ bn_ncs_stats(const T* __restrict__ x, long long N, int C, long long S, int col_p
       part_count[base + blockIdx.y] = w.n;
     }
     if (!bn::arrive_last(&sync[c], P)) return;
-    total = {0, Acc(0), Acc(0)};
-    for (int p = threadIdx.x; p < P; p += step)
-      total = bn::chan_merge(total, bn::load_partial(part_mean, part_m2, part_count, base + p));
+    total = bn::merge_partials<4>(part_mean, part_m2, part_count, base, threadIdx.x, P, step);
     total = bn::block_merge(total);
   }
   const bn::StatsOutputs<Acc> out = {flags, weight, bias, eps, momentum, unbias, mean, var,
                                      invstd, scale, shift, running_mean, running_var};
   const int bad = threadIdx.x == 0 ? bn::write_channel_stats(out, c, total) : 0;
-  if (flags & BN_RUNNING)
-    bn::update_running_if_last(out, &sync[gridDim.x], &sync[gridDim.x + 1], gridDim.x, bad, C);
+  if (flags & BN_RUNNING)  // done, bad follow the C channel counters
+    bn::update_running_if_last(out, &sync[C], &sync[C + 1], C, bad, C);
 }
 
 // y = x * scale[c] + shift[c], computed in Acc and rounded once to T.
@@ -150,12 +148,7 @@ bn_ncs_reduce(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __re
       part_dy_xmu[base + blockIdx.y] = sum_dy_xmu;
     }
     if (!bn::arrive_last(&sync[c], P)) return;
-    sum_dy = Acc(0);
-    sum_dy_xmu = Acc(0);
-    for (int p = threadIdx.x; p < P; p += step) {
-      sum_dy += __ldcg(part_dy + base + p);
-      sum_dy_xmu += __ldcg(part_dy_xmu + base + p);
-    }
+    bn::sum_partials<4>(part_dy, part_dy_xmu, base, threadIdx.x, P, step, sum_dy, sum_dy_xmu);
     bn::block_sum2(sum_dy, sum_dy_xmu);
   }
   if (threadIdx.x == 0) {
