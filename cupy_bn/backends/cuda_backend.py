@@ -144,8 +144,8 @@ def reduction_pieces(units: int, work_per_unit: int, resident_blocks: int, min_w
 
 def elementwise_pieces(work_per_unit: int, work: int) -> int:
     """Blocks per unit of an elementwise grid: about `work` elements each."""
-    pieces = max(1, -(-work_per_unit // max(work, 1)), -(-work_per_unit // MAX_BLOCK_WORK))
-    return _check_pieces(min(pieces, MAX_GRID_Y))
+    pieces = min(max(1, -(-work_per_unit // max(work, 1))), MAX_GRID_Y)
+    return _check_pieces(max(pieces, -(-work_per_unit // MAX_BLOCK_WORK)))
 
 
 def _check_pieces(pieces: int) -> int:
