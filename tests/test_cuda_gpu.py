@@ -44,7 +44,7 @@ def test_primitives_match_float64(cuda_backend, split_backend, shape, channel_ax
 
 
 @pytest.mark.parametrize("shape,channel_axis", [((32, 64, 56, 56), 1), ((32, 56, 56, 64), -1),
-                                                ((256, 2048, 7, 7), 1)])
+                                                ((64, 2048, 7, 7), 1)])
 def test_resnet_shapes(cuda_backend, shape, channel_axis):
     cc.check_primitives(cuda_backend, shape, channel_axis, np.float32)
 
@@ -56,8 +56,8 @@ def test_float32_offset_data_statistics(cupy, cuda_backend, shape, channel_axis)
     mean, var = cuda_backend.batch_stats(view)
     axes = (0, 2) if view.layout == "NCS" else (0,)
     x64 = cc.to_numpy(view.data).astype(np.float64)
-    np.testing.assert_allclose(mean.get(), x64.mean(axis=axes), rtol=1e-6)
-    np.testing.assert_allclose(var.get(), x64.var(axis=axes), rtol=1e-3)
+    np.testing.assert_allclose(cc.to_numpy(mean), x64.mean(axis=axes), rtol=1e-6)
+    np.testing.assert_allclose(cc.to_numpy(var), x64.var(axis=axes), rtol=1e-3)
 
 
 @pytest.mark.parametrize("shape,channel_axis", [((16, 2, 256, 256), 1), ((1 << 20, 2), -1)])
@@ -67,8 +67,8 @@ def test_float16_with_a_million_values_per_channel(cupy, cuda_backend, shape, ch
     mean, var = cuda_backend.batch_stats(view)
     axes = (0, 2) if view.layout == "NCS" else (0,)
     x64 = cc.to_numpy(view.data).astype(np.float64)
-    np.testing.assert_allclose(mean.get(), x64.mean(axis=axes), rtol=1e-3)
-    np.testing.assert_allclose(var.get(), x64.var(axis=axes), rtol=1e-3)
+    np.testing.assert_allclose(cc.to_numpy(mean), x64.mean(axis=axes), rtol=1e-3)
+    np.testing.assert_allclose(cc.to_numpy(var), x64.var(axis=axes), rtol=1e-3)
 
 
 @pytest.mark.parametrize("shape,channel_axis", [((32, 64, 28, 28), 1), ((4096, 1024), -1)])
@@ -80,7 +80,7 @@ def test_bitwise_identical_run_to_run(cupy, cuda_backend, shape, channel_axis):
     for _ in range(3):
         mean, var = cuda_backend.batch_stats(view)
         sums = cuda_backend.backward_reduce(dview, view, mean)
-        bits = b"".join(a.get().tobytes() for a in (mean, var, *sums))
+        bits = b"".join(cc.to_numpy(a).tobytes() for a in (mean, var, *sums))
         assert first is None or bits == first
         first = bits
 
@@ -96,4 +96,4 @@ def test_functional_auto_routes_cupy_arrays_to_cuda(cupy):
     assert gsaved.backend.name == "cuda"
     ggrads = cbn.batch_norm_backward(cupy.asarray(dy), gsaved)
     for want, got in zip((y, *grads, rm, rv), (gy, *ggrads, grm, grv), strict=True):
-        np.testing.assert_allclose(got.get(), want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(cc.to_numpy(got), want, rtol=1e-4, atol=1e-5)
