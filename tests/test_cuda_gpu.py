@@ -97,3 +97,21 @@ def test_functional_auto_routes_cupy_arrays_to_cuda(cupy):
     ggrads = cbn.batch_norm_backward(cupy.asarray(dy), gsaved)
     for want, got in zip((y, *grads, rm, rv), (gy, *ggrads, grm, grv), strict=True):
         np.testing.assert_allclose(cc.to_numpy(got), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape,channel_axis", [((2, 1, (1 << 30) + 512), 1),
+                                                (((1 << 31) + 1024, 1), -1)])
+def test_more_than_2_to_the_31_elements(cupy, cuda_backend, shape, channel_axis):
+    """64-bit offsets and counts: 2^31 + 1024 float16 values in one channel (4 GiB)."""
+    x = cupy.ones(shape, cupy.float16)
+    x.reshape(-1)[-512:] = 3  # the last values sit beyond 2^31
+    n = x.size
+    p = 512 / n
+    view = canonical(x, channel_axis)
+    mean, var = cuda_backend.batch_stats(view)
+    np.testing.assert_allclose(cc.to_numpy(mean), [1 + 2 * p], rtol=1e-6)
+    np.testing.assert_allclose(cc.to_numpy(var), [4 * p * (1 - p)], rtol=1e-3)
+    y = cuda_backend.apply(view, cupy.full(1, 2, cupy.float32), cupy.zeros(1, cupy.float32))
+    tail = cc.to_numpy(y.reshape(-1)[-1024:]).astype(np.float64)
+    np.testing.assert_array_equal(tail, [2.0] * 512 + [6.0] * 512)
