@@ -57,6 +57,14 @@ def test_reductions_fill_one_wave_and_split_small_channel_counts():
     assert reduction_pieces(4096, 3 * MAX_BLOCK_WORK, resident, 4096) == 3
 
 
+def test_grids_stay_within_the_grid_limit():
+    pieces = elementwise_pieces((1 << 31) + 1024, 8192)
+    assert pieces == MAX_GRID_Y
+    grid = ncs_grid(2, 1, (1 << 30) + 512, pieces)
+    assert grid.pieces <= MAX_GRID_Y and grid.row_pieces == 2
+    assert ncs_grid(3, 1, 1 << 30, MAX_GRID_Y).pieces <= MAX_GRID_Y
+
+
 def test_elementwise_blocks_and_limits():
     assert elementwise_pieces(100, 32768) == 1
     assert elementwise_pieces(100_000, 32768) == 4

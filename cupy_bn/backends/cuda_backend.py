@@ -158,7 +158,7 @@ def _check_pieces(pieces: int) -> int:
 def ncs_grid(n: int, c: int, s: int, pieces: int) -> NcsGrid:
     """Split each channel's (N, S) plane into about `pieces` tiles: whole rows first."""
     row_pieces = min(n, pieces)
-    col_pieces = min(s, -(-pieces // row_pieces))
+    col_pieces = min(s, -(-pieces // row_pieces), MAX_GRID_Y // row_pieces)
     tile = -(-n // row_pieces) * -(-s // col_pieces)
     if tile + 8 * BLOCK_THREADS >= 1 << 30:  # the kernels' 32-bit per-block counters
         raise ValueError(f"a block tile of {tile} elements is too large for the kernels")
