@@ -33,3 +33,40 @@ def test_kernel_file_compiles_for_architecture(key, arch):
     assert f".target sm_{arch.removeprefix('compute_')}" in result.ptx
     # reductions merge in a fixed order: no floating-point atomics anywhere
     assert not re.search(r"\b(atom|red)(\.\w+)*\.(f16|bf16|f32|f64)\b", result.ptx)
+
+
+_SCALAR_TYPES = {"float32": "float", "float64": "double", "int32": "int", "int64": "long long"}
+
+
+def elementwise_source(spec, t: str) -> str:
+    """The spec's operation in a kernel shaped like CuPy's ElementwiseKernel code (type T = t,
+    arrays read / referenced per element, typed scalars by value)."""
+    params, loads = ["long long _n"], []
+    for text, is_input in ((spec.in_params, True), (spec.out_params, False)):
+        for param in (p.split() for p in text.split(",")):
+            ctype, name = param
+            if ctype in _SCALAR_TYPES:
+                params.append(f"{_SCALAR_TYPES[ctype]} {name}")
+            elif is_input:
+                params.append(f"const {ctype}* _{name}")
+                loads.append(f"const {ctype} {name} = _{name}[i];")
+            else:
+                params.append(f"{ctype}* _{name}")
+                loads.append(f"{ctype}& {name} = _{name}[i];")
+    return (f"typedef {t} T;\n{spec.preamble}\n"
+            f'extern "C" __global__ void {spec.name}({", ".join(params)}) {{\n'
+            "  const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;\n"
+            "  if (i >= _n) return;\n  " + "\n  ".join(loads) + f"\n  {spec.operation}\n}}\n")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_elementwise_snippets_compile(arch):
+    from cupy_bn.kernels import elementwise
+
+    if not nvrtc.arch_supported(arch):
+        pytest.skip(f"NVRTC {'.'.join(map(str, nvrtc.version()))} does not support {arch}")
+    for spec in elementwise.ALL:
+        for t in ("float", "double"):
+            result = nvrtc.compile_program(elementwise_source(spec, t), arch=arch,
+                                           name=f"{spec.name}.cu")
+            assert f".entry {spec.name}(" in result.ptx
