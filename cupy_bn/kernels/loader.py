@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import threading
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -113,7 +114,7 @@ class DeviceSpec:
 SIMULATED_DEVICE = DeviceSpec("simulated device (132 SMs)", 132, 2048)
 
 
-class KernelLoader:
+class KernelLoader(ABC):
     """Compiled kernels of one target; see the module docstring."""
 
     target = ""
@@ -122,18 +123,22 @@ class KernelLoader:
     _functions: dict[tuple[str, ...], Any] = {}
     _lock = threading.Lock()
 
+    @abstractmethod
     def _raw_module(self, code: str, name_expressions: tuple[str, ...]) -> Any:
-        raise NotImplementedError
+        """A RawModule-like object with every expression compiled."""
 
+    @abstractmethod
     def _elementwise_kernel(self, spec: ElementwiseSpec) -> Any:
-        raise NotImplementedError
+        """An ElementwiseKernel-like object for `spec`."""
 
+    @abstractmethod
     def device(self) -> DeviceSpec:
-        raise NotImplementedError
+        """The device kernels launch on."""
 
+    @abstractmethod
     def launch(self, kernel: Any, grid: tuple[int, ...], block: tuple[int, ...],
                args: tuple, shared_mem: int = 0) -> None:
-        raise NotImplementedError
+        """Launch `kernel` (from `function`) with CuPy's calling convention."""
 
     def resident_blocks_per_sm(self, kernel: Any, threads: int) -> int:
         """Blocks of `threads` threads an SM holds at once (thread limit unless known better)."""
