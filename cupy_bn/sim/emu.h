@@ -866,10 +866,16 @@ EMU_INTERNAL inline uint32_t* random_block_order(uint64_t nblocks) {
 // ---------------------------------------------------------- guarded memory
 // Every region gets its own copy whose last byte touches a PROT_NONE page, with another
 // guard page before it: [G] r0 [G][G] r1 [G] ... Reads and writes past either end fault.
-struct GuardedMemory {
+// The copies live in one mapping that is kept from launch to launch while the layout (the
+// regions' page spans) stays the same, so that repeated launches cost no mmap/mprotect.
+struct Arena {
   unsigned char* base = nullptr;
   size_t bytes = 0;
+  int n = -1;
+  size_t spans[64] = {};
 };
+inline Arena arena;
+constexpr size_t kKeepArenaBytes = size_t(64) << 20;
 
 // Bytes between the copy's start and the guard page: 0 unless the start must move down to
 // keep the host pointer's alignment (phase) modulo r.align.
@@ -883,23 +889,43 @@ EMU_INTERNAL inline size_t region_span(const Region& r) {
   return (r.nbytes + region_pad(r) + kPage - 1) / kPage * kPage;
 }
 
-EMU_INTERNAL inline GuardedMemory map_regions(Launch* l) {
-  GuardedMemory g;
+EMU_INTERNAL inline void release_arena() {
+  if (arena.base) munmap(arena.base, arena.bytes);
+  arena = Arena();
+}
+
+EMU_INTERNAL inline bool arena_fits(const Launch* l) {
+  if (!arena.base || arena.n != l->nregions) return false;
+  for (int i = 0; i < l->nregions; ++i)
+    if (arena.spans[i] != region_span(l->regions[i])) return false;
+  return true;
+}
+
+EMU_INTERNAL inline void map_regions(Launch* l) {
   if (!l->guard) {
     for (int i = 0; i < l->nregions; ++i) l->regions[i].sim = l->regions[i].host;
-    return g;
+    return;
   }
-  size_t total = kPage;
-  for (int i = 0; i < l->nregions; ++i) total += region_span(l->regions[i]) + 2 * kPage;
-  g.bytes = total;
-  g.base = static_cast<unsigned char*>(map_or_die(total));
-  unsigned char* p = g.base;
+  if (!arena_fits(l)) {
+    release_arena();
+    size_t total = 2 * kPage;
+    for (int i = 0; i < l->nregions; ++i) total += region_span(l->regions[i]) + 2 * kPage;
+    arena.base = static_cast<unsigned char*>(map_or_die(total));
+    arena.bytes = total;
+    arena.n = l->nregions <= 64 ? l->nregions : -1;
+    unsigned char* p = arena.base;
+    for (int i = 0; i < l->nregions; ++i) {
+      mprotect(p, i == 0 ? kPage : 2 * kPage, PROT_NONE);
+      p += (i == 0 ? kPage : 2 * kPage) + region_span(l->regions[i]);
+      if (i < 64) arena.spans[i] = region_span(l->regions[i]);
+    }
+    mprotect(p, kPage, PROT_NONE);
+  }
+  unsigned char* p = arena.base;
   for (int i = 0; i < l->nregions; ++i) {
     Region& r = l->regions[i];
-    mprotect(p, i == 0 ? kPage : 2 * kPage, PROT_NONE);
     p += i == 0 ? kPage : 2 * kPage;
-    const size_t span = region_span(r);
-    unsigned char* end = p + span;
+    unsigned char* end = p + region_span(r);
     const uintptr_t start = reinterpret_cast<uintptr_t>(end) - r.nbytes - region_pad(r);
     r.sim = reinterpret_cast<void*>(start);
     memset(p, 0xFF, size_t(start - reinterpret_cast<uintptr_t>(p)));  // poisoned slack
@@ -908,20 +934,17 @@ EMU_INTERNAL inline GuardedMemory map_regions(Launch* l) {
            size_t(reinterpret_cast<uintptr_t>(end) - start - r.nbytes));
     p = end;
   }
-  mprotect(p, kPage, PROT_NONE);
-  return g;
 }
 
-EMU_INTERNAL inline void unmap_regions(Launch* l, GuardedMemory& g) {
-  if (!g.base) return;
+EMU_INTERNAL inline void unmap_regions(Launch* l) {
+  if (!l->guard) return;
   for (int i = 0; i < l->nregions; ++i) {
     Region& r = l->regions[i];
     if (!r.nbytes) continue;
     if (r.writeable) memcpy(r.host, r.sim, r.nbytes);
     else r.written = memcmp(r.host, r.sim, r.nbytes) != 0;
   }
-  munmap(g.base, g.bytes);
-  g.base = nullptr;
+  if (arena.bytes > kKeepArenaBytes || arena.n < 0) release_arena();
 }
 
 // The guard page hit by a fault, as (region, byte offset from the region's start).
@@ -1151,7 +1174,7 @@ EMU_INTERNAL inline int run_grid(void (*thunk)(void*), void* ctx, Launch* l) {
   g_thunk_ctx = ctx;
   const size_t nthreads = size_t(l->block[0]) * l->block[1] * l->block[2];
   allocate_block_state(nthreads);
-  GuardedMemory mem = map_regions(l);
+  map_regions(l);
   set_pointer_args(l);
   const uint64_t nblocks = uint64_t(l->grid[0]) * l->grid[1] * l->grid[2];
   uint32_t* order = random_block_order(nblocks);
@@ -1177,7 +1200,7 @@ EMU_INTERNAL inline int run_grid(void (*thunk)(void*), void* ctx, Launch* l) {
   }
   cur = nullptr;
   free(order);
-  unmap_regions(l, mem);
+  unmap_regions(l);
   l->switches = switches;
   return rc;
 }
@@ -1248,7 +1271,7 @@ EMU_INTERNAL inline int run_grid(void (*thunk)(void*), void* ctx, Launch* l) {
   g_thunk = thunk;
   g_thunk_ctx = ctx;
   const size_t nthreads = size_t(l->block[0]) * l->block[1] * l->block[2];
-  GuardedMemory mem = map_regions(l);
+  map_regions(l);
   set_pointer_args(l);
   for (int i = 0; i < l->nregions; ++i)
     printf("EMU_REGION %d %p %llu\n", i, l->regions[i].sim, (unsigned long long)l->regions[i].nbytes);
@@ -1275,7 +1298,7 @@ EMU_INTERNAL inline int run_grid(void (*thunk)(void*), void* ctx, Launch* l) {
   }
   in_kernel = 0;
   __tsan_acquire(&tsan_kernel_end);  // the host sees every thread's writes after the launch
-  unmap_regions(l, mem);
+  unmap_regions(l);
   return OK;
 }
 
