@@ -26,7 +26,7 @@ from pathlib import Path
 from .errors import SimulationError
 from .toolchain import Toolchain, find_toolchain
 
-HEADER = Path(__file__).with_name("emu.h")
+HEADER = Path(__file__).with_name("emu.h")  # includes emu_device.h; emu_elementwise.h apart
 
 # -ffp-contract=off: g++ never fuses a*b+c (nvcc does by default; see docs/simulator.md).
 # -fstack-clash-protection: large stack frames touch every page, so overflows hit the guard.
@@ -53,9 +53,17 @@ def cache_dir() -> Path:
     return base / "cupy-bn" / "sim"
 
 
+def _own_headers() -> list[Path]:
+    return sorted(HEADER.parent.glob("*.h"))
+
+
 @functools.lru_cache(maxsize=1)
 def header_digest() -> str:
-    return hashlib.sha256(HEADER.read_bytes()).hexdigest()
+    """Hash of the simulator's headers (part of every cache key)."""
+    h = hashlib.sha256()
+    for p in _own_headers():
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
 
 
 def platform_flags() -> tuple[str, ...]:
@@ -90,7 +98,7 @@ def _deps_still_valid(meta: dict) -> bool:
 
 
 def _user_deps(depfile: Path, exclude: tuple[str, ...]) -> dict[str, str]:
-    """Headers named in g++'s -MMD output, minus the generated source and emu.h."""
+    """Headers named in g++'s -MMD output, minus the generated source and our headers."""
     try:
         text = depfile.read_text()
     except OSError:
@@ -200,7 +208,8 @@ def _compile(source: str, flags: tuple[str, ...], folder: Path, key: str, suffix
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
         if r.returncode != 0:
             raise SimulationError(_compile_error(r.stderr))
-        deps = _user_deps(dep, (os.path.realpath(src), os.path.realpath(HEADER)))
+        own = (os.path.realpath(src), *(os.path.realpath(p) for p in _own_headers()))
+        deps = _user_deps(dep, own)
         static = () if suffix == ".exe" else _template_shared_statics(out)
         # The file name also hashes the included headers: a rebuilt module gets a new name,
         # since a process cannot load a second library under a name it has loaded.

@@ -264,7 +264,7 @@ class ElementwiseKernel:
                 refs.append(f"{const}{ct}& {p.name} = _raw_{p.name}[_ind.get()];")
         typedefs = "".join(f"typedef {_c_type(t)} {name};\n" for name, t in type_map)
         return (
-            '#include "emu.h"\n'
+            '#include "emu_elementwise.h"\n'
             "using emu::CArray;\nusing emu::CIndexer;\nusing float16 = emu::float16;\n"
             f"{typedefs}"
             f'#line 1 "<{self.name} preamble>"\n{self.preamble}\n'

@@ -57,7 +57,7 @@ def _module_source(code: str, names: Sequence[str], source_name: str, race_mode:
     lines.append("EMU_EXPORT int emu_abi_version() { return EMU_ABI_VERSION; }")
     lines.append(
         "EMU_EXPORT void emu_set_static_smem(const uint64_t* p, uint64_t n) "
-        "{ emu::static_smem = p; emu::n_static_smem = n; }"
+        "{ emu::set_static_smem(p, n); }"
     )
     if race_mode:
         table = ", ".join(f"emu_launcher_{i}" for i in range(len(names))) or "nullptr"
@@ -80,18 +80,12 @@ class _Compiled:
         self.lib.emu_abi_version.restype = ctypes.c_int
         if self.lib.emu_abi_version() != 1:
             raise SimulationError(f"{self.artifact.path} was built for another simulator version")
-        smem = [v for pair in self._static_smem_addresses() for v in pair]
-        self._smem = (ctypes.c_uint64 * max(1, len(smem)))(*smem)
+        smem = [v for pair in self.artifact.static_smem for v in pair]
+        self._smem = (ctypes.c_uint64 * max(1, len(smem)))(*smem)  # read by the module
         self.lib.emu_set_static_smem.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
         self.lib.emu_set_static_smem(ctypes.addressof(self._smem), len(smem) // 2)
         self._race_exe: build.Artifact | None = None
         self._race_lock = threading.Lock()
-
-    def _static_smem_addresses(self) -> list[tuple[int, int]]:
-        if not self.artifact.static_smem:
-            return []
-        base = _library_base(self.lib)
-        return [(base + off, size) for off, size in self.artifact.static_smem] if base else []
 
     def launcher(self, index: int):
         fn = getattr(self.lib, f"emu_launch_{index}")
@@ -112,21 +106,6 @@ class _Compiled:
                 src = _module_source(self.code, self.names, self.source_name, True)
                 self._race_exe = build.build(src, flags=self.flags, executable=True)
             return self._race_exe
-
-
-def _library_base(lib: ctypes.CDLL) -> int:
-    """Load address of a shared library (dladdr on one of its functions)."""
-
-    class DlInfo(ctypes.Structure):
-        _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
-                    ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
-
-    libc = ctypes.CDLL(None)
-    info = DlInfo()
-    addr = ctypes.cast(lib.emu_abi_version, ctypes.c_void_p).value
-    if not libc.dladdr(ctypes.c_void_p(addr), ctypes.byref(info)):
-        return 0
-    return info.dli_fbase or 0
 
 
 _compiled_lock = threading.Lock()
