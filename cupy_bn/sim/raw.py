@@ -180,22 +180,22 @@ class RawModule:
             return self._module
 
     def get_function(self, name: str) -> RawKernel:
-        """The kernel ``name``: an ``extern "C"`` kernel or one of the name expressions."""
-        if name not in self._names:
-            # A kernel the source scan missed (e.g. defined by a macro): rebuild with it.
-            with self._lock:
-                self._names = (*self._names, name)
-                self._module = None
-            try:
-                self._compiled()
-            except SimulationError as e:
-                with self._lock:
-                    self._names = self._names[:-1]
-                    self._module = None
+        """The kernel ``name``: an ``extern "C"`` kernel or one of the name expressions.
+
+        As with CuPy, a template or C++ (mangled) kernel is found only through
+        ``name_expressions``.
+        """
+        if name not in self.name_expressions:
+            functions = self._compiled().artifact.c_functions
+            if functions is not None and name not in functions:
                 raise SimulationError(
-                    f"no kernel `{name}` in this module (extern \"C\" kernels: "
-                    f"{', '.join(self._names) or 'none'}; templates need name_expressions)\n{e}"
-                ) from None
+                    f"no kernel `{name}` in this module: CuPy finds extern \"C\" kernels by "
+                    "name and templates or C++ kernels through name_expressions"
+                )
+            if name not in self._names:  # e.g. an extern "C" kernel defined by a macro
+                with self._lock:
+                    self._names = (*self._names, name)
+                    self._module = None
         mod = self._compiled()
         return RawKernel._from_module(self, mod, self._names.index(name), name,
                                       self._bounds.get(base_name(name)))
