@@ -179,7 +179,7 @@ inline int signbit(float16 x) { return x.signbit(); }
 
 // Runs an elementwise loop with the fault handlers installed; 0 ok, else the error is in err.
 template <class F>
-inline int run_elementwise(F&& loop, char* err, uint64_t errcap) {
+inline int run_elementwise(F&& loop, char* err, uint64_t errcap, double timeout_s) {
   log_buf = err;
   log_cap = errcap;
   log_len = 0;
@@ -187,7 +187,7 @@ inline int run_elementwise(F&& loop, char* err, uint64_t errcap) {
   L = nullptr;
   int rc = OK;
   {
-    SignalGuard signals(0);
+    SignalGuard signals(timeout_s);
     rc = sigsetjmp(abort_jmp, 1);
     if (rc == OK) {
       in_kernel = 1;
