@@ -240,6 +240,7 @@ inline uint64_t n_static_smem = 0;
 inline uintptr_t static_smem_base = 0;
 
 inline sigjmp_buf abort_jmp;
+inline double watchdog_s = 0;  // the running launch's timeout
 inline volatile sig_atomic_t in_kernel = 0;
 inline volatile int fault_sig = 0, fault_code = 0, fault_write = -1;
 inline void* volatile fault_addr = nullptr;
@@ -978,10 +979,12 @@ EMU_INTERNAL inline void describe_fault() {
   log_append("ERROR: ");
   int region = -1;
   int64_t offset = 0;
-  if (fault_sig == SIGALRM) {
+  if (fault_sig == SIGALRM && !L) {
+    log_append("the loop did not finish within %g s", watchdog_s);
+  } else if (fault_sig == SIGALRM) {
     log_append("the kernel did not finish within %g s (a spin-wait on another thread or block? "
                "the simulator runs blocks one after another and switches threads only at "
-               "__syncthreads and warp intrinsics)", L ? L->timeout_s : 0.0);
+               "__syncthreads and warp intrinsics)", watchdog_s);
   } else if (fault_sig == SIGFPE) {
     log_append("arithmetic exception (integer division by zero or overflow): the GPU returns an "
                "undefined value, the CPU traps");
@@ -1085,6 +1088,7 @@ struct SignalGuard {
     sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
     sigemptyset(&sa.sa_mask);
     for (int i = 0; i < 6; ++i) sigaction(kSignals[i], &sa, &old[i]);
+    watchdog_s = timeout_s;
     if (timeout_s > 0) {
       itimerval t = {};
       t.it_value.tv_sec = time_t(timeout_s);
