@@ -6,9 +6,12 @@ kernel source against ``emu.h``; every CUDA thread is a fiber, blocks run one af
 threads switch at ``__syncthreads`` and warp intrinsics in a chosen order (``schedule=``), and
 what CUDA leaves undefined (partial barriers, warp intrinsics waiting for absent threads,
 out-of-bounds accesses, data races with ``check_races=True``) raises :class:`SimulationError`.
-See docs/simulator.md. This package imports nothing else of cupy_bn.
+Also here: ``find_toolchain()``/``is_available()`` (g++ and the CUDA headers) and the NVRTC
+helper ``cupy_bn.sim.nvrtc`` (PTX for any architecture, no GPU needed). See
+docs/simulator.md. This package imports nothing else of cupy_bn.
 """
 
+from . import nvrtc
 from .args import Param, cupy_scalar_dtype
 from .build import cache_dir
 from .elementwise import ElementwiseKernel
@@ -31,5 +34,6 @@ __all__ = [
     "cupy_scalar_dtype",
     "find_toolchain",
     "is_available",
+    "nvrtc",
     "race_mode_support",
 ]

@@ -133,9 +133,13 @@ def _scalar_mismatch(p: Param, dtype: np.dtype, raw: bytes) -> str | None:
     hint = f"pass numpy.{expected.name}(...)" if expected.kind != "b" else "pass a Python bool"
     if fits:
         how += " (right only while the value fits)"
+    if expected.itemsize <= dtype.itemsize:
+        reads = f"the kernel reads the first {expected.itemsize} of its {dtype.itemsize} bytes"
+    else:
+        reads = (f"the kernel reads {expected.itemsize} bytes, only {dtype.itemsize} of them "
+                 "the argument's")
     return (f"{p.describe()} is {expected.name} but CuPy passes this argument as {dtype}: "
-            f"the kernel reads the first {expected.itemsize} of its {dtype.itemsize} bytes, "
-            f"{how}; {hint}")
+            f"{reads}, {how}; {hint}")
 
 
 def _pointer_mismatch(p: Param, arr: np.ndarray) -> str | None:

@@ -26,7 +26,8 @@ from pathlib import Path
 from .errors import SimulationError
 from .toolchain import Toolchain, find_toolchain
 
-HEADER = Path(__file__).with_name("emu.h")
+_FORMAT = "cupy-bn-sim-cache-2"  # change when the entries' layout or metadata change
+HEADER = Path(__file__).with_name("emu.h")  # includes emu_device.h; emu_elementwise.h apart
 
 # -ffp-contract=off: g++ never fuses a*b+c (nvcc does by default; see docs/simulator.md).
 # -fstack-clash-protection: large stack frames touch every page, so overflows hit the guard.
@@ -53,9 +54,17 @@ def cache_dir() -> Path:
     return base / "cupy-bn" / "sim"
 
 
+def _own_headers() -> list[Path]:
+    return sorted(HEADER.parent.glob("*.h"))
+
+
 @functools.lru_cache(maxsize=1)
 def header_digest() -> str:
-    return hashlib.sha256(HEADER.read_bytes()).hexdigest()
+    """Hash of the simulator's headers (part of every cache key)."""
+    h = hashlib.sha256()
+    for p in _own_headers():
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
 
 
 def platform_flags() -> tuple[str, ...]:
@@ -69,6 +78,7 @@ class Artifact:
 
     path: Path
     static_smem: tuple[tuple[int, int], ...]  # (offset, size) of template __shared__ statics
+    c_functions: frozenset[str] | None  # functions with unmangled names (None: unknown)
 
 
 _memory_lock = threading.Lock()
@@ -90,7 +100,7 @@ def _deps_still_valid(meta: dict) -> bool:
 
 
 def _user_deps(depfile: Path, exclude: tuple[str, ...]) -> dict[str, str]:
-    """Headers named in g++'s -MMD output, minus the generated source and emu.h."""
+    """Headers named in g++'s -MMD output, minus the generated source and our headers."""
     try:
         text = depfile.read_text()
     except OSError:
@@ -111,27 +121,31 @@ def _user_deps(depfile: Path, exclude: tuple[str, ...]) -> dict[str, str]:
 _OWN_PREFIXES = ("_ZZN3emu", "_ZZNK3emu", "_ZZNSt", "_ZZSt", "_ZZNKSt", "_ZZN9__gnu", "_ZZN6__")
 
 
-def _template_shared_statics(path: Path) -> tuple[tuple[int, int], ...]:
-    """Function-local statics that g++ placed outside the `emu_smem` section.
+def _symbols(path: Path) -> tuple[tuple[tuple[int, int], ...], frozenset[str] | None]:
+    """From the symbol table: template-function statics, and unmangled function names.
 
-    Static shared memory in template functions lands in per-instantiation sections; the
-    runtime poisons these ranges before every block, like the section itself.
+    Static shared memory in template functions lands in per-instantiation sections, outside
+    the `emu_smem` section; the runtime poisons these ranges before every block too. The
+    unmangled (extern "C") function names are what CuPy's get_function can find without a
+    name expression.
     """
     try:
-        out = subprocess.run(
-            ["nm", "-S", "--defined-only", str(path)], capture_output=True, text=True, timeout=60
-        ).stdout
+        r = subprocess.run(["nm", "-S", "--defined-only", str(path)], capture_output=True,
+                           text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
-        return ()
-    found = []
-    for line in out.splitlines():
+        return (), None
+    if r.returncode != 0:
+        return (), None
+    statics, functions = [], set()
+    for line in r.stdout.splitlines():
         parts = line.split()
-        if len(parts) != 4 or parts[2] not in "bBdD":
-            continue
-        value, size, _, name = parts
-        if name.startswith("_ZZ") and not name.startswith(_OWN_PREFIXES):
-            found.append((int(value, 16), int(size, 16)))
-    return tuple(found)
+        if len(parts) == 4 and parts[2] in "bBdD":
+            value, size, _, name = parts
+            if name.startswith("_ZZ") and not name.startswith(_OWN_PREFIXES):
+                statics.append((int(value, 16), int(size, 16)))
+        elif len(parts) >= 3 and parts[-2] in "tT" and not parts[-1].startswith("_Z"):
+            functions.add(parts[-1])
+    return tuple(statics), frozenset(functions)
 
 
 def build(source: str, *, flags: tuple[str, ...], executable: bool = False,
@@ -150,7 +164,7 @@ def build(source: str, *, flags: tuple[str, ...], executable: bool = False,
         *(f"-isystem{d}" for d in tc.include_dirs),
     )
     h = hashlib.sha256()
-    for part in (source, header_digest(), "\0".join(all_flags), tc.fingerprint, "emu-abi-1"):
+    for part in (source, header_digest(), "\0".join(all_flags), tc.fingerprint, _FORMAT):
         h.update(part.encode())
         h.update(b"\0")
     key = h.hexdigest()[:32]
@@ -178,7 +192,9 @@ def _load_entry(folder: Path, meta_path: Path) -> Artifact | None:
         return None
     if not target.exists() or not _deps_still_valid(meta):
         return None
-    return Artifact(target, tuple(tuple(x) for x in meta.get("static_smem", ())))
+    functions = meta.get("c_functions")
+    return Artifact(target, tuple(tuple(x) for x in meta.get("static_smem", ())),
+                    frozenset(functions) if functions is not None else None)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -200,16 +216,18 @@ def _compile(source: str, flags: tuple[str, ...], folder: Path, key: str, suffix
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
         if r.returncode != 0:
             raise SimulationError(_compile_error(r.stderr))
-        deps = _user_deps(dep, (os.path.realpath(src), os.path.realpath(HEADER)))
-        static = () if suffix == ".exe" else _template_shared_statics(out)
+        own = (os.path.realpath(src), *(os.path.realpath(p) for p in _own_headers()))
+        deps = _user_deps(dep, own)
+        static, functions = ((), None) if suffix == ".exe" else _symbols(out)
         # The file name also hashes the included headers: a rebuilt module gets a new name,
         # since a process cannot load a second library under a name it has loaded.
         dep_digest = hashlib.sha256(json.dumps(sorted(deps.items())).encode()).hexdigest()[:8]
         target = folder / f"{key}-{dep_digest}{suffix}"
         os.replace(out, target)
-    meta = {"file": target.name, "deps": deps, "static_smem": static}
+    meta = {"file": target.name, "deps": deps, "static_smem": static,
+            "c_functions": sorted(functions) if functions is not None else None}
     _atomic_write(folder / f"{key}.json", json.dumps(meta))
-    return Artifact(target, static)
+    return Artifact(target, static, functions)
 
 
 def _compile_error(stderr: str) -> str:

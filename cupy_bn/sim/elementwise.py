@@ -87,8 +87,11 @@ class ElementwiseKernel:
     ``size=`` gives the loop size when every array is raw. ``block_size`` and ``stream`` are
     accepted and ignored. Returns the output array (a tuple for several outputs, None with
     ``no_return=True``). Note that, as in CuPy, outputs are passed positionally: there is no
-    ``out=`` keyword.
+    ``out=`` keyword. A call that runs longer than ``timeout`` seconds (class attribute,
+    60; 0 for none) is stopped with a SimulationError.
     """
+
+    timeout: float = 60.0
 
     def __init__(self, in_params: str, out_params: str, operation: str, name: str = "kernel",
                  reduce_dims: bool = True, preamble: str = "", no_return: bool = False,
@@ -224,7 +227,7 @@ class ElementwiseKernel:
         ptr_arr = (ctypes.c_void_p * max(1, len(pointers)))(*pointers)
         err = ctypes.create_string_buffer(4096)
         with launch_lock:
-            rc = fn(ptr_arr, meta_arr, err, len(err))
+            rc = fn(ptr_arr, meta_arr, err, len(err), float(self.timeout))
         if rc != 0:
             msg = err.value.decode(errors="replace").strip()
             msg = re.sub(r"^ERROR: ", "", msg, flags=re.M)
@@ -241,7 +244,8 @@ class ElementwiseKernel:
         lib = ctypes.CDLL(str(art.path), mode=ctypes.RTLD_LOCAL)
         fn = lib.emu_elementwise
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64]
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64,
+                       ctypes.c_double]
         fn._lib = lib  # keep the library loaded
         with self._lock:
             self._functions[key] = fn
@@ -264,13 +268,13 @@ class ElementwiseKernel:
                 refs.append(f"{const}{ct}& {p.name} = _raw_{p.name}[_ind.get()];")
         typedefs = "".join(f"typedef {_c_type(t)} {name};\n" for name, t in type_map)
         return (
-            '#include "emu.h"\n'
+            '#include "emu_elementwise.h"\n'
             "using emu::CArray;\nusing emu::CIndexer;\nusing float16 = emu::float16;\n"
             f"{typedefs}"
             f'#line 1 "<{self.name} preamble>"\n{self.preamble}\n'
             '#line 1 "<elementwise loop>"\n'
             "EMU_EXPORT int emu_elementwise(void** _p, const int64_t* _meta, char* _err, "
-            "uint64_t _errcap) {\n"
+            "uint64_t _errcap, double _timeout) {\n"
             f"  CIndexer<{ndim}> _ind(_meta);\n"
             + "\n".join(decls) + "\n"
             "  return emu::run_elementwise([&]() {\n"
@@ -284,6 +288,6 @@ class ElementwiseKernel:
             "    }\n"
             f'#line 1 "<{self.name} after_loop>"\n{self.after_loop};\n'
             '#line 1 "<elementwise loop>"\n'
-            "  }, _err, _errcap);\n}\n"
+            "  }, _err, _errcap, _timeout);\n}\n"
         )
 

@@ -1,5 +1,8 @@
 // emu.h: run CUDA C kernels on the CPU (the runtime behind cupy_bn.sim).
 //
+// This file: keywords, the scheduler, guarded memory, faults, launches and race mode;
+// emu_device.h: the device API; emu_elementwise.h: ElementwiseKernel's array views.
+//
 // The loader (cupy_bn/sim/build.py) compiles the unchanged kernel source with g++ after this
 // header. Every CUDA thread of a block is a cooperative fiber; the blocks of a grid run one
 // after another. A fiber runs until it reaches __syncthreads, a warp intrinsic or its end, so
@@ -232,10 +235,12 @@ inline int schedule = FORWARD;
 inline uint64_t rng_state = 0;
 inline uint64_t dyn_smem_bytes = 0;
 inline size_t stack_kb = 64;
-inline const uint64_t* static_smem = nullptr;  // (address, size) pairs poisoned per block
+inline const uint64_t* static_smem = nullptr;  // (module offset, size) pairs poisoned per block
 inline uint64_t n_static_smem = 0;
+inline uintptr_t static_smem_base = 0;
 
 inline sigjmp_buf abort_jmp;
+inline double watchdog_s = 0;  // the running launch's timeout
 inline volatile sig_atomic_t in_kernel = 0;
 inline volatile int fault_sig = 0, fault_code = 0, fault_write = -1;
 inline void* volatile fault_addr = nullptr;
@@ -793,7 +798,8 @@ EMU_INTERNAL inline void poison_shared_memory() {
 #ifndef EMU_TSAN
   memset(__start_emu_smem, 0xFF, size_t(__stop_emu_smem - __start_emu_smem));
   for (uint64_t i = 0; i < n_static_smem; ++i)
-    memset(reinterpret_cast<void*>(static_smem[2 * i]), 0xFF, static_smem[2 * i + 1]);
+    memset(reinterpret_cast<void*>(static_smem_base + static_smem[2 * i]), 0xFF,
+           static_smem[2 * i + 1]);
 #endif
   if (dyn_smem_bytes) memset(g_dyn_smem, 0xFF, dyn_smem_bytes);
 }
@@ -866,10 +872,16 @@ EMU_INTERNAL inline uint32_t* random_block_order(uint64_t nblocks) {
 // ---------------------------------------------------------- guarded memory
 // Every region gets its own copy whose last byte touches a PROT_NONE page, with another
 // guard page before it: [G] r0 [G][G] r1 [G] ... Reads and writes past either end fault.
-struct GuardedMemory {
+// The copies live in one mapping that is kept from launch to launch while the layout (the
+// regions' page spans) stays the same, so that repeated launches cost no mmap/mprotect.
+struct Arena {
   unsigned char* base = nullptr;
   size_t bytes = 0;
+  int n = -1;
+  size_t spans[64] = {};
 };
+inline Arena arena;
+constexpr size_t kKeepArenaBytes = size_t(64) << 20;
 
 // Bytes between the copy's start and the guard page: 0 unless the start must move down to
 // keep the host pointer's alignment (phase) modulo r.align.
@@ -883,23 +895,43 @@ EMU_INTERNAL inline size_t region_span(const Region& r) {
   return (r.nbytes + region_pad(r) + kPage - 1) / kPage * kPage;
 }
 
-EMU_INTERNAL inline GuardedMemory map_regions(Launch* l) {
-  GuardedMemory g;
+EMU_INTERNAL inline void release_arena() {
+  if (arena.base) munmap(arena.base, arena.bytes);
+  arena = Arena();
+}
+
+EMU_INTERNAL inline bool arena_fits(const Launch* l) {
+  if (!arena.base || arena.n != l->nregions) return false;
+  for (int i = 0; i < l->nregions; ++i)
+    if (arena.spans[i] != region_span(l->regions[i])) return false;
+  return true;
+}
+
+EMU_INTERNAL inline void map_regions(Launch* l) {
   if (!l->guard) {
     for (int i = 0; i < l->nregions; ++i) l->regions[i].sim = l->regions[i].host;
-    return g;
+    return;
   }
-  size_t total = kPage;
-  for (int i = 0; i < l->nregions; ++i) total += region_span(l->regions[i]) + 2 * kPage;
-  g.bytes = total;
-  g.base = static_cast<unsigned char*>(map_or_die(total));
-  unsigned char* p = g.base;
+  if (!arena_fits(l)) {
+    release_arena();
+    size_t total = 2 * kPage;
+    for (int i = 0; i < l->nregions; ++i) total += region_span(l->regions[i]) + 2 * kPage;
+    arena.base = static_cast<unsigned char*>(map_or_die(total));
+    arena.bytes = total;
+    arena.n = l->nregions <= 64 ? l->nregions : -1;
+    unsigned char* p = arena.base;
+    for (int i = 0; i < l->nregions; ++i) {
+      mprotect(p, i == 0 ? kPage : 2 * kPage, PROT_NONE);
+      p += (i == 0 ? kPage : 2 * kPage) + region_span(l->regions[i]);
+      if (i < 64) arena.spans[i] = region_span(l->regions[i]);
+    }
+    mprotect(p, kPage, PROT_NONE);
+  }
+  unsigned char* p = arena.base;
   for (int i = 0; i < l->nregions; ++i) {
     Region& r = l->regions[i];
-    mprotect(p, i == 0 ? kPage : 2 * kPage, PROT_NONE);
     p += i == 0 ? kPage : 2 * kPage;
-    const size_t span = region_span(r);
-    unsigned char* end = p + span;
+    unsigned char* end = p + region_span(r);
     const uintptr_t start = reinterpret_cast<uintptr_t>(end) - r.nbytes - region_pad(r);
     r.sim = reinterpret_cast<void*>(start);
     memset(p, 0xFF, size_t(start - reinterpret_cast<uintptr_t>(p)));  // poisoned slack
@@ -908,20 +940,17 @@ EMU_INTERNAL inline GuardedMemory map_regions(Launch* l) {
            size_t(reinterpret_cast<uintptr_t>(end) - start - r.nbytes));
     p = end;
   }
-  mprotect(p, kPage, PROT_NONE);
-  return g;
 }
 
-EMU_INTERNAL inline void unmap_regions(Launch* l, GuardedMemory& g) {
-  if (!g.base) return;
+EMU_INTERNAL inline void unmap_regions(Launch* l) {
+  if (!l->guard) return;
   for (int i = 0; i < l->nregions; ++i) {
     Region& r = l->regions[i];
     if (!r.nbytes) continue;
     if (r.writeable) memcpy(r.host, r.sim, r.nbytes);
     else r.written = memcmp(r.host, r.sim, r.nbytes) != 0;
   }
-  munmap(g.base, g.bytes);
-  g.base = nullptr;
+  if (arena.bytes > kKeepArenaBytes || arena.n < 0) release_arena();
 }
 
 // The guard page hit by a fault, as (region, byte offset from the region's start).
@@ -950,10 +979,12 @@ EMU_INTERNAL inline void describe_fault() {
   log_append("ERROR: ");
   int region = -1;
   int64_t offset = 0;
-  if (fault_sig == SIGALRM) {
+  if (fault_sig == SIGALRM && !L) {
+    log_append("the loop did not finish within %g s", watchdog_s);
+  } else if (fault_sig == SIGALRM) {
     log_append("the kernel did not finish within %g s (a spin-wait on another thread or block? "
                "the simulator runs blocks one after another and switches threads only at "
-               "__syncthreads and warp intrinsics)", L ? L->timeout_s : 0.0);
+               "__syncthreads and warp intrinsics)", watchdog_s);
   } else if (fault_sig == SIGFPE) {
     log_append("arithmetic exception (integer division by zero or overflow): the GPU returns an "
                "undefined value, the CPU traps");
@@ -988,6 +1019,14 @@ EMU_INTERNAL inline uintptr_t module_base() {
   if (dladdr(reinterpret_cast<void*>(&module_base), &info) && info.dli_fbase)
     return reinterpret_cast<uintptr_t>(info.dli_fbase);
   return 0;
+}
+
+// Static shared memory outside the emu_smem section (templates' statics), found by the loader
+// in the symbol table: `offsets_sizes` holds n (offset in this module, size) pairs.
+EMU_INTERNAL inline void set_static_smem(const uint64_t* offsets_sizes, uint64_t n) {
+  static_smem_base = module_base();
+  static_smem = static_smem_base ? offsets_sizes : nullptr;
+  n_static_smem = static_smem_base ? n : 0;
 }
 
 inline void on_signal(int sig, siginfo_t* si, void* ucv) {
@@ -1049,6 +1088,7 @@ struct SignalGuard {
     sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
     sigemptyset(&sa.sa_mask);
     for (int i = 0; i < 6; ++i) sigaction(kSignals[i], &sa, &old[i]);
+    watchdog_s = timeout_s;
     if (timeout_s > 0) {
       itimerval t = {};
       t.it_value.tv_sec = time_t(timeout_s);
@@ -1151,7 +1191,7 @@ EMU_INTERNAL inline int run_grid(void (*thunk)(void*), void* ctx, Launch* l) {
   g_thunk_ctx = ctx;
   const size_t nthreads = size_t(l->block[0]) * l->block[1] * l->block[2];
   allocate_block_state(nthreads);
-  GuardedMemory mem = map_regions(l);
+  map_regions(l);
   set_pointer_args(l);
   const uint64_t nblocks = uint64_t(l->grid[0]) * l->grid[1] * l->grid[2];
   uint32_t* order = random_block_order(nblocks);
@@ -1177,7 +1217,7 @@ EMU_INTERNAL inline int run_grid(void (*thunk)(void*), void* ctx, Launch* l) {
   }
   cur = nullptr;
   free(order);
-  unmap_regions(l, mem);
+  unmap_regions(l);
   l->switches = switches;
   return rc;
 }
@@ -1248,7 +1288,7 @@ EMU_INTERNAL inline int run_grid(void (*thunk)(void*), void* ctx, Launch* l) {
   g_thunk = thunk;
   g_thunk_ctx = ctx;
   const size_t nthreads = size_t(l->block[0]) * l->block[1] * l->block[2];
-  GuardedMemory mem = map_regions(l);
+  map_regions(l);
   set_pointer_args(l);
   for (int i = 0; i < l->nregions; ++i)
     printf("EMU_REGION %d %p %llu\n", i, l->regions[i].sim, (unsigned long long)l->regions[i].nbytes);
@@ -1275,7 +1315,7 @@ EMU_INTERNAL inline int run_grid(void (*thunk)(void*), void* ctx, Launch* l) {
   }
   in_kernel = 0;
   __tsan_acquire(&tsan_kernel_end);  // the host sees every thread's writes after the launch
-  unmap_regions(l, mem);
+  unmap_regions(l);
   return OK;
 }
 
@@ -1486,517 +1526,6 @@ EMU_INTERNAL inline void thread_fence() {
 
 }  // namespace emu
 
-// ============================================================ device API
-// __builtin_LINE()/__builtin_FILE() as default arguments record the caller's source line.
-
-inline void __syncthreads(int line = __builtin_LINE(), const char* file = __builtin_FILE()) {
-  emu::syncthreads(0, 0, line, file);
-}
-inline int __syncthreads_count(int p, int line = __builtin_LINE(), const char* file = __builtin_FILE()) {
-  return emu::syncthreads(0, p, line, file);
-}
-inline int __syncthreads_and(int p, int line = __builtin_LINE(), const char* file = __builtin_FILE()) {
-  return emu::syncthreads(1, p, line, file);
-}
-inline int __syncthreads_or(int p, int line = __builtin_LINE(), const char* file = __builtin_FILE()) {
-  return emu::syncthreads(2, p, line, file);
-}
-inline void __syncwarp(unsigned mask = 0xFFFFFFFFu, int line = __builtin_LINE(),
-                       const char* file = __builtin_FILE()) {
-  emu::warp_op(emu::OP_SYNCWARP, mask, 0, 0, 0, 32, 0, line, file);
-}
-inline void __threadfence() { emu::thread_fence(); }
-inline void __threadfence_block() { emu::thread_fence(); }
-inline void __threadfence_system() { emu::thread_fence(); }
-[[noreturn]] inline void __trap(int line = __builtin_LINE(), const char* file = __builtin_FILE()) {
-  emu::trap(line, file);
-}
-inline void __nanosleep(unsigned) {}
-// A counter of thread switches (clock() is the C library's).
-inline long long clock64() { return (long long)emu::switch_count(); }
-
-template <class T>
-inline T __shfl_sync(unsigned mask, T v, int src, int width = warpSize,
-                     int line = __builtin_LINE(), const char* file = __builtin_FILE()) {
-  return emu::shfl(emu::OP_SHFL_IDX, mask, v, src, width, line, file);
-}
-template <class T>
-inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = warpSize,
-                        int line = __builtin_LINE(), const char* file = __builtin_FILE()) {
-  return emu::shfl(emu::OP_SHFL_UP, mask, v, int(delta), width, line, file);
-}
-template <class T>
-inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = warpSize,
-                          int line = __builtin_LINE(), const char* file = __builtin_FILE()) {
-  return emu::shfl(emu::OP_SHFL_DOWN, mask, v, int(delta), width, line, file);
-}
-template <class T>
-inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = warpSize,
-                         int line = __builtin_LINE(), const char* file = __builtin_FILE()) {
-  return emu::shfl(emu::OP_SHFL_XOR, mask, v, lane_mask, width, line, file);
-}
-inline unsigned __ballot_sync(unsigned mask, int pred, int line = __builtin_LINE(),
-                              const char* file = __builtin_FILE()) {
-  return unsigned(emu::warp_op(emu::OP_BALLOT, mask, pred != 0, 4, 0, 32, 0, line, file));
-}
-inline int __any_sync(unsigned mask, int pred, int line = __builtin_LINE(),
-                      const char* file = __builtin_FILE()) {
-  return int(emu::warp_op(emu::OP_ANY, mask, pred != 0, 4, 0, 32, 0, line, file));
-}
-inline int __all_sync(unsigned mask, int pred, int line = __builtin_LINE(),
-                      const char* file = __builtin_FILE()) {
-  return int(emu::warp_op(emu::OP_ALL, mask, pred != 0, 4, 0, 32, 0, line, file));
-}
-inline int __uni_sync(unsigned mask, int pred, int line = __builtin_LINE(),
-                      const char* file = __builtin_FILE()) {
-  return int(emu::warp_op(emu::OP_UNI, mask, pred != 0, 4, 0, 32, 0, line, file));
-}
-template <class T>
-inline unsigned __match_any_sync(unsigned mask, T v, int line = __builtin_LINE(),
-                                 const char* file = __builtin_FILE()) {
-  return unsigned(emu::warp_op(emu::OP_MATCH_ANY, mask, emu::to_bits(v), sizeof(T), 0, 32, 0, line, file));
-}
-template <class T>
-inline unsigned __match_all_sync(unsigned mask, T v, int* pred, int line = __builtin_LINE(),
-                                 const char* file = __builtin_FILE()) {
-  const unsigned r = unsigned(emu::warp_op(emu::OP_MATCH_ALL, mask, emu::to_bits(v), sizeof(T), 0, 32, 0, line, file));
-  *pred = emu::cur->flag;
-  return r;
-}
-#define EMU_WARP_REDUCE(NAME, OP)                                                              \
-  inline unsigned NAME(unsigned mask, unsigned v, int line = __builtin_LINE(),                 \
-                       const char* file = __builtin_FILE()) {                                  \
-    return unsigned(emu::warp_op(emu::OP, mask, v, 4, 0, 32, 0, line, file));                  \
-  }                                                                                            \
-  inline int NAME(unsigned mask, int v, int line = __builtin_LINE(),                           \
-                  const char* file = __builtin_FILE()) {                                       \
-    return int(uint32_t(emu::warp_op(emu::OP, mask, uint32_t(v), 4, 0, 32, 1, line, file)));   \
-  }
-EMU_WARP_REDUCE(__reduce_add_sync, OP_REDUCE_ADD)
-EMU_WARP_REDUCE(__reduce_min_sync, OP_REDUCE_MIN)
-EMU_WARP_REDUCE(__reduce_max_sync, OP_REDUCE_MAX)
-#undef EMU_WARP_REDUCE
-inline unsigned __reduce_and_sync(unsigned mask, unsigned v, int line = __builtin_LINE(),
-                                  const char* file = __builtin_FILE()) {
-  return unsigned(emu::warp_op(emu::OP_REDUCE_AND, mask, v, 4, 0, 32, 0, line, file));
-}
-inline unsigned __reduce_or_sync(unsigned mask, unsigned v, int line = __builtin_LINE(),
-                                 const char* file = __builtin_FILE()) {
-  return unsigned(emu::warp_op(emu::OP_REDUCE_OR, mask, v, 4, 0, 32, 0, line, file));
-}
-inline unsigned __reduce_xor_sync(unsigned mask, unsigned v, int line = __builtin_LINE(),
-                                  const char* file = __builtin_FILE()) {
-  return unsigned(emu::warp_op(emu::OP_REDUCE_XOR, mask, v, 4, 0, 32, 0, line, file));
-}
-// All non-exited lanes of the warp (the simulator's threads are never diverged at a call).
-inline unsigned __activemask() { return emu::live_lanes(); }
-
-// ---------------------------------------------------------------- atomics
-#define EMU_ATOMIC_ADD(T)                                                                   \
-  inline T atomicAdd(T* p, T v) { return emu::atomic_add(p, v); }                           \
-  inline T atomicAdd_block(T* p, T v) { return emu::atomic_add(p, v); }                     \
-  inline T atomicAdd_system(T* p, T v) { return emu::atomic_add(p, v); }
-EMU_ATOMIC_ADD(int)
-EMU_ATOMIC_ADD(unsigned)
-EMU_ATOMIC_ADD(unsigned long long)
-EMU_ATOMIC_ADD(float)
-EMU_ATOMIC_ADD(double)
-#undef EMU_ATOMIC_ADD
-// __half, __half2, __nv_bfloat16, ...: any type with operator+ (the CUDA headers' host code)
-template <class T>
-inline T atomicAdd(T* p, T v) { return emu::atomic_update(p, [&](T o) { return T(o + v); }); }
-inline int atomicSub(int* p, int v) { return emu::atomic_add(p, -v); }
-inline unsigned atomicSub(unsigned* p, unsigned v) { return emu::atomic_add(p, 0u - v); }
-
-#define EMU_ATOMIC_INT_OPS(T)                                                                 \
-  inline T atomicExch(T* p, T v) { return emu::atomic_update(p, [&](T) { return v; }); }      \
-  inline T atomicMin(T* p, T v) { return emu::atomic_update(p, [&](T o) { return v < o ? v : o; }); } \
-  inline T atomicMax(T* p, T v) { return emu::atomic_update(p, [&](T o) { return v > o ? v : o; }); } \
-  inline T atomicAnd(T* p, T v) { return __atomic_fetch_and(p, v, __ATOMIC_RELAXED); }        \
-  inline T atomicOr(T* p, T v) { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }          \
-  inline T atomicXor(T* p, T v) { return __atomic_fetch_xor(p, v, __ATOMIC_RELAXED); }        \
-  inline T atomicCAS(T* p, T compare, T v) {                                                  \
-    __atomic_compare_exchange(p, &compare, &v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);    \
-    return compare;                                                                           \
-  }
-EMU_ATOMIC_INT_OPS(int)
-EMU_ATOMIC_INT_OPS(unsigned)
-EMU_ATOMIC_INT_OPS(unsigned long long)
-EMU_ATOMIC_INT_OPS(long long)
-#undef EMU_ATOMIC_INT_OPS
-inline unsigned short atomicCAS(unsigned short* p, unsigned short compare, unsigned short v) {
-  __atomic_compare_exchange(p, &compare, &v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
-  return compare;
-}
-inline float atomicExch(float* p, float v) { return emu::atomic_update(p, [&](float) { return v; }); }
-inline unsigned atomicInc(unsigned* p, unsigned limit) {
-  return emu::atomic_update(p, [&](unsigned o) { return o >= limit ? 0u : o + 1u; });
-}
-inline unsigned atomicDec(unsigned* p, unsigned limit) {
-  return emu::atomic_update(p, [&](unsigned o) { return (o == 0u || o > limit) ? limit : o - 1u; });
-}
-
-// ---------------------------------------------------- math and intrinsics
-// The CPU computes IEEE results where the GPU's fast intrinsics (__expf, rsqrtf, ...) are
-// approximate: compare with tolerances. Functions that a newer C library may declare itself
-// are templates, so that the library's version wins when it exists.
-template <int = 0> inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
-template <int = 0> inline double rsqrt(double x) { return 1.0 / sqrt(x); }
-template <int = 0> inline float rcbrtf(float x) { return 1.0f / cbrtf(x); }
-template <int = 0> inline double rcbrt(double x) { return 1.0 / cbrt(x); }
-template <int = 0> inline float sinpif(float x) { return float(sin(M_PI * double(x))); }
-template <int = 0> inline float cospif(float x) { return float(cos(M_PI * double(x))); }
-template <int = 0> inline double sinpi(double x) { return sin(M_PI * x); }
-template <int = 0> inline double cospi(double x) { return cos(M_PI * x); }
-template <int = 0> inline float normcdff(float x) { return 0.5f * erfcf(-x * float(M_SQRT1_2)); }
-template <int = 0> inline double normcdf(double x) { return 0.5 * erfc(-x * M_SQRT1_2); }
-template <int = 0> inline float fdividef(float a, float b) { return a / b; }
-inline float __fdividef(float a, float b) { return a / b; }
-inline float __frcp_rn(float a) { return 1.0f / a; }
-inline double __drcp_rn(double a) { return 1.0 / a; }
-inline float __fsqrt_rn(float a) { return sqrtf(a); }
-inline double __dsqrt_rn(double a) { return sqrt(a); }
-inline float __frsqrt_rn(float a) { return 1.0f / sqrtf(a); }
-inline float __expf(float a) { return expf(a); }
-inline float __exp10f(float a) { return exp10f(a); }
-inline float __logf(float a) { return logf(a); }
-inline float __log2f(float a) { return log2f(a); }
-inline float __log10f(float a) { return log10f(a); }
-inline float __powf(float a, float b) { return powf(a, b); }
-inline float __sinf(float a) { return sinf(a); }
-inline float __cosf(float a) { return cosf(a); }
-inline float __tanf(float a) { return tanf(a); }
-inline void __sincosf(float a, float* s, float* c) { *s = sinf(a); *c = cosf(a); }
-inline float __saturatef(float a) { return a < 0.f ? 0.f : (a > 1.f ? 1.f : (a == a ? a : 0.f)); }
-inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
-inline double __fma_rn(double a, double b, double c) { return fma(a, b, c); }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fdiv_rn(float a, float b) { return a / b; }
-inline double __dadd_rn(double a, double b) { return a + b; }
-inline double __dsub_rn(double a, double b) { return a - b; }
-inline double __dmul_rn(double a, double b) { return a * b; }
-inline double __ddiv_rn(double a, double b) { return a / b; }
-inline int __float2int_rn(float a) { return int(nearbyintf(a)); }
-inline int __float2int_rz(float a) { return int(truncf(a)); }
-inline int __float2int_rd(float a) { return int(floorf(a)); }
-inline int __float2int_ru(float a) { return int(ceilf(a)); }
-inline unsigned __float2uint_rn(float a) { return unsigned(nearbyintf(a)); }
-inline unsigned __float2uint_rz(float a) { return unsigned(truncf(a)); }
-inline long long __float2ll_rn(float a) { return (long long)nearbyintf(a); }
-inline long long __float2ll_rz(float a) { return (long long)truncf(a); }
-inline int __double2int_rn(double a) { return int(nearbyint(a)); }
-inline int __double2int_rz(double a) { return int(trunc(a)); }
-inline long long __double2ll_rn(double a) { return (long long)nearbyint(a); }
-inline float __double2float_rn(double a) { return float(a); }
-inline float __int2float_rn(int a) { return float(a); }
-inline float __uint2float_rn(unsigned a) { return float(a); }
-inline float __ll2float_rn(long long a) { return float(a); }
-inline double __int2double_rn(int a) { return double(a); }
-inline double __ll2double_rn(long long a) { return double(a); }
-inline int __float_as_int(float a) { return emu::from_bits<int>(emu::to_bits(a)); }
-inline unsigned __float_as_uint(float a) { return emu::from_bits<unsigned>(emu::to_bits(a)); }
-inline float __int_as_float(int a) { return emu::from_bits<float>(emu::to_bits(a)); }
-inline float __uint_as_float(unsigned a) { return emu::from_bits<float>(emu::to_bits(a)); }
-inline long long __double_as_longlong(double a) { return emu::from_bits<long long>(emu::to_bits(a)); }
-inline double __longlong_as_double(long long a) { return emu::from_bits<double>(emu::to_bits(a)); }
-inline int __double2hiint(double a) { return int(uint64_t(__double_as_longlong(a)) >> 32); }
-inline int __double2loint(double a) { return int(uint32_t(uint64_t(__double_as_longlong(a)))); }
-inline double __hiloint2double(int hi, int lo) {
-  return __longlong_as_double((long long)((uint64_t(uint32_t(hi)) << 32) | uint32_t(lo)));
-}
-inline int __popc(unsigned x) { return __builtin_popcount(x); }
-inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
-inline int __clz(int x) { return x ? __builtin_clz(unsigned(x)) : 32; }
-inline int __clzll(long long x) { return x ? __builtin_clzll((unsigned long long)x) : 64; }
-inline int __ffs(int x) { return __builtin_ffs(x); }
-inline int __ffsll(long long x) { return __builtin_ffsll(x); }
-inline unsigned __brev(unsigned x) {
-  x = ((x >> 1) & 0x55555555u) | ((x & 0x55555555u) << 1);
-  x = ((x >> 2) & 0x33333333u) | ((x & 0x33333333u) << 2);
-  x = ((x >> 4) & 0x0F0F0F0Fu) | ((x & 0x0F0F0F0Fu) << 4);
-  return __builtin_bswap32(x);
-}
-inline unsigned long long __brevll(unsigned long long x) {
-  return (static_cast<unsigned long long>(__brev(unsigned(x))) << 32) | __brev(unsigned(x >> 32));
-}
-inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
-  const uint64_t v = (uint64_t(y) << 32) | x;
-  unsigned r = 0;
-  for (int i = 0; i < 4; ++i) r |= unsigned((v >> (8 * ((s >> (4 * i)) & 7))) & 0xFF) << (8 * i);
-  return r;
-}
-inline int __mul24(int a, int b) { return int32_t(uint32_t(a << 8 >> 8) * uint32_t(b << 8 >> 8)); }
-inline unsigned __umul24(unsigned a, unsigned b) { return (a & 0xFFFFFFu) * (b & 0xFFFFFFu); }
-inline int __mulhi(int a, int b) { return int((int64_t(a) * b) >> 32); }
-inline unsigned __umulhi(unsigned a, unsigned b) { return unsigned((uint64_t(a) * b) >> 32); }
-inline long long __mul64hi(long long a, long long b) { return (long long)((__int128(a) * b) >> 64); }
-inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) {
-  return (unsigned long long)((unsigned __int128)a * b >> 64);
-}
-inline unsigned __funnelshift_l(unsigned lo, unsigned hi, unsigned s) {
-  return unsigned(((uint64_t(hi) << 32 | lo) << (s & 31)) >> 32);
-}
-inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned s) {
-  return unsigned((uint64_t(hi) << 32 | lo) >> (s & 31));
-}
-inline unsigned __lanemask_lt() { return (1u << emu::current_lane()) - 1u; }
-
-// Cache-hinted loads and stores are plain memory accesses.
-template <class T> inline T __ldg(const T* p) { return *p; }
-template <class T> inline T __ldca(const T* p) { return *p; }
-template <class T> inline T __ldcg(const T* p) { return *p; }
-template <class T> inline T __ldcs(const T* p) { return *p; }
-template <class T> inline T __ldlu(const T* p) { return *p; }
-template <class T> inline T __ldcv(const T* p) { return *p; }
-template <class T> inline void __stwb(T* p, T v) { *p = v; }
-template <class T> inline void __stcg(T* p, T v) { *p = v; }
-template <class T> inline void __stcs(T* p, T v) { *p = v; }
-template <class T> inline void __stwt(T* p, T v) { *p = v; }
-
-// CUDA's global min/max for arithmetic types (floating point like fminf/fmaxf for NaN).
-template <class A, class B, class = std::enable_if_t<std::is_arithmetic<A>::value && std::is_arithmetic<B>::value>>
-inline auto max(A a, B b) -> std::common_type_t<A, B> {
-  using C = std::common_type_t<A, B>;
-  if constexpr (std::is_floating_point<C>::value) return std::fmax(C(a), C(b));
-  else return C(a) > C(b) ? C(a) : C(b);
-}
-template <class A, class B, class = std::enable_if_t<std::is_arithmetic<A>::value && std::is_arithmetic<B>::value>>
-inline auto min(A a, B b) -> std::common_type_t<A, B> {
-  using C = std::common_type_t<A, B>;
-  if constexpr (std::is_floating_point<C>::value) return std::fmin(C(a), C(b));
-  else return C(a) < C(b) ? C(a) : C(b);
-}
-inline unsigned umin(unsigned a, unsigned b) { return a < b ? a : b; }
-inline unsigned umax(unsigned a, unsigned b) { return a > b ? a : b; }
-inline long long llmin(long long a, long long b) { return a < b ? a : b; }
-inline long long llmax(long long a, long long b) { return a > b ? a : b; }
-inline unsigned long long ullmin(unsigned long long a, unsigned long long b) { return a < b ? a : b; }
-inline unsigned long long ullmax(unsigned long long a, unsigned long long b) { return a > b ? a : b; }
-using std::isfinite;
-using std::isinf;
-using std::isnan;
-using std::signbit;
-
-// =================================================== ElementwiseKernel support
-// The loader generates a plain loop over the elements (no threads, no fibers) around the
-// operation; arrays are these CuPy-compatible views with bounds-checked indexing.
-namespace emu {
-
-struct IndexError {
-  char message[256];
-};
-
-[[noreturn]] inline void index_error(const char* name, const char* fmt, long long a, long long b) {
-  IndexError e;
-  int n = snprintf(e.message, sizeof e.message, "index out of range on raw array `%s`: ", name);
-  snprintf(e.message + n, sizeof e.message - size_t(n), fmt, a, b);
-  throw e;
-}
-
-template <typename T, int _ndim, bool _c_contiguous = false, bool _use_32bit_indexing = false>
-class CArray {
- public:
-  static const int ndim = _ndim;
-  CArray() = default;
-  CArray(T* data, const int64_t* shape, const int64_t* strides, const char* name) : data_(data), name_(name) {
-    size_ = 1;
-    for (int i = 0; i < ndim; ++i) {
-      shape_[i] = shape[i];
-      strides_[i] = strides[i];
-      size_ *= shape[i];
-    }
-  }
-  ptrdiff_t size() const { return size_; }
-  const ptrdiff_t* shape() const { return shape_; }
-  const ptrdiff_t* strides() const { return strides_; }
-  T* data() const { return data_; }
-  template <typename Int>
-  T& operator[](const Int (&idx)[_ndim]) const {
-    ptrdiff_t off = 0;
-    for (int d = 0; d < ndim; ++d) {
-      if (idx[d] < 0 || ptrdiff_t(idx[d]) >= shape_[d])
-        index_error(name_, "index %lld, size %lld", (long long)idx[d], (long long)shape_[d]);
-      off += ptrdiff_t(idx[d]) * strides_[d];
-    }
-    return *reinterpret_cast<T*>(reinterpret_cast<char*>(data_) + off);
-  }
-  T& operator[](ptrdiff_t i) const {  // flat index in C order
-    if (i < 0 || i >= size_) index_error(name_, "flat index %lld, size %lld", (long long)i, (long long)size_);
-    ptrdiff_t off = 0;
-    for (int d = ndim - 1; d > 0; --d) {
-      off += strides_[d] * (i % shape_[d]);
-      i /= shape_[d];
-    }
-    if (ndim > 0) off += strides_[0] * i;
-    return *reinterpret_cast<T*>(reinterpret_cast<char*>(data_) + off);
-  }
-
- private:
-  T* data_ = nullptr;
-  const char* name_ = "";
-  ptrdiff_t size_ = 0;
-  ptrdiff_t shape_[_ndim > 0 ? _ndim : 1] = {};
-  ptrdiff_t strides_[_ndim > 0 ? _ndim : 1] = {};
-};
-
-template <int _ndim, bool _use_32bit_indexing = false>
-class CIndexer {
- public:
-  static const int ndim = _ndim;
-  explicit CIndexer(const int64_t* shape) {
-    size_ = 1;
-    for (int i = 0; i < ndim; ++i) {
-      shape_[i] = shape[i];
-      index_[i] = 0;
-      size_ *= shape[i];
-    }
-  }
-  ptrdiff_t size() const { return size_; }
-  void set(ptrdiff_t i) {
-    for (int d = ndim - 1; d > 0; --d) {
-      index_[d] = i % shape_[d];
-      i /= shape_[d];
-    }
-    if (ndim > 0) index_[0] = i;
-  }
-  const ptrdiff_t (&get() const)[_ndim > 0 ? _ndim : 1] { return index_; }
-
- private:
-  ptrdiff_t size_;
-  ptrdiff_t shape_[_ndim > 0 ? _ndim : 1] = {};
-  ptrdiff_t index_[_ndim > 0 ? _ndim : 1] = {};
-};
-
-// CuPy's float16 element type: storage of an IEEE half, arithmetic in float.
-class float16 {
- public:
-  float16() = default;
-  float16(float v) : bits_(from_float(v)) {}
-  explicit float16(double v) : bits_(from_float(float(v))) {}
-  explicit float16(bool v) : bits_(from_float(float(v))) {}
-  explicit float16(int v) : bits_(from_float(float(v))) {}
-  explicit float16(unsigned v) : bits_(from_float(float(v))) {}
-  explicit float16(long long v) : bits_(from_float(float(v))) {}
-  explicit float16(unsigned long long v) : bits_(from_float(float(v))) {}
-  operator float() const { return to_float(bits_); }
-  template <typename T>
-  float16& operator=(const T& rhs) {
-    *this = static_cast<float16>(rhs);
-    return *this;
-  }
-  float16& operator=(const float16&) = default;
-  template <typename T> float16& operator+=(const T& r) { return *this = float16(float(*this) + float(r)); }
-  template <typename T> float16& operator-=(const T& r) { return *this = float16(float(*this) - float(r)); }
-  template <typename T> float16& operator*=(const T& r) { return *this = float16(float(*this) * float(r)); }
-  template <typename T> float16& operator/=(const T& r) { return *this = float16(float(*this) / float(r)); }
-  unsigned short to_bits() const { return bits_; }
-  int isnan() const { return (bits_ & 0x7C00u) == 0x7C00u && (bits_ & 0x03FFu) != 0; }
-  int isinf() const { return (bits_ & 0x7FFFu) == 0x7C00u; }
-  int isfinite() const { return (bits_ & 0x7C00u) != 0x7C00u; }
-  int signbit() const { return (bits_ & 0x8000u) != 0; }
-
-  // IEEE binary16 <-> binary32, round to nearest even (subnormals, infinities, NaN kept).
-  static unsigned short from_float(float f) {
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    const uint32_t sign = (x >> 16) & 0x8000u;
-    const uint32_t ax = x & 0x7FFFFFFFu;
-    if (ax >= 0x7F800000u) return uint16_t(sign | 0x7C00u | (ax > 0x7F800000u ? 0x200u | ((ax >> 13) & 0x3FFu) : 0u));
-    if (ax >= 0x477FF000u) return uint16_t(sign | 0x7C00u);  // rounds to infinity
-    if (ax < 0x38800000u) {  // subnormal half (or zero)
-      if (ax < 0x33000000u) return uint16_t(sign);  // below half the smallest subnormal
-      const uint32_t e = ax >> 23, m = (ax & 0x7FFFFFu) | 0x800000u;
-      const uint32_t shift = 126 - e;  // 14 - (e - 127) - 23 + 24 ... keeps 10 bits
-      uint32_t r = m >> shift;
-      const uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
-      if (rem > half || (rem == half && (r & 1u))) ++r;
-      return uint16_t(sign | r);
-    }
-    uint32_t r = ((ax - 0x38000000u) >> 13);
-    const uint32_t rem = ax & 0x1FFFu;
-    if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) ++r;
-    return uint16_t(sign | r);
-  }
-  static float to_float(unsigned short h) {
-    const uint32_t sign = uint32_t(h & 0x8000u) << 16;
-    uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu, x;
-    if (e == 0x1F) {
-      x = sign | 0x7F800000u | (m << 13);
-    } else if (e == 0) {
-      if (m == 0) {
-        x = sign;
-      } else {
-        e = 113;
-        while (!(m & 0x400u)) { m <<= 1; --e; }
-        x = sign | (e << 23) | ((m & 0x3FFu) << 13);
-      }
-    } else {
-      x = sign | ((e + 112) << 23) | (m << 13);
-    }
-    float f;
-    memcpy(&f, &x, 4);
-    return f;
-  }
-
- private:
-  unsigned short bits_;
-};
-
-inline float16 min(float16 a, float16 b) { return float16(std::fmin(float(a), float(b))); }
-inline float16 max(float16 a, float16 b) { return float16(std::fmax(float(a), float(b))); }
-inline float16 fmin(float16 a, float16 b) { return float16(std::fmin(float(a), float(b))); }
-inline float16 fmax(float16 a, float16 b) { return float16(std::fmax(float(a), float(b))); }
-inline int isnan(float16 x) { return x.isnan(); }
-inline int isinf(float16 x) { return x.isinf(); }
-inline int isfinite(float16 x) { return x.isfinite(); }
-inline int signbit(float16 x) { return x.signbit(); }
-
-// Runs an elementwise loop with the fault handlers installed; 0 ok, else the error is in err.
-template <class F>
-inline int run_elementwise(F&& loop, char* err, uint64_t errcap) {
-  log_buf = err;
-  log_cap = errcap;
-  log_len = 0;
-  if (errcap) err[0] = 0;
-  L = nullptr;
-  int rc = OK;
-  {
-    SignalGuard signals(0);
-    rc = sigsetjmp(abort_jmp, 1);
-    if (rc == OK) {
-      in_kernel = 1;
-      try {
-        loop();
-      } catch (const IndexError& e) {
-        log_append("ERROR: %s\n", e.message);
-        rc = FAILED;
-      }
-      in_kernel = 0;
-    } else {
-      in_kernel = 0;
-      if (rc != FAILED) describe_fault();
-    }
-  }
-  return rc;
-}
-
-}  // namespace emu
-
-// assert() in a kernel stops the launch with the failed expression and its line.
-#undef assert
-#ifdef NDEBUG
-#define assert(e) ((void)0)
-#else
-#define assert(e) ((e) ? (void)0 : emu::assert_failed(#e, __FILE__, __LINE__))
-#endif
-namespace emu {
-[[noreturn]] EMU_INTERNAL inline void assert_failed(const char* expr, const char* file, int line) {
-  if (!in_kernel) {
-    fprintf(stderr, "%s:%d: assertion `%s' failed\n", file, line, expr);
-    abort();
-  }
-  fail_at(cur, "assertion `%s' failed at %s:%d", expr, file, line);
-}
-}  // namespace emu
+// The device API (intrinsics, atomics, math) comes next; ElementwiseKernel's loops also
+// include emu_elementwise.h.
+#include "emu_device.h"

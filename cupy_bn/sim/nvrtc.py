@@ -18,6 +18,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .errors import ToolchainError
 from .toolchain import find_cuda_headers
 
 
@@ -98,7 +99,10 @@ def compile_program(source: str, *, arch: str = "compute_80", options: Sequence[
             f"NVRTC {'.'.join(map(str, version()))} does not support {arch} "
             f"(supported: {', '.join(supported_archs())})"
         )
-    includes = [f"-I{d}" for d in find_cuda_headers().include_dirs]
+    try:
+        includes = [f"-I{d}" for d in find_cuda_headers().include_dirs]
+    except ToolchainError:
+        includes = []  # sources that include CUDA headers will fail, naming the header
     opts = [f"-arch={arch}", *includes, *map(str, options)]
     prog = nv.createProgram(source, name, [], [])
     try:

@@ -57,7 +57,7 @@ def _module_source(code: str, names: Sequence[str], source_name: str, race_mode:
     lines.append("EMU_EXPORT int emu_abi_version() { return EMU_ABI_VERSION; }")
     lines.append(
         "EMU_EXPORT void emu_set_static_smem(const uint64_t* p, uint64_t n) "
-        "{ emu::static_smem = p; emu::n_static_smem = n; }"
+        "{ emu::set_static_smem(p, n); }"
     )
     if race_mode:
         table = ", ".join(f"emu_launcher_{i}" for i in range(len(names))) or "nullptr"
@@ -80,18 +80,12 @@ class _Compiled:
         self.lib.emu_abi_version.restype = ctypes.c_int
         if self.lib.emu_abi_version() != 1:
             raise SimulationError(f"{self.artifact.path} was built for another simulator version")
-        smem = [v for pair in self._static_smem_addresses() for v in pair]
-        self._smem = (ctypes.c_uint64 * max(1, len(smem)))(*smem)
+        smem = [v for pair in self.artifact.static_smem for v in pair]
+        self._smem = (ctypes.c_uint64 * max(1, len(smem)))(*smem)  # read by the module
         self.lib.emu_set_static_smem.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
         self.lib.emu_set_static_smem(ctypes.addressof(self._smem), len(smem) // 2)
         self._race_exe: build.Artifact | None = None
         self._race_lock = threading.Lock()
-
-    def _static_smem_addresses(self) -> list[tuple[int, int]]:
-        if not self.artifact.static_smem:
-            return []
-        base = _library_base(self.lib)
-        return [(base + off, size) for off, size in self.artifact.static_smem] if base else []
 
     def launcher(self, index: int):
         fn = getattr(self.lib, f"emu_launch_{index}")
@@ -112,21 +106,6 @@ class _Compiled:
                 src = _module_source(self.code, self.names, self.source_name, True)
                 self._race_exe = build.build(src, flags=self.flags, executable=True)
             return self._race_exe
-
-
-def _library_base(lib: ctypes.CDLL) -> int:
-    """Load address of a shared library (dladdr on one of its functions)."""
-
-    class DlInfo(ctypes.Structure):
-        _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
-                    ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
-
-    libc = ctypes.CDLL(None)
-    info = DlInfo()
-    addr = ctypes.cast(lib.emu_abi_version, ctypes.c_void_p).value
-    if not libc.dladdr(ctypes.c_void_p(addr), ctypes.byref(info)):
-        return 0
-    return info.dli_fbase or 0
 
 
 _compiled_lock = threading.Lock()
@@ -201,22 +180,22 @@ class RawModule:
             return self._module
 
     def get_function(self, name: str) -> RawKernel:
-        """The kernel ``name``: an ``extern "C"`` kernel or one of the name expressions."""
-        if name not in self._names:
-            # A kernel the source scan missed (e.g. defined by a macro): rebuild with it.
-            with self._lock:
-                self._names = (*self._names, name)
-                self._module = None
-            try:
-                self._compiled()
-            except SimulationError as e:
-                with self._lock:
-                    self._names = self._names[:-1]
-                    self._module = None
+        """The kernel ``name``: an ``extern "C"`` kernel or one of the name expressions.
+
+        As with CuPy, a template or C++ (mangled) kernel is found only through
+        ``name_expressions``.
+        """
+        if name not in self.name_expressions:
+            functions = self._compiled().artifact.c_functions
+            if functions is not None and name not in functions:
                 raise SimulationError(
-                    f"no kernel `{name}` in this module (extern \"C\" kernels: "
-                    f"{', '.join(self._names) or 'none'}; templates need name_expressions)\n{e}"
-                ) from None
+                    f"no kernel `{name}` in this module: CuPy finds extern \"C\" kernels by "
+                    "name and templates or C++ kernels through name_expressions"
+                )
+            if name not in self._names:  # e.g. an extern "C" kernel defined by a macro
+                with self._lock:
+                    self._names = (*self._names, name)
+                    self._module = None
         mod = self._compiled()
         return RawKernel._from_module(self, mod, self._names.index(name), name,
                                       self._bounds.get(base_name(name)))

@@ -114,14 +114,25 @@ def _literal_int(expr: str | None) -> int | None:
     return int(first, 0) if re.fullmatch(r"\d+|0[xX][0-9a-fA-F]+", first) else None
 
 
+def _is_definition(code: str, paren: int) -> bool:
+    """Whether the parameter list opening at ``paren`` is followed by a function body."""
+    depth, i = 0, paren
+    while i < len(code):
+        depth += {"(": 1, ")": -1}.get(code[i], 0)
+        i += 1
+        if depth == 0:
+            break
+    return code[i:].lstrip().startswith("{")
+
+
 def find_kernels(src: str) -> list[KernelDecl]:
-    """The ``__global__`` functions defined or declared in ``src`` (outside macros)."""
+    """The ``__global__`` functions defined in ``src`` (outside macros)."""
     code = blank_preprocessor_lines(blank_comments_and_strings(src))
     spans = _extern_c_spans(code)
     kernels: dict[str, KernelDecl] = {}
     for m in _GLOBAL.finditer(code):
         after = _AFTER_GLOBAL.match(code, m.end())
-        if not after:
+        if not after or not _is_definition(code, after.end() - 1):
             continue
         # the declaration starts after the previous `;`, `{` or `}`
         start = max(code.rfind(c, 0, m.start()) for c in ";{}") + 1

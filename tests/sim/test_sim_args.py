@@ -171,7 +171,7 @@ def test_array_for_scalar_parameter_is_an_error(mod):
 
 def test_unknown_kernel_name():
     m = sim.RawModule(code='extern "C" __global__ void present(int* x) { *x = 1; }')
-    with pytest.raises(sim.SimulationError, match=r"no kernel `absent` in this module"):
+    with pytest.raises(sim.SimulationError, match=r"no kernel `absent` in this module: CuPy"):
         m.get_function("absent")
     m.get_function("present")(1, 1, (np.zeros(1, np.int32),))
 
@@ -199,3 +199,20 @@ def test_cupy_only_features_are_rejected():
         sim.RawModule(path="kernel.cubin")
     with pytest.raises(sim.SimulationError, match="cooperative groups"):
         sim.RawModule(code="", enable_cooperative_groups=True)
+
+
+def test_kernels_are_found_as_cupy_finds_them():
+    src = ('template <typename T> __global__ void tk(T* x) { *x = T(3); }\n'
+           '__global__ void cpp_kernel(int* x) { *x = 4; }\n'
+           'extern "C" __global__ void c_kernel(int* x) { *x = 5; }\n')
+    x = np.zeros(1, np.int32)
+    m = sim.RawModule(code=src, name_expressions=("tk<int>", "cpp_kernel"))
+    for name, value in (("tk<int>", 3), ("cpp_kernel", 4), ("c_kernel", 5)):
+        m.get_function(name)(1, 1, (x,))
+        assert x[0] == value
+    plain = sim.RawModule(code=src)
+    for name in ("tk<int>", "cpp_kernel"):  # mangled: CuPy's get_function would not find them
+        with pytest.raises(sim.SimulationError, match=rf"no kernel `{name}`.*name_expressions"):
+            plain.get_function(name)
+    with pytest.raises(sim.SimulationError, match=r"no kernel `tk<int>`"):
+        sim.RawKernel(src, "tk<int>")(1, 1, (x,))

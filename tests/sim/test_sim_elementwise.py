@@ -113,3 +113,11 @@ def test_invalid_definitions():
         sim.ElementwiseKernel("T i", "T y", "y = i", "k")
     with pytest.raises(sim.SimulationError, match=r"does not compile"):
         sim.ElementwiseKernel("T x", "T y", "y = undefined_function(x)", "k")(np.ones(1))
+
+
+def test_endless_operation_times_out(monkeypatch):
+    k = sim.ElementwiseKernel("T x", "T y", "volatile int spin = 1; while (spin) {} y = x",
+                              "spin")
+    monkeypatch.setattr(k, "timeout", 0.3)
+    with pytest.raises(sim.SimulationError, match=r"did not finish within 0\.3 s"):
+        k(np.ones(1))

@@ -7,10 +7,24 @@ import re
 import pytest
 from sim_kernel_sources import ALL_SOURCES
 
+from cupy_bn import sim
 from cupy_bn.sim import nvrtc
 
-pytestmark = pytest.mark.skipif(not nvrtc.is_available(),
-                                reason="NVRTC unavailable (cupy-cuda13x + nvidia-cuda-nvrtc)")
+
+def _headers_found() -> bool:
+    try:
+        sim.toolchain.find_cuda_headers()
+    except sim.ToolchainError:
+        return False
+    return True
+
+
+pytestmark = [
+    pytest.mark.skipif(not nvrtc.is_available(),
+                       reason="NVRTC unavailable (cupy-cuda13x + nvidia-cuda-nvrtc)"),
+    pytest.mark.skipif(not _headers_found(), reason="CUDA headers missing (CUDA toolkit, or "
+                       "pip nvidia-cuda-runtime + nvidia-cuda-crt)"),
+]
 
 ARCHS = ("compute_70", "compute_80", "compute_90", "compute_100")
 
