@@ -13,8 +13,25 @@ from cupy_bn.sim import nvrtc
 
 ARCHS = ("compute_70", "compute_80", "compute_90", "compute_100")
 
-pytestmark = pytest.mark.skipif(not nvrtc.is_available(),
-                                reason="NVRTC not available (cupy-cuda13x, nvidia-cuda-nvrtc)")
+
+
+def _headers_missing() -> str:
+    """Why the CUDA headers the kernels include cannot be found ("" when they can)."""
+    from cupy_bn.sim.errors import ToolchainError
+    from cupy_bn.sim.toolchain import find_cuda_headers
+
+    try:
+        find_cuda_headers()
+    except ToolchainError as exc:
+        return str(exc)
+    return ""
+
+
+pytestmark = [
+    pytest.mark.skipif(not nvrtc.is_available(),
+                       reason="NVRTC not available (cupy-cuda13x, nvidia-cuda-nvrtc)"),
+    pytest.mark.skipif(bool(_headers_missing()), reason=f"CUDA headers: {_headers_missing()}"),
+]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
