@@ -1,0 +1,722 @@
+"""Timing reports: cupy-bn's backends against peer implementations of batch norm.
+
+Phases are ARCHITECTURE.md's: `forward_train` (batch statistics, running-stat update, apply),
+`backward` (through batch statistics) and `eval` (running statistics). Each row reports median
+and min time, the achieved bandwidth against the minimal-traffic model
+(`cupy_bn.backends.minimal_bytes`: forward-train and eval read and write the tensor once,
+backward reads two tensors and writes one), that bandwidth as a percentage of the machine's
+(CPU: a large `numpy.copyto` measured at startup, counting read + write; GPU: the device's peak
+from its memory clock and bus width), and the ratio of the median to the fastest peer's median
+on the same device (below 1: faster than every peer).
+
+CPU timings use `time.perf_counter` around each call; GPU timings use
+`cupyx.profiler.benchmark` (CUDA events). Implementations that cannot run here (no GPU, torch
+not installed, a dtype a peer does not support) are skipped with a note.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cupy_bn import __version__, functional
+from cupy_bn.backends import available_backends, cupy_usable, minimal_bytes
+
+PHASES: tuple[str, ...] = ("forward_train", "backward", "eval")
+EPS = 1e-5
+MOMENTUM = 0.1
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One input configuration: a named shape, its channel axis and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    channel_axis: int
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(self.dtype).itemsize
+
+    @property
+    def channels(self) -> int:
+        return self.shape[self.channel_axis]
+
+
+#: ResNet-50-like activations (first stage, NCHW and NHWC) and a dense (N, C) input.
+DEFAULT_SHAPES: tuple[tuple[str, tuple[int, ...], int], ...] = (
+    ("resnet50-nchw", (32, 64, 56, 56), 1),
+    ("resnet50-nhwc", (32, 56, 56, 64), -1),
+    ("dense", (4096, 1024), -1),
+)
+
+
+def default_cases(dtype: str = "float32") -> list[BenchCase]:
+    return [BenchCase(name, shape, axis, dtype) for name, shape, axis in DEFAULT_SHAPES]
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine
+
+
+def cpu_threads() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def measure_copy_bandwidth(nbytes: int = 256 << 20, repeat: int = 5) -> float:
+    """Best bytes/s of `numpy.copyto` between two `nbytes` buffers (read + write counted).
+
+    Measured with one thread and with one thread per CPU (each copying a slice; copyto
+    releases the GIL); multi-threaded implementations can reach the larger figure.
+    """
+    n = max(nbytes // 8, 1)
+    src = np.ones(n)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault the pages in
+    threads = cpu_threads()
+    bounds = np.linspace(0, n, threads + 1).astype(int)
+    slices = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    best = math.inf
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for _ in range(max(repeat, 1)):
+            start = time.perf_counter()
+            np.copyto(dst, src)
+            best = min(best, time.perf_counter() - start)
+            if threads > 1:
+                start = time.perf_counter()
+                list(pool.map(lambda s: np.copyto(dst[s], src[s]), slices))
+                best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best
+
+
+def gpu_devices() -> list[dict[str, Any]]:
+    """Name, memory and peak bandwidth (bytes/s, None if unknown) of each usable CUDA device."""
+    if not cupy_usable():
+        return []
+    import cupy
+
+    runtime = cupy.cuda.runtime
+    devices = []
+    for device_id in range(runtime.getDeviceCount()):
+        props = runtime.getDeviceProperties(device_id)
+        name = props.get("name", b"")
+        devices.append(
+            {
+                "id": device_id,
+                "name": name.decode() if isinstance(name, bytes) else str(name),
+                "compute_capability": f"{props.get('major', '?')}.{props.get('minor', '?')}",
+                "memory_bytes": int(props.get("totalGlobalMem", 0)),
+                "peak_bandwidth": device_peak_bandwidth(device_id),
+            }
+        )
+    return devices
+
+
+def device_peak_bandwidth(device_id: int = 0) -> float | None:
+    """Theoretical DRAM bandwidth in bytes/s: 2 (DDR) * memory clock * bus width / 8."""
+    import cupy
+
+    runtime = cupy.cuda.runtime
+    props = runtime.getDeviceProperties(device_id)
+    clock_khz, bus_bits = props.get("memoryClockRate"), props.get("memoryBusWidth")
+    if not clock_khz or not bus_bits:
+        try:  # CUDA 13 dropped these fields from cudaDeviceProp; the attributes remain
+            clock_khz = runtime.deviceGetAttribute(36, device_id)  # cudaDevAttrMemoryClockRate
+            bus_bits = runtime.deviceGetAttribute(37, device_id)  # cudaDevAttrGlobalMemoryBusWidth
+        except Exception:
+            return None
+    if not clock_khz or not bus_bits:
+        return None
+    return 2.0 * clock_khz * 1e3 * bus_bits / 8
+
+
+def machine_info(copy_bandwidth: float | None, gpus: list[dict[str, Any]]) -> dict[str, Any]:
+    """pytest-benchmark's `machine_info`, plus what this report measured."""
+    uname = platform.uname()
+    cpu = {"count": os.cpu_count(), "usable": cpu_threads(), "arch": uname.machine}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu["brand_raw"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "node": uname.node,
+        "processor": uname.processor,
+        "machine": uname.machine,
+        "python_compiler": platform.python_compiler(),
+        "python_implementation": platform.python_implementation(),
+        "python_implementation_version": platform.python_version(),
+        "python_version": platform.python_version(),
+        "python_build": list(platform.python_build()),
+        "release": uname.release,
+        "system": uname.system,
+        "cpu": cpu,
+        "cupy_bn": __version__,
+        "numpy": np.__version__,
+        "cpu_copy_bandwidth": copy_bandwidth,
+        "gpus": gpus,
+    }
+
+
+def commit_info() -> dict[str, Any]:
+    """pytest-benchmark's `commit_info` for the checkout this package runs from, if any."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    if sha is None:
+        return {"id": None, "project": "cupy-bn", "error": "not a git checkout"}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "id": sha,
+        "time": git("log", "-1", "--format=%cI"),
+        "author_time": git("log", "-1", "--format=%aI"),
+        "dirty": bool(status),
+        "project": "cupy-bn",
+        "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations
+
+Runner = Callable[[], Any]
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """A batch-norm implementation to time. `setup(case, rng)` returns one callable per phase."""
+
+    name: str
+    ours: bool
+    device: str  # "cpu" or "gpu"
+    available: Callable[[], str | None]  # None when it can run here, else the reason
+    setup: Callable[[BenchCase, np.random.Generator], dict[str, Runner]]
+
+
+def _host_inputs(case: BenchCase, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    param = np.float32 if case.itemsize < 4 else np.dtype(case.dtype)
+    c = case.channels
+    return {
+        "x": (rng.standard_normal(case.shape, dtype=np.float32) * 2 + 1).astype(case.dtype),
+        "dy": rng.standard_normal(case.shape, dtype=np.float32).astype(case.dtype),
+        "weight": rng.uniform(0.5, 1.5, c).astype(param),
+        "bias": rng.standard_normal(c).astype(param),
+        "running_mean": np.zeros(c, param),
+        "running_var": np.ones(c, param),
+    }
+
+
+def _cupy_bn_setup(backend: str, to_device: Callable[[np.ndarray], Any]):
+    def setup(case: BenchCase, rng: np.random.Generator) -> dict[str, Runner]:
+        a = {k: to_device(v) for k, v in _host_inputs(case, rng).items()}
+
+        def forward(training: bool):
+            return functional.batch_norm(
+                a["x"],
+                a["weight"],
+                a["bias"],
+                a["running_mean"],
+                a["running_var"],
+                training=training,
+                momentum=MOMENTUM,
+                eps=EPS,
+                channel_axis=case.channel_axis,
+                backend=backend,
+            )
+
+        _, saved = forward(True)
+        return {
+            "forward_train": lambda: forward(True),
+            "backward": lambda: functional.batch_norm_backward(a["dy"], saved),
+            "eval": lambda: forward(False),
+        }
+
+    return setup
+
+
+def _textbook_setup(xp_name: str):
+    """The formulas as tutorials write them: mean, var, x_hat, then the cached backward."""
+
+    def setup(case: BenchCase, rng: np.random.Generator) -> dict[str, Runner]:
+        if xp_name == "cupy":
+            import cupy as xp
+        else:
+            xp = np
+        a = {k: xp.asarray(v) for k, v in _host_inputs(case, rng).items()}
+        axis = case.channel_axis % len(case.shape)
+        axes = tuple(i for i in range(len(case.shape)) if i != axis)
+        shape = [1] * len(case.shape)
+        shape[axis] = case.channels
+        gamma, beta = a["weight"].reshape(shape), a["bias"].reshape(shape)
+        m = case.numel // case.channels
+        cache: dict[str, Any] = {}
+
+        def forward_train():
+            x = a["x"]
+            mu = x.mean(axis=axes, keepdims=True)
+            var = x.var(axis=axes, keepdims=True)
+            x_hat = (x - mu) / xp.sqrt(var + EPS)
+            y = gamma * x_hat + beta
+            a["running_mean"] *= 1 - MOMENTUM
+            a["running_mean"] += MOMENTUM * mu.reshape(-1)
+            a["running_var"] *= 1 - MOMENTUM
+            a["running_var"] += MOMENTUM * var.reshape(-1) * (m / (m - 1))
+            cache.update(x_hat=x_hat, invstd=1 / xp.sqrt(var + EPS))
+            return y.astype(x.dtype)
+
+        def backward():
+            dy, x_hat, invstd = a["dy"], cache["x_hat"], cache["invstd"]
+            dgamma = (dy * x_hat).sum(axis=axes)
+            dbeta = dy.sum(axis=axes)
+            dx_hat = dy * gamma
+            dx = (
+                invstd
+                / m
+                * (
+                    m * dx_hat
+                    - dx_hat.sum(axis=axes, keepdims=True)
+                    - x_hat * (dx_hat * x_hat).sum(axis=axes, keepdims=True)
+                )
+            )
+            return dx.astype(dy.dtype), dgamma, dbeta
+
+        def evaluate():
+            x = a["x"]
+            mean = a["running_mean"].reshape(shape)
+            var = a["running_var"].reshape(shape)
+            return ((x - mean) / xp.sqrt(var + EPS) * gamma + beta).astype(x.dtype)
+
+        forward_train()
+        return {"forward_train": forward_train, "backward": backward, "eval": evaluate}
+
+    return setup
+
+
+def _torch_setup(device: str):
+    def setup(case: BenchCase, rng: np.random.Generator) -> dict[str, Runner]:
+        import torch
+
+        h = _host_inputs(case, rng)
+        axis = case.channel_axis % len(case.shape)
+        order = [0, axis, *[i for i in range(1, len(case.shape)) if i != axis]]
+        if axis == 0:
+            raise ValueError("channel axis 0 has no PyTorch equivalent")
+
+        def tensor(v: np.ndarray, permute: bool) -> Any:
+            t = torch.from_numpy(v).to(device)
+            # Channels-last input stays in its memory order: a permuted (strided) NCHW view.
+            return t.permute(*order) if permute else t
+
+        x, dy = tensor(h["x"], True), tensor(h["dy"], True)
+        w, b = tensor(h["weight"], False), tensor(h["bias"], False)
+        rm, rv = tensor(h["running_mean"], False), tensor(h["running_var"], False)
+        ops = torch.ops.aten
+        with torch.no_grad():
+            _, save_mean, save_invstd = ops.native_batch_norm(x, w, b, rm, rv, True, MOMENTUM, EPS)
+
+        def run(fn):
+            def call():
+                with torch.no_grad():
+                    return fn()
+
+            return call
+
+        return {
+            "forward_train": run(
+                lambda: ops.native_batch_norm(x, w, b, rm, rv, True, MOMENTUM, EPS)
+            ),
+            "backward": run(
+                lambda: ops.native_batch_norm_backward(
+                    dy, x, w, rm, rv, save_mean, save_invstd, True, EPS, [True, True, True]
+                )
+            ),
+            "eval": run(lambda: ops.native_batch_norm(x, w, b, rm, rv, False, MOMENTUM, EPS)),
+        }
+
+    return setup
+
+
+def _torch_available(device: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        try:
+            import torch
+        except ImportError:
+            return "PyTorch is not installed"
+        if device == "cuda" and not torch.cuda.is_available():
+            return "no usable GPU for PyTorch"
+        return None
+
+    return check
+
+
+def _backend_available(name: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        if name == "cuda" and not cupy_usable():
+            return "no usable GPU (cupy.is_available() is False)"
+        if name not in available_backends():
+            return f"backend {name!r} is not available here"
+        return None
+
+    return check
+
+
+def _gpu_available() -> str | None:
+    return None if cupy_usable() else "no usable GPU (cupy.is_available() is False)"
+
+
+def _always() -> str | None:
+    return None
+
+
+def _to_cupy(v: np.ndarray) -> Any:
+    import cupy
+
+    return cupy.asarray(v)
+
+
+IMPLEMENTATIONS: dict[str, Implementation] = {
+    impl.name: impl
+    for impl in (
+        Implementation(
+            "cupy_bn.numpy",
+            True,
+            "cpu",
+            _backend_available("numpy"),
+            _cupy_bn_setup("numpy", np.asarray),
+        ),
+        Implementation(
+            "cupy_bn.sim", True, "cpu", _backend_available("sim"), _cupy_bn_setup("sim", np.asarray)
+        ),
+        Implementation(
+            "cupy_bn.cuda",
+            True,
+            "gpu",
+            _backend_available("cuda"),
+            _cupy_bn_setup("cuda", _to_cupy),
+        ),
+        Implementation("numpy.textbook", False, "cpu", _always, _textbook_setup("numpy")),
+        Implementation("torch.cpu", False, "cpu", _torch_available("cpu"), _torch_setup("cpu")),
+        Implementation("torch.cuda", False, "gpu", _torch_available("cuda"), _torch_setup("cuda")),
+        Implementation("cupy.naive", False, "gpu", _gpu_available, _textbook_setup("cupy")),
+    )
+}
+
+#: Everything but the simulator, which runs kernels on the CPU thread by thread (far too slow
+#: for real shapes; name it explicitly to time tiny ones).
+DEFAULT_IMPLEMENTATIONS: tuple[str, ...] = tuple(n for n in IMPLEMENTATIONS if n != "cupy_bn.sim")
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and statistics
+
+
+def time_cpu(fn: Runner, repeat: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def time_gpu(fn: Runner, repeat: int, warmup: int) -> list[float]:
+    from cupyx.profiler import benchmark
+
+    result = benchmark(fn, n_repeat=repeat, n_warmup=warmup)
+    return [float(t) for t in np.asarray(result.gpu_times).reshape(-1)]
+
+
+def timing_stats(times: Sequence[float]) -> dict[str, Any]:
+    """pytest-benchmark's `stats` block for a list of per-call times in seconds."""
+    data = sorted(float(t) for t in times)
+    n = len(data)
+    mean = statistics.fmean(data)
+    stddev = statistics.stdev(data) if n > 1 else 0.0
+    if n > 1:
+        q1, _, q3 = statistics.quantiles(data, n=4, method="inclusive")
+    else:
+        q1 = q3 = data[0]
+    iqr = q3 - q1
+    low, high = q1 - 1.5 * iqr, q3 + 1.5 * iqr
+    inside = [t for t in data if low <= t <= high]
+    iqr_outliers = n - len(inside)
+    stddev_outliers = sum(1 for t in data if abs(t - mean) > stddev)
+    return {
+        "min": data[0],
+        "max": data[-1],
+        "mean": mean,
+        "stddev": stddev,
+        "rounds": n,
+        "median": statistics.median(data),
+        "iqr": iqr,
+        "q1": q1,
+        "q3": q3,
+        "iqr_outliers": iqr_outliers,
+        "stddev_outliers": stddev_outliers,
+        "outliers": f"{stddev_outliers};{iqr_outliers}",
+        "ld15iqr": min(inside) if inside else data[0],
+        "hd15iqr": max(inside) if inside else data[-1],
+        "ops": 1.0 / mean if mean > 0 else math.inf,
+        "total": sum(data),
+        "iterations": 1,
+        "data": list(times),
+    }
+
+
+@dataclass
+class BenchRow:
+    """Timings of one implementation on one case and phase."""
+
+    impl: str
+    ours: bool
+    device: str
+    case: BenchCase
+    phase: str
+    stats: dict[str, Any]
+    bytes_moved: int
+    """Minimal traffic of the phase (ARCHITECTURE.md's model), not what the code moves."""
+    bandwidth_limit: float | None = None
+    ratio_to_fastest_peer: float | None = None
+
+    @property
+    def median(self) -> float:
+        return self.stats["median"]
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes_moved / self.median / 1e9 if self.median > 0 else math.inf
+
+    @property
+    def percent_of_bandwidth(self) -> float | None:
+        if not self.bandwidth_limit:
+            return None
+        return 100.0 * self.bytes_moved / self.median / self.bandwidth_limit
+
+
+@dataclass
+class BenchReport:
+    rows: list[BenchRow] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    """Failures of our own implementations (peer failures are notes)."""
+    cpu_bandwidth: float | None = None
+    cpu_threads: int = 1
+    gpus: list[dict[str, Any]] = field(default_factory=list)
+    repeat: int = 0
+    warmup: int = 0
+
+
+def run_bench(
+    cases: Iterable[BenchCase],
+    implementations: Iterable[str] = DEFAULT_IMPLEMENTATIONS,
+    phases: Iterable[str] = PHASES,
+    *,
+    repeat: int = 10,
+    warmup: int = 2,
+    seed: int = 0,
+    copy_bytes: int = 256 << 20,
+    progress: Callable[[str], None] | None = None,
+) -> BenchReport:
+    """Time every (case, phase, implementation); see the module docstring for the figures.
+
+    `progress(label)` is called once per (case, implementation, phase), after timing it.
+    """
+    cases, phases = list(cases), list(phases)
+    names = list(implementations)
+    for name in names:
+        if name not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"implementations: unknown {name!r} (known: {', '.join(IMPLEMENTATIONS)})"
+            )
+    for phase in phases:
+        if phase not in PHASES:
+            raise ValueError(f"phases: unknown {phase!r} (known: {', '.join(PHASES)})")
+    if repeat < 1 or warmup < 0:
+        raise ValueError(f"repeat must be >= 1 and warmup >= 0, got {repeat} and {warmup}")
+    report = BenchReport(repeat=repeat, warmup=warmup)
+    runnable = []
+    for name in names:
+        impl = IMPLEMENTATIONS[name]
+        reason = impl.available()
+        if reason is None:
+            runnable.append(impl)
+        else:
+            report.notes.append(f"{name} skipped: {reason}")
+    report.cpu_bandwidth = measure_copy_bandwidth(copy_bytes)
+    report.cpu_threads = cpu_threads()
+    report.gpus = gpu_devices() if any(i.device == "gpu" for i in runnable) else []
+    gpu_peak = report.gpus[0]["peak_bandwidth"] if report.gpus else None
+
+    for case_index, case in enumerate(cases):
+        for impl in runnable:
+            rng = np.random.default_rng([seed, case_index])
+            try:
+                runners = impl.setup(case, rng)
+                timer = time_gpu if impl.device == "gpu" else time_cpu
+                for phase in phases:
+                    times = timer(runners[phase], repeat, warmup)
+                    report.rows.append(
+                        BenchRow(
+                            impl=impl.name,
+                            ours=impl.ours,
+                            device=impl.device,
+                            case=case,
+                            phase=phase,
+                            stats=timing_stats(times),
+                            bytes_moved=minimal_bytes(phase, case.numel, case.itemsize),
+                            bandwidth_limit=gpu_peak
+                            if impl.device == "gpu"
+                            else report.cpu_bandwidth,
+                        )
+                    )
+                    if progress is not None:
+                        progress(f"{case.name} {impl.name} {phase}")
+            except Exception as e:  # a peer failing on a case is a note, ours an error
+                message = f"{impl.name} on {case.name}: {type(e).__name__}: {e}"
+                (report.errors if impl.ours else report.notes).append(
+                    message if impl.ours else message + " (skipped)"
+                )
+                if progress is not None:
+                    done = sum(1 for r in report.rows if r.impl == impl.name and r.case == case)
+                    for _ in range(len(phases) - done):
+                        progress(f"{case.name} {impl.name} failed")
+    _fill_ratios(report.rows)
+    return report
+
+
+def _fill_ratios(rows: list[BenchRow]) -> None:
+    fastest: dict[tuple, float] = {}
+    for row in rows:
+        if not row.ours:
+            key = (row.case, row.phase, row.device)
+            fastest[key] = min(fastest.get(key, math.inf), row.median)
+    for row in rows:
+        best = fastest.get((row.case, row.phase, row.device))
+        if best is not None and best > 0:
+            row.ratio_to_fastest_peer = row.median / best
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def to_pytest_benchmark(report: BenchReport) -> dict[str, Any]:
+    """The report in pytest-benchmark's JSON shape (`machine_info`, `benchmarks[].stats`)."""
+    benchmarks = []
+    for row in report.rows:
+        params = {
+            "shape": list(row.case.shape),
+            "channel_axis": row.case.channel_axis,
+            "dtype": row.case.dtype,
+            "phase": row.phase,
+            "implementation": row.impl,
+        }
+        name = f"{row.phase}[{row.case.name}-{row.case.dtype}-{row.impl}]"
+        benchmarks.append(
+            {
+                "group": f"{row.case.name} {row.case.dtype} {row.phase}",
+                "name": name,
+                "fullname": f"cupy-bn bench::{name}",
+                "params": params,
+                "param": f"{row.case.name}-{row.case.dtype}-{row.impl}",
+                "extra_info": {
+                    "ours": row.ours,
+                    "device": row.device,
+                    "minimal_bytes": row.bytes_moved,
+                    "gbps": row.gbps,
+                    "percent_of_bandwidth": row.percent_of_bandwidth,
+                    "bandwidth_limit": row.bandwidth_limit,
+                    "ratio_to_fastest_peer": row.ratio_to_fastest_peer,
+                },
+                "options": {
+                    "timer": "cupyx.profiler.benchmark" if row.device == "gpu" else "perf_counter",
+                    "warmup": report.warmup,
+                    "rounds": report.repeat,
+                },
+                "stats": row.stats,
+            }
+        )
+    return {
+        "machine_info": machine_info(report.cpu_bandwidth, report.gpus),
+        "commit_info": commit_info(),
+        "benchmarks": benchmarks,
+        "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "version": __version__,
+        "notes": report.notes,
+        "errors": report.errors,
+    }
+
+
+def plot_report(report: BenchReport, path: str | os.PathLike[str]) -> None:
+    """Bar chart of achieved GB/s per implementation, one group per (case, phase); PNG.
+
+    Needs matplotlib (`pip install 'cupy-bn[plot]'`); raises ImportError without it.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cupy_bn.modelfile import atomic_output
+
+    groups = list(dict.fromkeys((r.case.name, r.case.dtype, r.phase) for r in report.rows))
+    impls = list(dict.fromkeys(r.impl for r in report.rows))
+    by_key = {(r.case.name, r.case.dtype, r.phase, r.impl): r for r in report.rows}
+    width = 0.8 / max(len(impls), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) + 2), 4.5))
+    for k, impl in enumerate(impls):
+        values = [by_key[(*g, impl)].gbps if (*g, impl) in by_key else 0.0 for g in groups]
+        ax.bar([i + k * width for i in range(len(groups))], values, width, label=impl)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+    ax.set_xticklabels([f"{c}\n{d}\n{p}" for c, d, p in groups], fontsize=8)
+    ax.set_ylabel("GB/s (minimal-traffic model)")
+    if report.cpu_bandwidth:
+        ax.axhline(
+            report.cpu_bandwidth / 1e9,
+            color="gray",
+            linestyle="--",
+            linewidth=1,
+            label="CPU copy bandwidth",
+        )
+    ax.set_title("cupy-bn bench")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_output(path, overwrite=True) as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)

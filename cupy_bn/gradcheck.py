@@ -1,0 +1,349 @@
+"""Finite-difference checks of batch norm's gradients, in the spirit of `torch.autograd.gradcheck`.
+
+For each case (shape, channel axis, train/eval mode, affine on/off, backend) the input is float64
+and the scalar loss is `L = sum(y * g)` for a fixed random `g`. The analytic gradients are
+`batch_norm_backward(g, saved)`; the numeric ones are central differences
+`(L(t + h) - L(t - h)) / (2h)` of `batch_norm` in float64. A gradient passes when every entry
+satisfies `|numeric - analytic| <= atol + rtol * |numeric|` (torch's defaults: `h = 1e-6`,
+`atol = 1e-5`, `rtol = 1e-3`). The forward output is also compared, with the same tolerance,
+to the float64 formula `(x - mean) / sqrt(var + eps) * weight + bias`.
+
+Channels of batch norm are independent, so one forward evaluation perturbs one element in every
+channel at once and reads the loss channel by channel: `2 * (values per channel)` evaluations
+give the whole gradient of `x`, and two each give those of `weight` and `bias`. A forward that
+leaked between channels would show up as a mismatch here and in the forward comparison.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cupy_bn import functional
+
+#: Default matrix: one small shape per rank (ranks 2 to 5).
+DEFAULT_SHAPES: tuple[tuple[int, ...], ...] = ((6, 3), (3, 4, 5), (2, 3, 3, 4), (2, 2, 3, 2, 3))
+CHANNEL_AXES: tuple[int, ...] = (1, -1)
+MODES: tuple[str, ...] = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class GradcheckCase:
+    """One configuration to check."""
+
+    shape: tuple[int, ...]
+    channel_axis: int
+    mode: str
+    """"train" (batch statistics) or "eval" (fixed running statistics)."""
+    affine: bool
+    backend: str
+
+    @property
+    def name(self) -> str:
+        dims = "x".join(str(d) for d in self.shape)
+        return (
+            f"{self.backend} {self.mode} {dims} axis={self.channel_axis} "
+            f"{'affine' if self.affine else 'no-affine'}"
+        )
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Largest errors of one output (forward `y`) or gradient (`x`, `weight`, `bias`)."""
+
+    max_abs_error: float
+    max_rel_error: float
+    """Largest `|numeric - analytic| / max(|numeric|, atol)`."""
+    passed: bool
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """Outcome of one case: a `Comparison` per checked quantity, or the error it raised."""
+
+    case: GradcheckCase
+    comparisons: dict[str, Comparison]
+    error: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and all(c.passed for c in self.comparisons.values())
+
+    @property
+    def max_abs_error(self) -> float:
+        return max((c.max_abs_error for c in self.comparisons.values()), default=float("nan"))
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((c.max_rel_error for c in self.comparisons.values()), default=float("nan"))
+
+
+@dataclass
+class GradcheckResult:
+    """All cases of a `gradcheck` run. Truthy when every case passed."""
+
+    cases: list[CaseResult] = field(default_factory=list)
+    step: float = 1e-6
+    atol: float = 1e-5
+    rtol: float = 1e-3
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.cases) and all(c.passed for c in self.cases)
+
+    @property
+    def failures(self) -> list[CaseResult]:
+        return [c for c in self.cases if not c.passed]
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def summary(self) -> str:
+        failed = len(self.failures)
+        worst = max((c.max_rel_error for c in self.cases if c.error is None), default=0.0)
+        state = "passed" if self.passed else "FAILED"
+        return (
+            f"gradcheck {state}: {len(self.cases) - failed}/{len(self.cases)} cases passed, "
+            f"worst relative error {worst:.2e} (atol={self.atol:g}, rtol={self.rtol:g}, "
+            f"h={self.step:g})"
+        )
+
+
+def _as_tuple(value: Any, what: str) -> tuple:
+    if isinstance(value, (str, bool, int)) or value is None:
+        return (value,)
+    return tuple(value)
+
+
+def build_cases(
+    shapes: Iterable[Sequence[int]] | None = None,
+    channel_axes: int | Iterable[int] = CHANNEL_AXES,
+    modes: str | Iterable[str] = MODES,
+    affine: bool | Iterable[bool] = (True, False),
+    backends: str | Iterable[str] = ("numpy",),
+) -> list[GradcheckCase]:
+    """The cross product of the options, validated (`ValueError` naming the option)."""
+    shape_list = [tuple(int(d) for d in s) for s in (DEFAULT_SHAPES if shapes is None else shapes)]
+    axes, mode_list = _as_tuple(channel_axes, "channel_axes"), _as_tuple(modes, "modes")
+    affine_list, backend_list = _as_tuple(affine, "affine"), _as_tuple(backends, "backends")
+    for name, values in (
+        ("shapes", shape_list),
+        ("channel_axes", axes),
+        ("modes", mode_list),
+        ("affine", affine_list),
+        ("backends", backend_list),
+    ):
+        if not values:
+            raise ValueError(f"{name}: expected at least one value")
+    for mode in mode_list:
+        if mode not in MODES:
+            raise ValueError(f"modes: expected 'train' or 'eval', got {mode!r}")
+    cases = []
+    for shape, axis, mode in itertools.product(shape_list, axes, mode_list):
+        if not 2 <= len(shape) <= 5 or min(shape) < 1:
+            raise ValueError(f"shapes: expected rank 2 to 5 with positive sizes, got {shape}")
+        if (
+            isinstance(axis, bool)
+            or not isinstance(axis, int)
+            or not -len(shape) <= axis < len(shape)
+        ):
+            raise ValueError(f"channel_axes: {axis!r} is not an axis of shape {shape}")
+        if mode == "train" and np.prod(shape) // shape[axis] < 2:
+            raise ValueError(
+                f"shapes: {shape} has one value per channel (axis {axis}); training needs two"
+            )
+    for shape, axis, mode, aff, backend in itertools.product(
+        shape_list, axes, mode_list, affine_list, backend_list
+    ):
+        cases.append(GradcheckCase(shape, axis, mode, bool(aff), str(backend)))
+    return cases
+
+
+def gradcheck(
+    shapes: Iterable[Sequence[int]] | None = None,
+    *,
+    channel_axes: int | Iterable[int] = CHANNEL_AXES,
+    modes: str | Iterable[str] = MODES,
+    affine: bool | Iterable[bool] = (True, False),
+    backends: str | Iterable[str] = ("numpy",),
+    step: float = 1e-6,
+    atol: float = 1e-5,
+    rtol: float = 1e-3,
+    eps: float = 1e-5,
+    seed: int = 0,
+    progress: Callable[[CaseResult], None] | None = None,
+) -> GradcheckResult:
+    """Check `batch_norm_backward` against central differences of `batch_norm`.
+
+    Runs the cross product of `shapes` (default: `DEFAULT_SHAPES`, ranks 2-5),
+    `channel_axes` (1: channels-first, -1: channels-last), `modes` ("train", "eval"),
+    `affine` (with or without weight and bias) and `backends` (registered backend names; "cuda"
+    runs on CuPy arrays, the others on NumPy arrays). `progress` is called after each case.
+    Returns a `GradcheckResult` (truthy when all passed); an exception raised by a backend is
+    recorded as a failed case, not raised.
+    """
+    for name, value in (("step", step), ("atol", atol), ("rtol", rtol), ("eps", eps)):
+        if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
+            raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
+    cases = build_cases(shapes, channel_axes, modes, affine, backends)
+    result = GradcheckResult(step=float(step), atol=float(atol), rtol=float(rtol))
+    for index, case in enumerate(cases):
+        rng = np.random.default_rng([seed, index])
+        try:
+            outcome = check_case(case, rng, step=step, atol=atol, rtol=rtol, eps=eps)
+        except Exception as e:  # a backend failing is a failed check, reported with its reason
+            outcome = CaseResult(case, {}, error=f"{type(e).__name__}: {e}")
+        result.cases.append(outcome)
+        if progress is not None:
+            progress(outcome)
+    return result
+
+
+class _Device:
+    """Moves float64 host arrays to the backend's array module and back."""
+
+    def __init__(self, backend: str) -> None:
+        if backend == "cuda":
+            import cupy
+
+            self.to = cupy.asarray
+            self.back = cupy.asnumpy
+        else:
+            self.to = np.asarray
+            self.back = np.asarray
+
+
+def _compare(numeric: np.ndarray, analytic: Any, atol: float, rtol: float) -> Comparison:
+    analytic = np.asarray(analytic, dtype=np.float64)
+    if analytic.shape != numeric.shape:
+        raise ValueError(f"gradient has shape {analytic.shape}, expected {numeric.shape}")
+    diff = np.abs(numeric - analytic)
+    if diff.size == 0:
+        return Comparison(0.0, 0.0, True)
+    rel = diff / np.maximum(np.abs(numeric), atol)
+    passed = bool(np.all(diff <= atol + rtol * np.abs(numeric)))  # False for NaN
+    return Comparison(float(np.max(diff)), float(np.max(rel)), passed)
+
+
+def reference_forward(
+    x: np.ndarray,
+    weight: np.ndarray | None,
+    bias: np.ndarray | None,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    training: bool,
+    eps: float,
+    channel_axis: int,
+) -> np.ndarray:
+    """Float64 batch norm by the textbook formula (two-pass statistics)."""
+    axis = channel_axis % x.ndim
+    others = tuple(a for a in range(x.ndim) if a != axis)
+    shape = [1] * x.ndim
+    shape[axis] = x.shape[axis]
+    if training:
+        mean = x.mean(axis=others, keepdims=True)
+        var = ((x - mean) ** 2).mean(axis=others, keepdims=True)
+    else:
+        mean, var = running_mean.reshape(shape), running_var.reshape(shape)
+    y = (x - mean) / np.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y
+
+
+def check_case(
+    case: GradcheckCase,
+    rng: np.random.Generator,
+    *,
+    step: float = 1e-6,
+    atol: float = 1e-5,
+    rtol: float = 1e-3,
+    eps: float = 1e-5,
+) -> CaseResult:
+    """Run one case (see the module docstring); exceptions from the backend propagate."""
+    shape, axis = case.shape, case.channel_axis % len(case.shape)
+    channels = shape[axis]
+    training = case.mode == "train"
+    device = _Device(case.backend)
+    channel_shape = [1] * len(shape)
+    channel_shape[axis] = channels
+    # Per-channel offsets and scales, so that centring and scaling both matter.
+    x = rng.standard_normal(shape) * rng.uniform(0.5, 2.0, channel_shape) + rng.uniform(
+        -2.0, 2.0, channel_shape
+    )
+    weight = rng.uniform(0.5, 1.5, channels) * rng.choice([-1.0, 1.0], channels)
+    bias = rng.standard_normal(channels)
+    running_mean = rng.uniform(-1.0, 1.0, channels)
+    running_var = rng.uniform(0.5, 2.0, channels)
+    grad_out = rng.standard_normal(shape)
+
+    def forward(x_: np.ndarray, w_: np.ndarray, b_: np.ndarray) -> tuple[Any, Any]:
+        return functional.batch_norm(
+            device.to(x_),
+            device.to(w_) if case.affine else None,
+            device.to(b_) if case.affine else None,
+            None if training else device.to(running_mean),
+            None if training else device.to(running_var),
+            training=training,
+            eps=eps,
+            channel_axis=case.channel_axis,
+            backend=case.backend,
+        )
+
+    def channel_loss(x_: np.ndarray, w_: np.ndarray, b_: np.ndarray) -> np.ndarray:
+        y = np.asarray(device.back(forward(x_, w_, b_)[0]), dtype=np.float64)
+        return np.moveaxis(y * grad_out, axis, -1).reshape(-1, channels).sum(axis=0)
+
+    y, saved = forward(x, weight, bias)
+    dx, dweight, dbias = functional.batch_norm_backward(device.to(grad_out), saved)
+    comparisons = {
+        "y": _compare(
+            reference_forward(
+                x,
+                weight if case.affine else None,
+                bias if case.affine else None,
+                running_mean,
+                running_var,
+                training,
+                eps,
+                axis,
+            ),
+            device.back(y),
+            atol,
+            rtol,
+        )
+    }
+
+    # x: perturb the j-th value of every channel at once.
+    rows = np.moveaxis(x, axis, -1).reshape(-1, channels)
+    moved_shape = np.moveaxis(x, axis, -1).shape
+    numeric_rows = np.empty_like(rows)
+    for j in range(rows.shape[0]):
+        plus, minus = rows.copy(), rows.copy()
+        plus[j] += step
+        minus[j] -= step
+        loss_plus = channel_loss(np.moveaxis(plus.reshape(moved_shape), -1, axis), weight, bias)
+        loss_minus = channel_loss(np.moveaxis(minus.reshape(moved_shape), -1, axis), weight, bias)
+        numeric_rows[j] = (loss_plus - loss_minus) / (2 * step)
+    numeric_dx = np.moveaxis(numeric_rows.reshape(moved_shape), -1, axis)
+    comparisons["x"] = _compare(numeric_dx, device.back(dx), atol, rtol)
+
+    if case.affine:
+        for name, analytic in (("weight", dweight), ("bias", dbias)):
+            if analytic is None:
+                raise ValueError(f"batch_norm_backward returned no gradient for {name}")
+            numeric = (
+                channel_loss(x, weight + step, bias) - channel_loss(x, weight - step, bias)
+                if name == "weight"
+                else channel_loss(x, weight, bias + step) - channel_loss(x, weight, bias - step)
+            ) / (2 * step)
+            comparisons[name] = _compare(numeric, device.back(analytic), atol, rtol)
+    elif dweight is not None or dbias is not None:
+        raise ValueError("batch_norm_backward returned weight/bias gradients without affine")
+    return CaseResult(case, comparisons)

@@ -1,0 +1,231 @@
+"""Benchmark machinery: statistics, the traffic model, the peers computing batch norm at all."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import types
+
+import numpy as np
+import pytest
+import reference
+
+from cupy_bn import bench
+from cupy_bn.backends import cupy_usable
+
+TINY = bench.BenchCase("tiny", (4, 3, 5, 2), 1, "float64")
+TINY_LAST = bench.BenchCase("tiny-last", (4, 5, 2, 3), -1, "float64")
+
+
+def test_timing_stats_match_the_definitions():
+    times = [0.5, 0.1, 0.2, 0.3, 0.4, 5.0]
+    s = bench.timing_stats(times)
+    assert s["min"] == 0.1 and s["max"] == 5.0 and s["rounds"] == 6
+    assert s["median"] == pytest.approx(0.35)
+    assert s["mean"] == pytest.approx(sum(times) / 6)
+    assert s["stddev"] == pytest.approx(statistics.stdev(times))
+    q1, _, q3 = statistics.quantiles(sorted(times), n=4, method="inclusive")
+    assert (s["q1"], s["q3"], s["iqr"]) == pytest.approx((q1, q3, q3 - q1))
+    assert s["iqr_outliers"] == 1 and s["hd15iqr"] == 0.5  # 5.0 lies beyond q3 + 1.5 iqr
+    assert s["ops"] == pytest.approx(1 / s["mean"])
+    assert s["total"] == pytest.approx(sum(times))
+    assert bench.timing_stats([0.25])["q1"] == 0.25
+
+
+def test_row_bandwidth_uses_the_minimal_traffic_model():
+    case = bench.BenchCase("c", (10, 20), -1, "float32")
+    row = bench.BenchRow(
+        impl="x",
+        ours=True,
+        device="cpu",
+        case=case,
+        phase="backward",
+        stats={"median": 1e-3, "min": 1e-3},
+        bytes_moved=bench.minimal_bytes("backward", case.numel, case.itemsize),
+        bandwidth_limit=4.8e6,
+    )
+    assert row.bytes_moved == 3 * 200 * 4  # R2 W1
+    assert row.gbps == pytest.approx(2400 / 1e-3 / 1e9)
+    assert row.percent_of_bandwidth == pytest.approx(50.0)
+    assert bench.minimal_bytes("forward_train", 10, 4) == 80  # R1 W1
+    assert bench.minimal_bytes("eval", 10, 2) == 40  # R1 W1
+
+
+def _runners_agree_with_reference(name: str, case: bench.BenchCase) -> None:
+    rng = np.random.default_rng(0)
+    inputs = bench._host_inputs(case, np.random.default_rng(0))
+    runners = bench.IMPLEMENTATIONS[name].setup(case, rng)
+    x, dy, w, b = inputs["x"], inputs["dy"], inputs["weight"], inputs["bias"]
+    axis = case.channel_axis
+    y_train = _in_layout(_first(runners["forward_train"]()), case)
+    np.testing.assert_allclose(y_train, reference.forward(x, w, b, channel_axis=axis), atol=1e-10)
+    dx, dw, db = runners["backward"]()[:3]
+    dx, dw, db = _in_layout(dx, case), np.asarray(dw, np.float64), np.asarray(db, np.float64)
+    want_dx, want_dw, want_db = reference.backward(x, dy, w, channel_axis=axis)
+    np.testing.assert_allclose(dx, want_dx, atol=1e-10)
+    np.testing.assert_allclose(dw, want_dw, atol=1e-10)
+    np.testing.assert_allclose(db, want_db, atol=1e-10)
+    # Running statistics started at (0, 1); setup and the call above made two momentum-0.1
+    # updates with the batch mean and the unbiased batch variance.
+    axes = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    m = x.size // x.shape[axis]
+    mean = x.mean(axis=axes)
+    unbiased = x.var(axis=axes) * m / (m - 1)
+    want_eval = reference.forward(
+        x, w, b, channel_axis=axis, mean=0.19 * mean, var=0.81 + 0.19 * unbiased
+    )
+    np.testing.assert_allclose(_in_layout(_first(runners["eval"]()), case), want_eval, atol=1e-10)
+
+
+def _in_layout(value, case: bench.BenchCase) -> np.ndarray:
+    """A tensor result as a float64 array in the case's layout (PyTorch's are NCHW views)."""
+    if type(value).__module__.startswith("torch"):
+        return np.moveaxis(value.numpy(), 1, case.channel_axis).astype(np.float64)
+    return np.asarray(value, np.float64)
+
+
+def _first(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+@pytest.mark.parametrize("case", [TINY, TINY_LAST], ids=lambda c: c.name)
+@pytest.mark.parametrize("name", ["cupy_bn.numpy", "numpy.textbook"])
+def test_cpu_implementations_compute_batch_norm(name, case):
+    _runners_agree_with_reference(name, case)
+
+
+@pytest.mark.parametrize("case", [TINY, TINY_LAST], ids=lambda c: c.name)
+def test_torch_peer_computes_batch_norm(case):
+    pytest.importorskip("torch")
+    _runners_agree_with_reference("torch.cpu", case)
+
+
+def test_run_bench_rows_ratios_and_notes(monkeypatch):
+    report = bench.run_bench(
+        [TINY],
+        ["cupy_bn.numpy", "numpy.textbook", "cupy.naive"],
+        repeat=3,
+        warmup=1,
+        copy_bytes=1 << 20,
+    )
+    assert report.errors == []
+    assert [(r.impl, r.phase) for r in report.rows] == [
+        (impl, phase) for impl in ("cupy_bn.numpy", "numpy.textbook") for phase in bench.PHASES
+    ] + ([("cupy.naive", p) for p in bench.PHASES] if cupy_usable() else [])
+    if not cupy_usable():
+        assert report.notes == ["cupy.naive skipped: no usable GPU (cupy.is_available() is False)"]
+    for row in report.rows:
+        assert row.stats["rounds"] == 3
+        assert row.bandwidth_limit == report.cpu_bandwidth or row.device == "gpu"
+        if row.impl == "numpy.textbook":
+            assert row.ratio_to_fastest_peer == 1.0  # the only CPU peer
+    ours = [r for r in report.rows if r.impl == "cupy_bn.numpy"]
+    peer = {r.phase: r.median for r in report.rows if r.impl == "numpy.textbook"}
+    for row in ours:
+        assert row.ratio_to_fastest_peer == pytest.approx(row.median / peer[row.phase])
+
+
+def test_run_bench_peer_failure_is_a_note_ours_an_error(monkeypatch):
+    def broken_setup(case, rng):
+        raise RuntimeError("unsupported")
+
+    peer = bench.IMPLEMENTATIONS["numpy.textbook"]
+    ours = bench.IMPLEMENTATIONS["cupy_bn.numpy"]
+    monkeypatch.setitem(
+        bench.IMPLEMENTATIONS,
+        "numpy.textbook",
+        peer.__class__(**{**peer.__dict__, "setup": broken_setup}),
+    )
+    monkeypatch.setitem(
+        bench.IMPLEMENTATIONS,
+        "cupy_bn.numpy",
+        ours.__class__(**{**ours.__dict__, "setup": broken_setup}),
+    )
+    report = bench.run_bench(
+        [TINY], ["cupy_bn.numpy", "numpy.textbook"], repeat=1, copy_bytes=1 << 16
+    )
+    assert report.rows == []
+    assert report.errors == ["cupy_bn.numpy on tiny: RuntimeError: unsupported"]
+    assert report.notes == ["numpy.textbook on tiny: RuntimeError: unsupported (skipped)"]
+
+
+def test_run_bench_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown 'nope'"):
+        bench.run_bench([TINY], ["nope"])
+    with pytest.raises(ValueError, match="phases"):
+        bench.run_bench([TINY], ["cupy_bn.numpy"], ["sideways"])
+    with pytest.raises(ValueError, match="repeat"):
+        bench.run_bench([TINY], ["cupy_bn.numpy"], repeat=0)
+
+
+def test_simulator_is_not_a_default_implementation():
+    assert "cupy_bn.sim" in bench.IMPLEMENTATIONS
+    assert "cupy_bn.sim" not in bench.DEFAULT_IMPLEMENTATIONS
+
+
+def test_default_cases_are_resnet_like_and_dense():
+    cases = bench.default_cases("float16")
+    assert [(c.shape, c.channel_axis) for c in cases] == [
+        ((32, 64, 56, 56), 1),
+        ((32, 56, 56, 64), -1),
+        ((4096, 1024), -1),
+    ]
+    assert all(c.dtype == "float16" and c.itemsize == 2 for c in cases)
+
+
+def test_copy_bandwidth_is_measured():
+    bandwidth = bench.measure_copy_bandwidth(8 << 20, repeat=2)
+    assert 1e8 < bandwidth < 1e13  # between 0.1 GB/s and 10 TB/s
+
+
+def _fake_cupy(monkeypatch, props, attributes):
+    runtime = types.SimpleNamespace(
+        getDeviceProperties=lambda device: props,
+        deviceGetAttribute=lambda attr, device: attributes[attr],
+        getDeviceCount=lambda: 1,
+    )
+    monkeypatch.setitem(
+        __import__("sys").modules,
+        "cupy",
+        types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime)),
+    )
+
+
+def test_device_peak_bandwidth_from_properties(monkeypatch):
+    # H100 SXM: 2619 MHz HBM3, 5120-bit bus -> 3.35 TB/s
+    _fake_cupy(monkeypatch, {"memoryClockRate": 2_619_000, "memoryBusWidth": 5120}, {})
+    assert bench.device_peak_bandwidth(0) == pytest.approx(2 * 2.619e9 * 5120 / 8)
+
+
+def test_device_peak_bandwidth_from_attributes_when_fields_are_gone(monkeypatch):
+    _fake_cupy(monkeypatch, {"name": b"GPU"}, {36: 1_593_000, 37: 5120})
+    assert bench.device_peak_bandwidth(0) == pytest.approx(2 * 1.593e9 * 5120 / 8)
+    _fake_cupy(monkeypatch, {}, {36: 0, 37: 0})
+    assert bench.device_peak_bandwidth(0) is None
+
+
+def test_gpu_devices_is_empty_without_a_gpu():
+    if cupy_usable():
+        pytest.skip("a GPU is usable here")
+    assert bench.gpu_devices() == []
+
+
+def test_pytest_benchmark_payload():
+    report = bench.run_bench([TINY], ["cupy_bn.numpy"], ["eval"], repeat=2, copy_bytes=1 << 16)
+    payload = bench.to_pytest_benchmark(report)
+    info = payload["machine_info"]
+    for key in ("node", "machine", "python_version", "system", "cpu", "cpu_copy_bandwidth"):
+        assert key in info
+    (entry,) = payload["benchmarks"]
+    assert entry["name"] == "eval[tiny-float64-cupy_bn.numpy]"
+    assert entry["params"] == {
+        "shape": [4, 3, 5, 2],
+        "channel_axis": 1,
+        "dtype": "float64",
+        "phase": "eval",
+        "implementation": "cupy_bn.numpy",
+    }
+    assert entry["options"]["timer"] == "perf_counter"
+    stats = entry["stats"]
+    assert len(stats["data"]) == stats["rounds"] == 2
+    assert math.isclose(entry["extra_info"]["gbps"], 2 * 120 * 8 / stats["median"] / 1e9)

@@ -1,0 +1,512 @@
+"""The `cupy-bn` command: every subcommand, its JSON output, exit codes and error paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from fold_models import LAYERS, Layer, bn_state, layer_apply, layer_state, original_output
+
+import cupy_bn
+from cupy_bn.backends import cupy_usable
+from cupy_bn.cli import main
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_user_error(result, *fragments: str, code: int = 2) -> None:
+    """Exit status `code`, a one-line reason on stderr, no traceback."""
+    assert result.exit_code == code, (result.exit_code, result.output)
+    assert isinstance(result.exception, SystemExit), result.exception
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# group, info
+
+
+def test_version_and_help():
+    result = run("--version")
+    assert result.exit_code == 0 and cupy_bn.__version__ in result.stdout
+    result = run("--help")
+    assert result.exit_code == 0
+    for command in ("info", "fold", "gradcheck", "bench"):
+        assert command in result.stdout
+
+
+def test_info_json_reports_versions_toolchain_and_backends():
+    result = run("info", "--json")
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.stdout)
+    assert facts["cupy_bn"] == cupy_bn.__version__
+    assert facts["numpy"] == np.__version__
+    assert "numpy" in facts["backends"]
+    assert set(facts["nvrtc"]) == {"found", "version", "detail"}
+    assert facts["cupy"]["usable"] == cupy_usable()
+    assert (facts["gpus"] == []) == (not cupy_usable())
+    assert {"available", "detail", "toolchain"} <= set(facts["simulator"])
+
+
+def test_info_table_for_humans():
+    result = run("info")
+    assert result.exit_code == 0, result.output
+    for label in ("cupy-bn", "numpy", "cupy", "nvrtc", "simulator", "backends"):
+        assert label in result.stdout
+
+
+def test_info_without_the_simulator_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy_bn.sim", None)  # import fails
+    facts = json.loads(run("info", "--json").stdout)
+    assert facts["simulator"] == {
+        "available": False,
+        "detail": "not part of this install",
+        "toolchain": {},
+    }
+
+
+def test_info_shows_the_simulator_toolchain(monkeypatch):
+    fake = types.SimpleNamespace(
+        find_toolchain=lambda: {"cxx": "/usr/bin/g++", "cuda_include": None},
+        is_available=lambda: False,
+    )
+    monkeypatch.setitem(sys.modules, "cupy_bn.sim", fake)
+    facts = json.loads(run("info", "--json").stdout)
+    assert facts["simulator"]["toolchain"] == {"cxx": "/usr/bin/g++", "cuda_include": None}
+    assert facts["simulator"]["available"] is False
+    human = run("info")
+    assert human.exit_code == 0 and "/usr/bin/g++" in human.stdout and "not found" in human.stdout
+
+
+def test_info_survives_a_failing_toolchain_probe(monkeypatch):
+    def broken():
+        raise RuntimeError("g++ exploded")
+
+    monkeypatch.setitem(sys.modules, "cupy_bn.sim", types.SimpleNamespace(find_toolchain=broken))
+    result = run("info", "--json")
+    assert result.exit_code == 0
+    assert "g++ exploded" in json.loads(result.stdout)["simulator"]["detail"]
+
+
+# ---------------------------------------------------------------------------------------------
+# fold
+
+
+def _write_model(path, *, orphan=False, rng=None, transposed=False):
+    rng = rng or np.random.default_rng(0)
+    state = layer_state("features.0", LAYERS["conv2d"], rng)
+    state |= bn_state("features.1", 8, rng)
+    state |= layer_state(
+        "features.3", LAYERS["conv2d_depthwise"].__class__("conv", 8, 8, (3, 3), groups=8), rng
+    )
+    state |= bn_state("features.4", 8, rng, affine=False)
+    if transposed:
+        state |= layer_state(
+            "up",
+            LAYERS["conv_transpose2d_groups"].__class__(
+                "conv_transpose", 8, 6, (2, 2), groups=2, bias=False
+            ),
+            rng,
+        )
+        state |= bn_state("up_bn", 6, rng)
+    if orphan:
+        state |= bn_state("head.norm", 5, rng)
+    state |= layer_state("classifier", Layer("linear", 8, 3), rng)
+    np.savez(path, **state)
+    return state
+
+
+def test_fold_writes_the_default_output_and_reports_pairs(tmp_path):
+    model = tmp_path / "net.npz"
+    state = _write_model(model)
+    result = run("fold", model, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    out = tmp_path / "net.folded.npz"
+    assert report["output"] == str(out) and report["written"] and report["ok"]
+    assert [(p["layer"], p["bn"]) for p in report["pairs"]] == [
+        ("features.0", "features.1"),
+        ("features.3", "features.4"),
+    ]
+    assert all(p["ok"] and p["max_abs_error"] < 1e-4 for p in report["pairs"])
+    with np.load(out, allow_pickle=False) as z:
+        folded = {k: z[k] for k in z.files}
+    assert list(folded) == [
+        "features.0.weight",
+        "features.0.bias",
+        "features.3.weight",
+        "features.3.bias",
+        "classifier.weight",
+        "classifier.bias",
+    ]
+    layer = Layer("conv", 8, 8, (3, 3), groups=8)
+    x = np.random.default_rng(1).standard_normal((2, 8, 5, 5))
+    np.testing.assert_allclose(
+        layer_apply(layer, x, folded["features.3.weight"], folded["features.3.bias"]),
+        original_output(state, layer, "features.3", "features.4", x),
+        atol=1e-4,
+    )
+
+
+def test_fold_table_for_humans(tmp_path):
+    model = tmp_path / "net.npz"
+    _write_model(model)
+    result = run("fold", model, "-o", tmp_path / "out.npz")
+    assert result.exit_code == 0, result.output
+    assert "features.0" in result.stdout and "ok" in result.stdout
+    assert "Folded 2 batch norm(s)" in result.stdout
+    assert (tmp_path / "out.npz").exists()
+
+
+def test_fold_transpose_groups_and_explicit_pairs(tmp_path):
+    model = tmp_path / "net.npz"
+    _write_model(model, transposed=True)
+    result = run("fold", model, "--transpose", "up", "--groups", "up=2", "--json")
+    assert result.exit_code == 0, result.output
+    pairs = {p["layer"]: p for p in json.loads(result.stdout)["pairs"]}
+    assert pairs["up"]["kind"] == "conv_transpose2d" and pairs["up"]["groups"] == 2
+    assert pairs["up"]["ok"]
+
+    result = run(
+        "fold",
+        model,
+        "--transpose",
+        "up",
+        "--pair",
+        "features.3=features.1",
+        "--keep-unpaired",
+        "-o",
+        tmp_path / "b.npz",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert ("features.3", "features.1", True) in [
+        (p["layer"], p["bn"], p["explicit"]) for p in report["pairs"]
+    ]
+    assert "features.4" in report["unpaired"]  # its nearest layer is taken
+
+
+def test_fold_no_verify_skips_the_check(tmp_path):
+    model = tmp_path / "net.npz"
+    _write_model(model)
+    result = run("fold", model, "--no-verify", "--json")
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert report["verified"] is False
+    assert all(p["max_abs_error"] is None and p["ok"] is None for p in report["pairs"])
+
+
+def test_fold_refuses_an_existing_output_unless_forced(tmp_path):
+    model = tmp_path / "net.npz"
+    _write_model(model)
+    out = tmp_path / "net.folded.npz"
+    out.write_bytes(b"keep me")
+    assert_user_error(run("fold", model), "already exists", "--force")
+    assert out.read_bytes() == b"keep me"
+    result = run("fold", model, "--force")
+    assert result.exit_code == 0, result.output
+    with np.load(out, allow_pickle=False) as z:
+        assert "features.0.bias" in z.files
+
+
+def test_fold_never_writes_over_its_input(tmp_path):
+    model = tmp_path / "net.npz"
+    _write_model(model)
+    before = model.read_bytes()
+    assert_user_error(run("fold", model, "-o", model, "--force"), "is the input model")
+    link = tmp_path / "alias.npz"
+    os.symlink(model, link)
+    assert_user_error(run("fold", model, "-o", link, "--force"), "is the input model")
+    assert model.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"this is not a model", "not an .npz archive"),
+        (None, "no such file"),
+    ],
+)
+def test_fold_rejects_unreadable_files(tmp_path, content, fragment):
+    model = tmp_path / "model.npz"
+    if content is not None:
+        model.write_bytes(content)
+    assert_user_error(run("fold", model), fragment)
+    assert not (tmp_path / "model.folded.npz").exists()
+
+
+def test_fold_rejects_pickled_npz(tmp_path):
+    model = tmp_path / "pickled.npz"
+    np.savez(
+        model,
+        **{"conv.weight": np.ones((2, 1, 1, 1)), "meta": np.array([{"epoch": 3}], dtype=object)},
+    )
+    assert_user_error(run("fold", model), "'meta'", "Python objects")
+
+
+def test_fold_names_the_orphan_batch_norm(tmp_path):
+    model = tmp_path / "net.npz"
+    _write_model(model, orphan=True)
+    assert_user_error(run("fold", model), "head.norm")
+    assert not (tmp_path / "net.folded.npz").exists()
+    result = run("fold", model, "--keep-unpaired", "--json")
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert report["unpaired"] == ["head.norm"]
+    with np.load(tmp_path / "net.folded.npz") as z:
+        assert "head.norm.running_var" in z.files
+
+
+def test_fold_rejects_bad_statistics(tmp_path):
+    rng = np.random.default_rng(2)
+    state = layer_state("c", Layer("conv", 2, 3, (1, 1)), rng) | bn_state("bn", 3, rng)
+    state["bn.running_var"][1] = -0.5
+    np.savez(tmp_path / "neg.npz", **state)
+    assert_user_error(run("fold", tmp_path / "neg.npz"), "bn.running_var", "negative")
+    state["bn.running_var"][1] = np.inf
+    np.savez(tmp_path / "inf.npz", **state)
+    assert_user_error(run("fold", tmp_path / "inf.npz"), "bn.running_var", "non-finite")
+    state["bn.running_var"] = np.ones(4, np.float32)
+    np.savez(tmp_path / "shape.npz", **state)
+    assert_user_error(run("fold", tmp_path / "shape.npz"), "bn.running_var", "shape")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--pair", "features.0"], "--pair: expected LAYER=BN"),
+        (["--pair", "missing=features.1"], "'missing' is not a layer"),
+        (["--groups", "features.0=two"], "--groups: expected LAYER=G"),
+        (["--transpose", "classifier"], "rank-2 weight"),
+        (["--transpose", "nothing"], "'nothing'"),
+        (["--eps", "0"], "eps"),
+    ],
+)
+def test_fold_bad_options(tmp_path, args, fragment):
+    model = tmp_path / "net.npz"
+    _write_model(model)
+    assert_user_error(run("fold", model, *args), fragment)
+
+
+def test_fold_usage_error_exits_2():
+    result = run("fold")
+    assert result.exit_code == 2 and "Missing argument" in result.stderr
+
+
+def test_fold_check_failure_exits_1_and_writes_nothing(tmp_path, monkeypatch):
+    import cupy_bn.fold as fold_module
+
+    real = fold_module.fold_state_dict
+
+    def wrong(*args, **kwargs):
+        folded, report = real(*args, **kwargs)
+        folded["features.0.weight"] = folded["features.0.weight"] * np.float32(1.01)
+        return folded, report
+
+    monkeypatch.setattr(fold_module, "fold_state_dict", wrong)
+    model = tmp_path / "net.npz"
+    _write_model(model)
+    result = run("fold", model, "--json")
+    assert_user_error(result, "fold check failed", "features.0", code=1)
+    report = json.loads(result.stdout)
+    assert report["ok"] is False and report["written"] is False
+    assert [p["ok"] for p in report["pairs"]] == [False, True]
+    assert not (tmp_path / "net.folded.npz").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# gradcheck
+
+
+def test_gradcheck_default_matrix_passes():
+    result = run("gradcheck", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] and len(report["cases"]) == 32
+    assert {len(c["shape"]) for c in report["cases"]} == {2, 3, 4, 5}
+    assert {c["channel_axis"] for c in report["cases"]} == {1, -1}
+    assert {(c["mode"], c["affine"]) for c in report["cases"]} == {
+        ("train", True),
+        ("train", False),
+        ("eval", True),
+        ("eval", False),
+    }
+    assert all(c["max_rel_error"] < 1e-3 for c in report["cases"])
+
+
+def test_gradcheck_human_table_and_summary():
+    result = run("gradcheck", "--shape", "4,3,5,5", "--channel-axis", "-1", "--mode", "train")
+    assert result.exit_code == 0, result.output
+    assert "gradcheck passed: 2/2 cases" in result.stdout
+    assert "4x3x5x5" in result.stdout
+
+
+def test_gradcheck_catches_a_broken_backward(monkeypatch):
+    from cupy_bn.backends.numpy_backend import NumpyBackend
+
+    real = NumpyBackend.backward_apply
+
+    def off_by_one(self, dy, x, mean, invstd, gamma, sum_dy, sum_dy_xmu, count):
+        return real(self, dy, x, mean, invstd, gamma, sum_dy, sum_dy_xmu, count + 1)
+
+    monkeypatch.setattr(NumpyBackend, "backward_apply", off_by_one)
+    result = run("gradcheck", "--json")
+    assert_user_error(result, "16 of 32 gradient checks failed", code=1)
+    cases = json.loads(result.stdout)["cases"]
+    assert all(c["passed"] == (c["mode"] == "eval") for c in cases)
+    assert all(not c["checks"]["x"]["passed"] for c in cases if c["mode"] == "train")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--shape", "4"], "rank 2 to 5"),
+        (["--shape", "4,a"], "expected sizes"),
+        (["--shape", "1,3", "--mode", "train"], "training needs two"),
+        (["--shape", "4,3", "--channel-axis", "2"], "not an axis"),
+        (["--step", "0"], "step"),
+    ],
+)
+def test_gradcheck_bad_options(args, fragment):
+    assert_user_error(run("gradcheck", *args), fragment)
+
+
+def test_gradcheck_backend_that_cannot_run_here(monkeypatch):
+    import cupy_bn.backends as backends
+
+    monkeypatch.setattr(backends, "available_backends", lambda: ["numpy"])
+    assert_user_error(run("gradcheck", "--backend", "cuda"), "'cuda' cannot run here")
+    result = run("gradcheck", "--backend", "all", "--shape", "3,2", "--json")
+    assert result.exit_code == 0
+    assert {c["backend"] for c in json.loads(result.stdout)["cases"]} == {"numpy"}
+
+
+def test_gradcheck_backend_all_runs_every_available_backend():
+    from cupy_bn.backends import available_backends
+
+    result = run("gradcheck", "--backend", "all", "--shape", "4,3", "--mode", "eval", "--json")
+    assert result.exit_code == 0, result.output
+    ran = {c["backend"] for c in json.loads(result.stdout)["cases"]}
+    assert ran == set(available_backends())
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+
+QUICK = ["--repeat", "2", "--warmup", "0", "--copy-mb", "1"]
+
+
+def test_bench_json_on_stdout_has_pytest_benchmark_shape():
+    result = run(
+        "bench",
+        "--shape",
+        "4,3,5,5",
+        *QUICK,
+        "--impl",
+        "cupy_bn.numpy",
+        "--impl",
+        "numpy.textbook",
+        "--json",
+        "-",
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert {"machine_info", "commit_info", "benchmarks", "datetime", "version"} <= set(payload)
+    assert payload["machine_info"]["cpu_copy_bandwidth"] > 0
+    benchmarks = payload["benchmarks"]
+    assert len(benchmarks) == 2 * 3
+    for entry in benchmarks:
+        assert {"group", "name", "fullname", "params", "stats"} <= set(entry)
+        assert entry["stats"]["rounds"] == 2
+        assert entry["stats"]["min"] <= entry["stats"]["median"] <= entry["stats"]["max"]
+        assert entry["params"]["shape"] == [4, 3, 5, 5]
+        extra = entry["extra_info"]
+        assert extra["gbps"] == pytest.approx(
+            extra["minimal_bytes"] / entry["stats"]["median"] / 1e9
+        )
+    textbook = [b for b in benchmarks if b["params"]["implementation"] == "numpy.textbook"]
+    assert all(b["extra_info"]["ratio_to_fastest_peer"] == 1.0 for b in textbook)
+
+
+def test_bench_table_file_json_and_notes(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run(
+        "bench",
+        "--shape",
+        "6,4",
+        "--channel-axis",
+        "-1",
+        *QUICK,
+        "--phase",
+        "eval",
+        "--impl",
+        "cupy_bn.numpy",
+        "--impl",
+        "cupy_bn.cuda",
+        "--json",
+        out,
+    )
+    assert result.exit_code == 0, result.output
+    assert "cupy_bn.numpy" in result.stdout and "eval" in result.stdout
+    payload = json.loads(out.read_text())
+    assert [b["params"]["phase"] for b in payload["benchmarks"]][0] == "eval"
+    if not cupy_usable():
+        assert "cupy_bn.cuda skipped" in result.stdout
+        assert "Traceback" not in result.output
+
+
+def test_bench_skips_gpu_peers_without_a_gpu():
+    if cupy_usable():
+        pytest.skip("a GPU is usable here")
+    result = run("bench", "--shape", "4,2", *QUICK, "--impl", "torch.cuda", "--impl", "cupy.naive")
+    assert result.exit_code == 0, result.output
+    assert "torch.cuda skipped" in result.stdout or "torch.cuda skipped" in result.output
+    assert "cupy.naive skipped" in result.stdout
+
+
+def test_bench_plot_without_matplotlib_is_a_usage_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    result = run("bench", "--shape", "4,2", *QUICK, "--plot", tmp_path / "p.png")
+    assert_user_error(result, "matplotlib", "cupy-bn[plot]")
+
+
+def test_bench_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "bench.png"
+    result = run("bench", "--shape", "4,2", *QUICK, "--impl", "cupy_bn.numpy", "--plot", path)
+    assert result.exit_code == 0, result.output
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--impl", "fastest"], "unknown implementation 'fastest'"),
+        (["--shape", "3"], "rank 2 to 5"),
+        (["--shape", "4,3", "--channel-axis", "0"], "not a channel axis"),
+    ],
+)
+def test_bench_bad_options(args, fragment):
+    assert_user_error(run("bench", *QUICK, *args), fragment)
+
+
+def test_bench_failure_of_our_backend_exits_1(monkeypatch):
+    from cupy_bn import functional
+
+    def broken(dy, saved):
+        raise RuntimeError("kernel fell over")
+
+    monkeypatch.setattr(functional, "batch_norm_backward", broken)
+    result = run("bench", "--shape", "4,2", *QUICK, "--impl", "cupy_bn.numpy")
+    assert_user_error(result, "kernel fell over", code=1)
