@@ -107,13 +107,17 @@ def _split_train_val(x: np.ndarray, y: np.ndarray, val_size: int,
     return x[train], y[train], x[val], y[val]
 
 
-def fashion_mnist_available(root: Path = FASHION_MNIST_DIR) -> bool:
+def fashion_mnist_available(root: Path | None = None) -> bool:
+    """Whether the four IDX files are in `root` (default `FASHION_MNIST_DIR`)."""
+    root = FASHION_MNIST_DIR if root is None else Path(root)
     return all((root / name).is_file() for name in FASHION_MNIST_FILES.values())
 
 
-def load_fashion_mnist(root: Path = FASHION_MNIST_DIR, val_size: int = 5000,
+def load_fashion_mnist(root: Path | None = None, val_size: int = 5000,
                        seed: int = 0) -> Dataset:
-    """Fashion-MNIST from the IDX files in `root`; `val_size` training images for validation."""
+    """Fashion-MNIST from the IDX files in `root` (default `FASHION_MNIST_DIR`); `val_size`
+    training images for validation."""
+    root = FASHION_MNIST_DIR if root is None else Path(root)
     arrays = {k: read_idx(root / name) for k, name in FASHION_MNIST_FILES.items()}
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]

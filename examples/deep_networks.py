@@ -84,7 +84,7 @@ def make_plan(small_data: bool, quick: bool) -> Plan:
     """Budgets for Fashion-MNIST (55,000 training images) and the digits fallback (1,077)."""
     if small_data:
         if quick:
-            return Plan(10**9, 10**9, 10**9, 12, 32, 0.05, (0.1, 1.0), 6, 1)
+            return Plan(10**9, 10**9, 10**9, 12, 32, 0.05, (0.03, 0.3), 6, 1)
         return Plan(10**9, 10**9, 10**9, 40, 32, 0.05, (0.01, 0.03, 0.1, 0.3, 1.0, 3.0), 15, 1)
     if quick:
         return Plan(6000, 1000, 2000, 3, 64, 0.05, (0.1, 1.0), 1, 2)

@@ -238,36 +238,39 @@ class Sigmoid(Layer):
 class MaxPool2d(Layer):
     """Max over non-overlapping `size x size` windows of NCHW input (H, W divisible by size).
 
-    The gradient goes to the first maximum of each window, as in PyTorch.
+    The window's elements are visited as `size * size` strided views of the input; the
+    gradient goes to the first maximum of each window, as in PyTorch.
     """
 
     def __init__(self, size: int = 2) -> None:
         super().__init__()
         self.size = size
 
-    def _windows(self, x: Array) -> Array:
-        n, c, h, w = x.shape
-        s = self.size
-        if h % s or w % s:
-            raise ValueError(f"MaxPool2d({s}) needs H and W divisible by {s}, got {x.shape}")
-        return x.reshape(n, c, h // s, s, w // s, s).transpose(0, 1, 2, 4, 3, 5).reshape(
-            n, c, h // s, w // s, s * s)
+    def _offsets(self) -> list[tuple[int, int]]:
+        return [(i, j) for i in range(self.size) for j in range(self.size)]
 
     def forward(self, x: Array) -> Array:
         xp = array_module(x)
-        windows = self._windows(x)
-        self._argmax = windows.argmax(axis=-1)
+        s = self.size
+        if x.shape[2] % s or x.shape[3] % s:
+            raise ValueError(f"MaxPool2d({s}) needs H and W divisible by {s}, got {x.shape}")
+        out = x[:, :, ::s, ::s].copy()
+        self._argmax = xp.zeros(out.shape, np.int8)      # which offset holds the maximum
+        for k, (i, j) in enumerate(self._offsets()[1:], start=1):
+            candidate = x[:, :, i::s, j::s]
+            better = candidate > out                      # strict: ties keep the first
+            self._argmax[better] = k
+            xp.maximum(out, candidate, out=out)
         self._x_shape = x.shape
-        return xp.take_along_axis(windows, self._argmax[..., None], axis=-1)[..., 0]
+        return out
 
     def backward(self, dy: Array) -> Array:
         xp = array_module(dy)
-        n, c, h, w = self._x_shape
         s = self.size
-        onehot = self._argmax[..., None] == xp.arange(s * s)
-        dwindows = onehot * dy[..., None]                         # (N, C, H/s, W/s, s*s)
-        return dwindows.reshape(n, c, h // s, w // s, s, s).transpose(0, 1, 2, 4, 3, 5).reshape(
-            n, c, h, w).astype(dy.dtype, copy=False)
+        dx = xp.empty(self._x_shape, dy.dtype)
+        for k, (i, j) in enumerate(self._offsets()):
+            dx[:, :, i::s, j::s] = dy * (self._argmax == k)
+        return dx
 
 
 class Identity(Layer):

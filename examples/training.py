@@ -123,15 +123,22 @@ def evaluate(model: Sequential, x: Array, y: Array, batch_size: int = 1000) -> f
     return float(np.mean((logits.argmax(axis=1) == to_numpy(y)) & finite))
 
 
-def time_call(fn: Callable[[], Any], repeat: int) -> dict[str, float]:
-    """Median and minimum wall time of `fn()` in seconds over `repeat` calls (after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
+def time_calls(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, dict[str, float]]:
+    """Median and minimum wall time in seconds of each `fn()` over `repeat` rounds.
+
+    One warm-up call each, then the functions take turns within every round, so load from
+    other processes on the machine falls on all of them alike.
+    """
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return {"median_s": float(np.median(times)), "min_s": float(np.min(times))}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"median_s": float(np.median(t)), "min_s": float(np.min(t))}
+            for name, t in times.items()}
 
 
 # ------------------------------------------------------------------------------------------
