@@ -10,7 +10,15 @@ Momentum follows PyTorch: the weight of the new batch in the running averages.
 """
 
 from cupy_bn.backends import available_backends, get_backend
+from cupy_bn.distributed import (
+    RemoteFailure,
+    SyncBatchNorm,
+    convert_sync_batchnorm,
+    sync_batch_norm,
+)
+from cupy_bn.fold import fold_conv_bn, fold_linear_bn, fold_state_dict
 from cupy_bn.functional import SavedForBackward, batch_norm, batch_norm_backward
+from cupy_bn.gradcheck import gradcheck
 from cupy_bn.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __version__ = "0.1.0"
@@ -19,10 +27,18 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "RemoteFailure",
     "SavedForBackward",
+    "SyncBatchNorm",
     "__version__",
     "available_backends",
     "batch_norm",
     "batch_norm_backward",
+    "convert_sync_batchnorm",
+    "fold_conv_bn",
+    "fold_linear_bn",
+    "fold_state_dict",
     "get_backend",
+    "gradcheck",
+    "sync_batch_norm",
 ]

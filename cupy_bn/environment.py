@@ -31,7 +31,7 @@ def _cupy() -> dict[str, Any]:
 def _gpus() -> list[dict[str, Any]]:
     if not cupy_usable():
         return []
-    from cupy_bn.bench import gpu_devices
+    from cupy_bn.machine import gpu_devices
 
     try:
         return gpu_devices()

@@ -13,16 +13,20 @@ Conventions follow PyTorch: `momentum` is the weight of the new batch,
 opposite convention), and the running variance is updated with the unbiased batch variance.
 
 A `reducer` turns per-process statistics into global ones (sync batch norm): it has
-`merge_stats(count, mean, var) -> (count, mean, var)` and
-`sum_grads(sum_dy, sum_dy_xmu) -> (sum_dy, sum_dy_xmu)`.
+`merge_stats(count, mean, var) -> (count, mean, var)`,
+`sum_grads(sum_dy, sum_dy_xmu) -> (sum_dy, sum_dy_xmu)`, and `collective(phase)`, a context
+the training forward ("stats") and backward ("grads") run in, so that a process whose call
+fails before reaching the reducer still takes part in the collective and no process waits
+forever.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from numbers import Real
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from cupy_bn.backends import Backend, get_backend
 from cupy_bn.dtypes import accumulation_dtype, check_float_dtype
@@ -37,6 +41,14 @@ class StatsReducer(Protocol):
     def merge_stats(self, count: int, mean: Array, var: Array) -> tuple[int, Array, Array]: ...
 
     def sum_grads(self, sum_dy: Array, sum_dy_xmu: Array) -> tuple[Array, Array]: ...
+
+    def collective(self, phase: Literal["stats", "grads"]) -> AbstractContextManager[None]:
+        """Context around a call that reaches `merge_stats` ("stats") or `sum_grads` ("grads").
+
+        If the block raises before that method ran, the reducer takes part in the collective on
+        this process's behalf (announcing the failure) before the exception propagates.
+        """
+        ...
 
 
 @dataclass(frozen=True)
@@ -122,8 +134,19 @@ def batch_norm(x: Array, weight: Array | None = None, bias: Array | None = None,
     are given, updates them in place: `running = (1 - momentum) * running + momentum * batch`
     with the unbiased batch variance. training=False normalizes with the running statistics.
     `y` has the dtype, shape and memory order of `x`; statistics accumulate in float32
-    (float64 for float64 input).
+    (float64 for float64 input). With a `reducer`, training statistics are those of the
+    batches of all processes together (sync batch norm).
     """
+    if reducer is not None and training:
+        with reducer.collective("stats"):
+            return _batch_norm(x, weight, bias, running_mean, running_var, training, momentum,
+                               eps, channel_axis, backend, reducer)
+    return _batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                       channel_axis, backend, reducer)
+
+
+def _batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                channel_axis, backend, reducer) -> tuple[Array, SavedForBackward]:
     x = _as_array(x)
     view = canonical(x, channel_axis)
     xp = array_module(x)
@@ -177,6 +200,14 @@ def batch_norm_backward(dy: Array, saved: SavedForBackward
     dweight/dbias are None without weight/bias. Under sync batch norm they are this process's
     share (sum them across processes, as data-parallel training does); dx is exact globally.
     """
+    if saved.reducer is not None and saved.batch_statistics:
+        with saved.reducer.collective("grads"):
+            return _batch_norm_backward(dy, saved)
+    return _batch_norm_backward(dy, saved)
+
+
+def _batch_norm_backward(dy: Array, saved: SavedForBackward
+                         ) -> tuple[Array, Array | None, Array | None]:
     dy = _as_array(dy)
     view = saved.view
     dyv = view.match(dy, "dy")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import reference
 
-from cupy_bn import bench
+from cupy_bn import bench, machine
 from cupy_bn.backends import cupy_usable
 
 TINY = bench.BenchCase("tiny", (4, 3, 5, 2), 1, "float64")
@@ -174,7 +174,7 @@ def test_default_cases_are_resnet_like_and_dense():
 
 
 def test_copy_bandwidth_is_measured():
-    bandwidth = bench.measure_copy_bandwidth(8 << 20, repeat=2)
+    bandwidth = machine.measure_copy_bandwidth(8 << 20, repeat=2)
     assert 1e8 < bandwidth < 1e13  # between 0.1 GB/s and 10 TB/s
 
 
@@ -194,20 +194,20 @@ def _fake_cupy(monkeypatch, props, attributes):
 def test_device_peak_bandwidth_from_properties(monkeypatch):
     # H100 SXM: 2619 MHz HBM3, 5120-bit bus -> 3.35 TB/s
     _fake_cupy(monkeypatch, {"memoryClockRate": 2_619_000, "memoryBusWidth": 5120}, {})
-    assert bench.device_peak_bandwidth(0) == pytest.approx(2 * 2.619e9 * 5120 / 8)
+    assert machine.device_peak_bandwidth(0) == pytest.approx(2 * 2.619e9 * 5120 / 8)
 
 
 def test_device_peak_bandwidth_from_attributes_when_fields_are_gone(monkeypatch):
     _fake_cupy(monkeypatch, {"name": b"GPU"}, {36: 1_593_000, 37: 5120})
-    assert bench.device_peak_bandwidth(0) == pytest.approx(2 * 1.593e9 * 5120 / 8)
+    assert machine.device_peak_bandwidth(0) == pytest.approx(2 * 1.593e9 * 5120 / 8)
     _fake_cupy(monkeypatch, {}, {36: 0, 37: 0})
-    assert bench.device_peak_bandwidth(0) is None
+    assert machine.device_peak_bandwidth(0) is None
 
 
 def test_gpu_devices_is_empty_without_a_gpu():
     if cupy_usable():
         pytest.skip("a GPU is usable here")
-    assert bench.gpu_devices() == []
+    assert machine.gpu_devices() == []
 
 
 def test_pytest_benchmark_payload():

@@ -299,6 +299,12 @@ def test_fold_bad_options(tmp_path, args, fragment):
     assert_user_error(run("fold", model, *args), fragment)
 
 
+def test_fold_output_directory_must_exist(tmp_path):
+    model = tmp_path / "net.npz"
+    _write_model(model)
+    assert_user_error(run("fold", model, "-o", tmp_path / "no" / "out.npz"), "does not exist")
+
+
 def test_fold_usage_error_exits_2():
     result = run("fold")
     assert result.exit_code == 2 and "Missing argument" in result.stderr
@@ -345,9 +351,20 @@ def test_gradcheck_default_matrix_passes():
     assert all(c["max_rel_error"] < 1e-3 for c in report["cases"])
 
 
+def test_gradcheck_command_works_when_the_package_exports_the_function(monkeypatch):
+    from cupy_bn.gradcheck import gradcheck
+
+    # `cupy_bn.gradcheck` is both a module and (exported from the package) a function.
+    monkeypatch.setattr(cupy_bn, "gradcheck", gradcheck, raising=False)
+    result = run("gradcheck", "--shape", "3,2", "--mode", "eval")
+    assert result.exit_code == 0, result.output
+
+
 def test_gradcheck_human_table_and_summary():
     result = run("gradcheck", "--shape", "4,3,5,5", "--channel-axis", "-1", "--mode", "train")
     assert result.exit_code == 0, result.output
+    fast = run("gradcheck", "--shape", "4,3,5,5", "--mode", "eval", "--fast")
+    assert fast.exit_code == 0 and "gradcheck passed: 4/4 cases" in fast.stdout
     assert "gradcheck passed: 2/2 cases" in result.stdout
     assert "4x3x5x5" in result.stdout
 

@@ -100,3 +100,18 @@ def test_slab_plan_for_large_channels():
     import reference as ref
 
     np.testing.assert_allclose(dx, ref.backward(x, dy)[0], atol=1e-4)
+
+
+def test_forked_child_runs_chunks_in_parallel_again():
+    import multiprocessing as mp
+
+    x = np.random.default_rng(6).standard_normal((64, 8, 4096)).astype(np.float32)
+    cbn.batch_norm(x)  # starts the parent's pool
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        y = pool.apply_async(_normalize, (x,)).get(timeout=30)
+    np.testing.assert_allclose(y, cbn.batch_norm(x)[0], atol=1e-6)
+
+
+def _normalize(x):
+    return cbn.batch_norm(x)[0]

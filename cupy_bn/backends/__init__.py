@@ -13,8 +13,8 @@ from typing import Any
 from cupy_bn.backends.base import Backend, minimal_bytes
 from cupy_bn.layout import array_module
 
-__all__ = ["Backend", "available_backends", "describe_environment", "get_backend",
-           "minimal_bytes", "register_backend"]
+__all__ = ["Backend", "available_backends", "cupy_usable", "get_backend", "minimal_bytes",
+           "register_backend"]
 
 _FACTORIES: dict[str, Callable[[], Backend]] = {}
 _AVAILABLE: dict[str, Callable[[], bool]] = {}
@@ -69,17 +69,6 @@ def get_backend(backend: str | Backend, x: Any) -> Backend:
         raise TypeError(f"backend {backend!r} takes {chosen.xp.__name__} arrays, "
                         f"got a {array_module(x).__name__} array")
     return chosen
-
-
-def describe_environment() -> dict[str, Any]:
-    """What `cupy-bn info` reports: CuPy's state and the backends that can run here."""
-    try:
-        import cupy
-
-        cupy_state = f"{cupy.__version__} ({'usable' if cupy_usable() else 'no usable GPU'})"
-    except ImportError:
-        cupy_state = "not installed"
-    return {"cupy": cupy_state, "backends": available_backends()}
 
 
 def _numpy_backend() -> Backend:

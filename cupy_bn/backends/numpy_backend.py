@@ -56,7 +56,9 @@ def empty_unaliased(shape: tuple[int, ...], dtype: np.dtype, *avoid: np.ndarray)
     in the CPU's store forwarding), so outputs are placed away from their inputs.
     """
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < CHUNK_ELEMENTS * 4:  # one chunk or less: aliasing costs less than the search
+        return np.empty(shape, dtype)
     raw = np.empty(nbytes + _PAGE, np.uint8)
     base = raw.ctypes.data
     taken = [a.ctypes.data % _PAGE for a in avoid]

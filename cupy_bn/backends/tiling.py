@@ -32,7 +32,7 @@ from cupy_bn.layout import NCS, View
 #: Values per chunk: a float32 chunk and its scratch copies stay in a core's L2 cache.
 CHUNK_ELEMENTS = 1 << 17
 #: NCS inputs whose `C*S` exceeds this many values use slabs rather than pattern chunks.
-PATTERN_LIMIT = 4 * CHUNK_ELEMENTS
+PATTERN_LIMIT = CHUNK_ELEMENTS
 
 
 def _worker_count() -> int:
@@ -45,6 +45,10 @@ def _worker_count() -> int:
 def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, _worker_count() - 1),
                               thread_name_prefix="cupy-bn")
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's pool threads
+    os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
 def run_parallel(fn, items) -> None:
@@ -108,7 +112,7 @@ class Plan:
             self.channel_index = np.array([k.channel for k in self.chunks], np.intp)
         else:
             period_elements = max(1, self.period * width)
-            step = self.period * max(1, chunk_elements // period_elements)
+            step = min(self.period * max(1, chunk_elements // period_elements), max(rows, 1))
             self.chunks = [Chunk(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
             self.chunk_rows = step
 
