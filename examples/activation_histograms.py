@@ -107,7 +107,7 @@ def summary(z: np.ndarray) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = example_parser(__doc__, "examples/out/activation_histograms")
+    parser = example_parser(__doc__, "out/activation_histograms")
     parser.add_argument("--hidden", type=int, default=3, help="hidden layers (default 3)")
     parser.add_argument("--width", type=int, default=100, help="units per hidden layer")
     parser.add_argument("--layer", type=int, default=-1,

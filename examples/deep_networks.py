@@ -137,7 +137,7 @@ def fmt(acc: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = example_parser(__doc__, "examples/out/deep_networks")
+    parser = example_parser(__doc__, "out/deep_networks")
     parser.add_argument("--depth", type=int, default=10, help="dense layers (default 10)")
     parser.add_argument("--width", type=int, default=100, help="units per hidden layer")
     parser.add_argument("--epochs", type=int, help="epochs of the four main runs")
@@ -185,15 +185,15 @@ def main(argv: list[str] | None = None) -> int:
 
     chance = 1 / dataset.num_classes
     main_rows = [[name, fmt(r["val_accuracy"]), fmt(r["test_accuracy"]),
-                  f"{r['train_loss'][-1]:.3f}" if r["train_loss"] else "-",
-                  f"{r['seconds']:.0f}"] for name, r in runs.items()]
+                  f"{r['train_loss'][-1]:.3f}" if r["train_loss"] else "-"]
+                 for name, r in runs.items()]
     report = (f"# Experiment 1: deep networks with and without batch norm\n\n"
               f"{dataset.describe()}. {args.depth} dense layers ({args.depth - 1} hidden of "
               f"{args.width} units), SGD with momentum 0.9, learning rate {plan.lr:g}, batch "
               f"{plan.batch_size}, {plan.epochs} epochs, seed {args.seed}; chance is "
               f"{100 * chance:.0f}%.\n\n"
               + markdown_table(["network", "validation accuracy", "test accuracy",
-                                "last epoch's training loss", "seconds"], main_rows))
+                                "last epoch's training loss"], main_rows))
     if not args.no_sweep:
         sweep_rows = [[lr] + [fmt(sweep[n][lr]["val_accuracy"]) for n in ("relu", "relu+bn")]
                       for lr in sweep["relu"]]

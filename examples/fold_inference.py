@@ -12,7 +12,7 @@ The folded file is loaded into the same network with the batch-norm slots left e
 networks classify the test set: same accuracy, same predictions, and the time each takes.
 (The same fold as a library call: `cupy_bn.fold.fold_state_dict(state_dict)`.)
 
-Writes to --out: model.npz, model.folded.npz, results.md, results.json, training.png.
+Writes to --out: model.npz, model.folded.npz, results.md, results.json, inference.png.
 
     python examples/fold_inference.py                  # about 3 minutes on 2 CPU cores
     python examples/fold_inference.py --quick
@@ -105,7 +105,7 @@ def run_fold(model: Path, folded: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = example_parser(__doc__, "examples/out/fold_inference")
+    parser = example_parser(__doc__, "out/fold_inference")
     parser.add_argument("--epochs", type=int, help="training epochs")
     parser.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
     parser.add_argument("--repeat", type=int, default=7, help="timed inference passes")
@@ -189,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         f"({train_seconds:.0f} s), exported to `model.npz` "
         f"({len(model.state_dict())} arrays), folded with "
         f"`cupy-bn fold model.npz -o model.folded.npz` ({len(folded_state)} arrays).\n\n"
+        + markdown_table(["epoch", "training loss", "validation accuracy"],
+                         [[h["epoch"], f"{h['train_loss']:.3f}", f"{100 * h['val_accuracy']:.1f}%"]
+                          for h in history])
+        + "\n"
         + markdown_table(["layer", "batch norm", "kind", "channels", "bias created",
                           "fold check: max abs error"], pair_rows)
         + "\n"
@@ -207,11 +211,23 @@ def main(argv: list[str] | None = None) -> int:
         f"passes).\n")
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot([h["epoch"] for h in history], [h["val_accuracy"] for h in history], marker="o")
-    ax.set(xlabel="epoch", ylabel="validation accuracy", ylim=(0, 1),
-           title=f"Conv net with batch norm on {dataset.name}")
-    save_figure(fig, out / "training.png")
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    names = list(timing)
+    medians = [1e3 * timing[n]["median_s"] for n in names]
+    minimums = [1e3 * timing[n]["min_s"] for n in names]
+    accuracies = [results["test_accuracy"], results["test_accuracy_folded"]]
+    bars = ax.barh(names, medians, color=["tab:blue", "tab:green"], label="median")
+    ax.scatter(minimums, names, color="black", marker="|", s=200, zorder=3, label="fastest")
+    for bar, acc in zip(bars, accuracies, strict=True):
+        ax.text(bar.get_width() * 0.02, bar.get_y() + bar.get_height() / 2,
+                f"test accuracy {100 * acc:.2f}%", va="center", color="white")
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.35 * max(medians))
+    ax.set(xlabel=f"ms to classify {n_images} test images ({args.device})",
+           title=f"Inference before and after cupy-bn fold: {results['predictions_differing']} "
+                 "predictions differ")
+    ax.legend(loc="lower right")
+    save_figure(fig, out / "inference.png")
     plt.close(fig)
     write_text(out / "results.md", report)
     write_json(out / "results.json", {
@@ -221,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "history": history, "fold": fold_report, **results})
     console.print(report, markup=False, soft_wrap=True)
     console.print(f"Wrote {out}/model.npz, model.folded.npz, results.md, results.json, "
-                  "training.png")
+                  "inference.png")
     return 0
 
 

@@ -151,6 +151,9 @@ def write_atomic(path: Path, write: Callable[[Any], None], mode: str = "w") -> P
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)             # mkstemp's 0600 -> an ordinary file's mode
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
