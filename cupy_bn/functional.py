@@ -122,6 +122,16 @@ def check_finite_stats(mean: Array, var: Array) -> None:
             "the input holds NaN or Inf (running statistics left unchanged)")
 
 
+def _scale_shift(mean: Array, invstd: Array, weight: Array | None, bias: Array | None,
+                 acc) -> tuple[Array, Array]:
+    """`scale = gamma * invstd`, `shift = beta - mean * scale` (gamma 1 and beta 0 if absent)."""
+    scale = invstd if weight is None else weight.astype(acc) * invstd
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.astype(acc)
+    return scale, shift
+
+
 def batch_norm(x: Array, weight: Array | None = None, bias: Array | None = None,
                running_mean: Array | None = None, running_var: Array | None = None,
                training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
@@ -168,34 +178,30 @@ def _batch_norm(x, weight, bias, running_mean, running_var, training, momentum, 
             raise ValueError(f"a training batch needs more than one value per channel, got "
                              f"input shape {view.shape} ({view.count} value(s) per channel)")
         fused = getattr(be, "train_statistics", None) if reducer is None else None
-        if fused is not None:  # backends that derive scale/shift and update running stats at once
+        if fused is not None:  # one launch: statistics, scale/shift and the running update
             mean, var, invstd, scale, shift = fused(view, weight, bias, running_mean,
                                                     running_var, momentum, eps)
+            check_finite_stats(mean, var)  # the fused update skips non-finite statistics
+            count = view.count
+        else:
+            mean, var = be.batch_stats(view)
+            count = view.count
+            if reducer is not None:
+                count, mean, var = reducer.merge_stats(count, mean, var)
+                if count < 2:
+                    raise ValueError(f"a training batch needs more than one value per channel "
+                                     f"over all processes, got {count}")
             check_finite_stats(mean, var)
-            y = view.restore(be.apply(view, scale, shift))
-            return y, SavedForBackward(view, mean, invstd, weight,
-                                       None if bias is None else bias.dtype, training,
-                                       view.count, be, reducer)
-        mean, var = be.batch_stats(view)
-        count = view.count
-        if reducer is not None:
-            count, mean, var = reducer.merge_stats(count, mean, var)
-            if count < 2:
-                raise ValueError(f"a training batch needs more than one value per channel "
-                                 f"over all processes, got {count}")
-        check_finite_stats(mean, var)
-        invstd = (1.0 / xp.sqrt(var.astype(acc) + acc.type(eps))).astype(acc)
-        if running_mean is not None:
-            be.update_running(running_mean, running_var, mean, var, count, momentum)
+            invstd = (1.0 / xp.sqrt(var.astype(acc) + acc.type(eps))).astype(acc)
+            if running_mean is not None:
+                be.update_running(running_mean, running_var, mean, var, count, momentum)
+            scale, shift = _scale_shift(mean, invstd, weight, bias, acc)
     else:
         count = view.count
         mean = running_mean.astype(acc)
         invstd = (1.0 / xp.sqrt(running_var.astype(acc) + acc.type(eps))).astype(acc)
+        scale, shift = _scale_shift(mean, invstd, weight, bias, acc)
 
-    scale = invstd if weight is None else weight.astype(acc) * invstd
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.astype(acc)
     y = view.restore(be.apply(view, scale, shift))
     saved = SavedForBackward(view, mean, invstd, weight, None if bias is None else bias.dtype,
                              training, count, be, reducer)

@@ -128,7 +128,10 @@ class Plan:
         v = np.asarray(vector).astype(dtype)
         if self.slab:
             return lambda chunk: v[chunk.channel]
-        width = self.matrix_shape[1]
+        rows, width = self.matrix_shape
+        if len(self.chunks) == 1:  # one small chunk: a broadcasting view is cheaper to build
+            tile = np.tile(v, rows // self.channels)[:, None] if self.layout == NCS else v[None]
+            return lambda chunk: tile
         if self.layout == NCS:
             period = np.repeat(v, width).reshape(self.channels, width)
             tile = np.tile(period, (self.chunk_rows // self.channels, 1))
