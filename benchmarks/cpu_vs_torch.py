@@ -15,27 +15,20 @@ import json
 import os
 import subprocess
 import sys
-import time
+
+import numpy as np
 
 SHAPES = [(32, 64, 56, 56), (256, 64, 14, 14), (64, 256, 28, 28), (4096, 1024)]
 BARS = {"forward_train": 1.5, "backward": 2.0, "eval": 2.5}
 
 
 def median_ms(fn, repeat: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
+    from cupy_bn.bench import time_cpu
+
+    return 1e3 * float(np.median(time_cpu(fn, repeat, warmup=2)))
 
 
 def run_ours(shape, repeat):
-    import numpy as np
-
     import cupy_bn as cbn
 
     rng = np.random.default_rng(0)

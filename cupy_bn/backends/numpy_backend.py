@@ -2,7 +2,7 @@
 
 Every primitive streams its tensors once, chunk by chunk (`tiling.py`); a chunk's extra
 per-element passes (casting fp16/bf16 to fp32, shifting, squaring) run while it is in cache.
-Per-channel sums go through BLAS (`block @ ones`, `np.vecdot`), several times faster than
+Per-channel sums go through BLAS (`np.dot(block, ones)`, `np.vecdot`), several times faster than
 `np.sum`, and chunks' partial sums are added in float64.
 
 Statistics are exact when |mean| >> std: the sums are taken of `x - K`, with a per-channel
@@ -122,16 +122,16 @@ class NumpyBackend:
                 np.subtract(block, k(chunk), out=centred)
             if plan.slab:
                 flat = centred.reshape(-1)
-                s1[i] = flat @ _ones(flat.size, acc)
-                s2[i] = flat @ flat
+                s1[i] = np.dot(flat, _ones(flat.size, acc))
+                s2[i] = np.dot(flat, flat)
             elif plan.layout == NCS:
-                s1[i] = plan.channel_sums(centred @ _ones(centred.shape[1], acc))
+                s1[i] = plan.channel_sums(np.dot(centred, _ones(centred.shape[1], acc)))
                 s2[i] = plan.channel_sums(np.vecdot(centred, centred))
             else:
                 ones = _ones(centred.shape[0], acc)
-                s1[i] = ones @ centred
+                s1[i] = np.dot(ones, centred)
                 np.multiply(centred, centred, out=centred)
-                s2[i] = ones @ centred
+                s2[i] = np.dot(ones, centred)
 
         run_parallel(chunk_sums, plan.chunks)
         n = x.count
@@ -170,17 +170,19 @@ class NumpyBackend:
             g = _in_acc(plan.block(dy.data, chunk), acc, 0)
             centred = _scratch_buffer(1, g.shape, acc)
             np.subtract(plan.block(x.data, chunk), mu(chunk), out=centred)
-            if plan.slab:
-                sum_dy[i] = (g @ _ones(g.shape[1], acc)).sum()
-                sum_dy_xmu[i] = np.vecdot(g, centred).sum()
+            if plan.slab:  # g may be strided: multiply into the contiguous buffer, then dot
+                sum_dy[i] = np.dot(g, _ones(g.shape[1], acc)).sum()
+                np.multiply(centred, g, out=centred)
+                flat = centred.reshape(-1)
+                sum_dy_xmu[i] = np.dot(flat, _ones(flat.size, acc))
             elif plan.layout == NCS:
-                sum_dy[i] = plan.channel_sums(g @ _ones(g.shape[1], acc))
+                sum_dy[i] = plan.channel_sums(np.dot(g, _ones(g.shape[1], acc)))
                 sum_dy_xmu[i] = plan.channel_sums(np.vecdot(g, centred))
             else:
                 ones = _ones(g.shape[0], acc)
-                sum_dy[i] = ones @ g
+                sum_dy[i] = np.dot(ones, g)
                 np.multiply(centred, g, out=centred)
-                sum_dy_xmu[i] = ones @ centred
+                sum_dy_xmu[i] = np.dot(ones, centred)
 
         run_parallel(chunk_reduce, plan.chunks)
         return plan.total(sum_dy).astype(acc), plan.total(sum_dy_xmu).astype(acc)
