@@ -85,21 +85,30 @@ def test_unrepresentative_leading_sample_triggers_a_recentred_pass(monkeypatch):
     np.testing.assert_allclose(var, x64.var(axis=(0, 2)), rtol=1e-5)
 
 
-def test_slab_plan_for_large_channels():
+@pytest.mark.parametrize("shape,kind", [((3, 2, 400_000), "segments"),
+                                        ((4, 300, 1000), "channel groups"),
+                                        ((16, 3, 5000), "samples")])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_every_chunk_plan_matches_the_reference(shape, kind, dtype):
+    import reference as ref
+
     from cupy_bn.backends.tiling import Plan
 
     rng = np.random.default_rng(5)
-    x = (3 + rng.standard_normal((3, 2, 400_000))).astype(np.float32)
-    dy = rng.standard_normal(x.shape).astype(np.float32)
-    assert Plan(canonical(x, 1)).slab
-    y, saved = cbn.batch_norm(x)
-    x64 = x.astype(np.float64)
-    mean, std = x64.mean(axis=(0, 2), keepdims=True), x64.std(axis=(0, 2), keepdims=True)
-    np.testing.assert_allclose(y, (x64 - mean) / np.sqrt(std**2 + 1e-5), atol=1e-4)
-    dx, _, _ = cbn.batch_norm_backward(dy, saved)
-    import reference as ref
-
-    np.testing.assert_allclose(dx, ref.backward(x, dy)[0], atol=1e-4)
+    x = (3 + rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w = rng.normal(1, 0.2, shape[1]).astype(np.float32)
+    plan = Plan(canonical(x, 1))
+    assert kind == ("segments" if plan.scalar else
+                    "channel groups" if plan.width < plan.channels else "samples")
+    y, saved = cbn.batch_norm(x, w, w)
+    tol = 2e-4 if dtype == np.float32 else 2e-2
+    np.testing.assert_allclose(y.astype(np.float64), ref.forward(x, w, w), atol=tol)
+    dx, dw, db = cbn.batch_norm_backward(dy, saved)
+    rdx, rdw, rdb = ref.backward(x, dy, w)
+    np.testing.assert_allclose(dx.astype(np.float64), rdx, atol=tol)
+    np.testing.assert_allclose(dw, rdw, rtol=1e-3, atol=tol * np.sqrt(x.size / shape[1]))
+    np.testing.assert_allclose(db, rdb, rtol=1e-3, atol=tol * np.sqrt(x.size / shape[1]))
 
 
 def test_forked_child_runs_chunks_in_parallel_again():

@@ -80,6 +80,17 @@ def _in_acc(block: np.ndarray, acc: np.dtype, slot: int) -> np.ndarray:
     return buf
 
 
+def _row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise dot products (`np.dot` for a single row: it releases the GIL, vecdot not)."""
+    if a.shape[0] == 1:
+        return np.dot(a[0], b[0]).reshape(1)
+    return np.vecdot(a, b)
+
+
+def _store(partials: np.ndarray, i: int, values: np.ndarray) -> None:
+    partials[i, : values.shape[0]] = values
+
+
 def leading_mean(x: View) -> np.ndarray:
     """Per-channel float64 mean of a leading sample of about one chunk of the batch."""
     c = x.num_channels
@@ -120,13 +131,10 @@ class NumpyBackend:
             centred = _scratch_buffer(0, block.shape, acc)
             with np.errstate(invalid="ignore"):  # Inf - Inf: reported by the caller's check
                 np.subtract(block, k(chunk), out=centred)
-            if plan.slab:
-                flat = centred.reshape(-1)
-                s1[i] = np.dot(flat, _ones(flat.size, acc))
-                s2[i] = np.dot(flat, flat)
-            elif plan.layout == NCS:
-                s1[i] = plan.channel_sums(np.dot(centred, _ones(centred.shape[1], acc)))
-                s2[i] = plan.channel_sums(np.vecdot(centred, centred))
+            if plan.ncs:  # per-row sums, folded to the chunk's channels
+                rows = _ones(centred.shape[1], acc)
+                _store(s1, i, plan.channel_sums(chunk, np.dot(centred, rows)))
+                _store(s2, i, plan.channel_sums(chunk, _row_dots(centred, centred)))
             else:
                 ones = _ones(centred.shape[0], acc)
                 s1[i] = np.dot(ones, centred)
@@ -170,14 +178,9 @@ class NumpyBackend:
             g = _in_acc(plan.block(dy.data, chunk), acc, 0)
             centred = _scratch_buffer(1, g.shape, acc)
             np.subtract(plan.block(x.data, chunk), mu(chunk), out=centred)
-            if plan.slab:  # g may be strided: multiply into the contiguous buffer, then dot
-                sum_dy[i] = np.dot(g, _ones(g.shape[1], acc)).sum()
-                np.multiply(centred, g, out=centred)
-                flat = centred.reshape(-1)
-                sum_dy_xmu[i] = np.dot(flat, _ones(flat.size, acc))
-            elif plan.layout == NCS:
-                sum_dy[i] = plan.channel_sums(np.dot(g, _ones(g.shape[1], acc)))
-                sum_dy_xmu[i] = plan.channel_sums(np.vecdot(g, centred))
+            if plan.ncs:
+                _store(sum_dy, i, plan.channel_sums(chunk, np.dot(g, _ones(g.shape[1], acc))))
+                _store(sum_dy_xmu, i, plan.channel_sums(chunk, _row_dots(g, centred)))
             else:
                 ones = _ones(g.shape[0], acc)
                 sum_dy[i] = np.dot(ones, g)

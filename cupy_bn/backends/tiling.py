@@ -4,18 +4,22 @@ The NumPy backend streams each tensor from memory once and does the extra per-el
 of a chunk (casting, shifting, squaring) while the chunk is in cache. NumPy's ufuncs and BLAS
 release the GIL, so chunks run in parallel on the CPU's cores.
 
-NumPy's ufuncs are 2-4x slower when an operand is broadcast than when all operands have the
-same shape, so per-channel coefficients never broadcast inside a chunk. Two plans get there:
+Every chunk is a contiguous block `matrix[r0:r1, s0:s1]` of the data seen as a matrix (MC:
+`M` rows of `C`; NCS: `N*C` rows of `S`). NumPy's ufuncs are 2-4x slower when an operand is
+broadcast than when all operands have the same shape, so per-channel coefficients come as
+tiles of the block's shape, built once per call and shared by the chunks:
 
-- **pattern** (MC, and NCS whose `C*S` fits in cache): the data is a matrix of rows (MC: `M`
-  rows of `C`; NCS: `N*C` rows of `S`) and per-channel coefficients repeat every `period` rows
-  (1 for MC, C for NCS). Chunks start on a period boundary, so one coefficient tile, built once
-  per call, has the chunk's shape and serves every chunk.
-- **slab** (NCS with large `C*S`): a chunk is one channel's `(samples, positions)` block, and
-  its coefficient is a scalar.
+- **MC**: chunks are runs of whole rows; every row has the same coefficients.
+- **NCS, small `C*S`**: chunks are runs of whole samples (multiples of C rows); the tile
+  repeats the `(C, S)` pattern of one sample.
+- **NCS, larger `C*S`**: a chunk is one sample's run of channels `c0:c1`; the tile is rows
+  `c0:c1` of the pattern. Chunks go channel group by channel group, so a group's tile stays in
+  cache while the samples stream past.
+- **NCS, huge `S`**: a chunk is a segment of one row (one sample, one channel) and the
+  coefficient is a scalar.
 
-Each chunk yields per-channel partial sums: a `(C,)` vector (pattern) or one channel's scalar
-(slab); `Plan.total` adds them up in float64.
+Each chunk yields partial sums for its channels `c0:c0+width`; `Plan.total` adds them up in
+float64.
 """
 
 from __future__ import annotations
@@ -31,10 +35,6 @@ from cupy_bn.layout import NCS, View
 
 #: Values per chunk: a float32 chunk and its scratch copies stay in a core's L2 cache.
 CHUNK_ELEMENTS = 1 << 17
-#: NCS inputs whose `C*S` exceeds this many values use slabs rather than pattern chunks.
-PATTERN_LIMIT = CHUNK_ELEMENTS
-
-
 def _worker_count() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
@@ -74,14 +74,13 @@ def run_parallel(fn, items) -> None:
 
 @dataclass(frozen=True)
 class Chunk:
-    """Pattern: rows `r0:r1` of the matrix. Slab: channel `channel`, samples `r0:r1`,
-    positions `s0:s1`."""
+    """Block `matrix[r0:r1, s0:s1]`, holding channels from `c0` on (see the module docstring)."""
 
     r0: int
     r1: int
-    channel: int = -1
-    s0: int = 0
-    s1: int = 0
+    s0: int
+    s1: int
+    c0: int
 
 
 class Plan:
@@ -89,72 +88,74 @@ class Plan:
 
     def __init__(self, view: View, chunk_elements: int = CHUNK_ELEMENTS):
         self.channels = c = view.num_channels
-        self.layout = view.layout
-        if view.layout == NCS:
+        self.ncs = view.layout == NCS
+        if self.ncs:
             n, _, s = view.data.shape
-            self.slab = c * s > PATTERN_LIMIT
             self.matrix_shape = (n * c, s)
-            self.period = c
         else:
-            self.slab = False
+            n, s = view.data.shape[0], c
             self.matrix_shape = view.data.shape
-            self.period = 1
-        rows, width = self.matrix_shape
+        rows = self.matrix_shape[0]
+        self.scalar = self.ncs and 2 * s > chunk_elements
         self.chunks: list[Chunk] = []
-        if self.slab:
-            n, s = view.data.shape[0], view.data.shape[2]
-            seg = min(s, chunk_elements)
-            step = max(1, chunk_elements // s) if seg == s else 1
+        if self.scalar:  # segments of single rows
             for ch in range(c):
-                for r0 in range(0, n, step):
-                    for s0 in range(0, s, seg):
-                        self.chunks.append(Chunk(r0, min(n, r0 + step), ch, s0, min(s, s0 + seg)))
-            self.channel_index = np.array([k.channel for k in self.chunks], np.intp)
-        else:
-            period_elements = max(1, self.period * width)
-            step = min(self.period * max(1, chunk_elements // period_elements), max(rows, 1))
-            self.chunks = [Chunk(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
-            self.chunk_rows = step
+                for r in range(ch, rows, c):
+                    for s0 in range(0, s, chunk_elements):
+                        self.chunks.append(Chunk(r, r + 1, s0, min(s, s0 + chunk_elements), ch))
+            self.chunk_rows, self.width = 1, 1
+        elif self.ncs and c * s > chunk_elements:  # channel groups of one sample
+            group = chunk_elements // s
+            for c0 in range(0, c, group):
+                for r in range(c0, rows, c):
+                    self.chunks.append(Chunk(r, r + min(group, c - c0), 0, s, c0))
+            self.chunk_rows, self.width = group, group
+        else:  # runs of whole samples (NCS) or rows (MC)
+            period = c if self.ncs else 1
+            step = period * max(1, chunk_elements // max(1, period * s))
+            step = min(step, max(rows, period))
+            self.chunks = [Chunk(r0, min(rows, r0 + step), 0, s, 0)
+                           for r0 in range(0, rows, step)]
+            self.chunk_rows, self.width = step, c
 
     # -- blocks ---------------------------------------------------------------------------
     def block(self, data: np.ndarray, chunk: Chunk) -> np.ndarray:
-        """The chunk's 2-D block of a canonical array (a view, no copy)."""
-        if self.slab:
-            return data[chunk.r0 : chunk.r1, chunk.channel, chunk.s0 : chunk.s1]
-        return data.reshape(self.matrix_shape)[chunk.r0 : chunk.r1]
+        """The chunk's contiguous 2-D block of a canonical array (a view, no copy)."""
+        return data.reshape(self.matrix_shape)[chunk.r0 : chunk.r1, chunk.s0 : chunk.s1]
 
     def coefficient(self, vector: np.ndarray, dtype: np.dtype):
         """A per-channel vector as an accessor `get(chunk)` returning what multiplies a block."""
         v = np.asarray(vector).astype(dtype)
-        if self.slab:
-            return lambda chunk: v[chunk.channel]
+        if self.scalar:
+            return lambda chunk: v[chunk.c0]
         rows, width = self.matrix_shape
         if len(self.chunks) == 1:  # one small chunk: a broadcasting view is cheaper to build
-            tile = np.tile(v, rows // self.channels)[:, None] if self.layout == NCS else v[None]
+            tile = np.tile(v, rows // self.channels)[:, None] if self.ncs else v[None]
             return lambda chunk: tile
-        if self.layout == NCS:
-            period = np.repeat(v, width).reshape(self.channels, width)
-            tile = np.tile(period, (self.chunk_rows // self.channels, 1))
-        else:
-            tile = np.ascontiguousarray(np.broadcast_to(v, (self.chunk_rows, width)))
+        if self.ncs:
+            pattern = np.repeat(v, width).reshape(self.channels, width)
+            tile = np.tile(pattern, (max(1, self.chunk_rows // self.channels), 1))
+            return lambda chunk: tile[chunk.c0 : chunk.c0 + chunk.r1 - chunk.r0]
+        tile = np.ascontiguousarray(np.broadcast_to(v, (self.chunk_rows, width)))
         return lambda chunk: tile[: chunk.r1 - chunk.r0]
 
     # -- partial sums ---------------------------------------------------------------------
     def partials(self, dtype: np.dtype) -> np.ndarray:
-        """Storage for one partial sum per chunk: `(chunks,)` for slabs, `(chunks, C)` else."""
-        if self.slab:
-            return np.zeros(len(self.chunks), dtype)
-        return np.zeros((len(self.chunks), self.channels), dtype)
+        """Storage for the chunks' partial sums: row i holds chunk i's channels from c0 on."""
+        return np.zeros((len(self.chunks), self.width), dtype)
 
-    def channel_sums(self, block_sums: np.ndarray) -> np.ndarray:
-        """Per-channel sums of a pattern chunk's per-row (NCS) or per-column (MC) sums."""
-        if self.layout == NCS:
-            return block_sums.reshape(-1, self.channels).sum(axis=0)
-        return block_sums
+    def channel_sums(self, chunk: Chunk, sums: np.ndarray) -> np.ndarray:
+        """A chunk's per-channel sums from its per-row (NCS) or per-column (MC) sums."""
+        if self.ncs:
+            rows = chunk.r1 - chunk.r0
+            return sums.reshape(-1, min(rows, self.channels)).sum(axis=0)
+        return sums
 
     def total(self, partials: np.ndarray) -> np.ndarray:
         """Per-channel float64 totals of the chunks' partial sums."""
         p = partials.astype(np.float64)
-        if self.slab:
-            return np.bincount(self.channel_index, weights=p, minlength=self.channels)
-        return p.sum(axis=0)
+        if self.width == self.channels:
+            return p.sum(axis=0)
+        first = np.array([k.c0 for k in self.chunks], np.intp)
+        index = np.minimum(first[:, None] + np.arange(self.width), self.channels - 1)
+        return np.bincount(index.ravel(), weights=p.ravel(), minlength=self.channels)
