@@ -257,4 +257,44 @@ struct NcsCursor {
   }
 };
 
+// ------------------------------------------------------------------ backward pieces
+
+// Adds the valid lanes' dy and dy * (x - mu) of an unrolled group to the running sums, lane by
+// lane in order (lanes from `valid` on hold no data).
+template <int U, typename Acc>
+__device__ __forceinline__ void add_dy_xmu(const Acc (&g)[U], const Acc (&v)[U], Acc mu,
+                                           int valid, Acc& sum_dy, Acc& sum_dy_xmu) {
+  Acc group_dy = Acc(0), group_dy_xmu = Acc(0);
+#pragma unroll
+  for (int k = 0; k < U; ++k) {
+    if (k < valid) {
+      group_dy += g[k];
+      group_dy_xmu += g[k] * (v[k] - mu);
+    }
+  }
+  sum_dy += group_dy;
+  sum_dy_xmu += group_dy_xmu;
+}
+
+// Per-channel coefficients of dx = p * dy + q * (x - mean) + r, computed in double:
+// p = gamma * invstd, q = -p * invstd^2 * sum_dy_xmu / M, r = -p * sum_dy / M.
+template <typename Acc>
+struct DxCoefficients {
+  Acc p, q, r;
+};
+
+template <typename Acc>
+__device__ __forceinline__ DxCoefficients<Acc> dx_coefficients(
+    const Acc* invstd, const Acc* gamma, const Acc* sum_dy, const Acc* sum_dy_xmu,
+    long long count, int c) {
+  const double is = static_cast<double>(invstd[c]);
+  const double p64 = static_cast<double>(gamma[c]) * is;
+  const double m = static_cast<double>(count);
+  DxCoefficients<Acc> k;
+  k.p = static_cast<Acc>(p64);
+  k.q = static_cast<Acc>(-p64 * is * is * static_cast<double>(sum_dy_xmu[c]) / m);
+  k.r = static_cast<Acc>(-p64 * static_cast<double>(sum_dy[c]) / m);
+  return k;
+}
+
 }  // namespace bn

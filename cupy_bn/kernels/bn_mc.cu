@@ -191,16 +191,8 @@ bn_mc_reduce(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __res
           v[k] = bn::widen(x[base + k * row_step * C]);
         }
       }
-      Acc group_dy = Acc(0), group_dy_xmu = Acc(0);
-#pragma unroll
-      for (int k = 0; k < U; ++k) {
-        if (m + k * row_step < rows.end) {
-          group_dy += g[k];
-          group_dy_xmu += g[k] * (v[k] - mu);
-        }
-      }
-      sum_dy += group_dy;
-      sum_dy_xmu += group_dy_xmu;
+      const long long left = (rows.end - m + row_step - 1) / row_step;
+      bn::add_dy_xmu(g, v, mu, static_cast<int>(left < U ? left : U), sum_dy, sum_dy_xmu);
     }
   }
   bn::block_sum2_rows(sum_dy, sum_dy_xmu);
@@ -253,13 +245,9 @@ bn_mc_backward(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __r
   if (c >= C) return;
   const bn::McRows rows = bn::mc_rows(M);
   const long long row_step = blockDim.y;
-  const double is = static_cast<double>(invstd[c]);
-  const double p64 = static_cast<double>(gamma[c]) * is;
-  const Acc p = static_cast<Acc>(p64);
-  const Acc q = static_cast<Acc>(-p64 * is * is * static_cast<double>(sum_dy_xmu[c]) /
-                                 static_cast<double>(count));
-  const Acc r = static_cast<Acc>(-p64 * static_cast<double>(sum_dy[c]) /
-                                 static_cast<double>(count));
+  const bn::DxCoefficients<Acc> k_dx =
+      bn::dx_coefficients(invstd, gamma, sum_dy, sum_dy_xmu, count, c);
+  const Acc p = k_dx.p, q = k_dx.q, r = k_dx.r;
   const Acc mu = mean[c];
   for (long long m = rows.first; m < rows.end; m += U * row_step) {
     const long long base = m * C + c;

@@ -127,16 +127,7 @@ bn_ncs_reduce(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __re
         cur.advance();
       }
     }
-    Acc group_dy = Acc(0), group_dy_xmu = Acc(0);
-#pragma unroll
-    for (int k = 0; k < U; ++k) {
-      if (i + k * step < tile.count) {
-        group_dy += g[k];
-        group_dy_xmu += g[k] * (v[k] - mu);
-      }
-    }
-    sum_dy += group_dy;
-    sum_dy_xmu += group_dy_xmu;
+    bn::add_dy_xmu(g, v, mu, (tile.count - i + step - 1) / step, sum_dy, sum_dy_xmu);
   }
   bn::block_sum2(sum_dy, sum_dy_xmu);
 
@@ -170,13 +161,9 @@ bn_ncs_backward(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __
   const int step = blockDim.x;
   const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
   const int c = blockIdx.x;
-  const double is = static_cast<double>(invstd[c]);
-  const double p64 = static_cast<double>(gamma[c]) * is;
-  const Acc p = static_cast<Acc>(p64);
-  const Acc q = static_cast<Acc>(-p64 * is * is * static_cast<double>(sum_dy_xmu[c]) /
-                                 static_cast<double>(count));
-  const Acc r = static_cast<Acc>(-p64 * static_cast<double>(sum_dy[c]) /
-                                 static_cast<double>(count));
+  const bn::DxCoefficients<Acc> k_dx =
+      bn::dx_coefficients(invstd, gamma, sum_dy, sum_dy_xmu, count, c);
+  const Acc p = k_dx.p, q = k_dx.q, r = k_dx.r;
   const Acc mu = mean[c];
   bn::NcsCursor cur(tile, threadIdx.x, step);
   for (int i = threadIdx.x; i < tile.count; i += U * step) {
