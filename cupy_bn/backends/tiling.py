@@ -93,9 +93,8 @@ class Plan:
             n, _, s = view.data.shape
             self.matrix_shape = (n * c, s)
         else:
-            n, s = view.data.shape[0], c
             self.matrix_shape = view.data.shape
-        rows = self.matrix_shape[0]
+        rows, s = self.matrix_shape
         self.scalar = self.ncs and 2 * s > chunk_elements
         self.chunks: list[Chunk] = []
         if self.scalar:  # segments of single rows
