@@ -234,7 +234,7 @@ def _batch_norm_backward(dy: Array, saved: SavedForBackward
     need_sums = (saved.batch_statistics or saved.weight is not None
                  or saved.bias_dtype is not None)
     if need_sums:
-        sum_dy, sum_dy_xmu = be.backward_reduce(dyv, view, saved.mean)
+        sum_dy, sum_dy_xmu = be.backward_reduce(dyv, view, saved.mean, invstd=saved.invstd)
     dweight = None if saved.weight is None else (sum_dy_xmu * saved.invstd).astype(
         saved.weight.dtype)
     dbias = None if saved.bias_dtype is None else sum_dy.astype(saved.bias_dtype)

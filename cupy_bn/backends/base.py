@@ -54,8 +54,13 @@ class Backend(Protocol):
     def apply(self, x: View, scale: Array, shift: Array) -> Array:
         """`x * scale[c] + shift[c]` in canonical shape and `x`'s dtype."""
 
-    def backward_reduce(self, dy: View, x: View, mean: Array) -> tuple[Array, Array]:
-        """Per-channel `(sum(dy), sum(dy * (x - mean)))`."""
+    def backward_reduce(self, dy: View, x: View, mean: Array, invstd: Array | None = None
+                        ) -> tuple[Array, Array]:
+        """Per-channel `(sum(dy), sum(dy * (x - mean)))`.
+
+        `invstd` (the forward's) tells how far the mean is from zero in standard deviations:
+        a backend may then sum `dy * x` and subtract `mean * sum(dy)` where that is exact.
+        """
 
     def backward_apply(self, dy: View, x: View, mean: Array, invstd: Array, gamma: Array,
                        sum_dy: Array, sum_dy_xmu: Array, count: int) -> Array:

@@ -1,52 +1,34 @@
 """The CPU backend: the five primitives in NumPy, one memory pass per tensor read or written.
 
-Every primitive streams its tensors once, chunk by chunk (`tiling.py`); a chunk's extra
-per-element passes (casting fp16/bf16 to fp32, shifting, squaring) run while it is in cache.
-Per-channel sums go through BLAS (`np.dot(block, ones)`, `np.vecdot`), several times faster than
-`np.sum`, and chunks' partial sums are added in float64.
+Every primitive streams its tensors once, block by block (`tiling.py`); a block's extra
+per-element passes (casting fp16/bf16 to fp32, centring) run while it is in cache. Per-channel
+sums go through BLAS (`np.dot` with a vector of ones) and `np.einsum`, several times faster
+than `np.sum`, and blocks' partial sums are added in float64.
 
-Statistics are exact when |mean| >> std: the sums are taken of `x - K`, with a per-channel
-shift K (the mean of a leading sample of the batch) close to the channel's mean, so
-`M2 = sum((x-K)^2) - n*(mean-K)^2` does not cancel. When K turns out to be more than four
-standard deviations from the mean (data sorted along the batch, say), the pass is repeated
-with K = the mean just found. Gradient sums use `x - mean`, never `x` alone.
+Exactness when |mean| >> std. Sums of raw values lose accuracy in proportion to
+`sum(x^2) / sum((x - mean)^2) = 1 + mean^2 / var`: float32 rounding in the partial sums is
+amplified by that factor in the variance (the E[x^2] - E[x]^2 cancellation). So raw sums are
+only kept while every channel has `|mean| <= RAW_SUMS_MAX_OFFSET` standard deviations (the
+amplification is then at most 2, and the partials add at most `BLOCK_ELEMENTS / MIN_COLUMNS`
+values in sequence per accumulator). Otherwise the data are centred first: the statistics are
+taken again as sums of `x - mean` (two-pass), and the gradient sums and `dx` use `x - mean`.
 """
 
 from __future__ import annotations
 
 import math
-import threading
-from functools import cache
 
 import numpy as np
 
 from cupy_bn.backends.base import Array
-from cupy_bn.backends.tiling import CHUNK_ELEMENTS, Plan, run_parallel
+from cupy_bn.backends.tiling import BLOCK_ELEMENTS, Plan, store, workspace
 from cupy_bn.dtypes import accumulation_dtype
-from cupy_bn.layout import NCS, View
+from cupy_bn.layout import View
+
+#: Channels whose |mean| exceeds this many standard deviations are summed centred.
+RAW_SUMS_MAX_OFFSET = 1.0
 
 _PAGE = 4096
-_scratch = threading.local()
-
-
-def _scratch_buffer(slot: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """A per-thread reusable buffer (two slots) for a chunk's in-cache passes."""
-    buffers = getattr(_scratch, "buffers", None)
-    if buffers is None:
-        buffers = _scratch.buffers = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes > buffers[slot].nbytes:
-        # slots sit half a page apart so that passes reading one and writing the other
-        # do not alias in the store buffer
-        raw = np.empty(max(nbytes, CHUNK_ELEMENTS * 8) + _PAGE, np.uint8)
-        start = (-raw.ctypes.data + (2 * slot + 1) * _PAGE // 4) % _PAGE
-        buffers[slot] = raw[start:]
-    return buffers[slot][:nbytes].view(dtype).reshape(shape)
-
-
-@cache
-def _ones(n: int, dtype: np.dtype) -> np.ndarray:
-    return np.ones(n, dtype)
 
 
 def empty_unaliased(shape: tuple[int, ...], dtype: np.dtype, *avoid: np.ndarray) -> np.ndarray:
@@ -57,7 +39,7 @@ def empty_unaliased(shape: tuple[int, ...], dtype: np.dtype, *avoid: np.ndarray)
     """
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < CHUNK_ELEMENTS * 4:  # one chunk or less: aliasing costs less than the search
+    if nbytes < BLOCK_ELEMENTS * 2:  # half a block or less: aliasing costs less than the search
         return np.empty(shape, dtype)
     raw = np.empty(nbytes + _PAGE, np.uint8)
     base = raw.ctypes.data
@@ -75,31 +57,23 @@ def _in_acc(block: np.ndarray, acc: np.dtype, slot: int) -> np.ndarray:
     """The block itself when it has the accumulation dtype, else an fp32 copy in cache."""
     if block.dtype == acc:
         return block
-    buf = _scratch_buffer(slot, block.shape, acc)
+    buf = workspace(slot, block.shape, acc)
     np.copyto(buf, block, casting="unsafe")
     return buf
 
 
-def _row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise dot products (`np.dot` for a single row: it releases the GIL, vecdot not)."""
-    if a.shape[0] == 1:
-        return np.dot(a[0], b[0]).reshape(1)
-    return np.vecdot(a, b)
+def raw_sums_are_exact(mean: Array, var: Array) -> bool:
+    """Whether every channel has `|mean| <= RAW_SUMS_MAX_OFFSET * sqrt(var)`, `var` finite."""
+    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+    with np.errstate(all="ignore"):
+        return bool(np.all(mean * mean <= RAW_SUMS_MAX_OFFSET**2 * var)
+                    and np.all(np.isfinite(var)))
 
 
-def _store(partials: np.ndarray, i: int, values: np.ndarray) -> None:
-    partials[i, : values.shape[0]] = values
-
-
-def leading_mean(x: View) -> np.ndarray:
-    """Per-channel float64 mean of a leading sample of about one chunk of the batch."""
-    c = x.num_channels
-    if x.layout == NCS:
-        n, _, s = x.data.shape
-        piece = x.data[: min(n, max(1, CHUNK_ELEMENTS // (c * s))), :, : max(1, CHUNK_ELEMENTS
-                                                                               // c)]
-        return piece.astype(np.float64).mean(axis=(0, 2))
-    return x.data[: max(1, CHUNK_ELEMENTS // c)].astype(np.float64).mean(axis=0)
+def _effective_var(invstd: Array) -> np.ndarray:
+    """`var + eps` from `invstd`: the spread that sets the gradients' scale."""
+    with np.errstate(divide="ignore"):
+        return 1.0 / np.square(np.asarray(invstd, np.float64))
 
 
 class NumpyBackend:
@@ -114,107 +88,124 @@ class NumpyBackend:
         if x.count == 0:
             return np.zeros(x.num_channels, acc), np.zeros(x.num_channels, acc)
         plan = Plan(x)
-        mean, var, offset = self._shifted_stats(x, plan, acc, leading_mean(x))
-        if np.any(offset * offset > 16 * var):  # the shift was far from the mean: re-centre
-            mean, var, _ = self._shifted_stats(x, plan, acc, mean)
+        mean, var = self._moments(x, plan, acc, None)
+        if not raw_sums_are_exact(mean, var):
+            mean, var = self._moments(x, plan, acc, mean.astype(acc))
         return mean.astype(acc), var.astype(acc)
 
     @staticmethod
-    def _shifted_stats(x: View, plan: Plan, acc: np.dtype, shift: np.ndarray):
-        """Mean, biased variance and `mean - shift` from the sums of `x - shift`."""
-        shift = shift.astype(acc)
-        k = plan.coefficient(shift, acc)
+    def _moments(x: View, plan: Plan, acc: np.dtype, shift: np.ndarray | None):
+        """Float64 mean and biased variance from the sums of `x - shift` (or of `x`)."""
+        k = None if shift is None else plan.coefficient(shift, acc)
         s1, s2 = plan.partials(acc), plan.partials(acc)
 
-        def chunk_sums(i, chunk) -> None:
-            block = plan.block(x.data, chunk)
-            centred = _scratch_buffer(0, block.shape, acc)
-            with np.errstate(invalid="ignore"):  # Inf - Inf: reported by the caller's check
-                np.subtract(block, k(chunk), out=centred)
-            if plan.ncs:  # per-row sums, folded to the chunk's channels
-                rows = _ones(centred.shape[1], acc)
-                _store(s1, i, plan.channel_sums(chunk, np.dot(centred, rows)))
-                _store(s2, i, plan.channel_sums(chunk, _row_dots(centred, centred)))
+        def block_sums(i, block) -> None:
+            a = plan.block(x.data, block)
+            if k is None:
+                a = _in_acc(a, acc, 0)
             else:
-                ones = _ones(centred.shape[0], acc)
-                s1[i] = np.dot(ones, centred)
-                np.multiply(centred, centred, out=centred)
-                s2[i] = np.dot(ones, centred)
+                centred = workspace(0, a.shape, acc)
+                with np.errstate(invalid="ignore"):  # Inf - Inf: reported by the caller's check
+                    np.subtract(a, k(block), out=centred)
+                a = centred
+            store(s1, i, plan.sums(block, a))
+            with np.errstate(over="ignore"):  # overflow: the centred pass takes over
+                store(s2, i, plan.dot_sums(block, a, a))
 
-        run_parallel(chunk_sums, plan.chunks)
+        plan.run(block_sums)
         n = x.count
         offset = plan.total(s1) / n
-        m2 = plan.total(s2) - n * offset * offset
-        return shift.astype(np.float64) + offset, np.maximum(m2, 0.0) / n, offset
+        with np.errstate(invalid="ignore"):
+            var = np.maximum(plan.total(s2) / n - offset * offset, 0.0)
+        return (offset if shift is None else shift.astype(np.float64) + offset), var
 
     # -- forward apply --------------------------------------------------------------------
     def apply(self, x: View, scale: Array, shift: Array) -> Array:
+        """`x * scale + shift`; one pass fewer when `shift` is all zeros (gradients in eval)."""
         acc = accumulation_dtype(x.data.dtype)
         out = empty_unaliased(x.data.shape, x.data.dtype, x.data)
         if x.data.size == 0:
             return out
         plan = Plan(x)
-        sc, sh = plan.coefficient(scale, acc), plan.coefficient(shift, acc)
+        sc = plan.coefficient(scale, acc)
+        sh = plan.coefficient(shift, acc) if np.any(shift) else None
 
-        def chunk_apply(i, chunk) -> None:
-            block, target = plan.block(x.data, chunk), plan.block(out, chunk)
-            work = target if block.dtype == acc else _scratch_buffer(0, block.shape, acc)
-            np.multiply(block, sc(chunk), out=work)
-            np.add(work, sh(chunk), out=target)
+        def block_apply(i, block) -> None:
+            a, target = plan.block(x.data, block), plan.block(out, block)
+            if sh is None:
+                np.multiply(a, sc(block), out=target, casting="unsafe")
+                return
+            work = target if target.dtype == acc else workspace(0, a.shape, acc)
+            np.multiply(a, sc(block), out=work)
+            np.add(work, sh(block), out=target, casting="unsafe")
 
-        run_parallel(chunk_apply, plan.chunks)
+        plan.run(block_apply)
         return out
 
     # -- backward -------------------------------------------------------------------------
-    def backward_reduce(self, dy: View, x: View, mean: Array) -> tuple[Array, Array]:
+    def backward_reduce(self, dy: View, x: View, mean: Array, invstd: Array | None = None
+                        ) -> tuple[Array, Array]:
+        """`sum(dy)` and `sum(dy * (x - mean))`: from `sum(dy * x)` when raw sums are exact."""
         acc = accumulation_dtype(x.data.dtype)
         if x.count == 0:
             return np.zeros(x.num_channels, acc), np.zeros(x.num_channels, acc)
         plan = Plan(x)
-        mu = plan.coefficient(mean, acc)
-        sum_dy, sum_dy_xmu = plan.partials(acc), plan.partials(acc)
+        raw = invstd is not None and raw_sums_are_exact(mean, _effective_var(invstd))
+        mu = None if raw else plan.coefficient(mean, acc)
+        sum_dy, sum_dy_x = plan.partials(acc), plan.partials(acc)
 
-        def chunk_reduce(i, chunk) -> None:
-            g = _in_acc(plan.block(dy.data, chunk), acc, 0)
-            centred = _scratch_buffer(1, g.shape, acc)
-            np.subtract(plan.block(x.data, chunk), mu(chunk), out=centred)
-            if plan.ncs:
-                _store(sum_dy, i, plan.channel_sums(chunk, np.dot(g, _ones(g.shape[1], acc))))
-                _store(sum_dy_xmu, i, plan.channel_sums(chunk, _row_dots(g, centred)))
+        def block_reduce(i, block) -> None:
+            g = _in_acc(plan.block(dy.data, block), acc, 0)
+            if raw:
+                a = _in_acc(plan.block(x.data, block), acc, 1)
             else:
-                ones = _ones(g.shape[0], acc)
-                sum_dy[i] = np.dot(ones, g)
-                np.multiply(centred, g, out=centred)
-                sum_dy_xmu[i] = np.dot(ones, centred)
+                a = workspace(1, g.shape, acc)
+                np.subtract(plan.block(x.data, block), mu(block), out=a)
+            store(sum_dy, i, plan.sums(block, g))
+            store(sum_dy_x, i, plan.dot_sums(block, g, a))
 
-        run_parallel(chunk_reduce, plan.chunks)
-        return plan.total(sum_dy).astype(acc), plan.total(sum_dy_xmu).astype(acc)
+        plan.run(block_reduce)
+        total_dy, total_dy_x = plan.total(sum_dy), plan.total(sum_dy_x)
+        if raw:
+            total_dy_x -= np.asarray(mean, np.float64) * total_dy
+        return total_dy.astype(acc), total_dy_x.astype(acc)
 
     def backward_apply(self, dy: View, x: View, mean: Array, invstd: Array, gamma: Array,
                        sum_dy: Array, sum_dy_xmu: Array, count: int) -> Array:
-        """`dx = p * dy + q * (x - mean) + r`, with per-channel p, q, r computed in float64."""
+        """`dx = p * dy + q * (x - mean) + r`, with per-channel p, q, r computed in float64.
+
+        When raw sums are exact (see the module docstring) `q * mean` is folded into `r`,
+        which saves a pass: `dx = p * dy + q * x + (r - q * mean)`.
+        """
         acc = accumulation_dtype(dy.data.dtype)
         out = empty_unaliased(dy.data.shape, dy.data.dtype, dy.data, x.data)
         if dy.data.size == 0:
             return out
         invstd64 = np.asarray(invstd, np.float64)
+        mean64 = np.asarray(mean, np.float64)
         p = np.asarray(gamma, np.float64) * invstd64
         q = -p * invstd64 * invstd64 * np.asarray(sum_dy_xmu, np.float64) / count
         r = -p * np.asarray(sum_dy, np.float64) / count
+        raw = raw_sums_are_exact(mean64, _effective_var(invstd64))
         plan = Plan(x)
-        mu, pc, qc, rc = (plan.coefficient(v, acc) for v in (mean, p, q, r))
+        pc, qc = plan.coefficient(p, acc), plan.coefficient(q, acc)
+        rc = plan.coefficient(r - q * mean64 if raw else r, acc)
+        mu = None if raw else plan.coefficient(mean, acc)
 
-        def chunk_dx(i, chunk) -> None:
-            target = plan.block(out, chunk)
-            centred = _scratch_buffer(1, target.shape, acc)
-            np.subtract(plan.block(x.data, chunk), mu(chunk), out=centred)
-            np.multiply(centred, qc(chunk), out=centred)
-            work = target if target.dtype == acc else _scratch_buffer(0, target.shape, acc)
-            np.multiply(plan.block(dy.data, chunk), pc(chunk), out=work)
-            np.add(work, centred, out=work)
-            np.add(work, rc(chunk), out=target)
+        def block_dx(i, block) -> None:
+            target = plan.block(out, block)
+            xq = workspace(1, target.shape, acc)
+            if raw:
+                np.multiply(plan.block(x.data, block), qc(block), out=xq)
+            else:
+                np.subtract(plan.block(x.data, block), mu(block), out=xq)
+                np.multiply(xq, qc(block), out=xq)
+            work = target if target.dtype == acc else workspace(0, target.shape, acc)
+            np.multiply(plan.block(dy.data, block), pc(block), out=work)
+            np.add(work, xq, out=work)
+            np.add(work, rc(block), out=target, casting="unsafe")
 
-        run_parallel(chunk_dx, plan.chunks)
+        plan.run(block_dx)
         return out
 
     # -- running statistics ---------------------------------------------------------------

@@ -1,30 +1,44 @@
-"""Cache-sized chunks of a canonical view, processed in parallel by a small thread pool.
+"""Cache-sized blocks of a canonical view, processed in parallel by a small thread pool.
 
-The NumPy backend streams each tensor from memory once and does the extra per-element passes
-of a chunk (casting, shifting, squaring) while the chunk is in cache. NumPy's ufuncs and BLAS
-release the GIL, so chunks run in parallel on the CPU's cores.
+The NumPy backend streams each tensor once, block by block; a block's extra per-element passes
+(casting fp16/bf16 to fp32, centring, the second operand of a sum) run while it is in cache.
+NumPy's ufuncs and BLAS release the GIL, so blocks run in parallel on the CPU's cores.
 
-Every chunk is a contiguous block `matrix[r0:r1, s0:s1]` of the data seen as a matrix (MC:
-`M` rows of `C`; NCS: `N*C` rows of `S`). NumPy's ufuncs are 2-4x slower when an operand is
-broadcast than when all operands have the same shape, so per-channel coefficients come as
-tiles of the block's shape, built once per call and shared by the chunks:
+What the design answers to (measured on a 2-core Xeon against PyTorch's CPU kernels):
 
-- **MC**: chunks are runs of whole rows; every row has the same coefficients.
-- **NCS, small `C*S`**: chunks are runs of whole samples (multiples of C rows); the tile
-  repeats the `(C, S)` pattern of one sample.
-- **NCS, larger `C*S`**: a chunk is one sample's run of channels `c0:c1`; the tile is rows
-  `c0:c1` of the pattern. Chunks go channel group by channel group, so a group's tile stays in
-  cache while the samples stream past.
-- **NCS, huge `S`**: a chunk is a segment of one row (one sample, one channel) and the
-  coefficient is a scalar.
+- **Few, large NumPy calls.** Every call re-acquires the GIL; two threads issuing many short
+  calls spend their time handing it over. A block is about `BLOCK_ELEMENTS` values (1 MB of
+  float32) and the work on it is two to five calls.
+- **No broadcast inner loops.** A ufunc runs 1.5-4x slower when its innermost operand is
+  broadcast (a per-row scalar) than when all operands are contiguous, so per-channel
+  coefficients are laid out as contiguous patterns the blocks line up with.
+- **Balanced shares.** Each core takes one contiguous share of the blocks, of equal size.
 
-Each chunk yields partial sums for its channels `c0:c0+width`; `Plan.total` adds them up in
-float64.
+Every block is a contiguous run of the flat data seen as a 2-D matrix `(rows, cols)`. Three
+kinds of plan:
+
+- **periods**: MC, and NCS when one sample (`C*S` values) fits in a block. A period is one
+  row of MC or one sample of NCS; `cols` is a whole number of periods (at least
+  `MIN_COLUMNS` values), so one coefficient pattern of `cols` values, broadcast along the
+  rows only, lines up with every block.
+- **groups**: NCS when a sample is larger than a block: a block is a balanced group of one
+  sample's channels (rows of `S` values); the coefficient pattern has the block's shape.
+- **segments**: NCS when one channel of one sample is larger than a block: a block is a
+  balanced segment of one row and the coefficient is a scalar.
+
+Per-channel sums of a block come out as a vector for its channels `c0 : c0 + width`; rows of
+`S >= ROW_SUMS_MIN` values are summed along the row (BLAS `gemv` or `einsum` with long inner
+loops), other blocks down the columns (at most `BLOCK_ELEMENTS / MIN_COLUMNS` values in
+sequence per float32 accumulator), then folded to channels. `Plan.total` adds the blocks'
+partial sums in float64.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
@@ -33,8 +47,39 @@ import numpy as np
 
 from cupy_bn.layout import NCS, View
 
-#: Values per chunk: a float32 chunk and its scratch copies stay in a core's L2 cache.
-CHUNK_ELEMENTS = 1 << 17
+#: Values per block: a float32 block and its scratch copies stay in a core's L2 cache.
+BLOCK_ELEMENTS = 1 << 18
+#: Least number of columns of a periods block (long contiguous inner loops, short sums).
+MIN_COLUMNS = 1024
+#: Rows at least this long are summed along the row rather than down the columns.
+ROW_SUMS_MIN = 64
+
+_PAGE = 4096
+_local = threading.local()
+_tokens = itertools.count()
+
+
+def workspace(slot: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A buffer of the calling thread for `slot`, reused from call to call.
+
+    Fresh memory costs a page fault per page on first touch, as much as the pass itself for a
+    block-sized buffer, so scratch blocks and coefficient patterns live here. Slots start at
+    different offsets within a page, so that a pass reading one slot and writing another does
+    not alias in the CPU's store buffer.
+    """
+    dtype = np.dtype(dtype)
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    nbytes = math.prod(shape) * dtype.itemsize
+    buf = buffers.get(slot)
+    if buf is None or nbytes > buf.nbytes:
+        raw = np.empty(max(nbytes, BLOCK_ELEMENTS * 8) + _PAGE, np.uint8)
+        start = (-raw.ctypes.data + (2 * slot + 1) * _PAGE // 16) % _PAGE
+        buf = buffers[slot] = raw[start:]
+    return buf[:nbytes].view(dtype).reshape(shape)
+
+
 def _worker_count() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
@@ -51,110 +96,193 @@ if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's p
     os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
-def run_parallel(fn, items) -> None:
-    """Call `fn(index, item)` for every item, split into one contiguous share per CPU core.
+def _share_bounds(sizes: list[int], shares: int) -> list[int]:
+    """Indices cutting `sizes` into `shares` contiguous runs of about equal total size."""
+    total, bounds, running = sum(sizes), [0], 0
+    for i, size in enumerate(sizes):
+        if len(bounds) < shares and running + size / 2 > total * len(bounds) / shares:
+            bounds.append(i)
+        running += size
+    bounds += [len(sizes)] * (shares + 1 - len(bounds))
+    return bounds
 
-    The calling thread works through the first share while pool threads take the others; one
-    task per core keeps the pool's per-task cost out of the per-chunk loop.
+
+def run_parallel(fn, items, sizes: list[int] | None = None) -> None:
+    """Call `fn(index, item)` for every item, in one contiguous share per CPU core.
+
+    Shares have about equal total `sizes` (default: equal counts). The calling thread works
+    through the first share while pool threads take the others; one task per core keeps the
+    pool's per-task cost out of the per-block loop.
     """
     items = list(items)
     shares = min(_worker_count(), len(items))
-    bounds = [len(items) * k // max(shares, 1) for k in range(shares + 1)]
+    if shares == 0:
+        return
+    bounds = _share_bounds(sizes if sizes is not None else [1] * len(items), shares)
 
     def work(k: int) -> None:
         for i in range(bounds[k], bounds[k + 1]):
             fn(i, items[i])
 
-    futures = [_pool().submit(work, k) for k in range(1, shares)]
-    if shares:
-        work(0)
+    futures = [_pool().submit(work, k) for k in range(1, shares) if bounds[k] < bounds[k + 1]]
+    work(0)
     for f in futures:
         f.result()  # re-raises a worker's exception
 
 
 @dataclass(frozen=True)
-class Chunk:
-    """Block `matrix[r0:r1, s0:s1]`, holding channels from `c0` on (see the module docstring)."""
+class Block:
+    """`flat[start : start + rows * cols]` seen as `(rows, cols)`, channels from `c0` on."""
 
-    r0: int
-    r1: int
-    s0: int
-    s1: int
+    start: int
+    rows: int
+    cols: int
     c0: int
+
+    @property
+    def size(self) -> int:
+        return self.rows * self.cols
 
 
 class Plan:
-    """How a view of one shape is cut into chunks, and how coefficients map onto them."""
+    """How a view of one shape is cut into blocks, and how per-channel vectors map onto them."""
 
-    def __init__(self, view: View, chunk_elements: int = CHUNK_ELEMENTS):
+    def __init__(self, view: View, block_elements: int = BLOCK_ELEMENTS):
         self.channels = c = view.num_channels
-        self.ncs = view.layout == NCS
-        if self.ncs:
-            n, _, s = view.data.shape
-            self.matrix_shape = (n * c, s)
+        s = view.data.shape[2] if view.layout == NCS else 1
+        self.samples = n = view.data.shape[0]
+        self.spatial = s
+        self.period = period = c * s
+        self._coefficients = 0
+        self.blocks: list[Block] = []
+        if period <= block_elements:
+            self.kind, self.width = "periods", c
+            per_row = max(1, -(-MIN_COLUMNS // period))  # periods per block row
+            self.cols = per_row * period
+            rows = max(1, block_elements // self.cols)
+            full_rows, tail = divmod(n, per_row)
+            for r0 in range(0, full_rows, rows):
+                r1 = min(full_rows, r0 + rows)
+                self.blocks.append(Block(r0 * self.cols, r1 - r0, self.cols, 0))
+            if tail:
+                self.blocks.append(Block(full_rows * self.cols, 1, tail * period, 0))
+        elif s <= block_elements:
+            self.kind = "groups"
+            groups = -(-period // block_elements)
+            self.width = -(-c // groups)
+            for c0 in range(0, c, self.width):  # group by group, so a group's tile is reused
+                rows = min(self.width, c - c0)
+                self.blocks.extend(Block((i * c + c0) * s, rows, s, c0) for i in range(n))
         else:
-            self.matrix_shape = view.data.shape
-        rows, s = self.matrix_shape
-        self.scalar = self.ncs and 2 * s > chunk_elements
-        self.chunks: list[Chunk] = []
-        if self.scalar:  # segments of single rows
+            self.kind, self.width = "segments", 1
+            pieces = -(-s // block_elements)
+            bounds = [s * k // pieces for k in range(pieces + 1)]
             for ch in range(c):
-                for r in range(ch, rows, c):
-                    for s0 in range(0, s, chunk_elements):
-                        self.chunks.append(Chunk(r, r + 1, s0, min(s, s0 + chunk_elements), ch))
-            self.chunk_rows, self.width = 1, 1
-        elif self.ncs and c * s > chunk_elements:  # channel groups of one sample
-            group = chunk_elements // s
-            for c0 in range(0, c, group):
-                for r in range(c0, rows, c):
-                    self.chunks.append(Chunk(r, r + min(group, c - c0), 0, s, c0))
-            self.chunk_rows, self.width = group, group
-        else:  # runs of whole samples (NCS) or rows (MC)
-            period = c if self.ncs else 1
-            step = period * max(1, chunk_elements // max(1, period * s))
-            step = min(step, max(rows, period))
-            self.chunks = [Chunk(r0, min(rows, r0 + step), 0, s, 0)
-                           for r0 in range(0, rows, step)]
-            self.chunk_rows, self.width = step, c
+                for i in range(n):
+                    row = (i * c + ch) * s
+                    self.blocks.extend(Block(row + s0, 1, s1 - s0, ch)
+                                       for s0, s1 in zip(bounds[:-1], bounds[1:], strict=True))
+        self.sizes = [b.size for b in self.blocks]
+        self._row_sums = self.kind != "periods" or s >= ROW_SUMS_MIN
+
+    def run(self, fn) -> None:
+        """`fn(index, block)` for every block, in parallel (see `run_parallel`)."""
+        run_parallel(fn, self.blocks, self.sizes)
 
     # -- blocks ---------------------------------------------------------------------------
-    def block(self, data: np.ndarray, chunk: Chunk) -> np.ndarray:
-        """The chunk's contiguous 2-D block of a canonical array (a view, no copy)."""
-        return data.reshape(self.matrix_shape)[chunk.r0 : chunk.r1, chunk.s0 : chunk.s1]
+    @staticmethod
+    def block(data: np.ndarray, block: Block) -> np.ndarray:
+        """The block's 2-D view of a C-contiguous canonical array (no copy)."""
+        return data.reshape(-1)[block.start : block.start + block.size].reshape(
+            block.rows, block.cols)
 
     def coefficient(self, vector: np.ndarray, dtype: np.dtype):
-        """A per-channel vector as an accessor `get(chunk)` returning what multiplies a block."""
+        """A per-channel vector as an accessor `get(block)` for an operand of the block.
+
+        periods: one pattern of `cols` values, shared by all blocks; groups: each thread lays
+        out its group's rows of the `(C, S)` pattern when its blocks reach a new group (they
+        go group by group), or a broadcast column for fewer than 4 samples; segments: a
+        scalar. Patterns live in reused workspace, one slot per coefficient of the plan.
+        """
         v = np.asarray(vector).astype(dtype)
-        if self.scalar:
-            return lambda chunk: v[chunk.c0]
-        rows, width = self.matrix_shape
-        if len(self.chunks) == 1:  # one small chunk: a broadcasting view is cheaper to build
-            tile = np.tile(v, rows // self.channels)[:, None] if self.ncs else v[None]
-            return lambda chunk: tile
-        if self.ncs:
-            pattern = np.repeat(v, width).reshape(self.channels, width)
-            tile = np.tile(pattern, (max(1, self.chunk_rows // self.channels), 1))
-            return lambda chunk: tile[chunk.c0 : chunk.c0 + chunk.r1 - chunk.r0]
-        tile = np.ascontiguousarray(np.broadcast_to(v, (self.chunk_rows, width)))
-        return lambda chunk: tile[: chunk.r1 - chunk.r0]
+        slot = 2 + self._coefficients
+        self._coefficients += 1
+        if self.kind == "segments":
+            return lambda block: v[block.c0]
+        if self.kind == "groups":
+            if self.samples < 4:  # laying out tiles would cost a quarter of the data or more
+                column = v[:, None]
+                return lambda block: column[block.c0 : block.c0 + block.rows]
+            return _GroupTile(v, self.width, self.spatial, slot)
+        pattern = workspace(slot, (self.cols // self.period, self.channels, self.spatial), dtype)
+        pattern[...] = v[:, None]
+        flat = pattern.reshape(1, self.cols)
+        return lambda block: flat[:, : block.cols]
+
+    # -- per-channel sums of a block ------------------------------------------------------
+    def sums(self, block: Block, a: np.ndarray) -> np.ndarray:
+        """Per-channel sums of block `a` (2-D, accumulation dtype) for channels from c0 on."""
+        if self._row_sums:
+            rows = a.reshape(-1, self.spatial)
+            return self._fold_rows(np.dot(rows, _ones(rows.shape[1], a.dtype)))
+        return self._fold_columns(np.dot(_ones(a.shape[0], a.dtype), a))
+
+    def dot_sums(self, block: Block, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Per-channel sums of `a * b` over a block (same shape and dtype)."""
+        if self._row_sums:
+            rows_a, rows_b = a.reshape(-1, self.spatial), b.reshape(-1, self.spatial)
+            return self._fold_rows(np.einsum("ij,ij->i", rows_a, rows_b))
+        return self._fold_columns(np.einsum("ij,ij->j", a, b))
+
+    def _fold_rows(self, per_row: np.ndarray) -> np.ndarray:
+        if self.kind != "periods" or per_row.size == self.channels:
+            return per_row
+        return per_row.reshape(-1, self.channels).sum(axis=0)
+
+    def _fold_columns(self, per_column: np.ndarray) -> np.ndarray:
+        if per_column.size == self.channels:
+            return per_column
+        return per_column.reshape(-1, self.channels, self.spatial).sum(axis=(0, 2))
 
     # -- partial sums ---------------------------------------------------------------------
     def partials(self, dtype: np.dtype) -> np.ndarray:
-        """Storage for the chunks' partial sums: row i holds chunk i's channels from c0 on."""
-        return np.zeros((len(self.chunks), self.width), dtype)
-
-    def channel_sums(self, chunk: Chunk, sums: np.ndarray) -> np.ndarray:
-        """A chunk's per-channel sums from its per-row (NCS) or per-column (MC) sums."""
-        if self.ncs:
-            rows = chunk.r1 - chunk.r0
-            return sums.reshape(-1, min(rows, self.channels)).sum(axis=0)
-        return sums
+        """Storage for the blocks' partial sums: row i holds block i's channels from c0 on."""
+        return np.zeros((len(self.blocks), self.width), dtype)
 
     def total(self, partials: np.ndarray) -> np.ndarray:
-        """Per-channel float64 totals of the chunks' partial sums."""
+        """Per-channel float64 totals of the blocks' partial sums."""
         p = partials.astype(np.float64)
         if self.width == self.channels:
             return p.sum(axis=0)
-        first = np.array([k.c0 for k in self.chunks], np.intp)
+        first = np.array([b.c0 for b in self.blocks], np.intp)
         index = np.minimum(first[:, None] + np.arange(self.width), self.channels - 1)
         return np.bincount(index.ravel(), weights=p.ravel(), minlength=self.channels)
+
+
+class _GroupTile:
+    """Rows `c0 : c0 + rows` of a `(C, S)` coefficient pattern, laid out per thread on demand."""
+
+    def __init__(self, v: np.ndarray, width: int, spatial: int, slot: int):
+        self.v, self.width, self.spatial, self.slot = v, width, spatial, slot
+        self.token = next(_tokens)  # tells this call's tiles from those of earlier calls
+
+    def __call__(self, block: Block) -> np.ndarray:
+        tile = workspace(self.slot, (self.width, self.spatial), self.v.dtype)
+        held = getattr(_local, "tiles", None)
+        if held is None:
+            held = _local.tiles = {}
+        if held.get(self.slot) != (self.token, block.c0):
+            tile[: block.rows] = self.v[block.c0 : block.c0 + block.rows, None]
+            held[self.slot] = (self.token, block.c0)
+        return tile[: block.rows]
+
+
+@cache
+def _ones(n: int, dtype: np.dtype) -> np.ndarray:
+    return np.ones(n, dtype)
+
+
+def store(partials: np.ndarray, i: int, values: np.ndarray) -> None:
+    """Block i's partial sums into row i (a narrower last group fills the row's start)."""
+    partials[i, : values.shape[0]] = values
+
