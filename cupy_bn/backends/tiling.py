@@ -20,7 +20,7 @@ kinds of plan:
 - **periods**: MC, and NCS when one sample (`C*S` values) fits in a block. A period is one
   row of MC or one sample of NCS; `cols` is a whole number of periods (at least
   `MIN_COLUMNS` values), so one coefficient pattern of `cols` values, broadcast along the
-  rows only, lines up with every block.
+  rows only, lines up with every block. Column sums see the block as rows of `sum_cols`.
 - **groups**: NCS when a sample is larger than a block: a block is a balanced group of one
   sample's channels (rows of `S` values); the coefficient pattern has the block's shape.
 - **segments**: NCS when one channel of one sample is larger than a block: a block is a
@@ -28,8 +28,7 @@ kinds of plan:
 
 Per-channel sums of a block come out as a vector for its channels `c0 : c0 + width`; rows of
 `S >= ROW_SUMS_MIN` values are summed along the row (BLAS `gemv` or `einsum` with long inner
-loops), other blocks down the columns (at most `BLOCK_ELEMENTS / MIN_COLUMNS` values in
-sequence per float32 accumulator), then folded to channels. `Plan.total` adds the blocks'
+loops), other blocks down the columns, then folded to channels. `Plan.total` adds the blocks'
 partial sums in float64.
 """
 
@@ -49,8 +48,11 @@ from cupy_bn.layout import NCS, View
 
 #: Values per block: a float32 block and its scratch copies stay in a core's L2 cache.
 BLOCK_ELEMENTS = 1 << 18
-#: Least number of columns of a periods block (long contiguous inner loops, short sums).
-MIN_COLUMNS = 1024
+#: Least number of columns of a periods block: ufuncs pay per row of a broadcast operand.
+MIN_COLUMNS = 1 << 14
+#: Least number of columns when a periods block is summed down its columns: at most
+#: `BLOCK_ELEMENTS / MIN_SUM_COLUMNS` values are added in sequence per float32 accumulator.
+MIN_SUM_COLUMNS = 1 << 10
 #: Rows at least this long are summed along the row rather than down the columns.
 ROW_SUMS_MIN = 64
 
@@ -157,8 +159,9 @@ class Plan:
         self.blocks: list[Block] = []
         if period <= block_elements:
             self.kind, self.width = "periods", c
-            per_row = max(1, -(-MIN_COLUMNS // period))  # periods per block row
-            self.cols = per_row * period
+            per_sum_row = -(-MIN_SUM_COLUMNS // period)  # periods per row, for column sums
+            per_row = per_sum_row * -(-MIN_COLUMNS // (per_sum_row * period))
+            self.cols, self.sum_cols = per_row * period, per_sum_row * period
             rows = max(1, block_elements // self.cols)
             full_rows, tail = divmod(n, per_row)
             for r0 in range(0, full_rows, rows):
@@ -225,6 +228,7 @@ class Plan:
         if self._row_sums:
             rows = a.reshape(-1, self.spatial)
             return self._fold_rows(np.dot(rows, _ones(rows.shape[1], a.dtype)))
+        a = self._column_view(a)
         return self._fold_columns(np.dot(_ones(a.shape[0], a.dtype), a))
 
     def dot_sums(self, block: Block, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -232,7 +236,12 @@ class Plan:
         if self._row_sums:
             rows_a, rows_b = a.reshape(-1, self.spatial), b.reshape(-1, self.spatial)
             return self._fold_rows(np.einsum("ij,ij->i", rows_a, rows_b))
+        a, b = self._column_view(a), self._column_view(b)
         return self._fold_columns(np.einsum("ij,ij->j", a, b))
+
+    def _column_view(self, a: np.ndarray) -> np.ndarray:
+        """A periods block as rows of `sum_cols` values (a tail block stays one row)."""
+        return a.reshape(-1, self.sum_cols) if a.shape[1] % self.sum_cols == 0 else a
 
     def _fold_rows(self, per_row: np.ndarray) -> np.ndarray:
         if self.kind != "periods" or per_row.size == self.channels:
