@@ -126,7 +126,7 @@ class NumpyBackend:
         out = empty_unaliased(x.data.shape, x.data.dtype, x.data)
         if x.data.size == 0:
             return out
-        plan = Plan(x)
+        plan = Plan(x, coefficients=True)
         sc = plan.coefficient(scale, acc)
         sh = plan.coefficient(shift, acc) if np.any(shift) else None
 
@@ -187,7 +187,7 @@ class NumpyBackend:
         q = -p * invstd64 * invstd64 * np.asarray(sum_dy_xmu, np.float64) / count
         r = -p * np.asarray(sum_dy, np.float64) / count
         raw = raw_sums_are_exact(mean64, _effective_var(invstd64))
-        plan = Plan(x)
+        plan = Plan(x, coefficients=True)
         pc, qc = plan.coefficient(p, acc), plan.coefficient(q, acc)
         rc = plan.coefficient(r - q * mean64 if raw else r, acc)
         mu = None if raw else plan.coefficient(mean, acc)

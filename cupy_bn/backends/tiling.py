@@ -76,7 +76,7 @@ def workspace(slot: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     nbytes = math.prod(shape) * dtype.itemsize
     buf = buffers.get(slot)
     if buf is None or nbytes > buf.nbytes:
-        raw = np.empty(max(nbytes, BLOCK_ELEMENTS * 8) + _PAGE, np.uint8)
+        raw = np.empty(-(-nbytes // _PAGE) * _PAGE + _PAGE, np.uint8)
         start = (-raw.ctypes.data + (2 * slot + 1) * _PAGE // 16) % _PAGE
         buf = buffers[slot] = raw[start:]
     return buf[:nbytes].view(dtype).reshape(shape)
@@ -149,7 +149,11 @@ class Block:
 class Plan:
     """How a view of one shape is cut into blocks, and how per-channel vectors map onto them."""
 
-    def __init__(self, view: View, block_elements: int = BLOCK_ELEMENTS):
+    def __init__(self, view: View, block_elements: int = BLOCK_ELEMENTS,
+                 coefficients: bool = False):
+        """`coefficients`: the pass multiplies by per-channel patterns, which must share the
+        cache with the block: a periods pattern may then fill at most half a block, and
+        groups are cut to half a block."""
         self.channels = c = view.num_channels
         s = view.data.shape[2] if view.layout == NCS else 1
         self.samples = n = view.data.shape[0]
@@ -157,7 +161,7 @@ class Plan:
         self.period = period = c * s
         self._coefficients = 0
         self.blocks: list[Block] = []
-        if period <= block_elements:
+        if period <= (block_elements // 2 if coefficients else block_elements):
             self.kind, self.width = "periods", c
             per_sum_row = -(-MIN_SUM_COLUMNS // period)  # periods per row, for column sums
             per_row = per_sum_row * -(-MIN_COLUMNS // (per_sum_row * period))
@@ -171,7 +175,7 @@ class Plan:
                 self.blocks.append(Block(full_rows * self.cols, 1, tail * period, 0))
         elif s <= block_elements:
             self.kind = "groups"
-            groups = -(-period // block_elements)
+            groups = -(-period // (block_elements // 2 if coefficients else block_elements))
             self.width = -(-c // groups)
             for c0 in range(0, c, self.width):  # group by group, so a group's tile is reused
                 rows = min(self.width, c - c0)
@@ -216,7 +220,7 @@ class Plan:
             if self.samples < 4:  # laying out tiles would cost a quarter of the data or more
                 column = v[:, None]
                 return lambda block: column[block.c0 : block.c0 + block.rows]
-            return _GroupTile(v, self.width, self.spatial, slot)
+            return _GroupTile(v, self.spatial, slot)
         pattern = workspace(slot, (self.cols // self.period, self.channels, self.spatial), dtype)
         pattern[...] = v[:, None]
         flat = pattern.reshape(1, self.cols)
@@ -226,7 +230,7 @@ class Plan:
     def sums(self, block: Block, a: np.ndarray) -> np.ndarray:
         """Per-channel sums of block `a` (2-D, accumulation dtype) for channels from c0 on."""
         if self._row_sums:
-            rows = a.reshape(-1, self.spatial)
+            rows = self._row_view(a)
             return self._fold_rows(np.dot(rows, _ones(rows.shape[1], a.dtype)))
         a = self._column_view(a)
         return self._fold_columns(np.dot(_ones(a.shape[0], a.dtype), a))
@@ -234,10 +238,14 @@ class Plan:
     def dot_sums(self, block: Block, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Per-channel sums of `a * b` over a block (same shape and dtype)."""
         if self._row_sums:
-            rows_a, rows_b = a.reshape(-1, self.spatial), b.reshape(-1, self.spatial)
+            rows_a, rows_b = self._row_view(a), self._row_view(b)
             return self._fold_rows(np.einsum("ij,ij->i", rows_a, rows_b))
         a, b = self._column_view(a), self._column_view(b)
         return self._fold_columns(np.einsum("ij,ij->j", a, b))
+
+    def _row_view(self, a: np.ndarray) -> np.ndarray:
+        """A block as rows of one channel each (a periods block holds several per row)."""
+        return a.reshape(-1, self.spatial) if self.kind == "periods" else a
 
     def _column_view(self, a: np.ndarray) -> np.ndarray:
         """A periods block as rows of `sum_cols` values (a tail block stays one row)."""
@@ -271,19 +279,22 @@ class Plan:
 class _GroupTile:
     """Rows `c0 : c0 + rows` of a `(C, S)` coefficient pattern, laid out per thread on demand."""
 
-    def __init__(self, v: np.ndarray, width: int, spatial: int, slot: int):
-        self.v, self.width, self.spatial, self.slot = v, width, spatial, slot
+    def __init__(self, v: np.ndarray, spatial: int, slot: int):
+        self.v, self.spatial, self.slot = v, spatial, slot
         self.token = next(_tokens)  # tells this call's tiles from those of earlier calls
 
     def __call__(self, block: Block) -> np.ndarray:
-        tile = workspace(self.slot, (self.width, self.spatial), self.v.dtype)
         held = getattr(_local, "tiles", None)
         if held is None:
             held = _local.tiles = {}
-        if held.get(self.slot) != (self.token, block.c0):
-            tile[: block.rows] = self.v[block.c0 : block.c0 + block.rows, None]
-            held[self.slot] = (self.token, block.c0)
-        return tile[: block.rows]
+        key = (self.token, block.c0, block.rows)
+        cached = held.get(self.slot)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        tile = workspace(self.slot, (block.rows, self.spatial), self.v.dtype)
+        tile[...] = self.v[block.c0 : block.c0 + block.rows, None]
+        held[self.slot] = (key, tile)
+        return tile
 
 
 @cache

@@ -1,0 +1,125 @@
+"""The NumPy backend's blocks: every value covered once, coefficients lined up, shares balanced."""
+
+import threading
+
+import numpy as np
+import pytest
+
+import cupy_bn as cbn
+from cupy_bn.backends.tiling import Plan, _share_bounds
+from cupy_bn.layout import canonical
+
+SHAPES = [((3, 2, 400_000), 1), ((4, 300, 1000), 1), ((2, 300, 1000), 1), ((16, 3, 5000), 1),
+          ((9, 5, 30), 1), ((1001, 3), -1), ((300, 2000), -1), ((7, 3, 1, 1), 1),
+          ((32, 64, 56, 56), 1), ((33, 1000), -1)]
+
+
+def channel_of_each_value(view):
+    """Channel index of every value of the canonical data, in memory order."""
+    if view.layout == "MC":
+        return np.broadcast_to(np.arange(view.num_channels), view.data.shape).ravel()
+    n, c, s = view.data.shape
+    return np.broadcast_to(np.arange(c)[None, :, None], (n, c, s)).ravel()
+
+
+@pytest.mark.parametrize("shape,channel_axis", SHAPES)
+@pytest.mark.parametrize("coefficients", [False, True])
+def test_blocks_cover_every_value_once_and_coefficients_line_up(shape, channel_axis,
+                                                                 coefficients):
+    x = np.zeros(shape, np.float32)
+    view = canonical(x, channel_axis)
+    plan = Plan(view, coefficients=coefficients)
+    covered = np.zeros(x.size, np.int64)
+    channel = channel_of_each_value(view)
+    v = np.arange(view.num_channels, dtype=np.float64) + 0.5
+    coefficient = plan.coefficient(v, np.float64)
+    for block in plan.blocks:
+        covered[block.start : block.start + block.size] += 1
+        expect = v[channel[block.start : block.start + block.size]].reshape(block.rows,
+                                                                           block.cols)
+        got = np.broadcast_to(coefficient(block), (block.rows, block.cols))
+        np.testing.assert_array_equal(got, expect)
+    assert np.all(covered == 1)
+    assert sum(plan.sizes) == x.size
+
+
+@pytest.mark.parametrize("shape,channel_axis", SHAPES[:7])
+def test_block_sums_fold_to_the_right_channels(shape, channel_axis):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape)
+    view = canonical(x, channel_axis)
+    plan = Plan(view)
+    s1, s2 = plan.partials(np.float64), plan.partials(np.float64)
+    for i, block in enumerate(plan.blocks):
+        a = plan.block(view.data, block)
+        values = plan.sums(block, a)
+        s1[i, : values.size] = values
+        values = plan.dot_sums(block, a, a)
+        s2[i, : values.size] = values
+    axes = tuple(a for a in range(x.ndim) if a != channel_axis % x.ndim)
+    np.testing.assert_allclose(plan.total(s1), x.sum(axis=axes), rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(plan.total(s2), (x * x).sum(axis=axes), rtol=1e-12)
+
+
+@pytest.mark.parametrize("sizes,shares", [([5] * 10, 2), ([1, 1, 1, 100], 2), ([100, 1, 1, 1], 2),
+                                          ([3, 3, 3], 3), ([7], 2), ([2, 9, 4, 4, 1, 8], 3)])
+def test_shares_are_contiguous_and_balanced(sizes, shares):
+    bounds = _share_bounds(sizes, shares)
+    assert bounds[0] == 0 and bounds[-1] == len(sizes) and bounds == sorted(bounds)
+    totals = [sum(sizes[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    assert max(totals) - min(totals) <= max(sizes)
+
+
+def test_channel_group_tiles_follow_new_values_from_call_to_call():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((8, 300, 1000)).astype(np.float32)  # channel groups
+    view = canonical(x, 1)
+    assert Plan(view, coefficients=True).kind == "groups"
+    be = cbn.get_backend("numpy", x)
+    for trial in range(3):
+        scale = rng.standard_normal(300).astype(np.float32)
+        shift = rng.standard_normal(300).astype(np.float32)
+        y = be.apply(view, scale, shift)
+        expect = x.astype(np.float64) * scale[:, None] + shift[:, None]
+        np.testing.assert_allclose(y, expect, rtol=1e-6, atol=1e-6, err_msg=f"call {trial}")
+
+
+def test_calls_from_several_threads_at_once_are_independent():
+    rng = np.random.default_rng(2)
+    inputs = [rng.normal(k, 1 + k, (8, 300, 1000)).astype(np.float32) for k in range(4)]
+    expected = [cbn.batch_norm(x)[0] for x in inputs]
+    results = [None] * len(inputs)
+
+    def work(k):
+        for _ in range(3):
+            results[k] = cbn.batch_norm(inputs[k])[0]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, expect in zip(results, expected, strict=True):
+        np.testing.assert_array_equal(got, expect)
+
+
+@pytest.mark.parametrize("shape,channel_axis", SHAPES[:7])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_every_block_plan_matches_the_reference(shape, channel_axis, dtype):
+    import reference as ref
+
+    rng = np.random.default_rng(5)
+    x = (3 + rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    channels = shape[channel_axis]
+    w = rng.normal(1, 0.2, channels).astype(np.float32)
+    y, saved = cbn.batch_norm(x, w, w, channel_axis=channel_axis)
+    tol = 2e-4 if dtype == np.float32 else 2e-2
+    np.testing.assert_allclose(y.astype(np.float64),
+                               ref.forward(x, w, w, channel_axis=channel_axis), atol=tol)
+    dx, dw, db = cbn.batch_norm_backward(dy, saved)
+    rdx, rdw, rdb = ref.backward(x, dy, w, channel_axis=channel_axis)
+    np.testing.assert_allclose(dx.astype(np.float64), rdx, atol=tol)
+    per_channel = x.size / channels
+    np.testing.assert_allclose(dw, rdw, rtol=1e-3, atol=tol * np.sqrt(per_channel))
+    np.testing.assert_allclose(db, rdb, rtol=1e-3, atol=tol * np.sqrt(per_channel))
