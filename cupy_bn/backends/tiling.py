@@ -134,16 +134,21 @@ def run_parallel(fn, items, sizes: list[int] | None = None) -> None:
 
 @dataclass(frozen=True)
 class Block:
-    """`flat[start : start + rows * cols]` seen as `(rows, cols)`, channels from `c0` on."""
+    """`flat[start : start + rows * cols]` seen as `(rows, cols)`, channels from `c0` on.
+
+    A groups block of an elementwise plan may span `samples > 1` consecutive samples: it is
+    then the strided `(samples, rows, cols)` view starting at `start`.
+    """
 
     start: int
     rows: int
     cols: int
     c0: int
+    samples: int = 1
 
     @property
     def size(self) -> int:
-        return self.rows * self.cols
+        return self.samples * self.rows * self.cols
 
 
 class Plan:
@@ -177,9 +182,12 @@ class Plan:
             self.kind = "groups"
             groups = -(-period // (block_elements // 2 if coefficients else block_elements))
             self.width = -(-c // groups)
+            # an elementwise pass takes several samples of a group per call (fewer calls)
+            step = max(1, block_elements // (self.width * s)) if coefficients else 1
             for c0 in range(0, c, self.width):  # group by group, so a group's tile is reused
                 rows = min(self.width, c - c0)
-                self.blocks.extend(Block((i * c + c0) * s, rows, s, c0) for i in range(n))
+                self.blocks.extend(Block((i * c + c0) * s, rows, s, c0, min(step, n - i))
+                                   for i in range(0, n, step))
         else:
             self.kind, self.width = "segments", 1
             pieces = -(-s // block_elements)
@@ -197,9 +205,12 @@ class Plan:
         run_parallel(fn, self.blocks, self.sizes)
 
     # -- blocks ---------------------------------------------------------------------------
-    @staticmethod
-    def block(data: np.ndarray, block: Block) -> np.ndarray:
-        """The block's 2-D view of a C-contiguous canonical array (no copy)."""
+    def block(self, data: np.ndarray, block: Block) -> np.ndarray:
+        """The block's view of a C-contiguous canonical array (no copy)."""
+        if block.samples > 1:
+            n0, c0 = divmod(block.start // self.spatial, self.channels)
+            return data.reshape(self.samples, self.channels, self.spatial)[
+                n0 : n0 + block.samples, c0 : c0 + block.rows]
         return data.reshape(-1)[block.start : block.start + block.size].reshape(
             block.rows, block.cols)
 
