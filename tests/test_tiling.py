@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import cupy_bn as cbn
-from cupy_bn.backends.tiling import Plan, _share_bounds
+from cupy_bn.backends.tiling import _share_bounds, plan_for
 from cupy_bn.layout import canonical
 
 SHAPES = [((3, 2, 400_000), 1), ((4, 300, 1000), 1), ((2, 300, 1000), 1), ((16, 3, 5000), 1),
@@ -28,11 +28,11 @@ def test_blocks_cover_every_value_once_and_coefficients_line_up(shape, channel_a
                                                                  coefficients):
     x = np.zeros(shape, np.float32)
     view = canonical(x, channel_axis)
-    plan = Plan(view, coefficients=coefficients)
+    plan = plan_for(view, coefficients=coefficients)
     covered = np.zeros(x.size, np.int64)
     channel = channel_of_each_value(view)
     v = np.arange(view.num_channels, dtype=np.float64) + 0.5
-    coefficient = plan.coefficient(v, np.float64)
+    (coefficient,) = plan.coefficients(np.float64, v)
     index = np.arange(x.size).reshape(view.data.shape)
     for block in plan.blocks:
         where = plan.block(index, block)
@@ -48,7 +48,7 @@ def test_block_sums_fold_to_the_right_channels(shape, channel_axis):
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape)
     view = canonical(x, channel_axis)
-    plan = Plan(view)
+    plan = plan_for(view)
     s1, s2 = plan.partials(np.float64), plan.partials(np.float64)
     for i, block in enumerate(plan.blocks):
         a = plan.block(view.data, block)
@@ -74,7 +74,7 @@ def test_channel_group_tiles_follow_new_values_from_call_to_call():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((8, 300, 1000)).astype(np.float32)  # channel groups
     view = canonical(x, 1)
-    plan = Plan(view, coefficients=True)
+    plan = plan_for(view, coefficients=True)
     assert plan.kind == "groups" and max(b.samples for b in plan.blocks) > 1
     be = cbn.get_backend("numpy", x)
     for trial in range(3):
@@ -124,3 +124,23 @@ def test_every_block_plan_matches_the_reference(shape, channel_axis, dtype):
     per_channel = x.size / channels
     np.testing.assert_allclose(dw, rdw, rtol=1e-3, atol=tol * np.sqrt(per_channel))
     np.testing.assert_allclose(db, rdb, rtol=1e-3, atol=tol * np.sqrt(per_channel))
+
+
+@pytest.mark.parametrize("offsets", [(0,), (16,), (0, 2048), (100, 300, 3000)])
+def test_outputs_start_away_from_their_inputs_page_offsets(offsets):
+    from cupy_bn.backends.numpy_backend import empty_unaliased
+
+    def at(offset):
+        raw = np.empty((1 << 20) * 4 + 8192, np.uint8)
+        start = (offset - raw.ctypes.data) % 4096
+        return raw[start : start + (1 << 22)].view(np.float32)
+
+    inputs = [at(o) for o in offsets]
+    out = empty_unaliased((1 << 10, 1 << 10), np.float32, *inputs)
+    assert out.shape == (1 << 10, 1 << 10) and out.flags.c_contiguous
+    where = out.ctypes.data % 4096
+    distance = min(min((where - o) % 4096, (o - where) % 4096) for o in offsets)
+    widest = max((b - a) % 4096 or 4096 for a, b in zip(sorted(offsets),
+                                                         sorted(offsets)[1:] + sorted(offsets)[:1],
+                                                         strict=True))
+    assert distance >= widest // 2 - 64

@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from cupy_bn.backends.base import Array
-from cupy_bn.backends.tiling import BLOCK_ELEMENTS, Plan, store, workspace
+from cupy_bn.backends.tiling import BLOCK_ELEMENTS, Plan, plan_for, store, workspace
 from cupy_bn.dtypes import accumulation_dtype
 from cupy_bn.layout import View
 
@@ -35,22 +35,20 @@ def empty_unaliased(shape: tuple[int, ...], dtype: np.dtype, *avoid: np.ndarray)
     """An empty C-contiguous array whose address is far, modulo a page, from those of `avoid`.
 
     Three-operand ufuncs run 2-3x slower when input and output share a page offset (4K aliasing
-    in the CPU's store forwarding), so outputs are placed away from their inputs.
+    in the CPU's store forwarding), so outputs start in the middle of the widest gap between
+    their inputs' page offsets.
     """
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < BLOCK_ELEMENTS * 2:  # half a block or less: aliasing costs less than the search
+    if nbytes < BLOCK_ELEMENTS * 2 or not avoid:  # small: aliasing costs less than the search
         return np.empty(shape, dtype)
+    taken = sorted({a.__array_interface__["data"][0] % _PAGE for a in avoid})
+    gap, start = max(((later - t) % _PAGE or _PAGE, t)
+                     for t, later in zip(taken, taken[1:] + taken[:1], strict=True))
     raw = np.empty(nbytes + _PAGE, np.uint8)
-    base = raw.ctypes.data
-    taken = [a.ctypes.data % _PAGE for a in avoid]
-    best, best_gap = 0, -1
-    for offset in range(0, _PAGE, 256):
-        where = (base + offset) % _PAGE
-        gap = min((min((where - t) % _PAGE, (t - where) % _PAGE) for t in taken), default=_PAGE)
-        if gap > best_gap:
-            best, best_gap = offset, gap
-    return raw[best : best + nbytes].view(dtype).reshape(shape)
+    target = (start + gap // 2) // 64 * 64  # cache-line aligned
+    offset = (target - raw.__array_interface__["data"][0]) % _PAGE
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
 def _in_acc(block: np.ndarray, acc: np.dtype, slot: int) -> np.ndarray:
@@ -87,7 +85,7 @@ class NumpyBackend:
         acc = accumulation_dtype(x.data.dtype)
         if x.count == 0:
             return np.zeros(x.num_channels, acc), np.zeros(x.num_channels, acc)
-        plan = Plan(x)
+        plan = plan_for(x)
         mean, var = self._moments(x, plan, acc, None)
         if not raw_sums_are_exact(mean, var):
             mean, var = self._moments(x, plan, acc, mean.astype(acc))
@@ -96,7 +94,7 @@ class NumpyBackend:
     @staticmethod
     def _moments(x: View, plan: Plan, acc: np.dtype, shift: np.ndarray | None):
         """Float64 mean and biased variance from the sums of `x - shift` (or of `x`)."""
-        k = None if shift is None else plan.coefficient(shift, acc)
+        k = None if shift is None else plan.coefficients(acc, shift)[0]
         s1, s2 = plan.partials(acc), plan.partials(acc)
 
         def block_sums(i, block) -> None:
@@ -126,9 +124,9 @@ class NumpyBackend:
         out = empty_unaliased(x.data.shape, x.data.dtype, x.data)
         if x.data.size == 0:
             return out
-        plan = Plan(x, coefficients=True)
-        sc = plan.coefficient(scale, acc)
-        sh = plan.coefficient(shift, acc) if np.any(shift) else None
+        plan = plan_for(x, coefficients=True)
+        sc, *sh = plan.coefficients(acc, scale, *([shift] if np.any(shift) else []))
+        sh = sh[0] if sh else None
 
         def block_apply(i, block) -> None:
             a, target = plan.block(x.data, block), plan.block(out, block)
@@ -149,9 +147,9 @@ class NumpyBackend:
         acc = accumulation_dtype(x.data.dtype)
         if x.count == 0:
             return np.zeros(x.num_channels, acc), np.zeros(x.num_channels, acc)
-        plan = Plan(x)
+        plan = plan_for(x)
         raw = invstd is not None and raw_sums_are_exact(mean, _effective_var(invstd))
-        mu = None if raw else plan.coefficient(mean, acc)
+        mu = None if raw else plan.coefficients(acc, mean)[0]
         sum_dy, sum_dy_x = plan.partials(acc), plan.partials(acc)
 
         def block_reduce(i, block) -> None:
@@ -187,10 +185,9 @@ class NumpyBackend:
         q = -p * invstd64 * invstd64 * np.asarray(sum_dy_xmu, np.float64) / count
         r = -p * np.asarray(sum_dy, np.float64) / count
         raw = raw_sums_are_exact(mean64, _effective_var(invstd64))
-        plan = Plan(x, coefficients=True)
-        pc, qc = plan.coefficient(p, acc), plan.coefficient(q, acc)
-        rc = plan.coefficient(r - q * mean64 if raw else r, acc)
-        mu = None if raw else plan.coefficient(mean, acc)
+        plan = plan_for(x, coefficients=True)
+        pc, qc, rc, *mu = plan.coefficients(acc, p, q, *([r - q * mean64] if raw else [r, mean]))
+        mu = mu[0] if mu else None
 
         def block_dx(i, block) -> None:
             target = plan.block(out, block)

@@ -40,7 +40,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 import numpy as np
 
@@ -154,17 +154,19 @@ class Block:
 class Plan:
     """How a view of one shape is cut into blocks, and how per-channel vectors map onto them."""
 
-    def __init__(self, view: View, block_elements: int = BLOCK_ELEMENTS,
+    def __init__(self, layout: str, shape: tuple[int, ...], block_elements: int = BLOCK_ELEMENTS,
                  coefficients: bool = False):
-        """`coefficients`: the pass multiplies by per-channel patterns, which must share the
+        """A plan for canonical data of `layout` and `shape` ((N, C, S) or (M, C)).
+
+        `coefficients`: the pass multiplies by per-channel patterns, which must share the
         cache with the block: a periods pattern may then fill at most half a block, and
-        groups are cut to half a block."""
-        self.channels = c = view.num_channels
-        s = view.data.shape[2] if view.layout == NCS else 1
-        self.samples = n = view.data.shape[0]
+        groups are cut to half a block.
+        """
+        self.channels = c = shape[1]
+        s = shape[2] if layout == NCS else 1
+        self.samples = n = shape[0]
         self.spatial = s
         self.period = period = c * s
-        self._coefficients = 0
         self.blocks: list[Block] = []
         if period <= (block_elements // 2 if coefficients else block_elements):
             self.kind, self.width = "periods", c
@@ -214,17 +216,18 @@ class Plan:
         return data.reshape(-1)[block.start : block.start + block.size].reshape(
             block.rows, block.cols)
 
-    def coefficient(self, vector: np.ndarray, dtype: np.dtype):
-        """A per-channel vector as an accessor `get(block)` for an operand of the block.
+    def coefficients(self, dtype: np.dtype, *vectors: np.ndarray) -> list:
+        """Per-channel vectors as accessors `get(block)` for operands of the blocks.
 
         periods: one pattern of `cols` values, shared by all blocks; groups: each thread lays
         out its group's rows of the `(C, S)` pattern when its blocks reach a new group (they
         go group by group), or a broadcast column for fewer than 4 samples; segments: a
-        scalar. Patterns live in reused workspace, one slot per coefficient of the plan.
+        scalar. Patterns live in reused workspace, one slot per vector (slots 2, 3, ...).
         """
+        return [self._coefficient(v, dtype, 2 + k) for k, v in enumerate(vectors)]
+
+    def _coefficient(self, vector: np.ndarray, dtype: np.dtype, slot: int):
         v = np.asarray(vector).astype(dtype)
-        slot = 2 + self._coefficients
-        self._coefficients += 1
         if self.kind == "segments":
             return lambda block: v[block.c0]
         if self.kind == "groups":
@@ -285,6 +288,16 @@ class Plan:
         first = np.array([b.c0 for b in self.blocks], np.intp)
         index = np.minimum(first[:, None] + np.arange(self.width), self.channels - 1)
         return np.bincount(index.ravel(), weights=p.ravel(), minlength=self.channels)
+
+
+@lru_cache(maxsize=64)
+def _cached_plan(layout: str, shape: tuple[int, ...], coefficients: bool) -> Plan:
+    return Plan(layout, shape, BLOCK_ELEMENTS, coefficients)
+
+
+def plan_for(view: View, coefficients: bool = False) -> Plan:
+    """The (cached) plan for a view's layout and shape; see `Plan`."""
+    return _cached_plan(view.layout, tuple(view.data.shape), coefficients)
 
 
 class _GroupTile:
