@@ -134,7 +134,7 @@ def test_gradient_sums_are_exact_with_and_without_centring(offset):
     np.testing.assert_allclose(db, rdb, rtol=1e-5, atol=1e-3)
 
 
-def test_forked_child_runs_chunks_in_parallel_again():
+def test_forked_child_runs_blocks_in_parallel_again():
     import multiprocessing as mp
 
     x = np.random.default_rng(6).standard_normal((64, 8, 4096)).astype(np.float32)

@@ -6,30 +6,35 @@ NumPy's ufuncs and BLAS release the GIL, so blocks run in parallel on the CPU's 
 
 What the design answers to (measured on a 2-core Xeon against PyTorch's CPU kernels):
 
-- **Few, large NumPy calls.** Every call re-acquires the GIL; two threads issuing many short
-  calls spend their time handing it over. A block is about `BLOCK_ELEMENTS` values (1 MB of
-  float32) and the work on it is two to five calls.
+- **Few, large NumPy calls.** Every call re-acquires the GIL, and two threads issuing many
+  short calls spend their time handing it over. A block is about `BLOCK_ELEMENTS` values
+  (1 MB of float32) and the work on it is two to five calls.
 - **No broadcast inner loops.** A ufunc runs 1.5-4x slower when its innermost operand is
   broadcast (a per-row scalar) than when all operands are contiguous, so per-channel
-  coefficients are laid out as contiguous patterns the blocks line up with.
+  coefficients are laid out as contiguous patterns that the blocks line up with, and the
+  patterns are small enough to stay in cache beside the block.
+- **No fresh memory per call.** Scratch blocks and patterns live in per-thread `workspace`
+  reused from call to call; first-touch page faults cost as much as a pass.
 - **Balanced shares.** Each core takes one contiguous share of the blocks, of equal size.
 
-Every block is a contiguous run of the flat data seen as a 2-D matrix `(rows, cols)`. Three
-kinds of plan:
+A block is a run of the flat data seen as a 2-D matrix `(rows, cols)`. Three kinds of plan:
 
 - **periods**: MC, and NCS when one sample (`C*S` values) fits in a block. A period is one
   row of MC or one sample of NCS; `cols` is a whole number of periods (at least
   `MIN_COLUMNS` values), so one coefficient pattern of `cols` values, broadcast along the
   rows only, lines up with every block. Column sums see the block as rows of `sum_cols`.
 - **groups**: NCS when a sample is larger than a block: a block is a balanced group of one
-  sample's channels (rows of `S` values); the coefficient pattern has the block's shape.
+  sample's channels (rows of `S` values); its coefficient tile is that group's rows of the
+  `(C, S)` pattern. An elementwise pass takes a group of several samples per block, a strided
+  `(samples, rows, S)` view over which the tile broadcasts.
 - **segments**: NCS when one channel of one sample is larger than a block: a block is a
   balanced segment of one row and the coefficient is a scalar.
 
-Per-channel sums of a block come out as a vector for its channels `c0 : c0 + width`; rows of
-`S >= ROW_SUMS_MIN` values are summed along the row (BLAS `gemv` or `einsum` with long inner
-loops), other blocks down the columns, then folded to channels. `Plan.total` adds the blocks'
-partial sums in float64.
+Plans for elementwise passes (`coefficients=True`) keep patterns to half a block; plans for
+reductions, which have no patterns, use whole blocks. Per-channel sums of a block come out as
+a vector for its channels `c0 : c0 + width`; rows of `S >= ROW_SUMS_MIN` values are summed
+along the row (BLAS `gemv` or `einsum` with long inner loops), other blocks down the columns,
+then folded to channels. `Plan.total` adds the blocks' partial sums in float64.
 """
 
 from __future__ import annotations
