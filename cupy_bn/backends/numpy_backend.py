@@ -9,7 +9,7 @@ Exactness when |mean| >> std. Sums of raw values lose accuracy in proportion to
 `sum(x^2) / sum((x - mean)^2) = 1 + mean^2 / var`: float32 rounding in the partial sums is
 amplified by that factor in the variance (the E[x^2] - E[x]^2 cancellation). So raw sums are
 only kept while every channel has `|mean| <= RAW_SUMS_MAX_OFFSET` standard deviations (the
-amplification is then at most 2, and the partials add at most `BLOCK_ELEMENTS / MIN_COLUMNS`
+amplification is then at most 2, and a block's float32 partials add at most a few hundred
 values in sequence per accumulator). Otherwise the data are centred first: the statistics are
 taken again as sums of `x - mean` (two-pass), and the gradient sums and `dx` use `x - mean`.
 """
@@ -107,8 +107,8 @@ class NumpyBackend:
                     np.subtract(a, k(block), out=centred)
                 a = centred
             with np.errstate(over="ignore"):  # overflow: the centred pass takes over
-                store(s2, i, plan.dot_sums(block, a, a))  # first: BLAS is faster in cache
-            store(s1, i, plan.sums(block, a))
+                store(s2, i, plan.dot_sums(block, a, a))  # einsum from memory, then BLAS
+            store(s1, i, plan.sums(block, a))  # on the cached block: the faster order
 
         plan.run(block_sums)
         n = x.count
