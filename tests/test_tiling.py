@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import cupy_bn as cbn
-from cupy_bn.backends.tiling import _share_bounds, plan_for
+from cupy_bn.backends.tiling import _share_bounds, plan_for, store
 from cupy_bn.layout import canonical
 
 SHAPES = [((3, 2, 400_000), 1), ((4, 300, 1000), 1), ((2, 300, 1000), 1), ((16, 3, 5000), 1),
@@ -49,16 +49,14 @@ def test_block_sums_fold_to_the_right_channels(shape, channel_axis):
     x = rng.standard_normal(shape)
     view = canonical(x, channel_axis)
     plan = plan_for(view)
-    s1, s2 = plan.partials(np.float64), plan.partials(np.float64)
+    partials = plan.partials(np.float64, 2)
     for i, block in enumerate(plan.blocks):
         a = plan.block(view.data, block)
-        values = plan.sums(block, a)
-        s1[i, : values.size] = values
-        values = plan.dot_sums(block, a, a)
-        s2[i, : values.size] = values
+        store(partials, i, plan.sums(block, a), plan.dot_sums(block, a, a))
+    s1, s2 = plan.total(partials)
     axes = tuple(a for a in range(x.ndim) if a != channel_axis % x.ndim)
-    np.testing.assert_allclose(plan.total(s1), x.sum(axis=axes), rtol=1e-12, atol=1e-9)
-    np.testing.assert_allclose(plan.total(s2), (x * x).sum(axis=axes), rtol=1e-12)
+    np.testing.assert_allclose(s1, x.sum(axis=axes), rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(s2, (x * x).sum(axis=axes), rtol=1e-12)
 
 
 @pytest.mark.parametrize("sizes,shares", [([5] * 10, 2), ([1, 1, 1, 100], 2), ([100, 1, 1, 1], 2),

@@ -95,7 +95,7 @@ class NumpyBackend:
     def _moments(x: View, plan: Plan, acc: np.dtype, shift: np.ndarray | None):
         """Float64 mean and biased variance from the sums of `x - shift` (or of `x`)."""
         k = None if shift is None else plan.coefficients(acc, shift)[0]
-        s1, s2 = plan.partials(acc), plan.partials(acc)
+        partials = plan.partials(acc, 2)
 
         def block_sums(i, block) -> None:
             a = plan.block(x.data, block)
@@ -107,14 +107,14 @@ class NumpyBackend:
                     np.subtract(a, k(block), out=centred)
                 a = centred
             with np.errstate(over="ignore"):  # overflow: the centred pass takes over
-                store(s2, i, plan.dot_sums(block, a, a))  # einsum from memory, then BLAS
-            store(s1, i, plan.sums(block, a))  # on the cached block: the faster order
+                squares = plan.dot_sums(block, a, a)  # einsum from memory, then BLAS on the
+            store(partials, i, plan.sums(block, a), squares)  # cached block: the faster order
 
         plan.run(block_sums)
         n = x.count
-        offset = plan.total(s1) / n
+        offset, squares = plan.total(partials) / n  # mean - shift, mean of (x - shift)^2
         with np.errstate(invalid="ignore"):
-            var = np.maximum(plan.total(s2) / n - offset * offset, 0.0)
+            var = np.maximum(squares - offset * offset, 0.0)
         return (offset if shift is None else shift.astype(np.float64) + offset), var
 
     # -- forward apply --------------------------------------------------------------------
@@ -150,7 +150,7 @@ class NumpyBackend:
         plan = plan_for(x)
         raw = invstd is not None and raw_sums_are_exact(mean, _effective_var(invstd))
         mu = None if raw else plan.coefficients(acc, mean)[0]
-        sum_dy, sum_dy_x = plan.partials(acc), plan.partials(acc)
+        partials = plan.partials(acc, 2)
 
         def block_reduce(i, block) -> None:
             g = _in_acc(plan.block(dy.data, block), acc, 0)
@@ -159,11 +159,11 @@ class NumpyBackend:
             else:
                 a = workspace(1, g.shape, acc)
                 np.subtract(plan.block(x.data, block), mu(block), out=a)
-            store(sum_dy_x, i, plan.dot_sums(block, g, a))
-            store(sum_dy, i, plan.sums(block, g))
+            products = plan.dot_sums(block, g, a)
+            store(partials, i, plan.sums(block, g), products)
 
         plan.run(block_reduce)
-        total_dy, total_dy_x = plan.total(sum_dy), plan.total(sum_dy_x)
+        total_dy, total_dy_x = plan.total(partials)
         if raw:
             total_dy_x -= np.asarray(mean, np.float64) * total_dy
         return total_dy.astype(acc), total_dy_x.astype(acc)

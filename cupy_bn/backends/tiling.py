@@ -281,18 +281,19 @@ class Plan:
         return per_column.reshape(-1, self.channels, self.spatial).sum(axis=(0, 2))
 
     # -- partial sums ---------------------------------------------------------------------
-    def partials(self, dtype: np.dtype) -> np.ndarray:
-        """Storage for the blocks' partial sums: row i holds block i's channels from c0 on."""
-        return np.zeros((len(self.blocks), self.width), dtype)
+    def partials(self, dtype: np.dtype, sums: int = 1) -> np.ndarray:
+        """Storage for `sums` kinds of partial sums: `[k, i]` holds block i's channels from c0."""
+        return np.zeros((sums, len(self.blocks), self.width), dtype)
 
     def total(self, partials: np.ndarray) -> np.ndarray:
-        """Per-channel float64 totals of the blocks' partial sums."""
+        """Per-channel float64 totals `(sums, C)` of the blocks' partial sums."""
         p = partials.astype(np.float64)
         if self.width == self.channels:
-            return p.sum(axis=0)
+            return p.sum(axis=1)
         first = np.array([b.c0 for b in self.blocks], np.intp)
-        index = np.minimum(first[:, None] + np.arange(self.width), self.channels - 1)
-        return np.bincount(index.ravel(), weights=p.ravel(), minlength=self.channels)
+        index = np.minimum(first[:, None] + np.arange(self.width), self.channels - 1).ravel()
+        return np.stack([np.bincount(index, weights=k.ravel(), minlength=self.channels)
+                         for k in p])
 
 
 @lru_cache(maxsize=64)
@@ -331,7 +332,8 @@ def _ones(n: int, dtype: np.dtype) -> np.ndarray:
     return np.ones(n, dtype)
 
 
-def store(partials: np.ndarray, i: int, values: np.ndarray) -> None:
-    """Block i's partial sums into row i (a narrower last group fills the row's start)."""
-    partials[i, : values.shape[0]] = values
+def store(partials: np.ndarray, i: int, *values: np.ndarray) -> None:
+    """Block i's partial sums, one vector per kind (a narrower last group fills the start)."""
+    for k, v in enumerate(values):
+        partials[k, i, : v.shape[0]] = v
 
