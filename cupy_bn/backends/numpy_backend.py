@@ -107,8 +107,8 @@ class NumpyBackend:
                     np.subtract(a, k(block), out=centred)
                 a = centred
             with np.errstate(over="ignore"):  # overflow: the centred pass takes over
-                squares = plan.dot_sums(block, a, a)  # einsum from memory, then BLAS on the
-            store(partials, i, plan.sums(block, a), squares)  # cached block: the faster order
+                squares = plan.dot_sums(a, a)  # einsum from memory, then BLAS on the
+            store(partials, i, plan.sums(a), squares)  # cached block: the faster order
 
         plan.run(block_sums)
         n = x.count
@@ -159,8 +159,8 @@ class NumpyBackend:
             else:
                 a = workspace(1, g.shape, acc)
                 np.subtract(plan.block(x.data, block), mu(block), out=a)
-            products = plan.dot_sums(block, g, a)
-            store(partials, i, plan.sums(block, g), products)
+            products = plan.dot_sums(g, a)
+            store(partials, i, plan.sums(g), products)
 
         plan.run(block_reduce)
         total_dy, total_dy_x = plan.total(partials)

@@ -246,7 +246,7 @@ class Plan:
         return lambda block: flat[:, : block.cols]
 
     # -- per-channel sums of a block ------------------------------------------------------
-    def sums(self, block: Block, a: np.ndarray) -> np.ndarray:
+    def sums(self, a: np.ndarray) -> np.ndarray:
         """Per-channel sums of block `a` (2-D, accumulation dtype) for channels from c0 on."""
         if self._row_sums:
             rows = self._row_view(a)
@@ -254,7 +254,7 @@ class Plan:
         a = self._column_view(a)
         return self._fold_columns(np.dot(_ones(a.shape[0], a.dtype), a))
 
-    def dot_sums(self, block: Block, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    def dot_sums(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Per-channel sums of `a * b` over a block (same shape and dtype)."""
         if self._row_sums:
             rows_a, rows_b = self._row_view(a), self._row_view(b)
