@@ -47,14 +47,16 @@ def test_float64_statistics_are_float64_exact():
     np.testing.assert_allclose(var, x.var(axis=(0, 2)), rtol=1e-7)
 
 
-def test_backward_sums_are_centred():
+@pytest.mark.parametrize("with_invstd", [False, True])
+def test_backward_sums_are_centred(with_invstd):
     rng = np.random.default_rng(3)
     x = (1e3 + 0.1 * rng.standard_normal((32, 3, 64))).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
     be = backend()
     view = canonical(x, 1)
-    mean, _ = be.batch_stats(view)
-    sum_dy, sum_dy_xmu = be.backward_reduce(canonical(dy, 1), view, mean)
+    mean, var = be.batch_stats(view)
+    invstd = (1 / np.sqrt(var + 1e-5)).astype(np.float32) if with_invstd else None
+    sum_dy, sum_dy_xmu = be.backward_reduce(canonical(dy, 1), view, mean, invstd)
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
     expect = (dy64 * (x64 - mean.astype(np.float64)[:, None])).sum(axis=(0, 2))
     np.testing.assert_allclose(sum_dy, dy64.sum(axis=(0, 2)), rtol=1e-5, atol=1e-3)
