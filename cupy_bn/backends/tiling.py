@@ -58,6 +58,8 @@ MIN_COLUMNS = 1 << 14
 #: Least number of columns when a periods block is summed down its columns: at most
 #: `BLOCK_ELEMENTS / MIN_SUM_COLUMNS` values are added in sequence per float32 accumulator.
 MIN_SUM_COLUMNS = 1 << 10
+#: Samples per block of an elementwise pass over channel groups.
+GROUP_SAMPLES = 8
 #: Rows at least this long are summed along the row rather than down the columns.
 ROW_SUMS_MIN = 64
 
@@ -187,9 +189,11 @@ class Plan:
                 self.blocks.append(Block(full_rows * self.cols, 1, tail * period, 0))
         elif s <= block_elements:
             self.kind = "groups"
-            groups = -(-period // (block_elements // 2 if coefficients else block_elements))
+            # an elementwise pass takes up to GROUP_SAMPLES samples of a narrower group per
+            # call: as many calls, smaller tiles
+            step = min(n, GROUP_SAMPLES) if coefficients else 1
+            groups = -(-period * step // block_elements)
             self.width = -(-c // groups)
-            # an elementwise pass takes several samples of a group per call (fewer calls)
             step = max(1, block_elements // (self.width * s)) if coefficients else 1
             for c0 in range(0, c, self.width):  # group by group, so a group's tile is reused
                 rows = min(self.width, c - c0)
