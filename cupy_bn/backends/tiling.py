@@ -25,16 +25,19 @@ A block is a run of the flat data seen as a 2-D matrix `(rows, cols)`. Three kin
   rows only, lines up with every block. Column sums see the block as rows of `sum_cols`.
 - **groups**: NCS when a sample is larger than a block: a block is a balanced group of one
   sample's channels (rows of `S` values); its coefficient tile is that group's rows of the
-  `(C, S)` pattern. An elementwise pass takes a group of several samples per block, a strided
-  `(samples, rows, S)` view over which the tile broadcasts.
+  `(C, S)` pattern. An elementwise pass cuts narrower groups and takes up to `GROUP_SAMPLES`
+  samples per block, a strided `(samples, rows, S)` view over which the tile broadcasts: as
+  many calls, and tiles small enough to stay in cache.
 - **segments**: NCS when one channel of one sample is larger than a block: a block is a
   balanced segment of one row and the coefficient is a scalar.
 
-Plans for elementwise passes (`coefficients=True`) keep patterns to half a block; plans for
-reductions, which have no patterns, use whole blocks. Per-channel sums of a block come out as
-a vector for its channels `c0 : c0 + width`; rows of `S >= ROW_SUMS_MIN` values are summed
-along the row (BLAS `gemv` or `einsum` with long inner loops), other blocks down the columns,
-then folded to channels. `Plan.total` adds the blocks' partial sums in float64.
+Plans for elementwise passes (`coefficients=True`) keep patterns to half a block or less;
+plans for reductions, which have no patterns, use whole blocks.
+
+Per-channel sums of a block come out as a vector for its channels `c0 : c0 + width`; rows of
+`S >= ROW_SUMS_MIN` values are summed along the row (BLAS `gemv` or `einsum` with long inner
+loops), other blocks down the columns, then folded to channels. `Plan.total` adds the
+blocks' partial sums in float64.
 """
 
 from __future__ import annotations
@@ -166,8 +169,8 @@ class Plan:
         """A plan for canonical data of `layout` and `shape` ((N, C, S) or (M, C)).
 
         `coefficients`: the pass multiplies by per-channel patterns, which must share the
-        cache with the block: a periods pattern may then fill at most half a block, and
-        groups are cut to half a block.
+        cache with the block: a periods pattern may then fill at most half a block, and a
+        group's tile a block's share of one of up to `GROUP_SAMPLES` samples.
         """
         self.channels = c = shape[1]
         s = shape[2] if layout == NCS else 1
