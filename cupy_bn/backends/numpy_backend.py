@@ -106,9 +106,11 @@ class NumpyBackend:
                 with np.errstate(invalid="ignore"):  # Inf - Inf: reported by the caller's check
                     np.subtract(a, k(block), out=centred)
                 a = centred
-            with np.errstate(over="ignore"):  # overflow: the centred pass takes over
-                squares = plan.dot_sums(a, a)  # einsum from memory, then BLAS on the
-            store(partials, i, plan.sums(a), squares)  # cached block: the faster order
+            # the einsum reads the block from memory, then BLAS sums it from cache: this order
+            # is the faster one. An overflowing x*x makes the caller take the centred pass.
+            with np.errstate(over="ignore"):
+                squares = plan.dot_sums(a, a)
+            store(partials, i, plan.sums(a), squares)
 
         plan.run(block_sums)
         n = x.count
