@@ -259,6 +259,41 @@ struct NcsCursor {
 
 // ------------------------------------------------------------------ backward pieces
 
+// Loads an unrolled group of U (dy, x) pairs into registers, the MC way: rows m, m + step,
+// ... of one column (`base` = m * C + c), lanes at or past row `end` set to zero.
+template <int U, typename T, typename Acc>
+__device__ __forceinline__ void load_mc_pairs(const T* dy, const T* x, long long base,
+                                              long long m, long long row_step, long long end,
+                                              long long C, Acc (&g)[U], Acc (&v)[U]) {
+#pragma unroll
+  for (int k = 0; k < U; ++k) {
+    g[k] = Acc(0);
+    v[k] = Acc(0);
+    if (m + k * row_step < end) {
+      g[k] = widen(dy[base + k * row_step * C]);
+      v[k] = widen(x[base + k * row_step * C]);
+    }
+  }
+}
+
+// The NCS way: tile elements i, i + step, ... at the cursor, which advances past each lane
+// loaded; lanes at or past `count` set to zero.
+template <int U, typename T, typename Acc>
+__device__ __forceinline__ void load_ncs_pairs(const T* dy, const T* x, int i, int step,
+                                               int count, NcsCursor& cur, Acc (&g)[U],
+                                               Acc (&v)[U]) {
+#pragma unroll
+  for (int k = 0; k < U; ++k) {
+    g[k] = Acc(0);
+    v[k] = Acc(0);
+    if (i + k * step < count) {
+      g[k] = widen(dy[cur.off]);
+      v[k] = widen(x[cur.off]);
+      cur.advance();
+    }
+  }
+}
+
 // Adds the valid lanes' dy and dy * (x - mu) of an unrolled group to the running sums, lane by
 // lane in order (lanes from `valid` on hold no data).
 template <int U, typename Acc>

@@ -182,15 +182,7 @@ bn_mc_reduce(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __res
     for (long long m = rows.first; m < rows.end; m += U * row_step) {
       const long long base = m * C + c;
       Acc g[U], v[U];
-#pragma unroll
-      for (int k = 0; k < U; ++k) {
-        g[k] = Acc(0);
-        v[k] = Acc(0);
-        if (m + k * row_step < rows.end) {
-          g[k] = bn::widen(dy[base + k * row_step * C]);
-          v[k] = bn::widen(x[base + k * row_step * C]);
-        }
-      }
+      bn::load_mc_pairs(dy, x, base, m, row_step, rows.end, static_cast<long long>(C), g, v);
       const long long left = (rows.end - m + row_step - 1) / row_step;
       bn::add_dy_xmu(g, v, mu, static_cast<int>(left < U ? left : U), sum_dy, sum_dy_xmu);
     }
@@ -252,15 +244,7 @@ bn_mc_backward(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __r
   for (long long m = rows.first; m < rows.end; m += U * row_step) {
     const long long base = m * C + c;
     Acc g[U], v[U];
-#pragma unroll
-    for (int k = 0; k < U; ++k) {
-      g[k] = Acc(0);
-      v[k] = Acc(0);
-      if (m + k * row_step < rows.end) {
-        g[k] = bn::widen(dy[base + k * row_step * C]);
-        v[k] = bn::widen(x[base + k * row_step * C]);
-      }
-    }
+    bn::load_mc_pairs(dy, x, base, m, row_step, rows.end, static_cast<long long>(C), g, v);
 #pragma unroll
     for (int k = 0; k < U; ++k)
       if (m + k * row_step < rows.end)

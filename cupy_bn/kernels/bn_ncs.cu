@@ -117,16 +117,7 @@ bn_ncs_reduce(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __re
   Acc sum_dy = Acc(0), sum_dy_xmu = Acc(0);
   for (int i = threadIdx.x; i < tile.count; i += U * step) {
     Acc g[U], v[U];
-#pragma unroll
-    for (int k = 0; k < U; ++k) {
-      g[k] = Acc(0);
-      v[k] = Acc(0);
-      if (i + k * step < tile.count) {
-        g[k] = bn::widen(dy[cur.off]);
-        v[k] = bn::widen(x[cur.off]);
-        cur.advance();
-      }
-    }
+    bn::load_ncs_pairs(dy, x, i, step, tile.count, cur, g, v);
     bn::add_dy_xmu(g, v, mu, (tile.count - i + step - 1) / step, sum_dy, sum_dy_xmu);
   }
   bn::block_sum2(sum_dy, sum_dy_xmu);
@@ -169,16 +160,7 @@ bn_ncs_backward(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __
   for (int i = threadIdx.x; i < tile.count; i += U * step) {
     bn::NcsCursor out = cur;
     Acc g[U], v[U];
-#pragma unroll
-    for (int k = 0; k < U; ++k) {
-      g[k] = Acc(0);
-      v[k] = Acc(0);
-      if (i + k * step < tile.count) {
-        g[k] = bn::widen(dy[cur.off]);
-        v[k] = bn::widen(x[cur.off]);
-        cur.advance();
-      }
-    }
+    bn::load_ncs_pairs(dy, x, i, step, tile.count, cur, g, v);
 #pragma unroll
     for (int k = 0; k < U; ++k) {
       if (i + k * step < tile.count) {
