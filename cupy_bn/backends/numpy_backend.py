@@ -21,14 +21,12 @@ import math
 import numpy as np
 
 from cupy_bn.backends.base import Array
-from cupy_bn.backends.tiling import BLOCK_ELEMENTS, Plan, plan_for, store, workspace
+from cupy_bn.backends.tiling import BLOCK_ELEMENTS, PAGE, Plan, plan_for, store, workspace
 from cupy_bn.dtypes import accumulation_dtype
 from cupy_bn.layout import View
 
 #: Channels whose |mean| exceeds this many standard deviations are summed centred.
 RAW_SUMS_MAX_OFFSET = 1.0
-
-_PAGE = 4096
 
 
 def empty_unaliased(shape: tuple[int, ...], dtype: np.dtype, *avoid: np.ndarray) -> np.ndarray:
@@ -42,12 +40,12 @@ def empty_unaliased(shape: tuple[int, ...], dtype: np.dtype, *avoid: np.ndarray)
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < BLOCK_ELEMENTS * 2 or not avoid:  # small: aliasing costs less than the search
         return np.empty(shape, dtype)
-    taken = sorted({a.__array_interface__["data"][0] % _PAGE for a in avoid})
-    gap, start = max(((later - t) % _PAGE or _PAGE, t)
+    taken = sorted({a.__array_interface__["data"][0] % PAGE for a in avoid})
+    gap, start = max(((later - t) % PAGE or PAGE, t)
                      for t, later in zip(taken, taken[1:] + taken[:1], strict=True))
-    raw = np.empty(nbytes + _PAGE, np.uint8)
+    raw = np.empty(nbytes + PAGE, np.uint8)
     target = (start + gap // 2) // 64 * 64  # cache-line aligned
-    offset = (target - raw.__array_interface__["data"][0]) % _PAGE
+    offset = (target - raw.__array_interface__["data"][0]) % PAGE
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 

@@ -66,7 +66,8 @@ GROUP_SAMPLES = 8
 #: Rows at least this long are summed along the row rather than down the columns.
 ROW_SUMS_MIN = 64
 
-_PAGE = 4096
+#: Bytes per memory page: buffers are placed by their offset within one.
+PAGE = 4096
 _local = threading.local()
 _tokens = itertools.count()
 
@@ -86,8 +87,8 @@ def workspace(slot: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     nbytes = math.prod(shape) * dtype.itemsize
     buf = buffers.get(slot)
     if buf is None or nbytes > buf.nbytes:
-        raw = np.empty(-(-nbytes // _PAGE) * _PAGE + _PAGE, np.uint8)
-        start = (-raw.ctypes.data + (2 * slot + 1) * _PAGE // 16) % _PAGE
+        raw = np.empty(-(-nbytes // PAGE) * PAGE + PAGE, np.uint8)
+        start = (-raw.ctypes.data + (2 * slot + 1) * PAGE // 16) % PAGE
         buf = buffers[slot] = raw[start:]
     return buf[:nbytes].view(dtype).reshape(shape)
 
