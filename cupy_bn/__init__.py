@@ -16,7 +16,7 @@ from cupy_bn.distributed import (
     convert_sync_batchnorm,
     sync_batch_norm,
 )
-from cupy_bn.fold import fold_conv_bn, fold_linear_bn, fold_state_dict
+from cupy_bn.fold import FoldError, fold_conv_bn, fold_linear_bn, fold_state_dict
 from cupy_bn.functional import SavedForBackward, batch_norm, batch_norm_backward
 from cupy_bn.gradcheck import gradcheck
 from cupy_bn.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -27,6 +27,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "FoldError",
     "RemoteFailure",
     "SavedForBackward",
     "SyncBatchNorm",

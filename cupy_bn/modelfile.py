@@ -3,7 +3,8 @@
 Loading never unpickles (`allow_pickle=False`): object arrays and pickled members are rejected
 with a `ModelFileError` naming the file and the member. Writing is atomic: the archive is built
 in a temporary file next to the target and renamed into place, so a reader never sees half a
-file and an interrupted write leaves the target untouched.
+file and an interrupted write leaves the target untouched. The file gets the mode any new file
+gets under the process umask (`0o666 & ~umask`), not the temporary file's 0600.
 """
 
 from __future__ import annotations
@@ -96,18 +97,32 @@ def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = False) -> I
         raise ModelFileError(f"{path}: directory {directory} does not exist")
     if path.exists() and not overwrite:
         raise ModelFileError(f"{path}: already exists (refusing to overwrite it)")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot write in {directory} ({e.strerror or e})") from None
     tmp = Path(tmp_name)
     try:
+        os.fchmod(fd, _umask_mode())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        _commit(tmp, path, overwrite)
+        try:
+            _commit(tmp, path, overwrite)
+        except OSError as e:
+            raise ModelFileError(f"{path}: cannot write ({e.strerror or e})") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def _umask_mode() -> int:
+    """The mode `open()` gives a new file: `0o666` less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _commit(tmp: Path, path: Path, overwrite: bool) -> None:

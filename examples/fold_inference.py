@@ -2,7 +2,9 @@
 
 A small conv net (conv-BN-ReLU-pool twice, then dense-BN-ReLU and the output layer) is
 trained, exported as a PyTorch-style state dict (`features.0.weight`, `features.1.running_mean`,
-... in an .npz, as `np.savez(path, **model.state_dict())` writes it), and folded with
+... in an .npz, as `np.savez(path, **model.state_dict())` writes it) together with the fold
+record, the network's own list of which layer feeds which batch norm
+(`cupy_bn.fold.FOLD_RECORD_KEY`; a state dict alone holds no graph), and folded with
 
     cupy-bn fold model.npz -o model.folded.npz
 
@@ -50,6 +52,7 @@ from training import (
 )
 
 import cupy_bn as cbn
+from cupy_bn.fold import FOLD_RECORD_KEY, PairStatement, fold_record
 
 
 def build_convnet(image_shape: tuple[int, int, int], classes: int, seed: int,
@@ -81,9 +84,14 @@ def build_convnet(image_shape: tuple[int, int, int], classes: int, seed: int,
     return Named(features=features, classifier=classifier)
 
 
-def save_state_dict(path: Path, state: dict) -> Path:
-    """An .npz of NumPy arrays under the state dict's names (what PyTorch users export)."""
+def save_model(path: Path, model: Named) -> Path:
+    """An .npz of NumPy arrays under the state dict's names (what PyTorch users export), with
+    the fold record of the model's (layer, batch norm) pairs, so that `cupy-bn fold` needs no
+    options."""
+    state = model.state_dict()
     arrays = {k: np.asarray(v.get() if hasattr(v, "get") else v) for k, v in state.items()}
+    arrays[FOLD_RECORD_KEY] = fold_record(
+        PairStatement(layer, bn_name, eps=bn.eps) for layer, bn_name, bn in model.fold_pairs())
     return write_atomic(path, lambda f: np.savez(f, **arrays), mode="wb")
 
 
@@ -141,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     train_seconds = time.perf_counter() - start
 
     out = args.out
-    model_path = save_state_dict(out / "model.npz", model.state_dict())
+    model_path = save_model(out / "model.npz", model)
     folded_path = out / "model.folded.npz"
     fold_report = run_fold(model_path, folded_path)
     with np.load(folded_path, allow_pickle=False) as archive:
@@ -169,19 +177,20 @@ def main(argv: list[str] | None = None) -> int:
         "speedup": timing["with batch norm"]["median_s"] / timing["folded"]["median_s"],
     }
 
+    pair_columns = ["layer", "batch norm", "kind", "channels", "bias created", "pair",
+                    "algebra max abs err"]
+    pair_rows = [[p["layer"], p["bn"], p["kind"], p["channels"],
+                  "yes" if p["created_bias"] else "no", p["established"],
+                  "-" if p["algebra_max_abs_error"] is None
+                  else f"{p['algebra_max_abs_error']:.1e}"]
+                 for p in fold_report["pairs"]]
     table = Table(title="cupy-bn fold")
-    for column in ("layer", "batch norm", "kind", "channels", "bias created", "max abs err"):
+    for column in pair_columns:
         table.add_column(column)
-    for p in fold_report["pairs"]:
-        err = p["max_abs_error"]
-        table.add_row(p["layer"], p["bn"], p["kind"], str(p["channels"]),
-                      "yes" if p["created_bias"] else "no", "-" if err is None else f"{err:.1e}")
+    for row in pair_rows:
+        table.add_row(*map(str, row))
     console.print(table)
 
-    pair_rows = [[p["layer"], p["bn"], p["kind"], p["channels"],
-                  "yes" if p["created_bias"] else "no",
-                  "-" if p["max_abs_error"] is None else f"{p['max_abs_error']:.1e}"]
-                 for p in fold_report["pairs"]]
     n_images = len(y_test)
     report = (
         f"# Experiment 3: folding batch norm for inference\n\n"
@@ -193,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                          [[h["epoch"], f"{h['train_loss']:.3f}", f"{100 * h['val_accuracy']:.1f}%"]
                           for h in history])
         + "\n"
-        + markdown_table(["layer", "batch norm", "kind", "channels", "bias created",
-                          "fold check: max abs error"], pair_rows)
+        + markdown_table(pair_columns, pair_rows)
         + "\n"
         + markdown_table(
             ["network", "test accuracy", "inference on the test set (median)", "min"],

@@ -330,14 +330,28 @@ class Sequential(Layer):
             layer.to(xp)
         return self
 
+    def child_names(self, prefix: str = "") -> list[str]:
+        """The state-dict names of the direct children: their indices, as in PyTorch."""
+        return [f"{prefix}{i}" for i in range(len(self.layers))]
+
     def named_layers(self, prefix: str = "") -> Iterator[tuple[str, Any]]:
         """(dotted name, leaf layer) for every layer, nested containers flattened."""
-        for i, layer in enumerate(self.layers):
-            name = f"{prefix}{i}"
+        for name, layer in zip(self.child_names(prefix), self.layers, strict=True):
             if isinstance(layer, Sequential):
                 yield from layer.named_layers(name + ".")
             else:
                 yield name, layer
+
+    def fold_pairs(self, prefix: str = "") -> Iterator[tuple[str, str, Any]]:
+        """(layer name, batch-norm name, batch norm) for each Conv2d/Dense whose output goes
+        straight into a batch norm: the pairs `cupy-bn fold` may fold, known from the graph."""
+        names = self.child_names(prefix)
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, Sequential):
+                yield from layer.fold_pairs(names[i] + ".")
+            elif (i and "running_mean" in getattr(layer, "buffers", {})
+                  and isinstance(self.layers[i - 1], (Conv2d, Dense))):
+                yield names[i - 1], names[i], layer
 
     def parameters(self) -> Iterator[tuple[Array, Array]]:
         """(parameter, gradient) pairs of every layer, as live arrays."""
@@ -368,9 +382,8 @@ class Named(Sequential):
         super().__init__(*parts.values())
         self.names = list(parts)
 
-    def named_layers(self, prefix: str = "") -> Iterator[tuple[str, Any]]:
-        for name, part in zip(self.names, self.layers, strict=True):
-            yield from part.named_layers(f"{prefix}{name}.")
+    def child_names(self, prefix: str = "") -> list[str]:
+        return [f"{prefix}{name}" for name in self.names]
 
 
 # ------------------------------------------------------------------------------------------

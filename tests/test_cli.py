@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 import types
 
@@ -15,6 +16,7 @@ from fold_models import LAYERS, Layer, bn_state, layer_apply, layer_state, origi
 import cupy_bn
 from cupy_bn.backends import cupy_usable
 from cupy_bn.cli import main
+from cupy_bn.fold import FOLD_RECORD_KEY, PairStatement, fold_record
 
 
 def run(*args: str):
@@ -102,26 +104,26 @@ def test_info_survives_a_failing_toolchain_probe(monkeypatch):
 # fold
 
 
-def _write_model(path, *, orphan=False, rng=None, transposed=False):
+def _write_model(path, *, orphan=False, rng=None, transposed=False, record=False):
+    """`features.0 -> .1` is proven and certain; `features.3 -> .4` is proven, but its
+    depthwise weight (8, 1, 3, 3) also fits a ConvTranspose; `up -> up_bn` is unproven."""
     rng = rng or np.random.default_rng(0)
     state = layer_state("features.0", LAYERS["conv2d"], rng)
     state |= bn_state("features.1", 8, rng)
-    state |= layer_state(
-        "features.3", LAYERS["conv2d_depthwise"].__class__("conv", 8, 8, (3, 3), groups=8), rng
-    )
+    state |= layer_state("features.3", Layer("conv", 8, 8, (3, 3), groups=8), rng)
     state |= bn_state("features.4", 8, rng, affine=False)
     if transposed:
         state |= layer_state(
-            "up",
-            LAYERS["conv_transpose2d_groups"].__class__(
-                "conv_transpose", 8, 6, (2, 2), groups=2, bias=False
-            ),
-            rng,
+            "up", Layer("conv_transpose", 8, 6, (2, 2), groups=2, bias=False), rng
         )
         state |= bn_state("up_bn", 6, rng)
     if orphan:
         state |= bn_state("head.norm", 5, rng)
     state |= layer_state("classifier", Layer("linear", 8, 3), rng)
+    if record:
+        state[FOLD_RECORD_KEY] = fold_record(
+            [PairStatement("features.0", "features.1"), PairStatement("features.3", "features.4")]
+        )
     np.savez(path, **state)
     return state
 
@@ -129,16 +131,18 @@ def _write_model(path, *, orphan=False, rng=None, transposed=False):
 def test_fold_writes_the_default_output_and_reports_pairs(tmp_path):
     model = tmp_path / "net.npz"
     state = _write_model(model)
-    result = run("fold", model, "--json")
+    result = run("fold", model, "--assume-sequential", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     out = tmp_path / "net.folded.npz"
     assert report["output"] == str(out) and report["written"] and report["ok"]
-    assert [(p["layer"], p["bn"]) for p in report["pairs"]] == [
-        ("features.0", "features.1"),
-        ("features.3", "features.4"),
+    assert [(p["layer"], p["bn"], p["established"]) for p in report["pairs"]] == [
+        ("features.0", "features.1", "proven"),
+        ("features.3", "features.4", "proven"),
     ]
-    assert all(p["ok"] and p["max_abs_error"] < 1e-4 for p in report["pairs"])
+    assert report["pairs"][0]["assumption"] is None
+    assert "ConvTranspose with groups=8" in report["pairs"][1]["assumption"]
+    assert all(p["algebra_ok"] and p["algebra_max_abs_error"] < 1e-4 for p in report["pairs"])
     with np.load(out, allow_pickle=False) as z:
         folded = {k: z[k] for k in z.files}
     assert list(folded) == [
@@ -158,12 +162,63 @@ def test_fold_writes_the_default_output_and_reports_pairs(tmp_path):
     )
 
 
+def test_fold_refuses_unproven_pairs_and_lists_the_proposals(tmp_path):
+    model = tmp_path / "net.npz"
+    _write_model(model, transposed=True)
+    result = run("fold", model)
+    assert result.exit_code == 2, result.output
+    assert not (tmp_path / "net.folded.npz").exists()
+    assert "nothing written" in result.stderr
+    assert "features.4: follows 'features.3', but its weight (8, 1, 3, 3)" in result.stderr
+    assert "[--pair features.3=features.4]" in result.stderr
+    assert "up_bn: nothing in the file shows what feeds it [--pair up=up_bn]" in result.stderr
+    assert "--assume-sequential" in result.stderr and "--keep-unpaired" in result.stderr
+    assert "Traceback" not in result.output
+
+    result = run("fold", model, "--json")
+    assert result.exit_code == 2
+    refusal = json.loads(result.stdout)
+    assert refusal["written"] is False
+    assert [(u["bn"], u["would_pair_with"]) for u in refusal["unresolved"]] == [
+        ("features.4", "features.3"),
+        ("up_bn", "up"),
+    ]
+
+
+def test_fold_keeps_what_it_cannot_prove_when_asked(tmp_path):
+    model = tmp_path / "net.npz"
+    _write_model(model, transposed=True)
+    result = run("fold", model, "--keep-unpaired", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [p["layer"] for p in report["pairs"]] == ["features.0"]
+    assert [k["bn"] for k in report["kept"]] == ["features.4", "up_bn"]
+    with np.load(tmp_path / "net.folded.npz") as z:
+        assert "features.4.running_var" in z.files and "up_bn.running_var" in z.files
+
+
+def test_fold_follows_the_record_in_the_file_without_options(tmp_path):
+    model = tmp_path / "net.npz"
+    _write_model(model, record=True)
+    result = run("fold", model, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [(p["layer"], p["established"]) for p in report["pairs"]] == [
+        ("features.0", "recorded"),
+        ("features.3", "recorded"),
+    ]
+    with np.load(tmp_path / "net.folded.npz") as z:
+        assert FOLD_RECORD_KEY not in z.files
+
+
 def test_fold_table_for_humans(tmp_path):
     model = tmp_path / "net.npz"
     _write_model(model)
-    result = run("fold", model, "-o", tmp_path / "out.npz")
+    result = run("fold", model, "--assume-sequential", "-o", tmp_path / "out.npz")
     assert result.exit_code == 0, result.output
-    assert "features.0" in result.stdout and "ok" in result.stdout
+    assert "features.0" in result.stdout and "proven" in result.stdout
+    assert "conv2d (assumed)" in result.stdout and "assumed for features.3" in result.stdout
+    assert "not that the pair is in the model" in result.stdout
     assert "Folded 2 batch norm(s)" in result.stdout
     assert (tmp_path / "out.npz").exists()
 
@@ -171,11 +226,14 @@ def test_fold_table_for_humans(tmp_path):
 def test_fold_transpose_groups_and_explicit_pairs(tmp_path):
     model = tmp_path / "net.npz"
     _write_model(model, transposed=True)
-    result = run("fold", model, "--transpose", "up", "--groups", "up=2", "--json")
+    result = run(
+        "fold", model, "--transpose", "up", "--groups", "up=2", "--assume-sequential", "--json"
+    )
     assert result.exit_code == 0, result.output
     pairs = {p["layer"]: p for p in json.loads(result.stdout)["pairs"]}
     assert pairs["up"]["kind"] == "conv_transpose2d" and pairs["up"]["groups"] == 2
-    assert pairs["up"]["ok"]
+    assert pairs["up"]["established"] == "confirmed" and pairs["up"]["assumption"] is None
+    assert pairs["up"]["algebra_ok"]
 
     result = run(
         "fold",
@@ -191,25 +249,27 @@ def test_fold_transpose_groups_and_explicit_pairs(tmp_path):
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert ("features.3", "features.1", True) in [
-        (p["layer"], p["bn"], p["explicit"]) for p in report["pairs"]
+    assert ("features.3", "features.1", "explicit") in [
+        (p["layer"], p["bn"], p["established"]) for p in report["pairs"]
     ]
-    assert "features.4" in report["unpaired"]  # its nearest layer is taken
+    assert [k["bn"] for k in report["kept"]] == ["features.4", "up_bn"]
 
 
 def test_fold_no_verify_skips_the_check(tmp_path):
     model = tmp_path / "net.npz"
-    _write_model(model)
+    _write_model(model, record=True)
     result = run("fold", model, "--no-verify", "--json")
     assert result.exit_code == 0
     report = json.loads(result.stdout)
     assert report["verified"] is False
-    assert all(p["max_abs_error"] is None and p["ok"] is None for p in report["pairs"])
+    assert all(
+        p["algebra_max_abs_error"] is None and p["algebra_ok"] is None for p in report["pairs"]
+    )
 
 
 def test_fold_refuses_an_existing_output_unless_forced(tmp_path):
     model = tmp_path / "net.npz"
-    _write_model(model)
+    _write_model(model, record=True)
     out = tmp_path / "net.folded.npz"
     out.write_bytes(b"keep me")
     assert_user_error(run("fold", model), "already exists", "--force")
@@ -220,9 +280,35 @@ def test_fold_refuses_an_existing_output_unless_forced(tmp_path):
         assert "features.0.bias" in z.files
 
 
+def test_fold_output_takes_the_umask_mode(tmp_path):
+    model = tmp_path / "net.npz"
+    _write_model(model, record=True)
+    old = os.umask(0o027)
+    try:
+        result = run("fold", model, "-o", tmp_path / "a.npz")
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE((tmp_path / "a.npz").stat().st_mode) == 0o640
+
+
+def test_fold_into_a_read_only_directory_names_the_output(tmp_path, monkeypatch):
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".out.npz.x1y2.tmp"))
+
+    model = tmp_path / "net.npz"
+    _write_model(model, record=True)
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)  # what a read-only directory does
+    result = run("fold", model, "-o", tmp_path / "out.npz")
+    assert_user_error(result, f"{tmp_path / 'out.npz'}: cannot write", "Permission denied")
+    assert ".tmp" not in result.stderr
+
+
 def test_fold_never_writes_over_its_input(tmp_path):
     model = tmp_path / "net.npz"
-    _write_model(model)
+    _write_model(model, record=True)
     before = model.read_bytes()
     assert_user_error(run("fold", model, "-o", model, "--force"), "is the input model")
     link = tmp_path / "alias.npz"
@@ -257,29 +343,30 @@ def test_fold_rejects_pickled_npz(tmp_path):
 
 def test_fold_names_the_orphan_batch_norm(tmp_path):
     model = tmp_path / "net.npz"
-    _write_model(model, orphan=True)
-    assert_user_error(run("fold", model), "head.norm")
+    _write_model(model, orphan=True, record=True)
+    result = run("fold", model)
+    assert result.exit_code == 2 and "head.norm" in result.stderr
     assert not (tmp_path / "net.folded.npz").exists()
     result = run("fold", model, "--keep-unpaired", "--json")
     assert result.exit_code == 0
     report = json.loads(result.stdout)
-    assert report["unpaired"] == ["head.norm"]
+    assert [k["bn"] for k in report["kept"]] == ["head.norm"]
     with np.load(tmp_path / "net.folded.npz") as z:
         assert "head.norm.running_var" in z.files
 
 
 def test_fold_rejects_bad_statistics(tmp_path):
     rng = np.random.default_rng(2)
-    state = layer_state("c", Layer("conv", 2, 3, (1, 1)), rng) | bn_state("bn", 3, rng)
-    state["bn.running_var"][1] = -0.5
+    state = layer_state("c.0", Layer("conv", 2, 3, (1, 1)), rng) | bn_state("c.1", 3, rng)
+    state["c.1.running_var"][1] = -0.5
     np.savez(tmp_path / "neg.npz", **state)
-    assert_user_error(run("fold", tmp_path / "neg.npz"), "bn.running_var", "negative")
-    state["bn.running_var"][1] = np.inf
+    assert_user_error(run("fold", tmp_path / "neg.npz"), "c.1.running_var", "negative")
+    state["c.1.running_var"][1] = np.inf
     np.savez(tmp_path / "inf.npz", **state)
-    assert_user_error(run("fold", tmp_path / "inf.npz"), "bn.running_var", "non-finite")
-    state["bn.running_var"] = np.ones(4, np.float32)
+    assert_user_error(run("fold", tmp_path / "inf.npz"), "c.1.running_var", "non-finite")
+    state["c.1.running_var"] = np.ones(4, np.float32)
     np.savez(tmp_path / "shape.npz", **state)
-    assert_user_error(run("fold", tmp_path / "shape.npz"), "bn.running_var", "shape")
+    assert_user_error(run("fold", tmp_path / "shape.npz"), "c.1.running_var", "shape")
 
 
 @pytest.mark.parametrize(
@@ -291,17 +378,18 @@ def test_fold_rejects_bad_statistics(tmp_path):
         (["--transpose", "classifier"], "rank-2 weight"),
         (["--transpose", "nothing"], "'nothing'"),
         (["--eps", "0"], "eps"),
+        (["--tolerance", "1e-3"], "--tolerance: applies to ONNX"),
     ],
 )
 def test_fold_bad_options(tmp_path, args, fragment):
     model = tmp_path / "net.npz"
-    _write_model(model)
+    _write_model(model, record=True)
     assert_user_error(run("fold", model, *args), fragment)
 
 
 def test_fold_output_directory_must_exist(tmp_path):
     model = tmp_path / "net.npz"
-    _write_model(model)
+    _write_model(model, record=True)
     assert_user_error(run("fold", model, "-o", tmp_path / "no" / "out.npz"), "does not exist")
 
 
@@ -311,23 +399,23 @@ def test_fold_usage_error_exits_2():
 
 
 def test_fold_check_failure_exits_1_and_writes_nothing(tmp_path, monkeypatch):
-    import cupy_bn.fold as fold_module
+    import cupy_bn.fold as fold_package
 
-    real = fold_module.fold_state_dict
+    real = fold_package.fold_state_dict
 
     def wrong(*args, **kwargs):
         folded, report = real(*args, **kwargs)
         folded["features.0.weight"] = folded["features.0.weight"] * np.float32(1.01)
         return folded, report
 
-    monkeypatch.setattr(fold_module, "fold_state_dict", wrong)
+    monkeypatch.setattr(fold_package, "fold_state_dict", wrong)
     model = tmp_path / "net.npz"
-    _write_model(model)
+    _write_model(model, record=True)
     result = run("fold", model, "--json")
     assert_user_error(result, "fold check failed", "features.0", code=1)
     report = json.loads(result.stdout)
     assert report["ok"] is False and report["written"] is False
-    assert [p["ok"] for p in report["pairs"]] == [False, True]
+    assert [p["algebra_ok"] for p in report["pairs"]] == [False, True]
     assert not (tmp_path / "net.folded.npz").exists()
 
 

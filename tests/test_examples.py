@@ -217,10 +217,11 @@ def test_convnet_state_dict_names_fold_into_the_bn_free_network():
     assert list(state)[:6] == ["features.0.weight", "features.1.weight", "features.1.bias",
                                "features.1.running_mean", "features.1.running_var",
                                "features.1.num_batches_tracked"]
-    folded, report = fold_state_dict(state)
-    assert [(p.layer, p.bn) for p in report.pairs] == [
-        ("features.0", "features.1"), ("features.4", "features.5"),
-        ("classifier.1", "classifier.2")]
+    pairs = [(layer, bn) for layer, bn, _ in model.fold_pairs()]
+    assert pairs == [("features.0", "features.1"), ("features.4", "features.5"),
+                     ("classifier.1", "classifier.2")]
+    folded, report = fold_state_dict(state, pairs=pairs)
+    assert [(p.layer, p.bn) for p in report.pairs] == pairs
     folded_model = build_convnet((1, 8, 8), 10, seed=0, folded=True)
     folded_model.load_state_dict(folded)
     model.eval()

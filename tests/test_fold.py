@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import stat
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -18,8 +22,19 @@ from fold_models import (
     random_input,
 )
 
-from cupy_bn.fold import FoldDtypeError, FoldError, fold_conv_bn, fold_linear_bn, fold_state_dict
-from cupy_bn.foldcheck import verify_fold
+from cupy_bn.fold import (
+    FOLD_RECORD_KEY,
+    FoldDtypeError,
+    FoldError,
+    PairStatement,
+    UnresolvedPairsError,
+    fold_conv_bn,
+    fold_linear_bn,
+    fold_record,
+    fold_state_dict,
+    read_fold_record,
+)
+from cupy_bn.fold.check import verify_fold
 from cupy_bn.modelfile import ModelFileError, atomic_output, load_npz, save_npz
 
 
@@ -41,10 +56,10 @@ def _tol(dtype) -> float:
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_folded_layer_matches_layer_then_bn(name, affine):
     layer = LAYERS[name]
-    rng = np.random.default_rng(abs(hash((name, affine))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(f"{name}-{affine}".encode()))
     state = _model(layer, rng, affine=affine)
     transpose = ["block.0"] if layer.kind == "conv_transpose" else []
-    folded, report = fold_state_dict(state, transpose=transpose)
+    folded, report = fold_state_dict(state, pairs={"block.0": "block.1"}, transpose=transpose)
 
     assert [(p.layer, p.bn) for p in report.pairs] == [("block.0", "block.1")]
     assert report.pairs[0].created_bias == (not layer.bias)
@@ -176,8 +191,10 @@ def test_pytorch_model_export_folds_exactly():
                     m.bias.uniform_(-1, 1)
     model.eval()
     state = {k: v.numpy() for k, v in model.state_dict().items()}
-    folded, report = fold_state_dict(state, transpose=["5"])
+    folded, report = fold_state_dict(state, transpose=["5"], assume_sequential=True)
     assert [(p.layer, p.bn) for p in report.pairs] == [("0", "1"), ("3", "4"), ("5", "6")]
+    assert [p.established for p in report.pairs] == ["proven"] * 3
+    assert [p.assumption is not None for p in report.pairs] == [False, True, False]
     fused = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3),
         torch.nn.ReLU(),
@@ -218,12 +235,12 @@ def test_two_blocks_pair_in_order_and_keep_everything_else():
     rng = np.random.default_rng(5)
     state = _two_blocks(rng)
     snapshot = {k: v.copy() for k, v in state.items()}
-    folded, report = fold_state_dict(state)
-    assert [(p.layer, p.bn) for p in report.pairs] == [
-        ("conv1", "bn1"),
-        ("layer1.0.conv1", "layer1.0.bn1"),
-        ("layer1.0.conv2", "layer1.0.bn2"),
-        ("layer1.0.downsample.0", "layer1.0.downsample.1"),
+    folded, report = fold_state_dict(state, assume_sequential=True)
+    assert [(p.layer, p.bn, p.established) for p in report.pairs] == [
+        ("conv1", "bn1", "confirmed"),
+        ("layer1.0.conv1", "layer1.0.bn1", "confirmed"),
+        ("layer1.0.conv2", "layer1.0.bn2", "confirmed"),
+        ("layer1.0.downsample.0", "layer1.0.downsample.1", "proven"),
     ]
     assert list(folded) == [
         "conv1.weight",
@@ -252,24 +269,95 @@ def test_two_blocks_pair_in_order_and_keep_everything_else():
     assert all(check.ok for check in verify_fold(state, folded, report))
 
 
-def test_pairing_skips_layers_with_other_channel_counts():
+def test_without_a_statement_only_consecutive_indices_pair():
+    rng = np.random.default_rng(6)
+    state = _two_blocks(rng)
+    with pytest.raises(UnresolvedPairsError) as caught:
+        fold_state_dict(state)
+    proposals = {u.bn: u.candidate for u in caught.value.unresolved}
+    assert proposals == {
+        "bn1": "conv1",
+        "layer1.0.bn1": "layer1.0.conv1",
+        "layer1.0.bn2": "layer1.0.conv2",
+        "layer1.0.downsample.1": "layer1.0.downsample.0",
+    }
+    assert "would pair with 'conv1'" in str(caught.value)
+    # downsample.0 -> downsample.1 is proven adjacent, but (16, 8, 1, 1) also fits a
+    # ConvTranspose with groups=2: its kind has to be stated
+    (downsample,) = [u for u in caught.value.unresolved if u.bn == "layer1.0.downsample.1"]
+    assert "follows 'layer1.0.downsample.0'" in downsample.reason
+    folded, report = fold_state_dict(state, keep_unpaired=True)
+    assert report.pairs == [] and list(folded) == list(state)
+    folded, report = fold_state_dict(
+        state, keep_unpaired=True, pairs={"layer1.0.downsample.0": "layer1.0.downsample.1"}
+    )
+    assert [(p.layer, p.established) for p in report.pairs] == [
+        ("layer1.0.downsample.0", "explicit")
+    ]
+    assert [k.bn for k in report.kept] == ["bn1", "layer1.0.bn1", "layer1.0.bn2"]
+
+
+@pytest.mark.parametrize(
+    ("layer", "bn", "proven"),
+    [
+        ("features.3", "features.4", True),
+        ("3", "4", True),
+        ("features.3", "features.5", False),  # an activation between takes index 4
+        ("features.0.3", "features.1.0", False),  # different containers
+        ("features.09", "features.10", False),  # not PyTorch's numbering
+        ("conv", "bn", False),
+    ],
+)
+def test_proof_is_consecutive_indices_of_one_container(layer, bn, proven):
+    rng = np.random.default_rng(14)
+    state = layer_state(layer, Layer("conv", 3, 8, (3, 3)), rng) | bn_state(bn, 8, rng)
+    folded, report = fold_state_dict(state, keep_unpaired=True)
+    assert [p.layer for p in report.pairs] == ([layer] if proven else [])
+    assert [k.bn for k in report.kept] == ([] if proven else [bn])
+
+
+def test_proven_neighbour_with_an_ambiguous_weight_needs_its_kind():
+    rng = np.random.default_rng(15)
+    state = layer_state("up.0", Layer("conv_transpose", 8, 8, (2, 2), groups=2), rng)
+    state |= bn_state("up.1", 8, rng)
+    with pytest.raises(UnresolvedPairsError, match="ConvTranspose with groups=2"):
+        fold_state_dict(state)
+    _, report = fold_state_dict(state, transpose=["up.0"])
+    assert [(p.kind, p.groups, p.established, p.assumption) for p in report.pairs] == [
+        ("conv_transpose2d", 2, "proven", None)
+    ]
+    _, report = fold_state_dict(state, pairs={"up.0": "up.1"})
+    assert report.pairs[0].kind == "conv2d" and "ConvTranspose" in report.pairs[0].assumption
+
+
+def test_a_weight_that_fits_only_a_conv_transpose_is_one():
+    rng = np.random.default_rng(16)
+    state = layer_state("net.0", Layer("conv_transpose", 8, 6, (2, 2)), rng)  # (8, 6, 2, 2)
+    state |= bn_state("net.1", 6, rng)
+    _, report = fold_state_dict(state)
+    assert [(p.kind, p.groups, p.assumption) for p in report.pairs] == [
+        ("conv_transpose2d", 1, None)
+    ]
+
+
+def test_confirmed_key_order_takes_the_module_just_before():
     rng = np.random.default_rng(6)
     state = layer_state("a", Layer("conv", 3, 8, (1, 1)), rng)
-    state |= layer_state("proj", Layer("linear", 8, 5), rng)  # in between, 5 outputs
+    state |= layer_state("proj", Layer("linear", 8, 5), rng)  # just before, 5 outputs
     state |= bn_state("bn", 8, rng)
-    _, report = fold_state_dict(state)
-    assert [(p.layer, p.bn) for p in report.pairs] == [("a", "bn")]
+    with pytest.raises(UnresolvedPairsError, match=r"'proj' \(weight \(5, 8\)\) does not"):
+        fold_state_dict(state, assume_sequential=True)
 
 
-def test_explicit_pair_overrides_the_rule():
+def test_explicit_pair_overrides_the_key_order():
     rng = np.random.default_rng(7)
     state = layer_state("a", Layer("conv", 3, 8, (1, 1)), rng)
     state |= layer_state("b", Layer("conv", 8, 8, (1, 1)), rng)
     state |= bn_state("bn", 8, rng)
-    _, auto = fold_state_dict(state, keep_unpaired=True)
-    assert [(p.layer, p.explicit) for p in auto.pairs] == [("b", False)]
+    _, auto = fold_state_dict(state, assume_sequential=True)
+    assert [(p.layer, p.established) for p in auto.pairs] == [("b", "confirmed")]
     folded, report = fold_state_dict(state, pairs={"a": "bn"})
-    assert [(p.layer, p.bn, p.explicit) for p in report.pairs] == [("a", "bn", True)]
+    assert [(p.layer, p.bn, p.established) for p in report.pairs] == [("a", "bn", "explicit")]
     assert folded["b.weight"] is state["b.weight"]
 
 
@@ -277,10 +365,10 @@ def test_orphan_batch_norm_is_named_unless_kept():
     rng = np.random.default_rng(8)
     state = bn_state("features.norm0", 4, rng)  # nothing before it
     state |= layer_state("features.conv0", Layer("conv", 4, 6, (3, 3)), rng)
-    with pytest.raises(FoldError, match="features.norm0"):
-        fold_state_dict(state)
-    folded, report = fold_state_dict(state, keep_unpaired=True)
-    assert report.unpaired == ["features.norm0"] and report.pairs == []
+    with pytest.raises(FoldError, match="features.norm0.*no module comes before it"):
+        fold_state_dict(state, assume_sequential=True)
+    folded, report = fold_state_dict(state, keep_unpaired=True, assume_sequential=True)
+    assert [k.bn for k in report.kept] == ["features.norm0"] and report.pairs == []
     assert list(folded) == list(state)
 
 
@@ -289,18 +377,103 @@ def test_second_batch_norm_after_a_paired_layer_is_unpaired():
     state = layer_state("conv", Layer("conv", 3, 4, (1, 1)), rng)
     state |= bn_state("bn_a", 4, rng)
     state |= bn_state("bn_b", 4, rng)
-    with pytest.raises(FoldError, match=r"bn_b.*already has batch norm 'bn_a'"):
-        fold_state_dict(state)
-    folded, report = fold_state_dict(state, keep_unpaired=True)
-    assert report.unpaired == ["bn_b"]
+    with pytest.raises(FoldError, match=r"bn_b.*the module before it, 'bn_a', is a batch norm"):
+        fold_state_dict(state, assume_sequential=True)
+    folded, report = fold_state_dict(state, keep_unpaired=True, assume_sequential=True)
+    assert [k.bn for k in report.kept] == ["bn_b"]
     assert "bn_b.running_var" in folded and "bn_a.running_var" not in folded
+
+
+def test_statements_that_contradict_each_other_or_the_weights_are_errors():
+    rng = np.random.default_rng(17)
+    state = layer_state("a", Layer("conv", 3, 8, (1, 1)), rng)
+    state |= bn_state("bn1", 8, rng) | bn_state("bn2", 8, rng)
+    with pytest.raises(FoldError, match="layer 'a' is paired with two batch norms"):
+        fold_state_dict(state, pairs=[("a", "bn1"), ("a", "bn2")])
+    with pytest.raises(FoldError, match="batch norm 'bn1' is paired twice"):
+        fold_state_dict(state, pairs=[("a", "bn1"), ("a", "bn1")])
+    with pytest.raises(FoldError, match="as a ConvTranspose"):
+        fold_state_dict(state, pairs={"a": "bn1"}, transpose=["a"], keep_unpaired=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fold record a model file may carry
+
+
+def test_recorded_pairs_fold_without_options_and_leave_no_record():
+    rng = np.random.default_rng(18)
+    state = layer_state("enc", Layer("conv", 4, 8, (3, 3), bias=False), rng)
+    state |= bn_state("enc_bn", 8, rng)
+    state |= layer_state("up", Layer("conv_transpose", 8, 8, (2, 2), groups=2), rng)
+    state |= bn_state("up_bn", 8, rng)
+    state[FOLD_RECORD_KEY] = fold_record(
+        [
+            PairStatement("enc", "enc_bn", eps=1e-3),
+            PairStatement("up", "up_bn", transpose=True, groups=2),
+        ]
+    )
+    folded, report = fold_state_dict(state)
+    assert [(p.layer, p.established, p.kind, p.groups, p.eps) for p in report.pairs] == [
+        ("enc", "recorded", "conv2d", 1, 1e-3),
+        ("up", "recorded", "conv_transpose2d", 2, 1e-5),
+    ]
+    assert FOLD_RECORD_KEY not in folded
+    layer = Layer("conv_transpose", 8, 8, (2, 2), groups=2)
+    x = random_input(layer, rng)
+    np.testing.assert_allclose(
+        folded_output(folded, layer, "up", x),
+        original_output(state, layer, "up", "up_bn", x),
+        atol=1e-4,
+    )
+    enc = Layer("conv", 4, 8, (3, 3))
+    x = random_input(enc, rng)
+    np.testing.assert_allclose(
+        folded_output(folded, enc, "enc", x),
+        original_output(state, enc, "enc", "enc_bn", x, eps=1e-3),
+        atol=1e-4,
+    )
+
+
+def test_record_survives_an_npz_round_trip_without_pickle(tmp_path):
+    record = fold_record([PairStatement("a", "b", transpose=True, groups=3, eps=0.001)])
+    np.savez(tmp_path / "m.npz", **{FOLD_RECORD_KEY: record, "a.weight": np.ones((3, 1, 1))})
+    with np.load(tmp_path / "m.npz", allow_pickle=False) as archive:
+        assert read_fold_record(archive[FOLD_RECORD_KEY]) == [
+            PairStatement("a", "b", transpose=True, groups=3, eps=0.001)
+        ]
+    assert json.loads(str(record))["format"] == "cupy-bn.fold-pairs/1"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (np.array([1.0]), "0-d unicode string"),
+        (np.array("not json"), "not valid JSON"),
+        (np.array('{"pairs": []}'), "format"),
+        (np.array('{"format": "cupy-bn.fold-pairs/1", "pairs": [{"layer": 1}]}'), "strings"),
+        (
+            np.array('{"format": "cupy-bn.fold-pairs/1", "pairs": [{"layer": "a", "bn": "b", '
+                     '"groups": 0}]}'),
+            "'groups' must be positive",
+        ),
+        (
+            np.array('{"format": "cupy-bn.fold-pairs/1", "pairs": [{"layer": "a", "bn": "b", '
+                     '"kind": "conv"}]}'),
+            "unknown fields",
+        ),
+    ],
+)
+def test_malformed_record_is_an_error_naming_it(value, message):
+    with pytest.raises(FoldError, match=message) as caught:
+        read_fold_record(value)
+    assert FOLD_RECORD_KEY in str(caught.value)
 
 
 def test_top_level_keys_fold():
     rng = np.random.default_rng(10)
     state = layer_state("x", Layer("linear", 3, 4), rng)
     state = {"weight": state["x.weight"], "bias": state["x.bias"]} | bn_state("bn", 4, rng)
-    folded, report = fold_state_dict(state)
+    folded, report = fold_state_dict(state, assume_sequential=True)
     assert report.pairs[0].layer == "" and list(folded) == ["weight", "bias"]
 
 
@@ -396,8 +569,9 @@ def test_bad_options_are_rejected(kwargs, message):
 
 def test_explicit_pair_with_wrong_channel_count():
     rng = np.random.default_rng(12)
-    state = layer_state("a", Layer("conv", 3, 4, (1, 1)), rng) | bn_state("bn", 6, rng)
-    with pytest.raises(FoldError, match=r"'a' .* does not have the 6 output channels of"):
+    state = layer_state("a", Layer("conv", 3, 4, (1, 1)), rng) | bn_state("bn", 5, rng)
+    message = r"pair a=bn: .a. \(weight \(4, 3, 1, 1\)\) does not have 5"
+    with pytest.raises(FoldError, match=message):
         fold_state_dict(state, pairs={"a": "bn"})
 
 
@@ -528,3 +702,13 @@ def test_save_npz_rejects_object_arrays(tmp_path):
     with pytest.raises(ModelFileError, match="Python objects"):
         save_npz(tmp_path / "x.npz", {"a": np.array([None], dtype=object)})
     assert not (tmp_path / "x.npz").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_save_npz_gives_the_file_the_umask_mode(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        save_npz(tmp_path / "m.npz", {"a": np.ones(2)})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.npz").stat().st_mode) == 0o666 & ~umask

@@ -1,4 +1,8 @@
-"""Checking a fold numerically: original layer + eval-mode batch norm vs the folded layer.
+"""Checking the algebra of each folded pair: layer + eval-mode batch norm vs the folded layer.
+
+This verifies that each pair was folded correctly, not that the pair exists in the model: a
+state dict holds no graph, so which batch norm follows which layer comes from
+`cupy_bn.fold.pairing` (stated, recorded, proven or confirmed), never from this check.
 
 Both sides run a float64 NumPy reference of the layer (linear map, or a stride-1, padding-free
 convolution / transposed convolution with groups) on the same random input. The fold acts per
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cupy_bn.fold import FoldReport
+from cupy_bn.fold.state_dict import FoldReport
 
 
 @dataclass(frozen=True)
@@ -149,7 +153,7 @@ def verify_fold(
             _leaf(original, pair.bn, "running_var"),
             _leaf(original, pair.bn, "weight"),
             _leaf(original, pair.bn, "bias"),
-            report.eps,
+            pair.eps,
         )
         got = layer_forward(x, new_weight, new_bias, transpose=transpose, groups=pair.groups)
         magnitude = layer_forward(
