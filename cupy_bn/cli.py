@@ -461,31 +461,21 @@ def _fold_onnx(
     force: bool,
     as_json: bool,
 ) -> None:
+    from cupy_bn.fold.onnx_check import verify_onnx_fold
+    from cupy_bn.fold.onnx_files import has_external_data, load_onnx, save_onnx
+    from cupy_bn.fold.onnx_graph import OnnxFoldError, fold_onnx
+
     try:
-        from cupy_bn.fold import onnx_graph
-    except ImportError as e:
-        raise UserError(
-            f"{model}: folding ONNX graphs needs the onnx package "
-            f"(pip install 'cupy-bn[onnx]'): {e}"
-        ) from None
-    try:
-        original = onnx_graph.load_onnx(model)
-        folded, report = onnx_graph.fold_onnx(original)
+        original = load_onnx(model)
+        folded, report = fold_onnx(original)
         check = (
-            onnx_graph.verify_onnx_fold(original, folded, seed=seed, tolerance=tolerance)
-            if verify
-            else None
+            verify_onnx_fold(original, folded, seed=seed, tolerance=tolerance) if verify else None
         )
-    except onnx_graph.OnnxFoldError as e:
+        failed = check is not None and not check.ok
+        if not failed:
+            save_onnx(output, folded, overwrite=force, external_data=has_external_data(model))
+    except OnnxFoldError as e:
         raise UserError(str(e)) from None
-    failed = check is not None and not check.ok
-    if not failed:
-        try:
-            onnx_graph.save_onnx(
-                output, folded, overwrite=force, external_data=onnx_graph.uses_external_data(model)
-            )
-        except (onnx_graph.OnnxFoldError, OSError) as e:
-            raise UserError(str(e)) from None
     folded_rows = [
         {"bn": f.bn, "layer": f.layer, "op": f.op, "channels": f.channels} for f in report.folded
     ]
@@ -498,6 +488,7 @@ def _fold_onnx(
             "max_abs_error": _finite_or_none(check.max_abs_error),
             "max_rel_error": _finite_or_none(check.max_rel_error),
             "tolerance": check.tolerance,
+            "mismatches": list(check.mismatches),
             "ok": check.ok,
         }
     if as_json:
@@ -518,9 +509,10 @@ def _fold_onnx(
     else:
         _print_onnx_report(model, output, folded_rows, kept_rows, check_json, failed)
     if failed:
+        problems = [*check.mismatches, f"max relative error {check.max_rel_error:.3g}"]
         raise CheckFailed(
-            f"folded graph differs from the original: max relative error "
-            f"{check.max_rel_error:.3g} > {check.tolerance:.3g}; nothing written"
+            f"folded graph differs from the original ({'; '.join(problems)}, tolerance "
+            f"{check.tolerance:.3g}); nothing written"
         )
 
 
