@@ -214,17 +214,12 @@ def fold(
     ctx: click.Context,
     model: Path,
     output: Path | None,
-    pairs: tuple[str, ...],
-    transpose: tuple[str, ...],
-    groups: tuple[str, ...],
-    assume_sequential: bool,
-    keep_unpaired: bool,
-    eps: float,
     verify: bool,
     tolerance: float | None,
     seed: int,
     force: bool,
     as_json: bool,
+    **state_dict_options: Any,
 ) -> None:
     """Fold each inference BatchNorm of MODEL into the conv/linear layer that feeds it.
 
@@ -255,27 +250,27 @@ def fold(
         _fold_onnx(model, output, verify, tolerance, seed, force, as_json)
     else:
         if tolerance is not None:
-            raise UserError("--tolerance: applies to ONNX graphs; state-dict pairs are checked "
-                            "against their rounding bound")
-        _fold_state_dict(
-            model, output, pairs, transpose, groups, assume_sequential, keep_unpaired, eps,
-            verify, seed, force, as_json,
-        )
+            raise UserError(
+                "--tolerance: applies to ONNX graphs; state-dict pairs are checked "
+                "against their rounding bound"
+            )
+        _fold_state_dict(model, output, verify, seed, force, as_json, **state_dict_options)
 
 
 def _fold_state_dict(
     model: Path,
     output: Path,
+    verify: bool,
+    seed: int,
+    force: bool,
+    as_json: bool,
+    *,
     pairs: tuple[str, ...],
     transpose: tuple[str, ...],
     groups: tuple[str, ...],
     assume_sequential: bool,
     keep_unpaired: bool,
     eps: float,
-    verify: bool,
-    seed: int,
-    force: bool,
-    as_json: bool,
 ) -> None:
     from cupy_bn.fold import FoldError, UnresolvedPairsError, fold_state_dict
     from cupy_bn.fold.check import verify_fold

@@ -26,6 +26,14 @@ class ModelFileError(ValueError):
     """A model file cannot be read or written as asked (the message names the file)."""
 
 
+def require_regular_file(path: Path, error: type[Exception]) -> None:
+    """Raise `error` naming `path` unless it is an existing regular file (links followed)."""
+    if not path.exists():
+        raise error(f"{path}: no such file")
+    if not path.is_file():
+        raise error(f"{path}: not a regular file")
+
+
 def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """Read every array of an `.npz` archive into a dict, in the archive's member order.
 
@@ -34,10 +42,7 @@ def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     arrays, and object arrays (which would need unpickling).
     """
     path = Path(path)
-    if not path.exists():
-        raise ModelFileError(f"{path}: no such file")
-    if not path.is_file():
-        raise ModelFileError(f"{path}: not a regular file")
+    require_regular_file(path, ModelFileError)
     try:
         with open(path, "rb") as f:
             head = f.read(len(_NPY_MAGIC))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cupy_bn.fold.onnx_graph import OnnxFoldError, import_onnx, subgraphs
+from cupy_bn.modelfile import require_regular_file
 
 if TYPE_CHECKING:
     import onnx
@@ -27,10 +28,7 @@ def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """
     onnx = import_onnx()
     path = Path(path)
-    if not path.exists():
-        raise OnnxFoldError(f"{path}: no such file")
-    if not path.is_file():
-        raise OnnxFoldError(f"{path}: not a regular file")
+    require_regular_file(path, OnnxFoldError)
     try:
         model = onnx.load_model(os.fspath(path), load_external_data=True)
     except OSError as e:
