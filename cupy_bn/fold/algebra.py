@@ -179,19 +179,29 @@ def fold_named(
         b64 = b.astype(np.float64)
         bias_dtype = b.dtype
 
-    w64 = w.astype(np.float64)
-    kernel_ones = (1,) * (w.ndim - 2)
-    if transpose:
-        per_group = w64.reshape(groups, w.shape[0] // groups, *w.shape[1:])
-        per_group = per_group * scale.reshape(groups, 1, w.shape[1], *kernel_ones)
-        folded_w = per_group.reshape(w.shape)
-    else:
-        folded_w = w64 * scale.reshape(channels, 1, *kernel_ones)
+    folded_w = scale_output_channels(w.astype(np.float64), scale, transpose, groups)
     folded_b = (b64 - mean) * scale + beta64
     return (
         _store(names["weight"], folded_w, w.dtype),
         _store(names["bias"], folded_b, bias_dtype),
     )
+
+
+def scale_output_channels(
+    weight: np.ndarray, scale: np.ndarray, transpose: bool = False, groups: int = 1
+) -> np.ndarray:
+    """`weight` with output channel `c` multiplied by `scale[c]`.
+
+    A linear or convolution weight `(out, in/groups, *k)` scales along axis 0. A transposed
+    convolution's `(in, out/groups, *k)` holds output channel `g * (out/groups) + j` in column
+    `j` of the rows of group `g`, so it scales per (group, column).
+    """
+    ones = (1,) * (weight.ndim - 2)
+    if not transpose:
+        return weight * scale.reshape(weight.shape[0], 1, *ones)
+    per_group = weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
+    per_group = per_group * scale.reshape(groups, 1, weight.shape[1], *ones)
+    return per_group.reshape(weight.shape)
 
 
 def fold_linear_bn(

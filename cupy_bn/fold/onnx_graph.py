@@ -69,6 +69,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cupy_bn.fold.algebra import scale_output_channels
+
 if TYPE_CHECKING:
     import onnx
 
@@ -458,23 +460,6 @@ def _stored(value64: np.ndarray, elem_type: int) -> np.ndarray | None:
 # Per-layer algebra (float64)
 
 
-def _scale_conv_weight(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Conv weight `(C_out, C_in/group, *k)` times `scale` per output channel (axis 0)."""
-    return weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))
-
-
-def _scale_conv_transpose_weight(weight: np.ndarray, scale: np.ndarray, group: int) -> np.ndarray:
-    """ConvTranspose weight `(C_in, C_out/group, *k)` times `scale` per output channel.
-
-    Output channel `g * (C_out/group) + j` is column `j` of the rows of group `g`.
-    """
-    c_in, per_group = weight.shape[0], weight.shape[1]
-    kernel_ones = [1] * (weight.ndim - 2)
-    grouped = weight.reshape(group, c_in // group, per_group, *weight.shape[2:])
-    scaled = grouped * scale.reshape(group, 1, per_group, *kernel_ones)
-    return scaled.reshape(weight.shape)
-
-
 def _scale_matrix_columns(matrix: np.ndarray, scale: np.ndarray, transposed: bool) -> np.ndarray:
     """Scale the output columns of a `(K, N)` matrix, or of its `(N, K)` transpose."""
     return matrix * (scale[:, None] if transposed else scale[None, :])
@@ -595,7 +580,7 @@ def _plan_conv(graph: _Graph, layer: onnx.NodeProto, bn: _Bn) -> _Plan:
         channels = weight.shape[0]
         if channels != bn.channels:
             raise _Keep(f"Conv has {channels} output channels, the batch norm {bn.channels}")
-        folded_w = _scale_conv_weight(w64, bn.scale)
+        folded_w = scale_output_channels(w64, bn.scale)
     else:
         group = int(_attribute(layer, "group", 1))
         if group < 1 or weight.shape[0] % group:
@@ -605,7 +590,7 @@ def _plan_conv(graph: _Graph, layer: onnx.NodeProto, bn: _Bn) -> _Plan:
             raise _Keep(
                 f"ConvTranspose has {channels} output channels, the batch norm {bn.channels}"
             )
-        folded_w = _scale_conv_transpose_weight(w64, bn.scale, group)
+        folded_w = scale_output_channels(w64, bn.scale, transpose=True, groups=group)
     bias_name = _optional_input(layer, 2)
     if bias_name:
         bias = _layer_constant(graph, layer, 2, "bias")
