@@ -74,12 +74,32 @@ def best_of(runs: int, impl, shape, repeat, threads) -> dict:
 
 
 def measure(impl, shape, repeat, threads) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(
-                   os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, __file__, "--child", impl, ",".join(map(str, shape)),
-                          str(repeat), str(threads)], env=env, capture_output=True, text=True,
-                         check=True)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        OPENBLAS_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(
+            [
+                os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                os.environ.get("PYTHONPATH", ""),
+            ]
+        ),
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            impl,
+            ",".join(map(str, shape)),
+            str(repeat),
+            str(threads),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -99,8 +119,10 @@ def main() -> int:
     except ImportError:
         print("PyTorch is not installed: pip install torch==2.13.0 (CPU build)", file=sys.stderr)
         return 2
-    print(f"{'shape':>18} {'phase':>13} {'cupy_bn ms':>11} {'torch ms':>9} {'ratio':>6} "
-          f"{'bar':>5}  ok")
+    print(
+        f"{'shape':>18} {'phase':>13} {'cupy_bn ms':>11} {'torch ms':>9} {'ratio':>6} "
+        f"{'bar':>5}  ok"
+    )
     failures = 0
     for shape in SHAPES:
         ours = best_of(args.runs, "cupy_bn", shape, args.repeat, args.threads)
@@ -109,8 +131,10 @@ def main() -> int:
             ratio = ours[phase] / theirs[phase] if theirs[phase] > 0 else float("inf")
             ok = ratio <= bar
             failures += not ok
-            print(f"{str(shape):>18} {phase:>13} {ours[phase]:11.2f} {theirs[phase]:9.2f} "
-                  f"{ratio:6.2f} {bar:5.1f}  {'yes' if ok else 'NO'}")
+            print(
+                f"{str(shape):>18} {phase:>13} {ours[phase]:11.2f} {theirs[phase]:9.2f} "
+                f"{ratio:6.2f} {bar:5.1f}  {'yes' if ok else 'NO'}"
+            )
     print(f"{failures} of {len(SHAPES) * len(BARS)} rows over their bar")
     return 0
 

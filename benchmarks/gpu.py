@@ -34,8 +34,17 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 #: ResNet-50's batch-norm inputs (channels, spatial side) at 224x224 input.
-RESNET50 = [(64, 112), (64, 56), (256, 56), (128, 28), (512, 28), (256, 14), (1024, 14),
-            (512, 7), (2048, 7)]
+RESNET50 = [
+    (64, 112),
+    (64, 56),
+    (256, 56),
+    (128, 28),
+    (512, 28),
+    (256, 14),
+    (1024, 14),
+    (512, 7),
+    (2048, 7),
+]
 PHASES = ("forward_train", "backward", "eval")
 
 
@@ -52,8 +61,10 @@ def require_gpu():
     from cupy_bn.backends import cupy_usable
 
     if not cupy_usable():
-        fail("no usable CUDA GPU here (cupy.is_available() is False); run this on a machine "
-             "with an NVIDIA GPU")
+        fail(
+            "no usable CUDA GPU here (cupy.is_available() is False); run this on a machine "
+            "with an NVIDIA GPU"
+        )
     return cupy
 
 
@@ -63,9 +74,11 @@ def peak_bandwidth(cupy) -> tuple[str, float]:
     device = cupy.cuda.Device().id
     props = runtime.getDeviceProperties(device)
     clock_khz = props.get("memoryClockRate") or runtime.deviceGetAttribute(
-        runtime.cudaDevAttrMemoryClockRate, device)
+        runtime.cudaDevAttrMemoryClockRate, device
+    )
     bus_bits = props.get("memoryBusWidth") or runtime.deviceGetAttribute(
-        runtime.cudaDevAttrGlobalMemoryBusWidth, device)
+        runtime.cudaDevAttrGlobalMemoryBusWidth, device
+    )
     name = props["name"]
     name = name.decode() if isinstance(name, bytes) else str(name)
     return name, 2.0 * clock_khz * 1e3 * bus_bits / 8
@@ -91,8 +104,7 @@ def ours(cupy, x, dy, channel_axis):
     return {
         "forward_train": lambda: cbn.batch_norm(x, w, b, rm, rv, channel_axis=channel_axis),
         "backward": lambda: cbn.batch_norm_backward(dy, saved),
-        "eval": lambda: cbn.batch_norm(x, w, b, rm, rv, training=False,
-                                       channel_axis=channel_axis),
+        "eval": lambda: cbn.batch_norm(x, w, b, rm, rv, training=False, channel_axis=channel_axis),
     }
 
 
@@ -118,8 +130,11 @@ def kernels(cupy, x, dy, channel_axis):
         sums = be.backward_reduce(dview, view, mean)
         return be.backward_apply(dview, view, mean, invstd, w, *sums, view.count)
 
-    return {"forward_train": forward, "backward": backward,
-            "eval": lambda: be.apply(view, scale, shift)}
+    return {
+        "forward_train": forward,
+        "backward": backward,
+        "eval": lambda: be.apply(view, scale, shift),
+    }
 
 
 def naive(cupy, x, dy, channel_axis):
@@ -142,11 +157,21 @@ def naive(cupy, x, dy, channel_axis):
     def backward():
         xhat = (x - mean) * invstd
         gdy = dy * w
-        return invstd / m * (m * gdy - gdy.sum(axis=axes, keepdims=True)
-                             - xhat * (gdy * xhat).sum(axis=axes, keepdims=True))
+        return (
+            invstd
+            / m
+            * (
+                m * gdy
+                - gdy.sum(axis=axes, keepdims=True)
+                - xhat * (gdy * xhat).sum(axis=axes, keepdims=True)
+            )
+        )
 
-    return {"forward_train": forward, "backward": backward,
-            "eval": lambda: (x - mean) * invstd * w + b}
+    return {
+        "forward_train": forward,
+        "backward": backward,
+        "eval": lambda: (x - mean) * invstd * w + b,
+    }
 
 
 def torch_impl(cupy, x, dy, channel_axis):
@@ -169,7 +194,8 @@ def torch_impl(cupy, x, dy, channel_axis):
     return {
         "forward_train": lambda: ops.native_batch_norm(tx, w, b, rm, rv, True, 0.1, 1e-5),
         "backward": lambda: ops.native_batch_norm_backward(
-            tdy, tx, w, rm, rv, save_mean, save_invstd, True, 1e-5, [True, True, True]),
+            tdy, tx, w, rm, rv, save_mean, save_invstd, True, 1e-5, [True, True, True]
+        ),
         "eval": lambda: ops.native_batch_norm(tx, w, b, rm, rv, False, 0.1, 1e-5),
     }
 
@@ -194,8 +220,11 @@ def main(argv=None) -> int:
     rows, records = [], []
     for channels, side in RESNET50:
         for layout, channel_axis in (("NCHW", 1), ("NHWC", -1)):
-            shape = ((args.batch, channels, side, side) if channel_axis == 1
-                     else (args.batch, side, side, channels))
+            shape = (
+                (args.batch, channels, side, side)
+                if channel_axis == 1
+                else (args.batch, side, side, channels)
+            )
             x = cupy.random.standard_normal(shape, dtype=cupy.float32).astype(args.dtype)
             dy = cupy.random.standard_normal(shape, dtype=cupy.float32).astype(args.dtype)
             for impl, make in IMPLEMENTATIONS.items():
@@ -206,24 +235,48 @@ def main(argv=None) -> int:
                     seconds = median_seconds(fns[phase], args.repeat)
                     nbytes = traffic_bytes(phase, x.size, itemsize)
                     gbps = nbytes / seconds / 1e9
-                    rows.append((f"{channels}x{side}x{side}", layout, impl, phase,
-                                 seconds * 1e6, gbps, 100 * gbps * 1e9 / peak))
-                    records.append({
-                        "name": f"{impl}/{phase}/{layout}/{channels}x{side}",
-                        "group": phase,
-                        "params": {"shape": list(shape), "layout": layout, "dtype": args.dtype,
-                                   "implementation": impl},
-                        "stats": {"median": seconds, "rounds": args.repeat},
-                        "extra_info": {"model_bytes": nbytes, "gb_per_s": gbps,
-                                       "percent_of_peak": 100 * gbps * 1e9 / peak},
-                    })
+                    rows.append(
+                        (
+                            f"{channels}x{side}x{side}",
+                            layout,
+                            impl,
+                            phase,
+                            seconds * 1e6,
+                            gbps,
+                            100 * gbps * 1e9 / peak,
+                        )
+                    )
+                    records.append(
+                        {
+                            "name": f"{impl}/{phase}/{layout}/{channels}x{side}",
+                            "group": phase,
+                            "params": {
+                                "shape": list(shape),
+                                "layout": layout,
+                                "dtype": args.dtype,
+                                "implementation": impl,
+                            },
+                            "stats": {"median": seconds, "rounds": args.repeat},
+                            "extra_info": {
+                                "model_bytes": nbytes,
+                                "gb_per_s": gbps,
+                                "percent_of_peak": 100 * gbps * 1e9 / peak,
+                            },
+                        }
+                    )
             del x, dy
             cupy.get_default_memory_pool().free_all_blocks()
     report(device, peak, rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine_info": {"device": device, "peak_bytes_per_s": peak},
-                       "benchmarks": records}, f, indent=1)
+            json.dump(
+                {
+                    "machine_info": {"device": device, "peak_bytes_per_s": peak},
+                    "benchmarks": records,
+                },
+                f,
+                indent=1,
+            )
     return 0
 
 

@@ -25,8 +25,14 @@ from cupy_bn.layout import array_module
 
 Array = Any
 
-__all__ = ["Communicator", "CupyxCommunicator", "MPICommunicator", "NCCLCommunicator",
-           "as_communicator", "mpi_cuda_aware"]
+__all__ = [
+    "Communicator",
+    "CupyxCommunicator",
+    "MPICommunicator",
+    "NCCLCommunicator",
+    "as_communicator",
+    "mpi_cuda_aware",
+]
 
 
 @runtime_checkable
@@ -124,8 +130,9 @@ class NCCLCommunicator:
         on_host = not _is_cupy(buffer)
         work = cupy.ascontiguousarray(cupy.asarray(buffer, dtype=cupy.float64))
         stream = cupy.cuda.get_current_stream()
-        self.comm.allReduce(work.data.ptr, work.data.ptr, work.size, nccl.NCCL_FLOAT64,
-                            nccl.NCCL_SUM, stream.ptr)
+        self.comm.allReduce(
+            work.data.ptr, work.data.ptr, work.size, nccl.NCCL_FLOAT64, nccl.NCCL_SUM, stream.ptr
+        )
         return cupy.asnumpy(work) if on_host else work
 
     def __repr__(self) -> str:
@@ -144,8 +151,9 @@ class CupyxCommunicator:
         self.rank = int(backend.rank)
         found = size if size is not None else getattr(backend, "_n_devices", None)
         if found is None:
-            raise TypeError("cannot tell the number of processes of this cupyx.distributed "
-                            "backend; pass size=")
+            raise TypeError(
+                "cannot tell the number of processes of this cupyx.distributed backend; pass size="
+            )
         self.size = int(found)
 
     def allreduce_sum(self, buffer: Array) -> Array:
@@ -171,6 +179,8 @@ def as_communicator(comm: Any) -> Communicator:
         return NCCLCommunicator(comm)
     if hasattr(comm, "all_reduce") and hasattr(comm, "rank"):
         return CupyxCommunicator(comm)
-    raise TypeError("comm must be an mpi4py communicator, a cupy.cuda.nccl.NcclCommunicator, "
-                    "a cupyx.distributed backend, or an object with rank, size and "
-                    f"allreduce_sum(buffer); got {type(comm).__module__}.{type(comm).__name__}")
+    raise TypeError(
+        "comm must be an mpi4py communicator, a cupy.cuda.nccl.NcclCommunicator, "
+        "a cupyx.distributed backend, or an object with rank, size and "
+        f"allreduce_sum(buffer); got {type(comm).__module__}.{type(comm).__name__}"
+    )

@@ -47,8 +47,15 @@ from cupy_bn.layout import array_module, normalize_axis
 Array = Any
 Phase = Literal["stats", "grads"]
 
-__all__ = ["RemoteFailure", "SyncBatchNorm", "SyncReducer", "convert_sync_batchnorm",
-           "merge_shifted", "shifted_terms", "sync_batch_norm"]
+__all__ = [
+    "RemoteFailure",
+    "SyncBatchNorm",
+    "SyncReducer",
+    "convert_sync_batchnorm",
+    "merge_shifted",
+    "shifted_terms",
+    "sync_batch_norm",
+]
 
 #: Failure flags: process r sets bit r % 52 of slot r // 52. Sums of distinct powers of two
 #: below 2**52 are exact in float64, so the flags survive the all-reduce sum in any order.
@@ -60,8 +67,10 @@ FLAG_BITS = 52
 #: coarser rounding already, so K may be ~1000 standard deviations off before it shows.
 RECENTRE_RATIO = {np.dtype(np.float64): 1024.0, np.dtype(np.float32): float(2**20)}
 
-_PHASE_WORDS = {"stats": "the statistics all-reduce of a training forward",
-                "grads": "the gradient all-reduce of a backward"}
+_PHASE_WORDS = {
+    "stats": "the statistics all-reduce of a training forward",
+    "grads": "the gradient all-reduce of a backward",
+}
 
 
 class RemoteFailure(RuntimeError):
@@ -75,7 +84,8 @@ class RemoteFailure(RuntimeError):
         super().__init__(
             f"sync batch norm: process(es) {who} of {size} failed before "
             f"{_PHASE_WORDS[phase]} (each raised its own error); this process's state is "
-            "unchanged")
+            "unchanged"
+        )
 
 
 def flag_slots(size: int) -> int:
@@ -110,8 +120,9 @@ def shifted_terms(count: int, mean: Array, var: Array, shift: Array) -> tuple[Ar
     return count * d, count * var.astype(np.float64) + count * d * d
 
 
-def merge_shifted(count: int, s1: Array, s2: Array, shift: Array, ratio: float = 1024.0
-                  ) -> tuple[Array, Array, Array]:
+def merge_shifted(
+    count: int, s1: Array, s2: Array, shift: Array, ratio: float = 1024.0
+) -> tuple[Array, Array, Array]:
     """Global `(mean, biased var, far)` from summed shifted terms over `count` values.
 
     `far` marks channels where K was more than sqrt(ratio) standard deviations from the mean,
@@ -140,8 +151,11 @@ class SyncReducer:
     """
 
     def __init__(self, comm: Any, num_features: int):
-        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
-                or num_features < 1:
+        if (
+            isinstance(num_features, bool)
+            or not isinstance(num_features, (int, np.integer))
+            or num_features < 1
+        ):
             raise ValueError(f"num_features must be an int >= 1, got {num_features!r}")
         self.comm: Communicator = as_communicator(comm)
         self.num_features = int(num_features)
@@ -186,8 +200,10 @@ class SyncReducer:
 
     def _check_vector(self, name: str, v: Array) -> None:
         if tuple(v.shape) != (self.num_features,):
-            raise ValueError(f"sync batch norm was set up for {self.num_features} channels, "
-                             f"got {name} of shape {tuple(v.shape)}")
+            raise ValueError(
+                f"sync batch norm was set up for {self.num_features} channels, "
+                f"got {name} of shape {tuple(v.shape)}"
+            )
 
     def _shift_for(self, xp) -> Array:
         if self._shift is None:
@@ -214,8 +230,13 @@ class SyncReducer:
         total = int(head[s])
         if total == 0:
             return 0, xp.zeros_like(mean), xp.zeros_like(var)
-        g_mean, g_var, far = merge_shifted(total, out[s + 1 : s + 1 + c], out[s + 1 + c :],
-                                           shift, RECENTRE_RATIO[np.dtype(var.dtype)])
+        g_mean, g_var, far = merge_shifted(
+            total,
+            out[s + 1 : s + 1 + c],
+            out[s + 1 + c :],
+            shift,
+            RECENTRE_RATIO[np.dtype(var.dtype)],
+        )
         if total > 1 and bool(far.any()):  # the same reduced numbers everywhere: all decide alike
             m2 = self._allreduce(centred_m2(count, mean, var, g_mean))
             g_var = m2 / total
@@ -250,16 +271,27 @@ def _channels(x: Array, channel_axis: int, *vectors: Array | None) -> int:
             return int(v.shape[0])
     if getattr(x, "ndim", 0) >= 2:
         return int(x.shape[normalize_axis(channel_axis, x.ndim)])
-    raise ValueError("sync batch norm cannot tell the number of channels: x must have rank >= 2 "
-                     "(pass comm=SyncReducer(comm, num_features) so that every process takes "
-                     "part in the collective even with malformed input)")
+    raise ValueError(
+        "sync batch norm cannot tell the number of channels: x must have rank >= 2 "
+        "(pass comm=SyncReducer(comm, num_features) so that every process takes "
+        "part in the collective even with malformed input)"
+    )
 
 
-def sync_batch_norm(x: Array, weight: Array | None = None, bias: Array | None = None,
-                    running_mean: Array | None = None, running_var: Array | None = None,
-                    training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
-                    channel_axis: int = 1, backend: str | Backend = "auto", *,
-                    comm: Any) -> tuple[Array, SavedForBackward]:
+def sync_batch_norm(
+    x: Array,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    running_mean: Array | None = None,
+    running_var: Array | None = None,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    channel_axis: int = 1,
+    backend: str | Backend = "auto",
+    *,
+    comm: Any,
+) -> tuple[Array, SavedForBackward]:
     """`batch_norm` with statistics over the batches of all processes of `comm`.
 
     Same arguments and result as `cupy_bn.functional.batch_norm`; `batch_norm_backward(dy,
@@ -268,11 +300,24 @@ def sync_batch_norm(x: Array, weight: Array | None = None, bias: Array | None = 
     steps (its shift saves the rare second all-reduce; it also fixes the channel count, so a
     process with malformed `x` still takes part in the collective).
     """
-    reducer = comm if isinstance(comm, SyncReducer) else SyncReducer(
-        comm, _channels(x, channel_axis, weight, bias, running_mean, running_var))
-    return batch_norm(x, weight, bias, running_mean, running_var, training=training,
-                      momentum=momentum, eps=eps, channel_axis=channel_axis, backend=backend,
-                      reducer=reducer)
+    reducer = (
+        comm
+        if isinstance(comm, SyncReducer)
+        else SyncReducer(comm, _channels(x, channel_axis, weight, bias, running_mean, running_var))
+    )
+    return batch_norm(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training=training,
+        momentum=momentum,
+        eps=eps,
+        channel_axis=channel_axis,
+        backend=backend,
+        reducer=reducer,
+    )
 
 
 # -- layer --------------------------------------------------------------------------------
@@ -288,12 +333,29 @@ class SyncBatchNorm(_BatchNorm):
 
     ranks = (2, 3, 4, 5)
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, channel_axis: int = 1,
-                 dtype: Any = np.float32, backend: str | Backend = "auto", *, comm: Any):
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
-                         track_running_stats=track_running_stats, channel_axis=channel_axis,
-                         dtype=dtype, backend=backend)
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        channel_axis: int = 1,
+        dtype: Any = np.float32,
+        backend: str | Backend = "auto",
+        *,
+        comm: Any,
+    ):
+        super().__init__(
+            num_features,
+            eps=eps,
+            momentum=momentum,
+            affine=affine,
+            track_running_stats=track_running_stats,
+            channel_axis=channel_axis,
+            dtype=dtype,
+            backend=backend,
+        )
         self.reducer = SyncReducer(comm, self.num_features)
 
     @property
@@ -320,12 +382,22 @@ class SyncBatchNorm(_BatchNorm):
 
 
 def _to_sync(layer: _BatchNorm, comm: Any) -> SyncBatchNorm:
-    sync = SyncBatchNorm(layer.num_features, eps=layer.eps, momentum=layer.momentum,
-                         affine=layer.affine, track_running_stats=layer.track_running_stats,
-                         channel_axis=layer.channel_axis, dtype=layer.dtype,
-                         backend=layer.backend, comm=comm)
-    sync.params, sync.grads, sync.buffers = (dict(layer.params), dict(layer.grads),
-                                             dict(layer.buffers))
+    sync = SyncBatchNorm(
+        layer.num_features,
+        eps=layer.eps,
+        momentum=layer.momentum,
+        affine=layer.affine,
+        track_running_stats=layer.track_running_stats,
+        channel_axis=layer.channel_axis,
+        dtype=layer.dtype,
+        backend=layer.backend,
+        comm=comm,
+    )
+    sync.params, sync.grads, sync.buffers = (
+        dict(layer.params),
+        dict(layer.grads),
+        dict(layer.buffers),
+    )
     sync.training = layer.training
     return sync
 

@@ -90,12 +90,15 @@ def _check_vector(name: str, v: Array | None, channels: int, xp) -> None:
     if v is None:
         return
     if array_module(v) is not xp:
-        raise TypeError(f"{name} must be a {xp.__name__} array like x, "
-                        f"got {type(v).__module__}.{type(v).__name__}")
+        raise TypeError(
+            f"{name} must be a {xp.__name__} array like x, "
+            f"got {type(v).__module__}.{type(v).__name__}"
+        )
     check_float_dtype(name, v.dtype)
     if tuple(v.shape) != (channels,):
-        raise ValueError(f"{name} must have shape ({channels},) for {channels} channels, "
-                         f"got {tuple(v.shape)}")
+        raise ValueError(
+            f"{name} must have shape ({channels},) for {channels} channels, got {tuple(v.shape)}"
+        )
 
 
 def _as_array(x: Array) -> Array:
@@ -119,11 +122,13 @@ def check_finite_stats(mean: Array, var: Array) -> None:
         bad = numpy.flatnonzero(~numpy.asarray(finite.get() if xp.__name__ == "cupy" else finite))
         raise FloatingPointError(
             f"batch statistics are not finite in channel(s) {_describe_channels(bad)}; "
-            "the input holds NaN or Inf (running statistics left unchanged)")
+            "the input holds NaN or Inf (running statistics left unchanged)"
+        )
 
 
-def _scale_shift(mean: Array, invstd: Array, weight: Array | None, bias: Array | None,
-                 acc) -> tuple[Array, Array]:
+def _scale_shift(
+    mean: Array, invstd: Array, weight: Array | None, bias: Array | None, acc
+) -> tuple[Array, Array]:
     """`scale = gamma * invstd`, `shift = beta - mean * scale` (gamma 1 and beta 0 if absent)."""
     scale = invstd if weight is None else weight.astype(acc) * invstd
     shift = -mean * scale
@@ -132,11 +137,20 @@ def _scale_shift(mean: Array, invstd: Array, weight: Array | None, bias: Array |
     return scale, shift
 
 
-def batch_norm(x: Array, weight: Array | None = None, bias: Array | None = None,
-               running_mean: Array | None = None, running_var: Array | None = None,
-               training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
-               channel_axis: int = 1, backend: str | Backend = "auto", *,
-               reducer: StatsReducer | None = None) -> tuple[Array, SavedForBackward]:
+def batch_norm(
+    x: Array,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    running_mean: Array | None = None,
+    running_var: Array | None = None,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    channel_axis: int = 1,
+    backend: str | Backend = "auto",
+    *,
+    reducer: StatsReducer | None = None,
+) -> tuple[Array, SavedForBackward]:
     """Normalize `x` per channel; return `(y, saved)` where `saved` feeds the backward.
 
     x: rank >= 2, channels on `channel_axis` (1: NCHW-style, -1: channels-last / dense (N, C)).
@@ -149,20 +163,57 @@ def batch_norm(x: Array, weight: Array | None = None, bias: Array | None = None,
     """
     if reducer is not None and training:
         with reducer.collective("stats"):
-            return _batch_norm(x, weight, bias, running_mean, running_var, training, momentum,
-                               eps, channel_axis, backend, reducer)
-    return _batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                       channel_axis, backend, reducer)
+            return _batch_norm(
+                x,
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                training,
+                momentum,
+                eps,
+                channel_axis,
+                backend,
+                reducer,
+            )
+    return _batch_norm(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training,
+        momentum,
+        eps,
+        channel_axis,
+        backend,
+        reducer,
+    )
 
 
-def _batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                channel_axis, backend, reducer) -> tuple[Array, SavedForBackward]:
+def _batch_norm(
+    x,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    training,
+    momentum,
+    eps,
+    channel_axis,
+    backend,
+    reducer,
+) -> tuple[Array, SavedForBackward]:
     x = _as_array(x)
     view = canonical(x, channel_axis)
     xp = array_module(x)
     channels = view.num_channels
-    for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
+    for name, v in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
         _check_vector(name, v, channels, xp)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
@@ -175,12 +226,15 @@ def _batch_norm(x, weight, bias, running_mean, running_var, training, momentum, 
 
     if training:
         if reducer is None and view.count < 2:
-            raise ValueError(f"a training batch needs more than one value per channel, got "
-                             f"input shape {view.shape} ({view.count} value(s) per channel)")
+            raise ValueError(
+                f"a training batch needs more than one value per channel, got "
+                f"input shape {view.shape} ({view.count} value(s) per channel)"
+            )
         fused = getattr(be, "train_statistics", None) if reducer is None else None
         if fused is not None:  # one launch: statistics, scale/shift and the running update
-            mean, var, invstd, scale, shift = fused(view, weight, bias, running_mean,
-                                                    running_var, momentum, eps)
+            mean, var, invstd, scale, shift = fused(
+                view, weight, bias, running_mean, running_var, momentum, eps
+            )
             check_finite_stats(mean, var)  # the fused update skips non-finite statistics
             count = view.count
         else:
@@ -189,8 +243,10 @@ def _batch_norm(x, weight, bias, running_mean, running_var, training, momentum, 
             if reducer is not None:
                 count, mean, var = reducer.merge_stats(count, mean, var)
                 if count < 2:
-                    raise ValueError(f"a training batch needs more than one value per channel "
-                                     f"over all processes, got {count}")
+                    raise ValueError(
+                        f"a training batch needs more than one value per channel "
+                        f"over all processes, got {count}"
+                    )
             check_finite_stats(mean, var)
             invstd = (1.0 / xp.sqrt(var.astype(acc) + acc.type(eps))).astype(acc)
             if running_mean is not None:
@@ -203,13 +259,23 @@ def _batch_norm(x, weight, bias, running_mean, running_var, training, momentum, 
         scale, shift = _scale_shift(mean, invstd, weight, bias, acc)
 
     y = view.restore(be.apply(view, scale, shift))
-    saved = SavedForBackward(view, mean, invstd, weight, None if bias is None else bias.dtype,
-                             training, count, be, reducer)
+    saved = SavedForBackward(
+        view,
+        mean,
+        invstd,
+        weight,
+        None if bias is None else bias.dtype,
+        training,
+        count,
+        be,
+        reducer,
+    )
     return y, saved
 
 
-def batch_norm_backward(dy: Array, saved: SavedForBackward
-                        ) -> tuple[Array, Array | None, Array | None]:
+def batch_norm_backward(
+    dy: Array, saved: SavedForBackward
+) -> tuple[Array, Array | None, Array | None]:
     """Gradients `(dx, dweight, dbias)` of the forward that produced `saved`.
 
     dweight/dbias are None without weight/bias. Under sync batch norm they are this process's
@@ -221,28 +287,29 @@ def batch_norm_backward(dy: Array, saved: SavedForBackward
     return _batch_norm_backward(dy, saved)
 
 
-def _batch_norm_backward(dy: Array, saved: SavedForBackward
-                         ) -> tuple[Array, Array | None, Array | None]:
+def _batch_norm_backward(
+    dy: Array, saved: SavedForBackward
+) -> tuple[Array, Array | None, Array | None]:
     dy = _as_array(dy)
     view = saved.view
     dyv = view.match(dy, "dy")
     be = saved.backend
     acc = accumulation_dtype(view.data.dtype)
     xp = be.xp
-    gamma = (xp.ones(view.num_channels, acc) if saved.weight is None
-             else saved.weight.astype(acc))
-    need_sums = (saved.batch_statistics or saved.weight is not None
-                 or saved.bias_dtype is not None)
+    gamma = xp.ones(view.num_channels, acc) if saved.weight is None else saved.weight.astype(acc)
+    need_sums = saved.batch_statistics or saved.weight is not None or saved.bias_dtype is not None
     if need_sums:
         sum_dy, sum_dy_xmu = be.backward_reduce(dyv, view, saved.mean, invstd=saved.invstd)
-    dweight = None if saved.weight is None else (sum_dy_xmu * saved.invstd).astype(
-        saved.weight.dtype)
+    dweight = (
+        None if saved.weight is None else (sum_dy_xmu * saved.invstd).astype(saved.weight.dtype)
+    )
     dbias = None if saved.bias_dtype is None else sum_dy.astype(saved.bias_dtype)
     if saved.batch_statistics:
         if saved.reducer is not None:
             sum_dy, sum_dy_xmu = saved.reducer.sum_grads(sum_dy, sum_dy_xmu)
-        dx = be.backward_apply(dyv, view, saved.mean, saved.invstd, gamma, sum_dy, sum_dy_xmu,
-                               saved.count)
+        dx = be.backward_apply(
+            dyv, view, saved.mean, saved.invstd, gamma, sum_dy, sum_dy_xmu, saved.count
+        )
     else:
         dx = be.apply(dyv, gamma * saved.invstd, xp.zeros(view.num_channels, acc))
     return view.restore(dx), dweight, dbias

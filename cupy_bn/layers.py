@@ -37,17 +37,30 @@ class _BatchNorm:
 
     ranks: tuple[int, ...] = ()
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, channel_axis: int = 1,
-                 dtype: Any = np.float32, backend: str | Backend = "auto"):
-        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
-                or num_features < 1:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        channel_axis: int = 1,
+        dtype: Any = np.float32,
+        backend: str | Backend = "auto",
+    ):
+        if (
+            isinstance(num_features, bool)
+            or not isinstance(num_features, (int, np.integer))
+            or num_features < 1
+        ):
             raise ValueError(f"num_features must be an int >= 1, got {num_features!r}")
         if not isinstance(channel_axis, int) or isinstance(channel_axis, bool):
             raise TypeError(f"channel_axis must be an int, got {type(channel_axis).__name__}")
         if not any(-r <= channel_axis < r for r in self.ranks):
-            raise ValueError(f"channel_axis={channel_axis} is out of range for inputs of rank "
-                             f"{' or '.join(map(str, self.ranks))}")
+            raise ValueError(
+                f"channel_axis={channel_axis} is out of range for inputs of rank "
+                f"{' or '.join(map(str, self.ranks))}"
+            )
         self.num_features = int(num_features)
         self.eps = check_eps(eps)
         self.momentum = check_momentum(momentum, allow_none=True)
@@ -69,9 +82,11 @@ class _BatchNorm:
             self.params = {"weight": xp.ones(c, self.dtype), "bias": xp.zeros(c, self.dtype)}
             self.grads = {k: xp.zeros_like(v) for k, v in self.params.items()}
         if self.track_running_stats:
-            self.buffers = {"running_mean": xp.zeros(c, self.dtype),
-                            "running_var": xp.ones(c, self.dtype),
-                            "num_batches_tracked": xp.zeros((), np.int64)}
+            self.buffers = {
+                "running_mean": xp.zeros(c, self.dtype),
+                "running_var": xp.ones(c, self.dtype),
+                "num_batches_tracked": xp.zeros((), np.int64),
+            }
 
     # -- attribute access in PyTorch's names ----------------------------------------------
     @property
@@ -105,13 +120,17 @@ class _BatchNorm:
 
     def to(self, xp) -> _BatchNorm:
         """Move parameters, gradients and buffers to array module `xp` (numpy or cupy)."""
+
         def move(d: dict[str, Array]) -> dict[str, Array]:
             if xp.__name__ == "numpy":
                 return {k: np.asarray(v.get() if hasattr(v, "get") else v) for k, v in d.items()}
             return {k: xp.asarray(v) for k, v in d.items()}
 
-        self.params, self.grads, self.buffers = (move(self.params), move(self.grads),
-                                                 move(self.buffers))
+        self.params, self.grads, self.buffers = (
+            move(self.params),
+            move(self.grads),
+            move(self.buffers),
+        )
         self._saved = None
         return self
 
@@ -120,16 +139,22 @@ class _BatchNorm:
         if not hasattr(x, "ndim"):
             raise TypeError(f"x must be a NumPy or CuPy array, got {type(x).__name__}")
         if x.ndim not in self.ranks:
-            raise ValueError(f"{type(self).__name__} expects input of rank "
-                             f"{' or '.join(map(str, self.ranks))}, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{type(self).__name__} expects input of rank "
+                f"{' or '.join(map(str, self.ranks))}, got shape {tuple(x.shape)}"
+            )
         axis = normalize_axis(self.channel_axis, x.ndim)
         if x.shape[axis] != self.num_features:
-            raise ValueError(f"x has {x.shape[axis]} channels on axis {self.channel_axis}, "
-                             f"expected num_features={self.num_features}")
+            raise ValueError(
+                f"x has {x.shape[axis]} channels on axis {self.channel_axis}, "
+                f"expected num_features={self.num_features}"
+            )
         state = self.params.get("weight", self.buffers.get("running_mean"))
         if state is not None and array_module(state) is not array_module(x):
-            raise TypeError(f"x is a {array_module(x).__name__} array but the layer's state is "
-                            f"{array_module(state).__name__}; call .to({array_module(x).__name__})")
+            raise TypeError(
+                f"x is a {array_module(x).__name__} array but the layer's state is "
+                f"{array_module(state).__name__}; call .to({array_module(x).__name__})"
+            )
 
     def __call__(self, x: Array) -> Array:
         return self.forward(x)
@@ -143,14 +168,22 @@ class _BatchNorm:
         if update and momentum is None:  # cumulative average over the batches seen
             momentum = 1.0 / (int(self.buffers["num_batches_tracked"]) + 1)
         y, saved = batch_norm(
-            x, self.weight, self.bias,
-            self.running_mean if self.track_running_stats and (update or not use_batch_stats)
+            x,
+            self.weight,
+            self.bias,
+            self.running_mean
+            if self.track_running_stats and (update or not use_batch_stats)
             else None,
-            self.running_var if self.track_running_stats and (update or not use_batch_stats)
+            self.running_var
+            if self.track_running_stats and (update or not use_batch_stats)
             else None,
-            training=use_batch_stats, momentum=0.0 if momentum is None else momentum,
-            eps=self.eps, channel_axis=self.channel_axis, backend=self.backend,
-            reducer=self._reducer())
+            training=use_batch_stats,
+            momentum=0.0 if momentum is None else momentum,
+            eps=self.eps,
+            channel_axis=self.channel_axis,
+            backend=self.backend,
+            reducer=self._reducer(),
+        )
         if update:
             self.buffers["num_batches_tracked"] += 1
         self._saved = saved
@@ -185,8 +218,10 @@ class _BatchNorm:
         for k, target in own.items():
             value = state[k]
             if tuple(np.shape(value)) != tuple(target.shape):
-                raise ValueError(f"load_state_dict: {k!r} must have shape {tuple(target.shape)}, "
-                                 f"got {tuple(np.shape(value))}")
+                raise ValueError(
+                    f"load_state_dict: {k!r} must have shape {tuple(target.shape)}, "
+                    f"got {tuple(np.shape(value))}"
+                )
             kind = np.asarray(value).dtype.kind if not hasattr(value, "dtype") else value.dtype.kind
             if k == "num_batches_tracked" and kind not in "iu":
                 raise TypeError(f"load_state_dict: {k!r} must be an integer, got dtype {kind}")
@@ -195,14 +230,15 @@ class _BatchNorm:
         xp = array_module(next(iter(own.values()))) if own else np
         for k, target in own.items():
             value = state[k]
-            target[...] = xp.asarray(value.get() if hasattr(value, "get") and xp is np
-                                     else value)
+            target[...] = xp.asarray(value.get() if hasattr(value, "get") and xp is np else value)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
-                f"momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}, "
-                f"channel_axis={self.channel_axis})")
+        return (
+            f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
+            f"momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, "
+            f"channel_axis={self.channel_axis})"
+        )
 
 
 class BatchNorm1d(_BatchNorm):

@@ -63,8 +63,9 @@ class View:
         if self.channels_last_memory:
             moved = self.shape[: self.channel_axis] + self.shape[self.channel_axis + 1 :]
             xp = array_module(data)
-            return xp.moveaxis(data.reshape(moved + (self.shape[self.channel_axis],)), -1,
-                               self.channel_axis)
+            return xp.moveaxis(
+                data.reshape(moved + (self.shape[self.channel_axis],)), -1, self.channel_axis
+            )
         return data.reshape(self.shape)
 
     def match(self, other: Any, name: str) -> View:
@@ -77,8 +78,13 @@ class View:
             data = xp.ascontiguousarray(xp.moveaxis(other, self.channel_axis, -1))
         else:
             data = xp.ascontiguousarray(other)
-        return View(self.layout, data.reshape(self.data.shape), self.shape, self.channel_axis,
-                    self.channels_last_memory)
+        return View(
+            self.layout,
+            data.reshape(self.data.shape),
+            self.shape,
+            self.channel_axis,
+            self.channels_last_memory,
+        )
 
 
 def normalize_axis(channel_axis: int, ndim: int) -> int:
@@ -92,8 +98,9 @@ def normalize_axis(channel_axis: int, ndim: int) -> int:
 def canonical(x: Any, channel_axis: int = 1) -> View:
     """View `x` (rank >= 2, float dtype) as NCS or MC; see the module docstring."""
     if getattr(x, "ndim", 0) < 2:
-        raise ValueError(f"x must have rank >= 2 (batch and channel axes), got shape "
-                         f"{getattr(x, 'shape', None)}")
+        raise ValueError(
+            f"x must have rank >= 2 (batch and channel axes), got shape {getattr(x, 'shape', None)}"
+        )
     check_float_dtype("x", x.dtype)
     shape = tuple(int(d) for d in x.shape)
     axis = normalize_axis(channel_axis, len(shape))

@@ -28,8 +28,18 @@ FASHION_MNIST_FILES = {
     "test_images": "t10k-images-idx3-ubyte.gz",
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                         "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 # IDX type codes (third byte of the magic number) and the big-endian dtypes they stand for.
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -53,8 +63,10 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) - header != expected:
-        raise ValueError(f"{path}: header says shape {shape} ({expected} bytes of data), "
-                         f"file has {len(raw) - header}")
+        raise ValueError(
+            f"{path}: header says shape {shape} ({expected} bytes of data), "
+            f"file has {len(raw) - header}"
+        )
     return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -81,14 +93,24 @@ class Dataset:
 
     def subset(self, train: int, val: int, test: int) -> Dataset:
         """The first `train`/`val`/`test` examples of each split (already shuffled)."""
-        return Dataset(self.name, self.x_train[:train], self.y_train[:train], self.x_val[:val],
-                       self.y_val[:val], self.x_test[:test], self.y_test[:test], self.classes)
+        return Dataset(
+            self.name,
+            self.x_train[:train],
+            self.y_train[:train],
+            self.x_val[:val],
+            self.y_val[:val],
+            self.x_test[:test],
+            self.y_test[:test],
+            self.classes,
+        )
 
     def describe(self) -> str:
         c, h, w = self.image_shape
-        return (f"{self.name}: {h}x{w} images, {self.num_classes} classes, "
-                f"{len(self.y_train)} train / {len(self.y_val)} validation / "
-                f"{len(self.y_test)} test")
+        return (
+            f"{self.name}: {h}x{w} images, {self.num_classes} classes, "
+            f"{len(self.y_train)} train / {len(self.y_val)} validation / "
+            f"{len(self.y_test)} test"
+        )
 
 
 def _standardize(dataset: Dataset) -> Dataset:
@@ -100,8 +122,9 @@ def _standardize(dataset: Dataset) -> Dataset:
     return dataset
 
 
-def _split_train_val(x: np.ndarray, y: np.ndarray, val_size: int,
-                     rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+def _split_train_val(
+    x: np.ndarray, y: np.ndarray, val_size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, ...]:
     order = rng.permutation(len(y))
     val, train = order[:val_size], order[val_size:]
     return x[train], y[train], x[val], y[val]
@@ -113,8 +136,7 @@ def fashion_mnist_available(root: Path | None = None) -> bool:
     return all((root / name).is_file() for name in FASHION_MNIST_FILES.values())
 
 
-def load_fashion_mnist(root: Path | None = None, val_size: int = 5000,
-                       seed: int = 0) -> Dataset:
+def load_fashion_mnist(root: Path | None = None, val_size: int = 5000, seed: int = 0) -> Dataset:
     """Fashion-MNIST from the IDX files in `root` (default `FASHION_MNIST_DIR`); `val_size`
     training images for validation."""
     root = FASHION_MNIST_DIR if root is None else Path(root)
@@ -122,17 +144,22 @@ def load_fashion_mnist(root: Path | None = None, val_size: int = 5000,
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3 or labels.shape != images.shape[:1]:
-            raise ValueError(f"{root}: {split} images {images.shape} and labels "
-                             f"{labels.shape} do not match")
+            raise ValueError(
+                f"{root}: {split} images {images.shape} and labels {labels.shape} do not match"
+            )
     rng = np.random.default_rng(seed)
     x = arrays["train_images"][:, None].astype(np.float32) / 255
     x_train, y_train, x_val, y_val = _split_train_val(
-        x, arrays["train_labels"].astype(np.int64), val_size, rng)
+        x, arrays["train_labels"].astype(np.int64), val_size, rng
+    )
     test_order = rng.permutation(len(arrays["test_labels"]))
     x_test = arrays["test_images"][test_order, None].astype(np.float32) / 255
     y_test = arrays["test_labels"][test_order].astype(np.int64)
-    return _standardize(Dataset("Fashion-MNIST", x_train, y_train, x_val, y_val, x_test, y_test,
-                                FASHION_MNIST_CLASSES))
+    return _standardize(
+        Dataset(
+            "Fashion-MNIST", x_train, y_train, x_val, y_val, x_test, y_test, FASHION_MNIST_CLASSES
+        )
+    )
 
 
 def load_digits(seed: int = 0) -> Dataset:
@@ -140,9 +167,11 @@ def load_digits(seed: int = 0) -> Dataset:
     try:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError:
-        raise SystemExit("Neither Fashion-MNIST nor scikit-learn is installed. Install one:\n"
-                         "  apt-get install dataset-fashion-mnist\n"
-                         "  pip install scikit-learn") from None
+        raise SystemExit(
+            "Neither Fashion-MNIST nor scikit-learn is installed. Install one:\n"
+            "  apt-get install dataset-fashion-mnist\n"
+            "  pip install scikit-learn"
+        ) from None
     digits = sklearn_digits()
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(digits.target))
@@ -150,10 +179,18 @@ def load_digits(seed: int = 0) -> Dataset:
     y = digits.target[order].astype(np.int64)
     n_val = n_test = len(y) // 5
     n_train = len(y) - n_val - n_test
-    return _standardize(Dataset(
-        "digits (scikit-learn)", x[:n_train], y[:n_train], x[n_train:n_train + n_val],
-        y[n_train:n_train + n_val], x[n_train + n_val:], y[n_train + n_val:],
-        tuple(str(i) for i in range(10))))
+    return _standardize(
+        Dataset(
+            "digits (scikit-learn)",
+            x[:n_train],
+            y[:n_train],
+            x[n_train : n_train + n_val],
+            y[n_train : n_train + n_val],
+            x[n_train + n_val :],
+            y[n_train + n_val :],
+            tuple(str(i) for i in range(10)),
+        )
+    )
 
 
 def load(name: str = "auto", seed: int = 0) -> Dataset:
@@ -162,11 +199,15 @@ def load(name: str = "auto", seed: int = 0) -> Dataset:
         raise ValueError(f"data set must be auto, fashion-mnist or digits, got {name!r}")
     if name == "fashion-mnist" or (name == "auto" and fashion_mnist_available()):
         if not fashion_mnist_available():
-            raise SystemExit(f"Fashion-MNIST files not found in {FASHION_MNIST_DIR} "
-                             "(apt-get install dataset-fashion-mnist, or set FASHION_MNIST_DIR)")
+            raise SystemExit(
+                f"Fashion-MNIST files not found in {FASHION_MNIST_DIR} "
+                "(apt-get install dataset-fashion-mnist, or set FASHION_MNIST_DIR)"
+            )
         return load_fashion_mnist(seed=seed)
     if name == "auto":
-        print(f"Fashion-MNIST not found in {FASHION_MNIST_DIR} "
-              "(apt-get install dataset-fashion-mnist); using scikit-learn's 8x8 digits instead.",
-              file=sys.stderr)
+        print(
+            f"Fashion-MNIST not found in {FASHION_MNIST_DIR} "
+            "(apt-get install dataset-fashion-mnist); using scikit-learn's 8x8 digits instead.",
+            file=sys.stderr,
+        )
     return load_digits(seed=seed)

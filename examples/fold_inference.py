@@ -55,8 +55,9 @@ import cupy_bn as cbn
 from cupy_bn.fold import FOLD_RECORD_KEY, PairStatement, fold_record
 
 
-def build_convnet(image_shape: tuple[int, int, int], classes: int, seed: int,
-                  folded: bool = False) -> Named:
+def build_convnet(
+    image_shape: tuple[int, int, int], classes: int, seed: int, folded: bool = False
+) -> Named:
     """The conv net, with PyTorch's module names.
 
     features:   0 Conv2d(c, 16, 3, padding=1)  1 BatchNorm2d(16)  2 ReLU  3 MaxPool2d(2)
@@ -74,13 +75,22 @@ def build_convnet(image_shape: tuple[int, int, int], classes: int, seed: int,
         return Identity() if folded else layer
 
     features = Sequential(
-        Conv2d(c, 16, 3, rng, padding=1, bias=folded), bn(cbn.BatchNorm2d(16)), ReLU(),
+        Conv2d(c, 16, 3, rng, padding=1, bias=folded),
+        bn(cbn.BatchNorm2d(16)),
+        ReLU(),
         MaxPool2d(2),
-        Conv2d(16, 32, 3, rng, padding=1, bias=folded), bn(cbn.BatchNorm2d(32)), ReLU(),
-        MaxPool2d(2))
+        Conv2d(16, 32, 3, rng, padding=1, bias=folded),
+        bn(cbn.BatchNorm2d(32)),
+        ReLU(),
+        MaxPool2d(2),
+    )
     classifier = Sequential(
-        Flatten(), Dense(32 * (h // 4) * (w // 4), 64, rng, bias=folded),
-        bn(cbn.BatchNorm1d(64)), ReLU(), Dense(64, classes, rng, init="lecun"))
+        Flatten(),
+        Dense(32 * (h // 4) * (w // 4), 64, rng, bias=folded),
+        bn(cbn.BatchNorm1d(64)),
+        ReLU(),
+        Dense(64, classes, rng, init="lecun"),
+    )
     return Named(features=features, classifier=classifier)
 
 
@@ -91,22 +101,23 @@ def save_model(path: Path, model: Named) -> Path:
     state = model.state_dict()
     arrays = {k: np.asarray(v.get() if hasattr(v, "get") else v) for k, v in state.items()}
     arrays[FOLD_RECORD_KEY] = fold_record(
-        PairStatement(layer, bn_name, eps=bn.eps) for layer, bn_name, bn in model.fold_pairs())
+        PairStatement(layer, bn_name, eps=bn.eps) for layer, bn_name, bn in model.fold_pairs()
+    )
     return write_atomic(path, lambda f: np.savez(f, **arrays), mode="wb")
 
 
 def cupy_bn_command() -> list[str]:
     """The `cupy-bn` command of this Python: its console script, or the CLI module."""
     script = shutil.which("cupy-bn", path=str(Path(sys.executable).parent))
-    return [script] if script else [sys.executable, "-c",
-                                    "from cupy_bn.cli import main; main()"]
+    return [script] if script else [sys.executable, "-c", "from cupy_bn.cli import main; main()"]
 
 
 def run_fold(model: Path, folded: Path) -> dict:
     """Run `cupy-bn fold MODEL -o OUT --force --json` and return its JSON report."""
     command = [*cupy_bn_command(), "fold", str(model), "-o", str(folded), "--force", "--json"]
-    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(),
-                          check=False)
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=os.environ.copy(), check=False
+    )
     if done.returncode != 0:
         raise SystemExit(f"cupy-bn fold failed (exit {done.returncode}): {done.stderr.strip()}")
     return json.loads(done.stdout)
@@ -127,10 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     epochs = args.epochs or ((10 if args.quick else 30) if small else (1 if args.quick else 3))
     if args.quick and not small:
         dataset = dataset.subset(6000, 1000, 2000)
-    console.print(f"{dataset.describe()}; device {args.device}; conv net with batch norm, "
-                  f"batch {batch_size}, {epochs} epoch(s)")
-    data = {k: xp.asarray(getattr(dataset, k)) for k in
-            ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
+    console.print(
+        f"{dataset.describe()}; device {args.device}; conv net with batch norm, "
+        f"batch {batch_size}, {epochs} epoch(s)"
+    )
+    data = {
+        k: xp.asarray(getattr(dataset, k))
+        for k in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+    }
 
     model = build_convnet(dataset.image_shape, dataset.num_classes, args.seed).to(xp)
     optimizer = SGD(model.parameters(), lr=args.lr, momentum=0.9)
@@ -141,8 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     with progress_bar() as progress:
         task = progress.add_task("training", total=epochs * steps)
         for epoch in range(epochs):
-            loss = train_epoch(model, optimizer, data["x_train"], data["y_train"], batch_size,
-                               rng, lambda _: progress.advance(task))
+            loss = train_epoch(
+                model,
+                optimizer,
+                data["x_train"],
+                data["y_train"],
+                batch_size,
+                rng,
+                lambda _: progress.advance(task),
+            )
             acc = evaluate(model, data["x_val"], data["y_val"])
             history.append({"epoch": epoch + 1, "train_loss": loss, "val_accuracy": acc})
             progress.update(task, description=f"training  val {acc:.3f}")
@@ -154,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     fold_report = run_fold(model_path, folded_path)
     with np.load(folded_path, allow_pickle=False) as archive:
         folded_state = {k: archive[k] for k in archive.files}
-    folded_model = build_convnet(dataset.image_shape, dataset.num_classes, args.seed,
-                                 folded=True)
+    folded_model = build_convnet(dataset.image_shape, dataset.num_classes, args.seed, folded=True)
     folded_model.load_state_dict(folded_state)
     folded_model.to(xp).eval()
     model.eval()
@@ -164,8 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     logits = predict(model, x_test)
     logits_folded = predict(folded_model, x_test)
     pred, pred_folded = logits.argmax(axis=1), logits_folded.argmax(axis=1)
-    timing = time_calls({"with batch norm": lambda: predict(model, x_test),
-                         "folded": lambda: predict(folded_model, x_test)}, args.repeat)
+    timing = time_calls(
+        {
+            "with batch norm": lambda: predict(model, x_test),
+            "folded": lambda: predict(folded_model, x_test),
+        },
+        args.repeat,
+    )
     results = {
         "test_accuracy": float(np.mean(pred == y_test)),
         "test_accuracy_folded": float(np.mean(pred_folded == y_test)),
@@ -177,13 +203,27 @@ def main(argv: list[str] | None = None) -> int:
         "speedup": timing["with batch norm"]["median_s"] / timing["folded"]["median_s"],
     }
 
-    pair_columns = ["layer", "batch norm", "kind", "channels", "bias created", "pair",
-                    "algebra max abs err"]
-    pair_rows = [[p["layer"], p["bn"], p["kind"], p["channels"],
-                  "yes" if p["created_bias"] else "no", p["established"],
-                  "-" if p["algebra_max_abs_error"] is None
-                  else f"{p['algebra_max_abs_error']:.1e}"]
-                 for p in fold_report["pairs"]]
+    pair_columns = [
+        "layer",
+        "batch norm",
+        "kind",
+        "channels",
+        "bias created",
+        "pair",
+        "algebra max abs err",
+    ]
+    pair_rows = [
+        [
+            p["layer"],
+            p["bn"],
+            p["kind"],
+            p["channels"],
+            "yes" if p["created_bias"] else "no",
+            p["established"],
+            "-" if p["algebra_max_abs_error"] is None else f"{p['algebra_max_abs_error']:.1e}",
+        ]
+        for p in fold_report["pairs"]
+    ]
     table = Table(title="cupy-bn fold")
     for column in pair_columns:
         table.add_column(column)
@@ -198,25 +238,39 @@ def main(argv: list[str] | None = None) -> int:
         f"({train_seconds:.0f} s), exported to `model.npz` "
         f"({len(model.state_dict())} arrays), folded with "
         f"`cupy-bn fold model.npz -o model.folded.npz` ({len(folded_state)} arrays).\n\n"
-        + markdown_table(["epoch", "training loss", "validation accuracy"],
-                         [[h["epoch"], f"{h['train_loss']:.3f}", f"{100 * h['val_accuracy']:.1f}%"]
-                          for h in history])
+        + markdown_table(
+            ["epoch", "training loss", "validation accuracy"],
+            [
+                [h["epoch"], f"{h['train_loss']:.3f}", f"{100 * h['val_accuracy']:.1f}%"]
+                for h in history
+            ],
+        )
         + "\n"
         + markdown_table(pair_columns, pair_rows)
         + "\n"
         + markdown_table(
             ["network", "test accuracy", "inference on the test set (median)", "min"],
-            [["with batch norm (eval mode)", f"{100 * results['test_accuracy']:.2f}%",
-              f"{1e3 * timing['with batch norm']['median_s']:.0f} ms",
-              f"{1e3 * timing['with batch norm']['min_s']:.0f} ms"],
-             ["folded", f"{100 * results['test_accuracy_folded']:.2f}%",
-              f"{1e3 * timing['folded']['median_s']:.0f} ms",
-              f"{1e3 * timing['folded']['min_s']:.0f} ms"]])
+            [
+                [
+                    "with batch norm (eval mode)",
+                    f"{100 * results['test_accuracy']:.2f}%",
+                    f"{1e3 * timing['with batch norm']['median_s']:.0f} ms",
+                    f"{1e3 * timing['with batch norm']['min_s']:.0f} ms",
+                ],
+                [
+                    "folded",
+                    f"{100 * results['test_accuracy_folded']:.2f}%",
+                    f"{1e3 * timing['folded']['median_s']:.0f} ms",
+                    f"{1e3 * timing['folded']['min_s']:.0f} ms",
+                ],
+            ],
+        )
         + f"\nPredictions that differ: {results['predictions_differing']} of {n_images}. "
         f"Largest logit difference: {results['max_abs_logit_difference']:.2e} (logits up to "
         f"{results['max_abs_logit']:.1f}). Folded inference is {results['speedup']:.2f}x as "
         f"fast ({n_images} images in batches of 1000, median of {args.repeat} alternating "
-        f"passes).\n")
+        f"passes).\n"
+    )
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.4))
@@ -227,25 +281,45 @@ def main(argv: list[str] | None = None) -> int:
     bars = ax.barh(names, medians, color=["tab:blue", "tab:green"], label="median")
     ax.scatter(minimums, names, color="black", marker="|", s=200, zorder=3, label="fastest")
     for bar, acc in zip(bars, accuracies, strict=True):
-        ax.text(bar.get_width() * 0.02, bar.get_y() + bar.get_height() / 2,
-                f"test accuracy {100 * acc:.2f}%", va="center", color="white")
+        ax.text(
+            bar.get_width() * 0.02,
+            bar.get_y() + bar.get_height() / 2,
+            f"test accuracy {100 * acc:.2f}%",
+            va="center",
+            color="white",
+        )
     ax.invert_yaxis()
     ax.set_xlim(0, 1.35 * max(medians))
-    ax.set(xlabel=f"ms to classify {n_images} test images ({args.device})",
-           title=f"Inference before and after cupy-bn fold: {results['predictions_differing']} "
-                 "predictions differ")
+    ax.set(
+        xlabel=f"ms to classify {n_images} test images ({args.device})",
+        title=f"Inference before and after cupy-bn fold: {results['predictions_differing']} "
+        "predictions differ",
+    )
     ax.legend(loc="lower right")
     save_figure(fig, out / "inference.png")
     plt.close(fig)
     write_text(out / "results.md", report)
-    write_json(out / "results.json", {
-        "experiment": "fold_inference", "dataset": dataset.name, "device": args.device,
-        "quick": args.quick, "chance": 1 / dataset.num_classes, "epochs": epochs,
-        "batch_size": batch_size, "lr": args.lr, "train_seconds": train_seconds,
-        "history": history, "fold": fold_report, **results})
+    write_json(
+        out / "results.json",
+        {
+            "experiment": "fold_inference",
+            "dataset": dataset.name,
+            "device": args.device,
+            "quick": args.quick,
+            "chance": 1 / dataset.num_classes,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": args.lr,
+            "train_seconds": train_seconds,
+            "history": history,
+            "fold": fold_report,
+            **results,
+        },
+    )
     console.print(report, markup=False, soft_wrap=True)
-    console.print(f"Wrote {out}/model.npz, model.folded.npz, results.md, results.json, "
-                  "inference.png")
+    console.print(
+        f"Wrote {out}/model.npz, model.folded.npz, results.md, results.json, inference.png"
+    )
     return 0
 
 

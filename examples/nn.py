@@ -67,8 +67,11 @@ class Layer:
         def move(d: dict[str, Array]) -> dict[str, Array]:
             return {k: to_numpy(v) if xp is np else xp.asarray(v) for k, v in d.items()}
 
-        self.params, self.grads, self.buffers = move(self.params), move(self.grads), move(
-            self.buffers)
+        self.params, self.grads, self.buffers = (
+            move(self.params),
+            move(self.grads),
+            move(self.buffers),
+        )
         return self
 
     def state_dict(self) -> dict[str, Array]:
@@ -77,12 +80,15 @@ class Layer:
     def load_state_dict(self, state: dict[str, Array]) -> None:
         own = {**self.params, **self.buffers}
         if set(own) != set(state):
-            raise KeyError(f"{type(self).__name__}: expected keys {sorted(own)}, "
-                           f"got {sorted(state)}")
+            raise KeyError(
+                f"{type(self).__name__}: expected keys {sorted(own)}, got {sorted(state)}"
+            )
         for k, target in own.items():
             if tuple(np.shape(state[k])) != tuple(target.shape):
-                raise ValueError(f"{type(self).__name__}: {k!r} must have shape "
-                                 f"{tuple(target.shape)}, got {tuple(np.shape(state[k]))}")
+                raise ValueError(
+                    f"{type(self).__name__}: {k!r} must have shape "
+                    f"{tuple(target.shape)}, got {tuple(np.shape(state[k]))}"
+                )
         xp = array_module(next(iter(own.values()))) if own else np
         for k, target in own.items():
             target[...] = xp.asarray(to_numpy(state[k]) if xp is np else state[k])
@@ -92,8 +98,9 @@ class Layer:
 # Weighted sums
 
 
-def _fresh_params(shapes: dict[str, tuple[int, ...]], fan_in: int, init: str,
-                  rng: np.random.Generator, bias: bool) -> dict[str, np.ndarray]:
+def _fresh_params(
+    shapes: dict[str, tuple[int, ...]], fan_in: int, init: str, rng: np.random.Generator, bias: bool
+) -> dict[str, np.ndarray]:
     """Weight drawn from N(0, gain/fan_in) (`he`: gain 2, `lecun`: gain 1); zero bias."""
     gains = {"he": 2.0, "lecun": 1.0}
     if init not in gains:
@@ -108,11 +115,22 @@ def _fresh_params(shapes: dict[str, tuple[int, ...]], fan_in: int, init: str,
 class Dense(Layer):
     """`y = x @ weight.T + bias`, weight `(out, in)` as PyTorch's Linear."""
 
-    def __init__(self, in_features: int, out_features: int, rng: np.random.Generator,
-                 init: str = "he", bias: bool = True) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rng: np.random.Generator,
+        init: str = "he",
+        bias: bool = True,
+    ) -> None:
         super().__init__()
-        self.params = _fresh_params({"weight": (out_features, in_features),
-                                     "bias": (out_features,)}, in_features, init, rng, bias)
+        self.params = _fresh_params(
+            {"weight": (out_features, in_features), "bias": (out_features,)},
+            in_features,
+            init,
+            rng,
+            bias,
+        )
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
         self._x: Array | None = None
 
@@ -145,13 +163,14 @@ def im2col(x: Array, k: int, padding: int, stride: int) -> tuple[Array, int, int
     cols = xp.empty((c, k, k, n, ho, wo), x.dtype)
     for i in range(k):
         for j in range(k):
-            patch = x[:, :, i:i + stride * ho:stride, j:j + stride * wo:stride]
+            patch = x[:, :, i : i + stride * ho : stride, j : j + stride * wo : stride]
             cols[:, i, j] = patch.transpose(1, 0, 2, 3)
     return cols.reshape(c * k * k, n * ho * wo), ho, wo
 
 
-def col2im(cols: Array, x_shape: tuple[int, int, int, int], k: int, padding: int,
-           stride: int) -> Array:
+def col2im(
+    cols: Array, x_shape: tuple[int, int, int, int], k: int, padding: int, stride: int
+) -> Array:
     """Adjoint of `im2col`: sum each column entry back into the input position it came from."""
     xp = array_module(cols)
     n, c, h, w = x_shape
@@ -160,9 +179,10 @@ def col2im(cols: Array, x_shape: tuple[int, int, int, int], k: int, padding: int
     dx = xp.zeros((n, c, h + 2 * padding, w + 2 * padding), cols.dtype)
     for i in range(k):
         for j in range(k):
-            dx[:, :, i:i + stride * ho:stride, j:j + stride * wo:stride] += \
-                cols[:, i, j].transpose(1, 0, 2, 3)
-    return dx[:, :, padding:padding + h, padding:padding + w] if padding else dx
+            dx[:, :, i : i + stride * ho : stride, j : j + stride * wo : stride] += cols[
+                :, i, j
+            ].transpose(1, 0, 2, 3)
+    return dx[:, :, padding : padding + h, padding : padding + w] if padding else dx
 
 
 class Conv2d(Layer):
@@ -171,15 +191,27 @@ class Conv2d(Layer):
     Forward is im2col + one matrix product; backward is two matrix products + col2im.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
-                 rng: np.random.Generator, padding: int = 0, stride: int = 1,
-                 init: str = "he", bias: bool = True) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        rng: np.random.Generator,
+        padding: int = 0,
+        stride: int = 1,
+        init: str = "he",
+        bias: bool = True,
+    ) -> None:
         super().__init__()
         k = kernel_size
         self.k, self.padding, self.stride = k, padding, stride
-        self.params = _fresh_params({"weight": (out_channels, in_channels, k, k),
-                                     "bias": (out_channels,)}, in_channels * k * k, init, rng,
-                                    bias)
+        self.params = _fresh_params(
+            {"weight": (out_channels, in_channels, k, k), "bias": (out_channels,)},
+            in_channels * k * k,
+            init,
+            rng,
+            bias,
+        )
         self.grads = {name: np.zeros_like(v) for name, v in self.params.items()}
         self._cols: Array | None = None
         self._x_shape: tuple[int, int, int, int] | None = None
@@ -190,7 +222,7 @@ class Conv2d(Layer):
         cols, ho, wo = im2col(x, self.k, self.padding, self.stride)
         self._cols, self._x_shape = cols, x.shape
         w = self.params["weight"]
-        y = w.reshape(w.shape[0], -1) @ cols                      # (out, N*Ho*Wo)
+        y = w.reshape(w.shape[0], -1) @ cols  # (out, N*Ho*Wo)
         if "bias" in self.params:
             y += self.params["bias"][:, None]
         return xp.ascontiguousarray(y.reshape(w.shape[0], n, ho, wo).transpose(1, 0, 2, 3))
@@ -198,7 +230,7 @@ class Conv2d(Layer):
     def backward(self, dy: Array) -> Array:
         w = self.params["weight"]
         out = w.shape[0]
-        dy2 = dy.transpose(1, 0, 2, 3).reshape(out, -1)          # (out, N*Ho*Wo)
+        dy2 = dy.transpose(1, 0, 2, 3).reshape(out, -1)  # (out, N*Ho*Wo)
         self.grads["weight"][...] = (dy2 @ self._cols.T).reshape(w.shape)
         if "bias" in self.params:
             self.grads["bias"][...] = dy2.sum(axis=1)
@@ -255,10 +287,10 @@ class MaxPool2d(Layer):
         if x.shape[2] % s or x.shape[3] % s:
             raise ValueError(f"MaxPool2d({s}) needs H and W divisible by {s}, got {x.shape}")
         out = x[:, :, ::s, ::s].copy()
-        self._argmax = xp.zeros(out.shape, np.int8)      # which offset holds the maximum
+        self._argmax = xp.zeros(out.shape, np.int8)  # which offset holds the maximum
         for k, (i, j) in enumerate(self._offsets()[1:], start=1):
             candidate = x[:, :, i::s, j::s]
-            better = candidate > out                      # strict: ties keep the first
+            better = candidate > out  # strict: ties keep the first
             self._argmax[better] = k
             xp.maximum(out, candidate, out=out)
         self._x_shape = x.shape
@@ -349,8 +381,11 @@ class Sequential(Layer):
         for i, layer in enumerate(self.layers):
             if isinstance(layer, Sequential):
                 yield from layer.fold_pairs(names[i] + ".")
-            elif (i and "running_mean" in getattr(layer, "buffers", {})
-                  and isinstance(self.layers[i - 1], (Conv2d, Dense))):
+            elif (
+                i
+                and "running_mean" in getattr(layer, "buffers", {})
+                and isinstance(self.layers[i - 1], (Conv2d, Dense))
+            ):
                 yield names[i - 1], names[i], layer
 
     def parameters(self) -> Iterator[tuple[Array, Array]]:
@@ -360,17 +395,22 @@ class Sequential(Layer):
                 yield p, layer.grads[k]
 
     def state_dict(self) -> dict[str, Array]:
-        return {f"{name}.{k}": v for name, layer in self.named_layers()
-                for k, v in layer.state_dict().items()}
+        return {
+            f"{name}.{k}": v
+            for name, layer in self.named_layers()
+            for k, v in layer.state_dict().items()
+        }
 
     def load_state_dict(self, state: dict[str, Array]) -> None:
         layers = dict(self.named_layers())
         own = self.state_dict()
         if set(own) != set(state):
-            raise KeyError(f"missing keys {sorted(set(own) - set(state))}, "
-                           f"unexpected keys {sorted(set(state) - set(own))}")
+            raise KeyError(
+                f"missing keys {sorted(set(own) - set(state))}, "
+                f"unexpected keys {sorted(set(state) - set(own))}"
+            )
         for name, layer in layers.items():
-            sub = {k[len(name) + 1:]: v for k, v in state.items() if k.rpartition(".")[0] == name}
+            sub = {k[len(name) + 1 :]: v for k, v in state.items() if k.rpartition(".")[0] == name}
             if sub:
                 layer.load_state_dict(sub)
 
@@ -407,8 +447,9 @@ def softmax_cross_entropy(logits: Array, labels: Array) -> tuple[float, Array]:
 class SGD:
     """SGD with momentum, PyTorch's form: `v = mu * v + g; p -= lr * v` (dampening 0)."""
 
-    def __init__(self, parameters: Iterable[tuple[Array, Array]], lr: float,
-                 momentum: float = 0.9) -> None:
+    def __init__(
+        self, parameters: Iterable[tuple[Array, Array]], lr: float, momentum: float = 0.9
+    ) -> None:
         self.pairs = list(parameters)
         self.lr, self.momentum = lr, momentum
         self.velocity = [array_module(p).zeros_like(p) for p, _ in self.pairs]

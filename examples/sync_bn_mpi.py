@@ -46,8 +46,7 @@ class Dense:
     """y = x @ w (+ b); grads hold the last backward's gradients."""
 
     def __init__(self, n_in: int, n_out: int, rng: np.random.Generator, bias: bool = True):
-        self.params = {"w": (rng.normal(0, np.sqrt(2.0 / n_in), (n_in, n_out))
-                             .astype(np.float32))}
+        self.params = {"w": (rng.normal(0, np.sqrt(2.0 / n_in), (n_in, n_out)).astype(np.float32))}
         if bias:
             self.params["b"] = np.zeros(n_out, np.float32)
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
@@ -97,8 +96,7 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray, scale: float):
     rows = np.arange(len(labels))
     grad = np.exp(log_p)
     grad[rows, labels] -= 1.0
-    return (-log_p[rows, labels].sum(), grad * scale,
-            int((logits.argmax(axis=1) == labels).sum()))
+    return (-log_p[rows, labels].sum(), grad * scale, int((logits.argmax(axis=1) == labels).sum()))
 
 
 def main() -> None:
@@ -121,10 +119,12 @@ def main() -> None:
     test, train = order[:n_test], order[n_test:]
 
     rng = np.random.default_rng(args.seed)  # same initial weights on every rank
-    layers = [Dense(64, 64, rng, bias=False),  # the batch norm's shift is the bias
-              BatchNormLayer(SyncBatchNorm(64, comm=world)),
-              ReLU(),
-              Dense(64, 10, rng)]
+    layers = [
+        Dense(64, 64, rng, bias=False),  # the batch norm's shift is the bias
+        BatchNormLayer(SyncBatchNorm(64, comm=world)),
+        ReLU(),
+        Dense(64, 10, rng),
+    ]
     params = [p for layer in layers for p in layer.params.values()]
     grads = [g for layer in layers for g in layer.grads.values()]
     velocity = [np.zeros_like(p) for p in params]
@@ -136,8 +136,10 @@ def main() -> None:
         return x
 
     if rank == 0:
-        print(f"{name}: {len(train)} training / {n_test} test samples, {size} rank(s), "
-              f"global batch {args.batch}")
+        print(
+            f"{name}: {len(train)} training / {n_test} test samples, {size} rank(s), "
+            f"global batch {args.batch}"
+        )
     for epoch in range(1, args.epochs + 1):
         for layer in layers:
             if isinstance(layer, BatchNormLayer):
@@ -165,15 +167,18 @@ def main() -> None:
             if isinstance(layer, BatchNormLayer):
                 layer.bn.eval()  # running statistics: no communication
         mine = np.array_split(test, size)[rank]
-        test_loss, _, test_correct = softmax_cross_entropy(forward(features[mine]),
-                                                           labels[mine], 1.0)
+        test_loss, _, test_correct = softmax_cross_entropy(
+            forward(features[mine]), labels[mine], 1.0
+        )
         summary = np.array([*totals, test_loss, test_correct, len(mine)])
         world.Allreduce(MPI.IN_PLACE, summary, op=MPI.SUM)
         if rank == 0:
             loss, correct, count, t_loss, t_correct, t_count = summary
-            print(f"epoch {epoch:3d}  train loss {loss / count:.4f}  acc {correct / count:.3f}"
-                  f"  |  test loss {t_loss / t_count:.4f}  acc {t_correct / t_count:.3f}",
-                  flush=True)
+            print(
+                f"epoch {epoch:3d}  train loss {loss / count:.4f}  acc {correct / count:.3f}"
+                f"  |  test loss {t_loss / t_count:.4f}  acc {t_correct / t_count:.3f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -39,17 +39,32 @@ class Diverged(RuntimeError):
 
 
 def example_parser(description: str | None, default_out: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="a small run (under a minute on a CPU): fewer examples and epochs")
-    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
-                        help="cpu: NumPy; gpu: CuPy (needs a usable CUDA device)")
-    parser.add_argument("--out", type=Path, default=Path(default_out),
-                        help="folder for the PNGs, tables and results.json "
-                             "(default: %(default)s)")
-    parser.add_argument("--data", choices=("auto", "fashion-mnist", "digits"), default="auto",
-                        help="auto: Fashion-MNIST when installed, else scikit-learn's digits")
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small run (under a minute on a CPU): fewer examples and epochs",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="cpu: NumPy; gpu: CuPy (needs a usable CUDA device)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(default_out),
+        help="folder for the PNGs, tables and results.json (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--data",
+        choices=("auto", "fashion-mnist", "digits"),
+        default="auto",
+        help="auto: Fashion-MNIST when installed, else scikit-learn's digits",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and batch order")
     return parser
 
@@ -63,25 +78,38 @@ def select_device(parser: argparse.ArgumentParser, device: str):
     except ImportError:
         parser.error("--device gpu needs CuPy: pip install -e '.[cuda13]' (or '.[cuda12]')")
     if not cupy.is_available():
-        parser.error("--device gpu: CuPy is installed but finds no usable CUDA device "
-                     "(cupy.is_available() is False); use --device cpu")
+        parser.error(
+            "--device gpu: CuPy is installed but finds no usable CUDA device "
+            "(cupy.is_available() is False); use --device cpu"
+        )
     return cupy
 
 
 def progress_bar() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn())
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
 
 
 def batch_indices(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """A shuffled epoch as index arrays; the last, smaller batch is dropped (BN needs > 1)."""
     order = rng.permutation(n)
-    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+    return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
 
 
-def train_epoch(model: Sequential, optimizer, x: Array, y: Array, batch_size: int,
-                rng: np.random.Generator,
-                on_batch: Callable[[int], None] | None = None) -> float:
+def train_epoch(
+    model: Sequential,
+    optimizer,
+    x: Array,
+    y: Array,
+    batch_size: int,
+    rng: np.random.Generator,
+    on_batch: Callable[[int], None] | None = None,
+) -> float:
     """One epoch of minibatch SGD; returns the mean training loss. Raises `Diverged`."""
     xp = array_module(x)
     model.train()
@@ -91,7 +119,7 @@ def train_epoch(model: Sequential, optimizer, x: Array, y: Array, batch_size: in
             idx = xp.asarray(idx)
             try:
                 logits = model(x[idx])
-            except FloatingPointError as e:      # cupy_bn refuses non-finite batch statistics
+            except FloatingPointError as e:  # cupy_bn refuses non-finite batch statistics
                 raise Diverged(str(e)) from None
             loss, dlogits = softmax_cross_entropy(logits, y[idx])
             if not np.isfinite(loss):
@@ -110,8 +138,9 @@ def predict(model: Sequential, x: Array, batch_size: int = 1000) -> np.ndarray:
     model.eval()
     try:
         with np.errstate(over="ignore", invalid="ignore"):
-            return np.concatenate([to_numpy(model(x[i:i + batch_size]))
-                                   for i in range(0, len(x), batch_size)])
+            return np.concatenate(
+                [to_numpy(model(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
+            )
     finally:
         model.train(was_training)
 
@@ -137,8 +166,10 @@ def time_calls(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, dict
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: {"median_s": float(np.median(t)), "min_s": float(np.min(t))}
-            for name, t in times.items()}
+    return {
+        name: {"median_s": float(np.median(t)), "min_s": float(np.min(t))}
+        for name, t in times.items()
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -153,7 +184,7 @@ def write_atomic(path: Path, write: Callable[[Any], None], mode: str = "w") -> P
             write(f)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)             # mkstemp's 0600 -> an ordinary file's mode
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> an ordinary file's mode
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -170,8 +201,9 @@ def write_text(path: Path, text: str) -> Path:
 
 
 def save_figure(fig, path: Path) -> Path:
-    return write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110,
-                                                    bbox_inches="tight"), mode="wb")
+    return write_atomic(
+        path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"), mode="wb"
+    )
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -185,8 +217,10 @@ def pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("The examples draw with matplotlib: pip install -e '.[plot]' "
-                         "(or pip install matplotlib)") from None
+        raise SystemExit(
+            "The examples draw with matplotlib: pip install -e '.[plot]' "
+            "(or pip install matplotlib)"
+        ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -14,7 +14,8 @@ from cupy_bn.layout import NCS, canonical
 
 #: Storage dtypes under test (bfloat16 when ml_dtypes is importable).
 DTYPES = [np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)] + (
-    [BFLOAT16] if BFLOAT16 is not None else [])
+    [BFLOAT16] if BFLOAT16 is not None else []
+)
 
 #: Relative error allowed for values rounded to each storage dtype (a couple of ulps), and for
 #: quantities accumulated in each accumulation dtype.
@@ -24,21 +25,21 @@ ACC_TOL = {"float32": 1e-5, "float64": 1e-12}
 #: Ranks 2-5, both layouts, odd sizes: C=1, N*S=2, S=1, sizes not a multiple of the block,
 #: channel axis 0 (N=1), more channels than a 32-wide MC tile.
 SHAPES = [
-    ((7, 3), 1),            # MC (dense)
-    ((3, 7), 0),            # NCS with N = 1
-    ((4, 3, 5), 1),         # NCS
-    ((4, 3, 5), -1),        # MC
-    ((3, 5, 4, 6), 1),      # NCHW
-    ((3, 4, 6, 5), -1),     # NHWC
-    ((2, 3, 3, 2, 5), 1),   # NCDHW
+    ((7, 3), 1),  # MC (dense)
+    ((3, 7), 0),  # NCS with N = 1
+    ((4, 3, 5), 1),  # NCS
+    ((4, 3, 5), -1),  # MC
+    ((3, 5, 4, 6), 1),  # NCHW
+    ((3, 4, 6, 5), -1),  # NHWC
+    ((2, 3, 3, 2, 5), 1),  # NCDHW
     ((2, 3, 2, 5, 3), -1),  # NDHWC
-    ((5, 1, 7), 1),         # C = 1
-    ((2, 4, 1), 1),         # N*S = 2, S = 1 (viewed as MC)
-    ((1, 3, 2), 1),         # N*S = 2
-    ((3, 2, 300), 1),       # S above the block size, not a multiple of it
-    ((300, 2), -1),         # M above the block size
-    ((9, 37), -1),          # C = 37: two MC channel tiles, the second partly idle
-    ((300, 40), -1),        # split: 300 row ranges merged in two levels (groups of 32)
+    ((5, 1, 7), 1),  # C = 1
+    ((2, 4, 1), 1),  # N*S = 2, S = 1 (viewed as MC)
+    ((1, 3, 2), 1),  # N*S = 2
+    ((3, 2, 300), 1),  # S above the block size, not a multiple of it
+    ((300, 2), -1),  # M above the block size
+    ((9, 37), -1),  # C = 37: two MC channel tiles, the second partly idle
+    ((300, 40), -1),  # split: 300 row ranges merged in two levels (groups of 32)
 ]
 
 
@@ -95,28 +96,35 @@ def check_primitives(be, shape, channel_axis, dtype, seed=0) -> None:
     y = be.apply(view, xp.asarray(scale), xp.asarray(shift))
     assert y.dtype == dtype and y.shape == view.data.shape
     expect_y = x64 * _per_channel(view, scale.astype(np.float64)) + _per_channel(
-        view, shift.astype(np.float64))
+        view, shift.astype(np.float64)
+    )
     assert_close(y, expect_y, out_tol, "apply")
 
     mean_np = to_numpy(mean).astype(np.float64)
     sum_dy, sum_dy_xmu = be.backward_reduce(dview, view, mean)
     centred = x64 - _per_channel(view, mean_np)
-    assert_close(sum_dy, dy64.sum(axis=axes), acc_tol * max(1.0, np.abs(dy64).sum() / channels),
-                 "sum_dy")
-    assert_close(sum_dy_xmu, (dy64 * centred).sum(axis=axes),
-                 acc_tol * max(1.0, np.abs(dy64 * centred).sum() / channels), "sum_dy_xmu")
+    assert_close(
+        sum_dy, dy64.sum(axis=axes), acc_tol * max(1.0, np.abs(dy64).sum() / channels), "sum_dy"
+    )
+    assert_close(
+        sum_dy_xmu,
+        (dy64 * centred).sum(axis=axes),
+        acc_tol * max(1.0, np.abs(dy64 * centred).sum() / channels),
+        "sum_dy_xmu",
+    )
 
     invstd = (1.0 / np.sqrt(to_numpy(var).astype(np.float64) + 1e-5)).astype(acc)
     gamma = rng.normal(1.0, 0.5, channels).astype(acc)
     count = view.count
-    dx = be.backward_apply(dview, view, mean, xp.asarray(invstd), xp.asarray(gamma), sum_dy,
-                           sum_dy_xmu, count)
+    dx = be.backward_apply(
+        dview, view, mean, xp.asarray(invstd), xp.asarray(gamma), sum_dy, sum_dy_xmu, count
+    )
     assert dx.dtype == dtype and dx.shape == view.data.shape
     i64, g64 = invstd.astype(np.float64), gamma.astype(np.float64)
     s1, s2 = to_numpy(sum_dy).astype(np.float64), to_numpy(sum_dy_xmu).astype(np.float64)
     expect_dx = _per_channel(view, g64 * i64) * (
-        dy64 - _per_channel(view, s1 / count)
-        - centred * _per_channel(view, i64 * i64 * s2 / count))
+        dy64 - _per_channel(view, s1 / count) - centred * _per_channel(view, i64 * i64 * s2 / count)
+    )
     assert_close(dx, expect_dx, 4 * out_tol, "backward_apply")
 
     if count >= 2:
@@ -134,8 +142,9 @@ def check_running_update(be, mean, var, count, dtype) -> None:
     m64, v64 = to_numpy(mean).astype(np.float64), to_numpy(var).astype(np.float64)
     tol = OUTPUT_TOL[np.dtype(dtype).name]
     assert_close(rm, 0.75 * rm0.astype(np.float64) + 0.25 * m64, tol, "running_mean")
-    assert_close(rv, 0.75 * rv0.astype(np.float64) + 0.25 * v64 * count / (count - 1), tol,
-                 "running_var")
+    assert_close(
+        rv, 0.75 * rv0.astype(np.float64) + 0.25 * v64 * count / (count - 1), tol, "running_var"
+    )
 
 
 def check_train_statistics(be, view, x64, acc, acc_tol) -> None:
@@ -149,14 +158,19 @@ def check_train_statistics(be, view, x64, acc, acc_tol) -> None:
     rv0 = np.ones(channels, acc)
     rm, rv = xp.array(rm0), xp.array(rv0)  # copies: rm0, rv0 stay the "before"
     mean, var, invstd, scale, shift = be.train_statistics(
-        view, xp.asarray(weight), xp.asarray(bias), rm, rv, 0.1, 1e-5)
+        view, xp.asarray(weight), xp.asarray(bias), rm, rv, 0.1, 1e-5
+    )
     axes = _axes(view)
     m64, v64 = x64.mean(axis=axes), x64.var(axis=axes)
     i64 = 1.0 / np.sqrt(v64 + 1e-5)
-    for got, want, what in ((mean, m64, "mean"), (var, v64, "var"), (invstd, i64, "invstd"),
-                            (scale, weight * i64, "scale"),
-                            (shift, bias - m64 * weight * i64, "shift"),
-                            (rm, 0.1 * m64, "running_mean"),
-                            (rv, 0.9 + 0.1 * v64 * count / (count - 1), "running_var")):
+    for got, want, what in (
+        (mean, m64, "mean"),
+        (var, v64, "var"),
+        (invstd, i64, "invstd"),
+        (scale, weight * i64, "scale"),
+        (shift, bias - m64 * weight * i64, "shift"),
+        (rm, 0.1 * m64, "running_mean"),
+        (rv, 0.9 + 0.1 * v64 * count / (count - 1), "running_var"),
+    ):
         assert got.dtype == acc, what
         assert_close(got, want, acc_tol, what)

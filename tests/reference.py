@@ -46,8 +46,15 @@ def backward(x, dy, weight=None, eps=1e-5, channel_axis=1):
     xhat = (x - mean) * invstd
     gamma = np.ones(cs) if weight is None else np.reshape(np.asarray(weight, np.float64), cs)
     dxhat = dy * gamma
-    dx = invstd / m * (m * dxhat - dxhat.sum(axis=axes).reshape(cs)
-                       - xhat * (dxhat * xhat).sum(axis=axes).reshape(cs))
+    dx = (
+        invstd
+        / m
+        * (
+            m * dxhat
+            - dxhat.sum(axis=axes).reshape(cs)
+            - xhat * (dxhat * xhat).sum(axis=axes).reshape(cs)
+        )
+    )
     return dx, (dy * xhat).sum(axis=axes), dy.sum(axis=axes)
 
 

@@ -57,8 +57,9 @@ def _local(global_x: np.ndarray, sizes: list[int], rank: int, channels_last: boo
     return part
 
 
-def check_layer_matches_global_batch(comm, shape_of, channel_axis, channels_last, sizes,
-                                     offset: float = 0.0, steps: int = 2) -> int:
+def check_layer_matches_global_batch(
+    comm, shape_of, channel_axis, channels_last, sizes, offset: float = 0.0, steps: int = 2
+) -> int:
     rank = comm.rank
     rng = np.random.default_rng(1234)
     weight, bias = rng.normal(1, 0.3, C), rng.normal(0, 0.5, C)
@@ -69,8 +70,12 @@ def check_layer_matches_global_batch(comm, shape_of, channel_axis, channels_last
     axes = ref.reduce_axes(len(shape_of(1)), channel_axis)
     checks = 0
     for step in range(steps):
-        global_x = rng.normal(0, 1, shape_of(sum(sizes))) * (1 + np.arange(C) * 0.5).reshape(
-            ref.channel_shape(len(shape_of(1)), channel_axis, C)) + offset + step
+        global_x = (
+            rng.normal(0, 1, shape_of(sum(sizes)))
+            * (1 + np.arange(C) * 0.5).reshape(ref.channel_shape(len(shape_of(1)), channel_axis, C))
+            + offset
+            + step
+        )
         global_dy = rng.normal(0, 1, global_x.shape)
         x = _local(global_x, sizes, rank, channels_last)
         dy = _local(global_dy, sizes, rank, channels_last)
@@ -79,8 +84,9 @@ def check_layer_matches_global_batch(comm, shape_of, channel_axis, channels_last
         assert comm.calls - calls in (1, 2)  # two when the shift was far off (tiny batches)
         start = sum(sizes[:rank])
         mine = slice(start, start + sizes[rank])
-        np.testing.assert_allclose(y, ref.forward(global_x, weight, bias,
-                                                  channel_axis=channel_axis)[mine], atol=ATOL)
+        np.testing.assert_allclose(
+            y, ref.forward(global_x, weight, bias, channel_axis=channel_axis)[mine], atol=ATOL
+        )
         mean, var = global_x.mean(axis=axes), global_x.var(axis=axes)
         n = global_x.size // C
         r_mean = 0.7 * r_mean + 0.3 * mean
@@ -103,8 +109,11 @@ def check_layer_matches_global_batch(comm, shape_of, channel_axis, channels_last
     calls = comm.calls
     y = bn(x)
     assert comm.calls == calls, "eval mode communicated"
-    np.testing.assert_allclose(y, ref.forward(x, weight, bias, channel_axis=channel_axis,
-                                              mean=r_mean, var=r_var), atol=ATOL)
+    np.testing.assert_allclose(
+        y,
+        ref.forward(x, weight, bias, channel_axis=channel_axis, mean=r_mean, var=r_var),
+        atol=ATOL,
+    )
     return checks + 1
 
 
@@ -146,8 +155,9 @@ def check_far_mean_is_exact(comm) -> int:
         calls = comm.calls
         y = bn(global_x[start : start + sizes[comm.rank]])
         assert comm.calls - calls == expected_calls, (step, comm.calls - calls)
-        np.testing.assert_allclose(y, ref.forward(global_x)[start : start + sizes[comm.rank]],
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            y, ref.forward(global_x)[start : start + sizes[comm.rank]], atol=1e-6
+        )
         var = global_x.var(axis=0) * len(global_x) / (len(global_x) - 1)
         got = (bn.running_var - 0.9 * prev_var) / 0.1
         np.testing.assert_allclose(got, var, rtol=1e-6)
@@ -163,8 +173,9 @@ def check_float32(comm) -> int:
     bn = SyncBatchNorm(C, comm=comm)
     y = bn(global_x[start : start + sizes[comm.rank]])
     assert y.dtype == np.float32
-    np.testing.assert_allclose(y, ref.forward(global_x)[start : start + sizes[comm.rank]],
-                               atol=2e-5)
+    np.testing.assert_allclose(
+        y, ref.forward(global_x)[start : start + sizes[comm.rank]], atol=2e-5
+    )
     return 1
 
 
@@ -238,8 +249,9 @@ def run_all(comm) -> int:
     for _name, shape_of, axis, channels_last in LAYOUTS:
         for empty in (False, True):
             sizes = batch_sizes(comm.size, empty)
-            checks += check_layer_matches_global_batch(comm, shape_of, axis, channels_last,
-                                                       sizes, offset=3.0)
+            checks += check_layer_matches_global_batch(
+                comm, shape_of, axis, channels_last, sizes, offset=3.0
+            )
     checks += check_functional(comm, batch_sizes(comm.size, empty=True))
     checks += check_far_mean_is_exact(comm)
     checks += check_float32(comm)

@@ -113,9 +113,7 @@ def _write_model(path, *, orphan=False, rng=None, transposed=False, record=False
     state |= layer_state("features.3", Layer("conv", 8, 8, (3, 3), groups=8), rng)
     state |= bn_state("features.4", 8, rng, affine=False)
     if transposed:
-        state |= layer_state(
-            "up", Layer("conv_transpose", 8, 6, (2, 2), groups=2, bias=False), rng
-        )
+        state |= layer_state("up", Layer("conv_transpose", 8, 6, (2, 2), groups=2, bias=False), rng)
         state |= bn_state("up_bn", 6, rng)
     if orphan:
         state |= bn_state("head.norm", 5, rng)

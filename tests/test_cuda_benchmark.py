@@ -13,8 +13,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
 
 @pytest.mark.skipif(cupy_usable(), reason="a GPU is usable here: the benchmark would run")
 def test_gpu_benchmark_explains_missing_gpu():
-    result = subprocess.run([sys.executable, str(SCRIPT), "--repeat", "1"], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--repeat", "1"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()

@@ -11,8 +11,10 @@ import cupy_bn as cbn
 from cupy_bn.backends import cupy_usable
 from cupy_bn.layout import canonical
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not cupy_usable(), reason="no usable CuPy GPU here")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not cupy_usable(), reason="no usable CuPy GPU here"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +45,9 @@ def test_primitives_match_float64(cuda_backend, split_backend, shape, channel_ax
     cc.check_primitives(split_backend, shape, channel_axis, dtype)
 
 
-@pytest.mark.parametrize("shape,channel_axis", [((32, 64, 56, 56), 1), ((32, 56, 56, 64), -1),
-                                                ((64, 2048, 7, 7), 1)])
+@pytest.mark.parametrize(
+    "shape,channel_axis", [((32, 64, 56, 56), 1), ((32, 56, 56, 64), -1), ((64, 2048, 7, 7), 1)]
+)
 def test_resnet_shapes(cuda_backend, shape, channel_axis):
     cc.check_primitives(cuda_backend, shape, channel_axis, np.float32)
 
@@ -100,8 +103,9 @@ def test_functional_auto_routes_cupy_arrays_to_cuda(cupy):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape,channel_axis", [((2, 1, (1 << 30) + 512), 1),
-                                                (((1 << 31) + 1024, 1), -1)])
+@pytest.mark.parametrize(
+    "shape,channel_axis", [((2, 1, (1 << 30) + 512), 1), (((1 << 31) + 1024, 1), -1)]
+)
 def test_more_than_2_to_the_31_elements(cupy, cuda_backend, shape, channel_axis):
     """64-bit offsets and counts: 2^31 + 1024 float16 values in one channel (4 GiB)."""
     x = cupy.ones(shape, cupy.float16)

@@ -28,8 +28,18 @@ def ncs_tiles(n, s, grid):
     return tiles
 
 
-@pytest.mark.parametrize("n,s,pieces", [(32, 3136, 16), (2, 100_000, 64), (1, 7, 5),
-                                        (5, 1, 3), (256, 49, 4), (3, 300, 1), (7, 11, 100)])
+@pytest.mark.parametrize(
+    "n,s,pieces",
+    [
+        (32, 3136, 16),
+        (2, 100_000, 64),
+        (1, 7, 5),
+        (5, 1, 3),
+        (256, 49, 4),
+        (3, 300, 1),
+        (7, 11, 100),
+    ],
+)
 def test_ncs_tiles_partition_each_channel(n, s, pieces):
     grid = ncs_grid(n, 4, s, pieces)
     assert grid.row_pieces <= n and grid.col_pieces <= s

@@ -14,7 +14,6 @@ from cupy_bn.sim import nvrtc
 ARCHS = ("compute_70", "compute_80", "compute_90", "compute_100")
 
 
-
 def _headers_missing() -> str:
     """Why the CUDA headers the kernels include cannot be found ("" when they can)."""
     from cupy_bn.sim.errors import ToolchainError
@@ -28,8 +27,9 @@ def _headers_missing() -> str:
 
 
 pytestmark = [
-    pytest.mark.skipif(not nvrtc.is_available(),
-                       reason="NVRTC not available (cupy-cuda13x, nvidia-cuda-nvrtc)"),
+    pytest.mark.skipif(
+        not nvrtc.is_available(), reason="NVRTC not available (cupy-cuda13x, nvidia-cuda-nvrtc)"
+    ),
     pytest.mark.skipif(bool(_headers_missing()), reason=f"CUDA headers: {_headers_missing()}"),
 ]
 
@@ -42,8 +42,13 @@ def test_kernel_file_compiles_for_architecture(key, arch):
     spec = KERNEL_FILES[key]
     names = spec.name_expressions()
     assert len(names) == len(spec.kernels) * 4  # float16, bfloat16, float32, float64
-    result = nvrtc.compile_program(spec.source(), arch=arch, options=("--std=c++17",),
-                                   name_expressions=names, name=spec.filename)
+    result = nvrtc.compile_program(
+        spec.source(),
+        arch=arch,
+        options=("--std=c++17",),
+        name_expressions=names,
+        name=spec.filename,
+    )
     assert "warning" not in result.log.lower(), result.log
     for name, mangled in result.lowered_names.items():
         assert f".entry {mangled}(" in result.ptx, f"{name} ({mangled}) missing from the PTX"
@@ -70,10 +75,12 @@ def elementwise_source(spec, t: str) -> str:
             else:
                 params.append(f"{ctype}* _{name}")
                 loads.append(f"{ctype}& {name} = _{name}[i];")
-    return (f"typedef {t} T;\n{spec.preamble}\n"
-            f'extern "C" __global__ void {spec.name}({", ".join(params)}) {{\n'
-            "  const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;\n"
-            "  if (i >= _n) return;\n  " + "\n  ".join(loads) + f"\n  {spec.operation}\n}}\n")
+    return (
+        f"typedef {t} T;\n{spec.preamble}\n"
+        f'extern "C" __global__ void {spec.name}({", ".join(params)}) {{\n'
+        "  const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;\n"
+        "  if (i >= _n) return;\n  " + "\n  ".join(loads) + f"\n  {spec.operation}\n}}\n"
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -84,6 +91,7 @@ def test_elementwise_snippets_compile(arch):
         pytest.skip(f"NVRTC {'.'.join(map(str, nvrtc.version()))} does not support {arch}")
     for spec in elementwise.ALL:
         for t in ("float", "double"):
-            result = nvrtc.compile_program(elementwise_source(spec, t), arch=arch,
-                                           name=f"{spec.name}.cu")
+            result = nvrtc.compile_program(
+                elementwise_source(spec, t), arch=arch, name=f"{spec.name}.cu"
+            )
             assert f".entry {spec.name}(" in result.ptx

@@ -15,8 +15,9 @@ from cupy_bn.backends.cuda_backend import CudaBackend, Tuning, simulator_usable
 from cupy_bn.backends.numpy_backend import NumpyBackend
 from cupy_bn.layout import canonical
 
-pytestmark = pytest.mark.skipif(not simulator_usable(),
-                                reason="CUDA simulator toolchain (g++, CUDA headers) not found")
+pytestmark = pytest.mark.skipif(
+    not simulator_usable(), reason="CUDA simulator toolchain (g++, CUDA headers) not found"
+)
 
 #: Tiny work sizes: a few dozen elements per block, so reductions split channels over blocks.
 SPLIT = Tuning(reduction_min_work=32, elementwise_work=64)
@@ -55,12 +56,12 @@ def test_split_tuning_really_splits():
     assert sim()._ncs_reduction_grid(ncs, kernel).pieces == 1  # default: small tensors, 1 block
     two_level = be._mc_reduction_grid(canonical(np.zeros((300, 40), np.float32), -1), kernel)
     assert two_level.groups > 1
-    assert be._mc_reduction_grid(canonical(np.zeros((80, 20), np.float32), -1),
-                                 kernel).groups == 3
+    assert be._mc_reduction_grid(canonical(np.zeros((80, 20), np.float32), -1), kernel).groups == 3
 
 
-@pytest.mark.parametrize("shape,channel_axis", [((6, 3, 4, 5), 1), ((5, 4, 6, 3), -1),
-                                                ((40, 3), -1)])
+@pytest.mark.parametrize(
+    "shape,channel_axis", [((6, 3, 4, 5), 1), ((5, 4, 6, 3), -1), ((40, 3), -1)]
+)
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_matches_the_numpy_backend(shape, channel_axis, dtype):
     x, dy = cc.make_inputs(shape, dtype, seed=3)
@@ -133,8 +134,9 @@ def _run_everything(be, shape, channel_axis, dtype):
     fused = be.train_statistics(view, np.ones(channels, mean.dtype), None, rm, rv, 0.1, 1e-5)
     y = be.apply(view, fused[3], fused[4])
     sums = be.backward_reduce(dview, view, mean)
-    dx = be.backward_apply(dview, view, mean, fused[2], np.ones(channels, mean.dtype), *sums,
-                           view.count)
+    dx = be.backward_apply(
+        dview, view, mean, fused[2], np.ones(channels, mean.dtype), *sums, view.count
+    )
     return (mean, var, *fused, rm, rv, y, *sums, dx)
 
 
@@ -151,10 +153,13 @@ def test_bitwise_identical_across_schedules(shape, channel_axis, dtype):
             assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
-@pytest.mark.parametrize("shape,channel_axis", [
-    ((2, 2, 70), 1),   # 2 tiles per channel
-    ((40, 20), -1),    # 20 row ranges merged in two levels (groups of 8)
-])
+@pytest.mark.parametrize(
+    "shape,channel_axis",
+    [
+        ((2, 2, 70), 1),  # 2 tiles per channel
+        ((40, 20), -1),  # 20 row ranges merged in two levels (groups of 8)
+    ],
+)
 def test_reduction_kernels_are_race_free(shape, channel_axis):
     """The stats kernel (plain, and fused with the running-stat update) and the gradient-sum
     kernel under the simulator's race detector, with channels split over several blocks: the
@@ -164,11 +169,13 @@ def test_reduction_kernels_are_race_free(shape, channel_axis):
     supported, why = simulator.race_mode_support()
     if not supported:
         pytest.skip(f"race mode unavailable here: {why}")
-    be = sim("forward", Tuning(reduction_min_work=64, elementwise_work=64, merge_group=1),
-             check_races=True)
+    be = sim(
+        "forward",
+        Tuning(reduction_min_work=64, elementwise_work=64, merge_group=1),
+        check_races=True,
+    )
     if channel_axis == -1:  # the two-level merge really runs
-        assert be._mc_reduction_grid(canonical(np.zeros(shape, np.float32), -1),
-                                     None).groups == 3
+        assert be._mc_reduction_grid(canonical(np.zeros(shape, np.float32), -1), None).groups == 3
     x, dy = cc.make_inputs(shape, np.float32, seed=6)
     view = canonical(x, channel_axis)
     dview = view.match(dy, "dy")
@@ -194,8 +201,17 @@ def test_functional_sim_matches_numpy(shape, channel_axis, training):
     results = {}
     for backend in ("numpy", "sim"):
         rm, rv = np.linspace(-0.5, 0.5, c), np.linspace(1, 2, c)
-        y, saved = cbn.batch_norm(x, w, b, rm, rv, training=training, momentum=0.3,
-                                  channel_axis=channel_axis, backend=backend)
+        y, saved = cbn.batch_norm(
+            x,
+            w,
+            b,
+            rm,
+            rv,
+            training=training,
+            momentum=0.3,
+            channel_axis=channel_axis,
+            backend=backend,
+        )
         results[backend] = (y, *cbn.batch_norm_backward(dy, saved), rm, rv)
     for a, b_ in zip(results["numpy"], results["sim"], strict=True):
         np.testing.assert_allclose(b_, a, rtol=1e-12, atol=1e-12)
@@ -223,15 +239,22 @@ def test_layer_step_on_sim_matches_numpy():
     outputs = {}
     for backend, bn in layers.items():
         ys = [bn(x + k) for k in range(2)]
-        outputs[backend] = (*ys, bn.backward(dy), bn.grads["weight"], bn.grads["bias"],
-                            bn.running_mean, bn.running_var)
+        outputs[backend] = (
+            *ys,
+            bn.backward(dy),
+            bn.grads["weight"],
+            bn.grads["bias"],
+            bn.running_mean,
+            bn.running_var,
+        )
         assert bn.num_batches_tracked == 2
     for a, b in zip(outputs["numpy"], outputs["sim"], strict=True):
         np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("dy_dtype", [d for d in cc.DTYPES if d.name in ("float32", "bfloat16")],
-                         ids=lambda d: d.name)
+@pytest.mark.parametrize(
+    "dy_dtype", [d for d in cc.DTYPES if d.name in ("float32", "bfloat16")], ids=lambda d: d.name
+)
 def test_gradient_of_float16_input_with_another_dy_dtype(dy_dtype):
     """x and dy meet in float32; dx comes back in dy's dtype."""
     x, _ = cc.make_inputs((4, 3, 7), np.float16, seed=11)
@@ -241,8 +264,9 @@ def test_gradient_of_float16_input_with_another_dy_dtype(dy_dtype):
     mean, var = be.batch_stats(view)
     sums = be.backward_reduce(view.match(dy, "dy"), view, mean)
     invstd = (1 / np.sqrt(var + 1e-5)).astype(np.float32)
-    dx = be.backward_apply(view.match(dy, "dy"), view, mean, invstd, np.ones(3, np.float32),
-                           *sums, view.count)
+    dx = be.backward_apply(
+        view.match(dy, "dy"), view, mean, invstd, np.ones(3, np.float32), *sums, view.count
+    )
     assert dx.dtype == dy_dtype
     from reference import backward
 

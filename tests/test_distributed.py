@@ -76,8 +76,12 @@ def test_far_shift_is_flagged_and_the_centred_pass_is_exact():
     expected = ((data - data.mean(0)) ** 2).mean(0)
     assert far.all()
     assert np.abs(var / expected - 1).max() > 1e-7  # the shifted sums lost digits here
-    m2 = sum(centred_m2(len(p), p.mean(0) if len(p) else np.zeros(4),
-                        p.var(0) if len(p) else np.zeros(4), mean) for p in parts)
+    m2 = sum(
+        centred_m2(
+            len(p), p.mean(0) if len(p) else np.zeros(4), p.var(0) if len(p) else np.zeros(4), mean
+        )
+        for p in parts
+    )
     np.testing.assert_allclose(m2 / total, expected, rtol=1e-9)
     # and the same data with a shift near the mean needs no second pass
     near = data.mean(0) + 2.0
@@ -110,7 +114,7 @@ def test_one_process_group_equals_plain_batch_norm():
         bn = SyncBatchNorm(4, dtype=np.float64, comm=comm)
         return bn(x), bn.backward(x * 0.5), bn.state_dict()
 
-    (y, dx, state), = run_group(1, step)
+    ((y, dx, state),) = run_group(1, step)
     bn = cbn.BatchNorm2d(4, dtype=np.float64)
     np.testing.assert_allclose(y, bn(x), atol=1e-12)
     np.testing.assert_allclose(dx, bn.backward(x * 0.5), atol=1e-12)
@@ -190,12 +194,30 @@ def test_convert_replaces_batch_norm_layers_in_nested_containers_keeping_state()
     s3 = out["tail"].first
     for old, new in ((bn1, s1), (bn2, s2), (bn3, s3)):
         assert type(new) is SyncBatchNorm
-        assert (new.num_features, new.eps, new.momentum, new.affine, new.track_running_stats,
-                new.channel_axis, new.dtype, new.training) == (
-            old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats,
-            old.channel_axis, old.dtype, old.training)
-        for d_old, d_new in ((old.params, new.params), (old.buffers, new.buffers),
-                             (old.grads, new.grads)):
+        assert (
+            new.num_features,
+            new.eps,
+            new.momentum,
+            new.affine,
+            new.track_running_stats,
+            new.channel_axis,
+            new.dtype,
+            new.training,
+        ) == (
+            old.num_features,
+            old.eps,
+            old.momentum,
+            old.affine,
+            old.track_running_stats,
+            old.channel_axis,
+            old.dtype,
+            old.training,
+        )
+        for d_old, d_new in (
+            (old.params, new.params),
+            (old.buffers, new.buffers),
+            (old.grads, new.grads),
+        ):
             assert d_old.keys() == d_new.keys()
             assert all(d_new[k] is d_old[k] for k in d_old)  # the same arrays
     assert s1.num_batches_tracked == 1

@@ -17,17 +17,20 @@ def assert_state_unchanged(bn, state):
         np.testing.assert_array_equal(v, state[k])
 
 
-@pytest.mark.parametrize("kw,match", [
-    ({"num_features": 0}, "num_features"),
-    ({"num_features": 2.5}, "num_features"),
-    ({"num_features": True}, "num_features"),
-    ({"num_features": 3, "eps": 0}, "eps"),
-    ({"num_features": 3, "eps": -1e-5}, "eps"),
-    ({"num_features": 3, "eps": float("nan")}, "eps"),
-    ({"num_features": 3, "momentum": 1.5}, "momentum"),
-    ({"num_features": 3, "momentum": -0.1}, "momentum"),
-    ({"num_features": 3, "channel_axis": 4}, "channel_axis"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"num_features": 0}, "num_features"),
+        ({"num_features": 2.5}, "num_features"),
+        ({"num_features": True}, "num_features"),
+        ({"num_features": 3, "eps": 0}, "eps"),
+        ({"num_features": 3, "eps": -1e-5}, "eps"),
+        ({"num_features": 3, "eps": float("nan")}, "eps"),
+        ({"num_features": 3, "momentum": 1.5}, "momentum"),
+        ({"num_features": 3, "momentum": -0.1}, "momentum"),
+        ({"num_features": 3, "channel_axis": 4}, "channel_axis"),
+    ],
+)
 def test_bad_constructor_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         cbn.BatchNorm2d(**kw)
@@ -45,11 +48,14 @@ def test_non_float_dtypes_are_rejected(dtype):
     assert_state_unchanged(bn, state)
 
 
-@pytest.mark.parametrize("shape,match", [
-    ((2, 3, 4), "rank 4"),
-    ((2, 3, 4, 4, 4), "rank 4"),
-    ((2, 5, 4, 4), "5 channels"),
-])
+@pytest.mark.parametrize(
+    "shape,match",
+    [
+        ((2, 3, 4), "rank 4"),
+        ((2, 3, 4, 4, 4), "rank 4"),
+        ((2, 5, 4, 4), "5 channels"),
+    ],
+)
 def test_wrong_rank_or_channels(shape, match):
     bn, state = layer_and_state()
     with pytest.raises(ValueError, match=match):

@@ -62,8 +62,10 @@ def check_layer_gradients(layer, x: np.ndarray, rng: np.random.Generator) -> Non
     def loss() -> float:
         return float(np.sum(layer(x) * r))
 
-    numeric = {"x": numeric_grad(loss, x),
-               **{k: numeric_grad(loss, p) for k, p in layer.params.items()}}
+    numeric = {
+        "x": numeric_grad(loss, x),
+        **{k: numeric_grad(loss, p) for k, p in layer.params.items()},
+    }
     for k in numeric:
         np.testing.assert_allclose(analytic[k], numeric[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
@@ -77,7 +79,7 @@ def conv_reference(x, w, b, padding, stride):
     y = np.zeros((n, o, ho, wo))
     for i in range(ho):
         for j in range(wo):
-            patch = xp[:, :, i * stride:i * stride + k, j * stride:j * stride + k]
+            patch = xp[:, :, i * stride : i * stride + k, j * stride : j * stride + k]
             y[:, :, i, j] = np.einsum("nckl,ockl->no", patch, w)
     return y + (0 if b is None else b[None, :, None, None])
 
@@ -93,8 +95,7 @@ def test_conv2d_matches_loops_and_finite_differences(padding, stride, bias):
     if bias:
         conv.params["bias"][...] = rng.standard_normal(3)
     x = rng.standard_normal((2, 2, 6, 5))
-    expected = conv_reference(x, conv.params["weight"], conv.params.get("bias"), padding,
-                              stride)
+    expected = conv_reference(x, conv.params["weight"], conv.params.get("bias"), padding, stride)
     np.testing.assert_allclose(conv(x), expected, rtol=1e-12, atol=1e-12)
     check_layer_gradients(conv, x, rng)
 
@@ -130,7 +131,7 @@ def test_maxpool_forward_and_gradients():
 def test_maxpool_sends_the_gradient_to_the_first_maximum_only():
     pool = nn.MaxPool2d(2)
     x = np.zeros((1, 1, 2, 4))
-    x[0, 0, 1, 2:] = 5.0                                  # second window: two maxima
+    x[0, 0, 1, 2:] = 5.0  # second window: two maxima
     pool(x)
     dx = pool.backward(np.array([[[[2.0, 3.0]]]]))
     np.testing.assert_array_equal(dx, [[[[2, 0, 0, 0], [0, 0, 3, 0]]]])
@@ -140,13 +141,13 @@ def test_maxpool_sends_the_gradient_to_the_first_maximum_only():
 def test_activation_gradients(activation):
     rng = np.random.default_rng(4)
     x = rng.standard_normal((4, 5))
-    x[np.abs(x) < 1e-3] = 0.5                             # keep away from ReLU's kink
+    x[np.abs(x) < 1e-3] = 0.5  # keep away from ReLU's kink
     check_layer_gradients(activation(), x, rng)
 
 
 def test_sigmoid_is_exact_and_does_not_overflow():
     x = np.array([-1000.0, -30.0, -1.0, 0.0, 2.0, 1000.0])
-    with np.errstate(over="raise", invalid="raise", divide="raise"):   # underflow to 0 is fine
+    with np.errstate(over="raise", invalid="raise", divide="raise"):  # underflow to 0 is fine
         y = nn.sigmoid(x)
     np.testing.assert_allclose(y[1:5], 1 / (1 + np.exp(-x[1:5])), rtol=1e-15)
     assert y[0] == 0.0 and y[-1] == 1.0
@@ -164,25 +165,29 @@ def test_softmax_cross_entropy_value_and_gradient():
     loss, grad = nn.softmax_cross_entropy(logits, labels)
     assert loss == pytest.approx(reference(), rel=1e-12)
     np.testing.assert_allclose(grad, numeric_grad(reference, logits), rtol=1e-6, atol=1e-9)
-    big_loss, big_grad = nn.softmax_cross_entropy(np.array([[1000.0, 0.0], [0.0, 1000.0]]),
-                                                  np.array([0, 0]))
+    big_loss, big_grad = nn.softmax_cross_entropy(
+        np.array([[1000.0, 0.0], [0.0, 1000.0]]), np.array([0, 0])
+    )
     assert big_loss == pytest.approx(500.0) and np.isfinite(big_grad).all()
 
 
 def test_sgd_momentum_follows_pytorchs_update():
     p, g = np.array([1.0, -2.0]), np.array([0.5, 1.0])
     opt = nn.SGD([(p, g)], lr=0.1, momentum=0.9)
-    opt.step()                                            # v = g
-    opt.step()                                            # v = 0.9 g + g
+    opt.step()  # v = g
+    opt.step()  # v = 0.9 g + g
     np.testing.assert_allclose(p, np.array([1.0, -2.0]) - 0.1 * (g + 1.9 * g))
 
 
 def test_network_with_cupy_bn_layers_backpropagates_exactly():
     """Dense -> BatchNorm1d -> Sigmoid -> Dense, the whole chain against finite differences."""
     rng = np.random.default_rng(6)
-    net = nn.Sequential(as_float64(nn.Dense(4, 3, rng, bias=False)),
-                        cbn.BatchNorm1d(3, dtype=F64), nn.Sigmoid(),
-                        as_float64(nn.Dense(3, 2, rng)))
+    net = nn.Sequential(
+        as_float64(nn.Dense(4, 3, rng, bias=False)),
+        cbn.BatchNorm1d(3, dtype=F64),
+        nn.Sigmoid(),
+        as_float64(nn.Dense(3, 2, rng)),
+    )
     bn = net[1]
     bn.params["weight"][...] = [0.5, 1.5, -1.0]
     bn.params["bias"][...] = [0.1, -0.2, 0.3]
@@ -209,17 +214,25 @@ def test_convnet_state_dict_names_fold_into_the_bn_free_network():
     model = build_convnet((1, 8, 8), 10, seed=0)
     opt = nn.SGD(model.parameters(), lr=0.05)
     x = rng.standard_normal((16, 1, 8, 8)).astype(np.float32)
-    for _ in range(3):                                    # move the running statistics
+    for _ in range(3):  # move the running statistics
         _, d = nn.softmax_cross_entropy(model(x), rng.integers(0, 10, 16))
         model.backward(d)
         opt.step()
     state = model.state_dict()
-    assert list(state)[:6] == ["features.0.weight", "features.1.weight", "features.1.bias",
-                               "features.1.running_mean", "features.1.running_var",
-                               "features.1.num_batches_tracked"]
+    assert list(state)[:6] == [
+        "features.0.weight",
+        "features.1.weight",
+        "features.1.bias",
+        "features.1.running_mean",
+        "features.1.running_var",
+        "features.1.num_batches_tracked",
+    ]
     pairs = [(layer, bn) for layer, bn, _ in model.fold_pairs()]
-    assert pairs == [("features.0", "features.1"), ("features.4", "features.5"),
-                     ("classifier.1", "classifier.2")]
+    assert pairs == [
+        ("features.0", "features.1"),
+        ("features.4", "features.5"),
+        ("classifier.1", "classifier.2"),
+    ]
     folded, report = fold_state_dict(state, pairs=pairs)
     assert [(p.layer, p.bn) for p in report.pairs] == pairs
     folded_model = build_convnet((1, 8, 8), 10, seed=0, folded=True)
@@ -271,19 +284,31 @@ def test_auto_falls_back_to_digits_with_a_message(tmp_path, monkeypatch, capsys)
 # The examples end to end
 
 FASHION = data.fashion_mnist_available()
-DATASETS = [pytest.param("fashion-mnist", marks=pytest.mark.skipif(
-    not FASHION, reason="dataset-fashion-mnist is not installed")), "digits"]
+DATASETS = [
+    pytest.param(
+        "fashion-mnist",
+        marks=pytest.mark.skipif(not FASHION, reason="dataset-fashion-mnist is not installed"),
+    ),
+    "digits",
+]
 
 
-def run_example(name: str, out: Path, *args: str, fashion_dir: str | None = None,
-                timeout: float = 240) -> subprocess.CompletedProcess:
+def run_example(
+    name: str, out: Path, *args: str, fashion_dir: str | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     if fashion_dir is not None:
         env["FASHION_MNIST_DIR"] = fashion_dir
-    return subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), "--out", str(out),
-                           *args], capture_output=True, text=True, env=env, timeout=timeout,
-                          cwd=ROOT, check=False)
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / f"{name}.py"), "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+    )
 
 
 def run_quick(name: str, dataset: str, out: Path) -> dict:
@@ -291,8 +316,14 @@ def run_quick(name: str, dataset: str, out: Path) -> dict:
     if dataset == "digits":
         pytest.importorskip("sklearn")
     # digits through `auto` with no Fashion-MNIST files: the fallback CI gets without them
-    done = run_example(name, out, "--quick", "--data", "auto",
-                       fashion_dir=str(out / "missing") if dataset == "digits" else None)
+    done = run_example(
+        name,
+        out,
+        "--quick",
+        "--data",
+        "auto",
+        fashion_dir=str(out / "missing") if dataset == "digits" else None,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     if dataset == "digits":
         assert "using scikit-learn's 8x8 digits" in done.stderr
@@ -306,13 +337,14 @@ def run_quick(name: str, dataset: str, out: Path) -> dict:
 def test_deep_networks_quick(tmp_path, dataset):
     r = run_quick("deep_networks", dataset, tmp_path)
     runs = r["runs"]
-    assert runs["sigmoid+bn"]["val_accuracy"] > 0.6     # chance is 0.1
+    assert runs["sigmoid+bn"]["val_accuracy"] > 0.6  # chance is 0.1
     assert runs["relu+bn"]["val_accuracy"] > 0.6
-    assert runs["sigmoid"]["val_accuracy"] < 0.3        # the deep sigmoid net stalls
+    assert runs["sigmoid"]["val_accuracy"] < 0.3  # the deep sigmoid net stalls
     highest = max(r["sweep"]["relu+bn"], key=float)
     assert r["sweep"]["relu+bn"][highest]["val_accuracy"] > 0.4
     assert r["sweep"]["relu"][highest]["diverged"] or (
-        r["sweep"]["relu"][highest]["val_accuracy"] < 0.3)
+        r["sweep"]["relu"][highest]["val_accuracy"] < 0.3
+    )
     for png in ("accuracy.png", "lr_sweep.png"):
         assert (tmp_path / png).read_bytes().startswith(b"\x89PNG")
 
@@ -334,8 +366,7 @@ def test_fold_inference_quick(tmp_path, dataset):
     assert r["test_accuracy"] > 0.6
     assert r["test_accuracy_folded"] == r["test_accuracy"]
     assert r["predictions_differing"] == 0
-    assert [p["layer"] for p in r["fold"]["pairs"]] == ["features.0", "features.4",
-                                                         "classifier.1"]
+    assert [p["layer"] for p in r["fold"]["pairs"]] == ["features.0", "features.4", "classifier.1"]
     with np.load(tmp_path / "model.folded.npz", allow_pickle=False) as folded:
         assert not any("running_mean" in k for k in folded.files)
         assert "features.0.bias" in folded.files

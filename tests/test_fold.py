@@ -452,13 +452,17 @@ def test_record_survives_an_npz_round_trip_without_pickle(tmp_path):
         (np.array('{"pairs": []}'), "format"),
         (np.array('{"format": "cupy-bn.fold-pairs/1", "pairs": [{"layer": 1}]}'), "strings"),
         (
-            np.array('{"format": "cupy-bn.fold-pairs/1", "pairs": [{"layer": "a", "bn": "b", '
-                     '"groups": 0}]}'),
+            np.array(
+                '{"format": "cupy-bn.fold-pairs/1", "pairs": [{"layer": "a", "bn": "b", '
+                '"groups": 0}]}'
+            ),
             "'groups' must be positive",
         ),
         (
-            np.array('{"format": "cupy-bn.fold-pairs/1", "pairs": [{"layer": "a", "bn": "b", '
-                     '"kind": "conv"}]}'),
+            np.array(
+                '{"format": "cupy-bn.fold-pairs/1", "pairs": [{"layer": "a", "bn": "b", '
+                '"kind": "conv"}]}'
+            ),
             "unknown fields",
         ),
     ],

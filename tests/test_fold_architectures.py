@@ -278,9 +278,7 @@ def test_true_pairs_given_explicitly_fold_exactly_and_reproduce_the_model(tmp_pa
     report = _assert_reproduces(arch, model, out, result)
     assert {p["layer"]: p["bn"] for p in report["pairs"]} == arch.true_pairs
     assert {p["established"] for p in report["pairs"]} <= {"explicit", "proven"}
-    bns = {
-        n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-    }
+    bns = {n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     assert {k["bn"] for k in report["kept"]} == bns - set(arch.true_pairs.values())
 
 

@@ -47,27 +47,31 @@ def test_gradients_match_finite_differences(rank, channel_axis, training):
     rm, rv = np.linspace(-1, 1, c), np.linspace(0.5, 2, c)
 
     def run(x_, w_, b_):
-        y, _ = cbn.batch_norm(x_, w_, b_, rm.copy(), rv.copy(), training=training,
-                              channel_axis=channel_axis)
+        y, _ = cbn.batch_norm(
+            x_, w_, b_, rm.copy(), rv.copy(), training=training, channel_axis=channel_axis
+        )
         return y
 
-    _, saved = cbn.batch_norm(x, w, b, rm.copy(), rv.copy(), training=training,
-                              channel_axis=channel_axis)
+    _, saved = cbn.batch_norm(
+        x, w, b, rm.copy(), rv.copy(), training=training, channel_axis=channel_axis
+    )
     dx, dw, db = cbn.batch_norm_backward(dy, saved)
-    np.testing.assert_allclose(dx, ref.numeric_gradient(lambda v: run(v, w, b), x, dy),
-                               rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(dw, ref.numeric_gradient(lambda v: run(x, v, b), w, dy),
-                               rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(db, ref.numeric_gradient(lambda v: run(x, w, v), b, dy),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        dx, ref.numeric_gradient(lambda v: run(v, w, b), x, dy), rtol=1e-6, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        dw, ref.numeric_gradient(lambda v: run(x, v, b), w, dy), rtol=1e-6, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        db, ref.numeric_gradient(lambda v: run(x, w, v), b, dy), rtol=1e-6, atol=1e-7
+    )
 
 
 @pytest.mark.parametrize("channel_axis", LAYOUTS)
 def test_eval_mode_uses_running_statistics(channel_axis):
     x, w, b, dy = make((3, 3, 4, 3), channel_axis)
     rm, rv = np.array([0.5, -1.0, 2.0]), np.array([0.25, 4.0, 1.0])
-    y, saved = cbn.batch_norm(x, w, b, rm, rv, training=False, eps=1e-3,
-                              channel_axis=channel_axis)
+    y, saved = cbn.batch_norm(x, w, b, rm, rv, training=False, eps=1e-3, channel_axis=channel_axis)
     np.testing.assert_allclose(y, ref.forward(x, w, b, 1e-3, channel_axis, rm, rv), atol=1e-12)
     dx, _, _ = cbn.batch_norm_backward(dy, saved)
     cs = ref.channel_shape(4, channel_axis, 3)
@@ -111,8 +115,10 @@ def test_non_contiguous_input_is_handled():
     np.testing.assert_allclose(y, ref.forward(x), atol=1e-12)
 
 
-@pytest.mark.parametrize("shape,channel_axis", [((64, 3, 300, 300), 1), ((70000, 3), -1),
-                                                 ((2, 3, 70001), 1), ((9, 140000), -1)])
+@pytest.mark.parametrize(
+    "shape,channel_axis",
+    [((64, 3, 300, 300), 1), ((70000, 3), -1), ((2, 3, 70001), 1), ((9, 140000), -1)],
+)
 def test_shapes_that_span_several_tiles(shape, channel_axis):
     rng = np.random.default_rng(2)
     x = rng.normal(5, 2, shape).astype(np.float32)
@@ -145,7 +151,8 @@ def test_bfloat16_when_available():
     xb = x.astype(ml_dtypes.bfloat16)
     y, saved = cbn.batch_norm(xb, w.astype(np.float32), b.astype(np.float32))
     assert y.dtype == ml_dtypes.bfloat16
-    np.testing.assert_allclose(y.astype(np.float64), ref.forward(xb.astype(np.float64), w, b),
-                               atol=0.05)
+    np.testing.assert_allclose(
+        y.astype(np.float64), ref.forward(xb.astype(np.float64), w, b), atol=0.05
+    )
     dx, _, _ = cbn.batch_norm_backward(dy.astype(ml_dtypes.bfloat16), saved)
     assert dx.dtype == ml_dtypes.bfloat16

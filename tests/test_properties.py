@@ -26,8 +26,13 @@ def channel_moments(y, channel_axis):
     return y.mean(axis=axes), y.var(axis=axes)
 
 
-@given(shapes, st.sampled_from([1, -1]), st.integers(0, 2**31), st.floats(-1e3, 1e3),
-       st.floats(1e-2, 1e2))
+@given(
+    shapes,
+    st.sampled_from([1, -1]),
+    st.integers(0, 2**31),
+    st.floats(-1e3, 1e3),
+    st.floats(1e-2, 1e2),
+)
 def test_training_output_has_zero_mean_unit_variance(shape, channel_axis, seed, loc, scale):
     x = sample(shape, seed, loc, scale, channel_axis)
     eps = 1e-5
@@ -38,12 +43,20 @@ def test_training_output_has_zero_mean_unit_variance(shape, channel_axis, seed, 
     np.testing.assert_allclose(var, xvar / (xvar + eps), rtol=1e-9)  # 1 up to eps
 
 
-@given(st.integers(2, 12), st.integers(1, 4), st.integers(1, 5), st.floats(0.01, 100.0),
-       st.integers(0, 2**31))
+@given(
+    st.integers(2, 12),
+    st.integers(1, 4),
+    st.integers(1, 5),
+    st.floats(0.01, 100.0),
+    st.integers(0, 2**31),
+)
 def test_invariant_to_scaling_the_preceding_weights(batch, n_in, n_out, alpha, seed):
     rng = np.random.default_rng(seed)
-    a, w, dy = (rng.normal(size=(batch, n_in)), rng.normal(size=(n_in, n_out)),
-                rng.normal(size=(batch, n_out)))
+    a, w, dy = (
+        rng.normal(size=(batch, n_in)),
+        rng.normal(size=(n_in, n_out)),
+        rng.normal(size=(batch, n_out)),
+    )
     eps = 1e-30  # negligible next to any variance here, so the invariance holds to rounding
 
     def forward_backward(weights):

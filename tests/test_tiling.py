@@ -9,9 +9,18 @@ import cupy_bn as cbn
 from cupy_bn.backends.tiling import _share_bounds, plan_for, store
 from cupy_bn.layout import canonical
 
-SHAPES = [((3, 2, 400_000), 1), ((4, 300, 1000), 1), ((2, 300, 1000), 1), ((16, 3, 5000), 1),
-          ((9, 5, 30), 1), ((1001, 3), -1), ((300, 2000), -1), ((7, 3, 1, 1), 1),
-          ((32, 64, 56, 56), 1), ((33, 1000), -1)]
+SHAPES = [
+    ((3, 2, 400_000), 1),
+    ((4, 300, 1000), 1),
+    ((2, 300, 1000), 1),
+    ((16, 3, 5000), 1),
+    ((9, 5, 30), 1),
+    ((1001, 3), -1),
+    ((300, 2000), -1),
+    ((7, 3, 1, 1), 1),
+    ((32, 64, 56, 56), 1),
+    ((33, 1000), -1),
+]
 
 
 def channel_of_each_value(view):
@@ -24,8 +33,7 @@ def channel_of_each_value(view):
 
 @pytest.mark.parametrize("shape,channel_axis", SHAPES)
 @pytest.mark.parametrize("coefficients", [False, True])
-def test_blocks_cover_every_value_once_and_coefficients_line_up(shape, channel_axis,
-                                                                 coefficients):
+def test_blocks_cover_every_value_once_and_coefficients_line_up(shape, channel_axis, coefficients):
     x = np.zeros(shape, np.float32)
     view = canonical(x, channel_axis)
     plan = plan_for(view, coefficients=coefficients)
@@ -59,8 +67,17 @@ def test_block_sums_fold_to_the_right_channels(shape, channel_axis):
     np.testing.assert_allclose(s2, (x * x).sum(axis=axes), rtol=1e-12)
 
 
-@pytest.mark.parametrize("sizes,shares", [([5] * 10, 2), ([1, 1, 1, 100], 2), ([100, 1, 1, 1], 2),
-                                          ([3, 3, 3], 3), ([7], 2), ([2, 9, 4, 4, 1, 8], 3)])
+@pytest.mark.parametrize(
+    "sizes,shares",
+    [
+        ([5] * 10, 2),
+        ([1, 1, 1, 100], 2),
+        ([100, 1, 1, 1], 2),
+        ([3, 3, 3], 3),
+        ([7], 2),
+        ([2, 9, 4, 4, 1, 8], 3),
+    ],
+)
 def test_shares_are_contiguous_and_balanced(sizes, shares):
     bounds = _share_bounds(sizes, shares)
     assert bounds[0] == 0 and bounds[-1] == len(sizes) and bounds == sorted(bounds)
@@ -114,8 +131,9 @@ def test_every_block_plan_matches_the_reference(shape, channel_axis, dtype):
     w = rng.normal(1, 0.2, channels).astype(np.float32)
     y, saved = cbn.batch_norm(x, w, w, channel_axis=channel_axis)
     tol = 2e-4 if dtype == np.float32 else 2e-2
-    np.testing.assert_allclose(y.astype(np.float64),
-                               ref.forward(x, w, w, channel_axis=channel_axis), atol=tol)
+    np.testing.assert_allclose(
+        y.astype(np.float64), ref.forward(x, w, w, channel_axis=channel_axis), atol=tol
+    )
     dx, dw, db = cbn.batch_norm_backward(dy, saved)
     rdx, rdw, rdb = ref.backward(x, dy, w, channel_axis=channel_axis)
     np.testing.assert_allclose(dx.astype(np.float64), rdx, atol=tol)
@@ -138,7 +156,8 @@ def test_outputs_start_away_from_their_inputs_page_offsets(offsets):
     assert out.shape == (1 << 10, 1 << 10) and out.flags.c_contiguous
     where = out.ctypes.data % 4096
     distance = min(min((where - o) % 4096, (o - where) % 4096) for o in offsets)
-    widest = max((b - a) % 4096 or 4096 for a, b in zip(sorted(offsets),
-                                                         sorted(offsets)[1:] + sorted(offsets)[:1],
-                                                         strict=True))
+    widest = max(
+        (b - a) % 4096 or 4096
+        for a, b in zip(sorted(offsets), sorted(offsets)[1:] + sorted(offsets)[:1], strict=True)
+    )
     assert distance >= widest // 2 - 64

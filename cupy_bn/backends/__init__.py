@@ -13,15 +13,22 @@ from typing import Any
 from cupy_bn.backends.base import Backend, minimal_bytes
 from cupy_bn.layout import array_module
 
-__all__ = ["Backend", "available_backends", "cupy_usable", "get_backend", "minimal_bytes",
-           "register_backend"]
+__all__ = [
+    "Backend",
+    "available_backends",
+    "cupy_usable",
+    "get_backend",
+    "minimal_bytes",
+    "register_backend",
+]
 
 _FACTORIES: dict[str, Callable[[], Backend]] = {}
 _AVAILABLE: dict[str, Callable[[], bool]] = {}
 
 
-def register_backend(name: str, factory: Callable[[], Backend],
-                     available: Callable[[], bool] = lambda: True) -> None:
+def register_backend(
+    name: str, factory: Callable[[], Backend], available: Callable[[], bool] = lambda: True
+) -> None:
     """Make `backend=name` build `factory()`; `available()` says whether it can run here."""
     _FACTORIES[name] = factory
     _AVAILABLE[name] = available
@@ -62,12 +69,16 @@ def get_backend(backend: str | Backend, x: Any) -> Backend:
         known = ", ".join(["auto", *_FACTORIES])
         raise ValueError(f"backend must be one of {known}; got {backend!r}")
     if not _AVAILABLE[backend]():
-        raise RuntimeError(f"backend {backend!r} cannot run on this machine "
-                           f"(available: {', '.join(available_backends())})")
+        raise RuntimeError(
+            f"backend {backend!r} cannot run on this machine "
+            f"(available: {', '.join(available_backends())})"
+        )
     chosen = _instance(backend)
     if array_module(x) is not chosen.xp:
-        raise TypeError(f"backend {backend!r} takes {chosen.xp.__name__} arrays, "
-                        f"got a {array_module(x).__name__} array")
+        raise TypeError(
+            f"backend {backend!r} takes {chosen.xp.__name__} arrays, "
+            f"got a {array_module(x).__name__} array"
+        )
     return chosen
 
 

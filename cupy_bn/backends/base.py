@@ -54,20 +54,37 @@ class Backend(Protocol):
     def apply(self, x: View, scale: Array, shift: Array) -> Array:
         """`x * scale[c] + shift[c]` in canonical shape and `x`'s dtype."""
 
-    def backward_reduce(self, dy: View, x: View, mean: Array, invstd: Array | None = None
-                        ) -> tuple[Array, Array]:
+    def backward_reduce(
+        self, dy: View, x: View, mean: Array, invstd: Array | None = None
+    ) -> tuple[Array, Array]:
         """Per-channel `(sum(dy), sum(dy * (x - mean)))`.
 
         `invstd` (the forward's) tells how far the mean is from zero in standard deviations:
         a backend may then sum `dy * x` and subtract `mean * sum(dy)` where that is exact.
         """
 
-    def backward_apply(self, dy: View, x: View, mean: Array, invstd: Array, gamma: Array,
-                       sum_dy: Array, sum_dy_xmu: Array, count: int) -> Array:
+    def backward_apply(
+        self,
+        dy: View,
+        x: View,
+        mean: Array,
+        invstd: Array,
+        gamma: Array,
+        sum_dy: Array,
+        sum_dy_xmu: Array,
+        count: int,
+    ) -> Array:
         """`dx` of training-mode batch norm, in canonical shape and `dy`'s dtype."""
 
-    def update_running(self, running_mean: Array, running_var: Array, mean: Array, var: Array,
-                       count: int, momentum: float) -> None:
+    def update_running(
+        self,
+        running_mean: Array,
+        running_var: Array,
+        mean: Array,
+        var: Array,
+        count: int,
+        momentum: float,
+    ) -> None:
         """Running averages in place (unbiased variance, `momentum` weights the new batch)."""
 
     def traffic(self, phase: str, numel: int, itemsize: int) -> int:

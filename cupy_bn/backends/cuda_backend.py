@@ -150,8 +150,10 @@ def elementwise_pieces(work_per_unit: int, work: int) -> int:
 
 def _check_pieces(pieces: int) -> int:
     if pieces > MAX_GRID_Y:
-        raise ValueError(f"a channel of this tensor needs {pieces} blocks, more than the grid "
-                         f"allows ({MAX_GRID_Y}); the tensor is too large for these kernels")
+        raise ValueError(
+            f"a channel of this tensor needs {pieces} blocks, more than the grid "
+            f"allows ({MAX_GRID_Y}); the tensor is too large for these kernels"
+        )
     return pieces
 
 
@@ -192,8 +194,13 @@ class CudaBackend:
         return cls("cuda", cupy, CupyLoader(), tuning)
 
     @classmethod
-    def for_simulator(cls, schedule: str = "forward", seed: int = 0, check_races: bool = False,
-                      tuning: Tuning | None = None) -> CudaBackend:
+    def for_simulator(
+        cls,
+        schedule: str = "forward",
+        seed: int = 0,
+        check_races: bool = False,
+        tuning: Tuning | None = None,
+    ) -> CudaBackend:
         """The "sim" backend: NumPy arrays, kernels run by `cupy_bn.sim` on the CPU."""
         return cls("sim", np, SimLoader(schedule, seed, check_races), tuning)
 
@@ -204,8 +211,9 @@ class CudaBackend:
 
     def _ncs_reduction_grid(self, x: View, kernel: Any) -> NcsGrid:
         n, c, s = x.data.shape
-        pieces = reduction_pieces(c, n * s, self._resident_blocks(kernel, BLOCK_THREADS),
-                                  self.tuning.reduction_min_work)
+        pieces = reduction_pieces(
+            c, n * s, self._resident_blocks(kernel, BLOCK_THREADS), self.tuning.reduction_min_work
+        )
         return ncs_grid(n, c, s, pieces)
 
     def _ncs_elementwise_grid(self, x: View) -> NcsGrid:
@@ -216,8 +224,12 @@ class CudaBackend:
         m, c = x.data.shape
         bx = mc_block_x(c)
         units = -(-c // bx)
-        pieces = reduction_pieces(units, m * bx, self._resident_blocks(kernel, BLOCK_THREADS),
-                                  self.tuning.reduction_min_work)
+        pieces = reduction_pieces(
+            units,
+            m * bx,
+            self._resident_blocks(kernel, BLOCK_THREADS),
+            self.tuning.reduction_min_work,
+        )
         return McGrid(c, bx, max(1, min(pieces, m)), self.tuning.merge_group)
 
     def _mc_elementwise_grid(self, x: View) -> McGrid:
@@ -272,9 +284,16 @@ class CudaBackend:
         return dy.data.astype(dtype, copy=False), x.data.astype(dtype, copy=False), dtype
 
     # -- statistics ---------------------------------------------------------------------------
-    def _stats(self, x: View, flags: int, weight: Array | None = None,
-               bias: Array | None = None, eps: float = 1.0, momentum: float = 0.0,
-               running: tuple[Array, Array] | None = None) -> tuple[Array, ...]:
+    def _stats(
+        self,
+        x: View,
+        flags: int,
+        weight: Array | None = None,
+        bias: Array | None = None,
+        eps: float = 1.0,
+        momentum: float = 0.0,
+        running: tuple[Array, Array] | None = None,
+    ) -> tuple[Array, ...]:
         """One stats launch -> (mean, var, invstd, scale, shift); the last three with _AFFINE."""
         xp, data = self.xp, x.data
         channels, count = x.num_channels, x.count
@@ -285,27 +304,61 @@ class CudaBackend:
             slots = channels * grid.pieces if grid.pieces > 1 else 1
             part_mean, part_m2 = xp.empty(slots, acc), xp.empty(slots, acc)
             part_count = xp.empty(slots, np.int32)
-            layout_args = (*self._ncs_shape_args(x, grid), part_mean, part_m2, part_count,
-                           self._sync_buffer(channels + 2))
+            layout_args = (
+                *self._ncs_shape_args(x, grid),
+                part_mean,
+                part_m2,
+                part_count,
+                self._sync_buffer(channels + 2),
+            )
         else:
             kernel = self.loader.function("mc", "bn_mc_stats", data.dtype)
             grid = self._mc_reduction_grid(x, kernel)
             slots = channels * grid.pieces if grid.pieces > 1 else 1
             group_slots = channels * grid.groups if grid.groups > 1 else 1
-            layout_args = (np.int64(data.shape[0]), np.int32(channels), np.int32(grid.group),
-                           xp.empty(slots, acc), xp.empty(slots, acc), xp.empty(slots, np.int32),
-                           xp.empty(group_slots, acc), xp.empty(group_slots, acc),
-                           xp.empty(group_slots, np.int64), self._sync_buffer(grid.counters))
+            layout_args = (
+                np.int64(data.shape[0]),
+                np.int32(channels),
+                np.int32(grid.group),
+                xp.empty(slots, acc),
+                xp.empty(slots, acc),
+                xp.empty(slots, np.int32),
+                xp.empty(group_slots, acc),
+                xp.empty(group_slots, acc),
+                xp.empty(group_slots, np.int64),
+                self._sync_buffer(grid.counters),
+            )
         mean, var = xp.empty(channels, acc), xp.empty(channels, acc)
         unused = xp.empty(1, acc)
-        invstd, scale, shift = ((xp.empty(channels, acc) for _ in range(3)) if flags & _AFFINE
-                                else (unused, unused, unused))
+        invstd, scale, shift = (
+            (xp.empty(channels, acc) for _ in range(3))
+            if flags & _AFFINE
+            else (unused, unused, unused)
+        )
         running_mean, running_var = running if running is not None else (unused, unused)
         unbias = count / (count - 1) if count > 1 else 1.0
-        self._launch_synced(kernel, grid.grid, grid.block, (
-            data, *layout_args, np.int32(flags), unused if weight is None else weight,
-            unused if bias is None else bias, acc.type(eps), np.float64(momentum),
-            np.float64(unbias), mean, var, invstd, scale, shift, running_mean, running_var))
+        self._launch_synced(
+            kernel,
+            grid.grid,
+            grid.block,
+            (
+                data,
+                *layout_args,
+                np.int32(flags),
+                unused if weight is None else weight,
+                unused if bias is None else bias,
+                acc.type(eps),
+                np.float64(momentum),
+                np.float64(unbias),
+                mean,
+                var,
+                invstd,
+                scale,
+                shift,
+                running_mean,
+                running_var,
+            ),
+        )
         return mean, var, invstd, scale, shift
 
     def batch_stats(self, x: View) -> tuple[Array, Array]:
@@ -315,9 +368,16 @@ class CudaBackend:
         mean, var, *_ = self._stats(x, 0)
         return mean, var
 
-    def train_statistics(self, x: View, weight: Array | None, bias: Array | None,
-                         running_mean: Array | None, running_var: Array | None,
-                         momentum: float, eps: float) -> tuple[Array, Array, Array, Array, Array]:
+    def train_statistics(
+        self,
+        x: View,
+        weight: Array | None,
+        bias: Array | None,
+        running_mean: Array | None,
+        running_var: Array | None,
+        momentum: float,
+        eps: float,
+    ) -> tuple[Array, Array, Array, Array, Array]:
         """Batch statistics and everything a training forward derives from them, fused.
 
         Returns `(mean, var, invstd, scale, shift)` with `invstd = 1 / sqrt(var + eps)`,
@@ -334,8 +394,9 @@ class CudaBackend:
         if x.count == 0 or channels == 0:
             raise ValueError(f"train_statistics needs a non-empty batch, got shape {x.shape}")
         if running_mean is not None and x.count < 2:
-            raise ValueError("updating running statistics needs more than one value per "
-                             f"channel, got {x.count}")
+            raise ValueError(
+                f"updating running statistics needs more than one value per channel, got {x.count}"
+            )
         flags = _AFFINE
         if weight is not None:
             weight = self._vector(weight, acc, channels, "weight")
@@ -343,13 +404,25 @@ class CudaBackend:
         if bias is not None:
             bias = self._vector(bias, acc, channels, "bias")
             flags |= _BIAS
-        fused_running = (running_mean is not None and running_var is not None
-                         and all(r.dtype == acc and r.flags.c_contiguous
-                                 and r.shape == (channels,) for r in (running_mean, running_var)))
+        fused_running = (
+            running_mean is not None
+            and running_var is not None
+            and all(
+                r.dtype == acc and r.flags.c_contiguous and r.shape == (channels,)
+                for r in (running_mean, running_var)
+            )
+        )
         if fused_running:
             flags |= _RUNNING
-        stats = self._stats(x, flags, weight, bias, eps, momentum,
-                            (running_mean, running_var) if fused_running else None)
+        stats = self._stats(
+            x,
+            flags,
+            weight,
+            bias,
+            eps,
+            momentum,
+            (running_mean, running_var) if fused_running else None,
+        )
         if running_mean is not None and not fused_running:
             mean, var = stats[0], stats[1]
             if bool(xp.isfinite(mean).all()) and bool(xp.isfinite(var).all()):
@@ -377,8 +450,9 @@ class CudaBackend:
         return out
 
     # -- backward -----------------------------------------------------------------------------
-    def backward_reduce(self, dy: View, x: View, mean: Array, invstd: Array | None = None
-                        ) -> tuple[Array, Array]:
+    def backward_reduce(
+        self, dy: View, x: View, mean: Array, invstd: Array | None = None
+    ) -> tuple[Array, Array]:
         """The kernels centre `x` in registers, so `invstd` is not needed."""
         xp = self.xp
         g, data, dtype = self._common(dy, x)
@@ -391,24 +465,44 @@ class CudaBackend:
             kernel = self.loader.function("ncs", "bn_ncs_reduce", dtype)
             grid = self._ncs_reduction_grid(x, kernel)
             slots = channels * grid.pieces if grid.pieces > 1 else 1
-            layout_args = (*self._ncs_shape_args(x, grid), xp.empty(slots, acc),
-                           xp.empty(slots, acc), self._sync_buffer(channels + 2))
+            layout_args = (
+                *self._ncs_shape_args(x, grid),
+                xp.empty(slots, acc),
+                xp.empty(slots, acc),
+                self._sync_buffer(channels + 2),
+            )
         else:
             kernel = self.loader.function("mc", "bn_mc_reduce", dtype)
             grid = self._mc_reduction_grid(x, kernel)
             slots = channels * grid.pieces if grid.pieces > 1 else 1
             group_slots = channels * grid.groups if grid.groups > 1 else 1
-            layout_args = (np.int64(data.shape[0]), np.int32(channels), np.int32(grid.group),
-                           xp.empty(slots, acc), xp.empty(slots, acc),
-                           xp.empty(group_slots, acc), xp.empty(group_slots, acc),
-                           self._sync_buffer(grid.counters))
+            layout_args = (
+                np.int64(data.shape[0]),
+                np.int32(channels),
+                np.int32(grid.group),
+                xp.empty(slots, acc),
+                xp.empty(slots, acc),
+                xp.empty(group_slots, acc),
+                xp.empty(group_slots, acc),
+                self._sync_buffer(grid.counters),
+            )
         sum_dy, sum_dy_xmu = xp.empty(channels, acc), xp.empty(channels, acc)
-        self._launch_synced(kernel, grid.grid, grid.block,
-                            (g, data, mean, *layout_args, sum_dy, sum_dy_xmu))
+        self._launch_synced(
+            kernel, grid.grid, grid.block, (g, data, mean, *layout_args, sum_dy, sum_dy_xmu)
+        )
         return sum_dy, sum_dy_xmu
 
-    def backward_apply(self, dy: View, x: View, mean: Array, invstd: Array, gamma: Array,
-                       sum_dy: Array, sum_dy_xmu: Array, count: int) -> Array:
+    def backward_apply(
+        self,
+        dy: View,
+        x: View,
+        mean: Array,
+        invstd: Array,
+        gamma: Array,
+        sum_dy: Array,
+        sum_dy_xmu: Array,
+        count: int,
+    ) -> Array:
         xp = self.xp
         g, data, dtype = self._common(dy, x)
         acc = accumulation_dtype(dtype)
@@ -416,9 +510,16 @@ class CudaBackend:
         out = xp.empty(data.shape, dtype)
         if data.size == 0:
             return out.astype(dy.data.dtype, copy=False)
-        vectors = [self._vector(v, acc, channels, name) for v, name in
-                   ((mean, "mean"), (invstd, "invstd"), (gamma, "gamma"), (sum_dy, "sum_dy"),
-                    (sum_dy_xmu, "sum_dy_xmu"))]
+        vectors = [
+            self._vector(v, acc, channels, name)
+            for v, name in (
+                (mean, "mean"),
+                (invstd, "invstd"),
+                (gamma, "gamma"),
+                (sum_dy, "sum_dy"),
+                (sum_dy_xmu, "sum_dy_xmu"),
+            )
+        ]
         if x.layout == NCS:
             grid = self._ncs_elementwise_grid(x)
             kernel = self.loader.function("ncs", "bn_ncs_backward", dtype)
@@ -427,28 +528,48 @@ class CudaBackend:
             grid = self._mc_elementwise_grid(x)
             kernel = self.loader.function("mc", "bn_mc_backward", dtype)
             shape_args = (np.int64(data.shape[0]), np.int32(data.shape[1]))
-        self.loader.launch(kernel, grid.grid, grid.block,
-                           (g, data, *vectors, np.int64(count), *shape_args, out))
+        self.loader.launch(
+            kernel, grid.grid, grid.block, (g, data, *vectors, np.int64(count), *shape_args, out)
+        )
         return out.astype(dy.data.dtype, copy=False)
 
     # -- running statistics -------------------------------------------------------------------
-    def update_running(self, running_mean: Array, running_var: Array, mean: Array, var: Array,
-                       count: int, momentum: float) -> None:
+    def update_running(
+        self,
+        running_mean: Array,
+        running_var: Array,
+        mean: Array,
+        var: Array,
+        count: int,
+        momentum: float,
+    ) -> None:
         if count < 2:
             raise ValueError(f"the unbiased variance needs count >= 2, got {count}")
         unbias = count / (count - 1)
         dtype = running_mean.dtype
-        if (dtype in (np.float32, np.float64) and running_var.dtype == dtype
-                and running_mean.flags.c_contiguous and running_var.flags.c_contiguous):
+        if (
+            dtype in (np.float32, np.float64)
+            and running_var.dtype == dtype
+            and running_mean.flags.c_contiguous
+            and running_var.flags.c_contiguous
+        ):
             kernel = self.loader.elementwise(UPDATE_RUNNING)
-            kernel(mean.astype(dtype, copy=False), var.astype(dtype, copy=False),
-                   float(momentum), float(unbias), running_mean, running_var)
+            kernel(
+                mean.astype(dtype, copy=False),
+                var.astype(dtype, copy=False),
+                float(momentum),
+                float(unbias),
+                running_mean,
+                running_var,
+            )
             return
         xp = self.xp  # other dtypes (float16 / bfloat16 buffers): the same formula, in float64
-        running_mean[...] = ((1.0 - momentum) * running_mean.astype(np.float64)
-                             + momentum * mean.astype(np.float64))
-        running_var[...] = ((1.0 - momentum) * running_var.astype(np.float64)
-                            + momentum * (xp.asarray(var, np.float64) * unbias))
+        running_mean[...] = (1.0 - momentum) * running_mean.astype(
+            np.float64
+        ) + momentum * mean.astype(np.float64)
+        running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + momentum * (
+            xp.asarray(var, np.float64) * unbias
+        )
 
     def traffic(self, phase: str, numel: int, itemsize: int) -> int:
         """Bytes moved by `phase`: see `traffic_bytes`."""
@@ -478,5 +599,15 @@ def simulator_usable() -> bool:
     return sim.is_available()
 
 
-__all__ = ["CudaBackend", "McGrid", "NcsGrid", "Tuning", "elementwise_pieces", "mc_block_x",
-           "ncs_grid", "reduction_pieces", "simulator_usable", "traffic_bytes"]
+__all__ = [
+    "CudaBackend",
+    "McGrid",
+    "NcsGrid",
+    "Tuning",
+    "elementwise_pieces",
+    "mc_block_x",
+    "ncs_grid",
+    "reduction_pieces",
+    "simulator_usable",
+    "traffic_bytes",
+]

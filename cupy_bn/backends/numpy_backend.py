@@ -41,8 +41,10 @@ def empty_unaliased(shape: tuple[int, ...], dtype: np.dtype, *avoid: np.ndarray)
     if nbytes < BLOCK_ELEMENTS * 2 or not avoid:  # small: aliasing costs less than the search
         return np.empty(shape, dtype)
     taken = sorted({a.__array_interface__["data"][0] % PAGE for a in avoid})
-    gap, start = max(((later - t) % PAGE or PAGE, t)
-                     for t, later in zip(taken, taken[1:] + taken[:1], strict=True))
+    gap, start = max(
+        ((later - t) % PAGE or PAGE, t)
+        for t, later in zip(taken, taken[1:] + taken[:1], strict=True)
+    )
     raw = np.empty(nbytes + PAGE, np.uint8)
     target = (start + gap // 2) // 64 * 64  # cache-line aligned
     offset = (target - raw.__array_interface__["data"][0]) % PAGE
@@ -62,8 +64,9 @@ def raw_sums_are_exact(mean: Array, var: Array) -> bool:
     """Whether every channel has `|mean| <= RAW_SUMS_MAX_OFFSET * sqrt(var)`, `var` finite."""
     mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
     with np.errstate(all="ignore"):
-        return bool(np.all(mean * mean <= RAW_SUMS_MAX_OFFSET**2 * var)
-                    and np.all(np.isfinite(var)))
+        return bool(
+            np.all(mean * mean <= RAW_SUMS_MAX_OFFSET**2 * var) and np.all(np.isfinite(var))
+        )
 
 
 def _effective_var(invstd: Array) -> np.ndarray:
@@ -141,8 +144,9 @@ class NumpyBackend:
         return out
 
     # -- backward -------------------------------------------------------------------------
-    def backward_reduce(self, dy: View, x: View, mean: Array, invstd: Array | None = None
-                        ) -> tuple[Array, Array]:
+    def backward_reduce(
+        self, dy: View, x: View, mean: Array, invstd: Array | None = None
+    ) -> tuple[Array, Array]:
         """`sum(dy)` and `sum(dy * (x - mean))`: from `sum(dy * x)` when raw sums are exact."""
         acc = accumulation_dtype(x.data.dtype)
         if x.count == 0:
@@ -168,8 +172,17 @@ class NumpyBackend:
             total_dy_x -= np.asarray(mean, np.float64) * total_dy
         return total_dy.astype(acc), total_dy_x.astype(acc)
 
-    def backward_apply(self, dy: View, x: View, mean: Array, invstd: Array, gamma: Array,
-                       sum_dy: Array, sum_dy_xmu: Array, count: int) -> Array:
+    def backward_apply(
+        self,
+        dy: View,
+        x: View,
+        mean: Array,
+        invstd: Array,
+        gamma: Array,
+        sum_dy: Array,
+        sum_dy_xmu: Array,
+        count: int,
+    ) -> Array:
         """`dx = p * dy + q * (x - mean) + r`, with per-channel p, q, r computed in float64.
 
         When raw sums are exact (see the module docstring) `q * mean` is folded into `r`,
@@ -206,11 +219,19 @@ class NumpyBackend:
         return out
 
     # -- running statistics ---------------------------------------------------------------
-    def update_running(self, running_mean: Array, running_var: Array, mean: Array, var: Array,
-                       count: int, momentum: float) -> None:
+    def update_running(
+        self,
+        running_mean: Array,
+        running_var: Array,
+        mean: Array,
+        var: Array,
+        count: int,
+        momentum: float,
+    ) -> None:
         unbiased = np.asarray(var, np.float64) * (count / (count - 1))
-        running_mean[...] = ((1.0 - momentum) * running_mean.astype(np.float64)
-                             + momentum * np.asarray(mean, np.float64))
+        running_mean[...] = (1.0 - momentum) * running_mean.astype(
+            np.float64
+        ) + momentum * np.asarray(mean, np.float64)
         running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + momentum * unbiased
 
     def traffic(self, phase: str, numel: int, itemsize: int) -> int:

@@ -101,8 +101,7 @@ def _worker_count() -> int:
 
 @cache
 def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=max(1, _worker_count() - 1),
-                              thread_name_prefix="cupy-bn")
+    return ThreadPoolExecutor(max_workers=max(1, _worker_count() - 1), thread_name_prefix="cupy-bn")
 
 
 if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's pool threads
@@ -165,8 +164,13 @@ class Block:
 class Plan:
     """How a view of one shape is cut into blocks, and how per-channel vectors map onto them."""
 
-    def __init__(self, layout: str, shape: tuple[int, ...], block_elements: int = BLOCK_ELEMENTS,
-                 coefficients: bool = False):
+    def __init__(
+        self,
+        layout: str,
+        shape: tuple[int, ...],
+        block_elements: int = BLOCK_ELEMENTS,
+        coefficients: bool = False,
+    ):
         """A plan for canonical data of `layout` and `shape` ((N, C, S) or (M, C)).
 
         `coefficients`: the pass multiplies by per-channel patterns, which must share the
@@ -201,8 +205,10 @@ class Plan:
             step = max(1, block_elements // (self.width * s)) if coefficients else 1
             for c0 in range(0, c, self.width):  # group by group, so a group's tile is reused
                 rows = min(self.width, c - c0)
-                self.blocks.extend(Block((i * c + c0) * s, rows, s, c0, min(step, n - i))
-                                   for i in range(0, n, step))
+                self.blocks.extend(
+                    Block((i * c + c0) * s, rows, s, c0, min(step, n - i))
+                    for i in range(0, n, step)
+                )
         else:
             self.kind, self.width = "segments", 1
             pieces = -(-s // block_elements)
@@ -210,8 +216,10 @@ class Plan:
             for ch in range(c):
                 for i in range(n):
                     row = (i * c + ch) * s
-                    self.blocks.extend(Block(row + s0, 1, s1 - s0, ch)
-                                       for s0, s1 in zip(bounds[:-1], bounds[1:], strict=True))
+                    self.blocks.extend(
+                        Block(row + s0, 1, s1 - s0, ch)
+                        for s0, s1 in zip(bounds[:-1], bounds[1:], strict=True)
+                    )
         self.sizes = [b.size for b in self.blocks]
         self._row_sums = self.kind != "periods" or s >= ROW_SUMS_MIN
 
@@ -225,9 +233,11 @@ class Plan:
         if block.samples > 1:
             n0, c0 = divmod(block.start // self.spatial, self.channels)
             return data.reshape(self.samples, self.channels, self.spatial)[
-                n0 : n0 + block.samples, c0 : c0 + block.rows]
+                n0 : n0 + block.samples, c0 : c0 + block.rows
+            ]
         return data.reshape(-1)[block.start : block.start + block.size].reshape(
-            block.rows, block.cols)
+            block.rows, block.cols
+        )
 
     def coefficients(self, dtype: np.dtype, *vectors: np.ndarray) -> list:
         """Per-channel vectors as accessors `get(block)` for operands of the blocks.
@@ -300,8 +310,7 @@ class Plan:
             return p.sum(axis=1)
         first = np.array([b.c0 for b in self.blocks], np.intp)
         index = np.minimum(first[:, None] + np.arange(self.width), self.channels - 1).ravel()
-        return np.stack([np.bincount(index, weights=k.ravel(), minlength=self.channels)
-                         for k in p])
+        return np.stack([np.bincount(index, weights=k.ravel(), minlength=self.channels) for k in p])
 
 
 @lru_cache(maxsize=64)
@@ -344,4 +353,3 @@ def store(partials: np.ndarray, i: int, *values: np.ndarray) -> None:
     """Block i's partial sums, one vector per kind (a narrower last group fills the start)."""
     for k, v in enumerate(values):
         partials[k, i, : v.shape[0]] = v
-

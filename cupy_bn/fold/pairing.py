@@ -216,8 +216,7 @@ def _layer_kind(
         return readings[0]
     conv, transposed = readings
     ambiguity = (
-        f"its weight {shape} fits a convolution and a ConvTranspose with "
-        f"groups={transposed.groups}"
+        f"its weight {shape} fits a convolution and a ConvTranspose with groups={transposed.groups}"
     )
     if not allow_assumption:
         return ambiguity
@@ -232,9 +231,7 @@ def proven_predecessor(bn: str) -> str | None:
     return join(match["container"] or "", str(int(match["index"]) - 1))
 
 
-def _check_statements(
-    index: StateIndex, statements: list[PairStatement], origin: str
-) -> None:
+def _check_statements(index: StateIndex, statements: list[PairStatement], origin: str) -> None:
     layers, bns = set(index.layers), set(index.bns)
     for s in statements:
         if s.layer not in layers:
@@ -356,9 +353,7 @@ def decide_pairs(
         elif assume_sequential:
             take(bn, candidate, kind, None, CONFIRMED)
         else:
-            unresolved.append(
-                Unresolved(bn, candidate, "nothing in the file shows what feeds it")
-            )
+            unresolved.append(Unresolved(bn, candidate, "nothing in the file shows what feeds it"))
     ordered = [pairs[bn] for bn in index.bns if bn in pairs]
     return ordered, unresolved
 

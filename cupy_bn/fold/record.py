@@ -75,10 +75,10 @@ def read_fold_record(value: np.ndarray) -> list[PairStatement]:
     except json.JSONDecodeError as e:
         raise FoldError(f"{where}: not valid JSON ({e})") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise FoldError(f"{where}: expected a JSON object with \"format\": \"{FORMAT}\"")
+        raise FoldError(f'{where}: expected a JSON object with "format": "{FORMAT}"')
     entries = document.get("pairs")
     if not isinstance(entries, list):
-        raise FoldError(f"{where}: \"pairs\" must be a list")
+        raise FoldError(f'{where}: "pairs" must be a list')
     statements = []
     for number, entry in enumerate(entries):
         at = f"{where} pair {number}"
@@ -86,7 +86,7 @@ def read_fold_record(value: np.ndarray) -> list[PairStatement]:
             raise FoldError(f"{at}: expected an object, got {entry!r}")
         layer, bn = entry.get("layer"), entry.get("bn")
         if not isinstance(layer, str) or not isinstance(bn, str):
-            raise FoldError(f"{at}: \"layer\" and \"bn\" must be strings")
+            raise FoldError(f'{at}: "layer" and "bn" must be strings')
         unknown = set(entry) - {"layer", "bn", "transpose", "groups", "eps"}
         if unknown:
             raise FoldError(f"{at}: unknown fields {sorted(unknown)}")

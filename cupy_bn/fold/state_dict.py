@@ -106,9 +106,7 @@ def _statements(
     return result
 
 
-def _apply(
-    index: StateIndex, pair: Pair, eps: float
-) -> tuple[np.ndarray, np.ndarray, FoldedPair]:
+def _apply(index: StateIndex, pair: Pair, eps: float) -> tuple[np.ndarray, np.ndarray, FoldedPair]:
     """Fold one pair; return the new weight and bias and the report entry."""
     layer, bn = index.modules[pair.layer], index.modules[pair.bn]
     arrays = index.arrays

@@ -9,5 +9,4 @@ from cupy_bn.kernels.loader import (
     read_source,
 )
 
-__all__ = ["KERNEL_FILES", "CupyLoader", "DeviceSpec", "KernelLoader", "SimLoader",
-           "read_source"]
+__all__ = ["KERNEL_FILES", "CupyLoader", "DeviceSpec", "KernelLoader", "SimLoader", "read_source"]

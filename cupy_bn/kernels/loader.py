@@ -58,10 +58,10 @@ class KernelFile:
 
 
 KERNEL_FILES: dict[str, KernelFile] = {
-    "ncs": KernelFile("bn_ncs.cu", ("bn_ncs_stats", "bn_ncs_apply", "bn_ncs_reduce",
-                                    "bn_ncs_backward")),
-    "mc": KernelFile("bn_mc.cu", ("bn_mc_stats", "bn_mc_apply", "bn_mc_reduce",
-                                  "bn_mc_backward")),
+    "ncs": KernelFile(
+        "bn_ncs.cu", ("bn_ncs_stats", "bn_ncs_apply", "bn_ncs_reduce", "bn_ncs_backward")
+    ),
+    "mc": KernelFile("bn_mc.cu", ("bn_mc_stats", "bn_mc_apply", "bn_mc_reduce", "bn_mc_backward")),
 }
 
 _LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.MULTILINE)
@@ -94,7 +94,7 @@ def read_source(filename: str) -> str:
 
 
 def dtype_name(dtype: Any) -> str:
-    """"float16", "bfloat16", "float32" or "float64" for a supported storage dtype."""
+    """ "float16", "bfloat16", "float32" or "float64" for a supported storage dtype."""
     name = np.dtype(dtype).name
     if name not in STORAGE_TYPES:
         raise TypeError(f"no kernels for dtype {name}; expected one of {', '.join(STORAGE_TYPES)}")
@@ -136,8 +136,14 @@ class KernelLoader(ABC):
         """The device kernels launch on."""
 
     @abstractmethod
-    def launch(self, kernel: Any, grid: tuple[int, ...], block: tuple[int, ...],
-               args: tuple, shared_mem: int = 0) -> None:
+    def launch(
+        self,
+        kernel: Any,
+        grid: tuple[int, ...],
+        block: tuple[int, ...],
+        args: tuple,
+        shared_mem: int = 0,
+    ) -> None:
         """Launch `kernel` (from `function`) with CuPy's calling convention."""
 
     def resident_blocks_per_sm(self, kernel: Any, threads: int) -> int:
@@ -150,8 +156,7 @@ class KernelLoader(ABC):
             cache_key = (self.target, key)
             if cache_key not in self._modules:
                 spec = KERNEL_FILES[key]
-                self._modules[cache_key] = self._raw_module(spec.source(),
-                                                            spec.name_expressions())
+                self._modules[cache_key] = self._raw_module(spec.source(), spec.name_expressions())
             return self._modules[cache_key]
 
     def function(self, key: str, kernel: str, dtype: Any) -> Any:
@@ -184,12 +189,12 @@ class CupyLoader(KernelLoader):
 
     def _raw_module(self, code, name_expressions):
         options = ("--std=c++17", *(f"-I{d}" for d in cuda_include_dirs()))
-        return self._cupy.RawModule(code=code, options=options,
-                                    name_expressions=name_expressions)
+        return self._cupy.RawModule(code=code, options=options, name_expressions=name_expressions)
 
     def _elementwise_kernel(self, spec):
-        return self._cupy.ElementwiseKernel(spec.in_params, spec.out_params, spec.operation,
-                                            spec.name, preamble=spec.preamble)
+        return self._cupy.ElementwiseKernel(
+            spec.in_params, spec.out_params, spec.operation, spec.name, preamble=spec.preamble
+        )
 
     def device(self) -> DeviceSpec:
         return _cupy_device(self._cupy.cuda.runtime.getDevice())
@@ -204,8 +209,14 @@ class CupyLoader(KernelLoader):
             try:
                 from cupy.cuda import driver
 
-                blocks = max(1, int(driver.occupancyMaxActiveBlocksPerMultiprocessor(
-                    kernel.kernel.ptr, threads, 0)))
+                blocks = max(
+                    1,
+                    int(
+                        driver.occupancyMaxActiveBlocksPerMultiprocessor(
+                            kernel.kernel.ptr, threads, 0
+                        )
+                    ),
+                )
             except Exception:  # a CuPy without the occupancy API: the thread limit
                 blocks = super().resident_blocks_per_sm(kernel, threads)
             self._occupancy[key] = blocks
@@ -218,8 +229,11 @@ def _cupy_device(device_id: int) -> DeviceSpec:
 
     props = runtime.getDeviceProperties(device_id)
     name = props["name"]
-    return DeviceSpec(name.decode() if isinstance(name, bytes) else str(name),
-                      int(props["multiProcessorCount"]), int(props["maxThreadsPerMultiProcessor"]))
+    return DeviceSpec(
+        name.decode() if isinstance(name, bytes) else str(name),
+        int(props["multiProcessorCount"]),
+        int(props["maxThreadsPerMultiProcessor"]),
+    )
 
 
 class SimLoader(KernelLoader):
@@ -243,15 +257,23 @@ class SimLoader(KernelLoader):
         return self._sim.RawModule(code=code, options=(), name_expressions=name_expressions)
 
     def _elementwise_kernel(self, spec):
-        return self._sim.ElementwiseKernel(spec.in_params, spec.out_params, spec.operation,
-                                           spec.name, preamble=spec.preamble)
+        return self._sim.ElementwiseKernel(
+            spec.in_params, spec.out_params, spec.operation, spec.name, preamble=spec.preamble
+        )
 
     def device(self) -> DeviceSpec:
         return SIMULATED_DEVICE
 
     def launch(self, kernel, grid, block, args, shared_mem=0):
-        kernel(grid, block, args, shared_mem=shared_mem, schedule=self.schedule, seed=self.seed,
-               check_races=self.check_races)
+        kernel(
+            grid,
+            block,
+            args,
+            shared_mem=shared_mem,
+            schedule=self.schedule,
+            seed=self.seed,
+            check_races=self.check_races,
+        )
 
 
 def cuda_include_dirs() -> tuple[str, ...]:

@@ -30,10 +30,17 @@ import numpy as np
 from .errors import SimulationError
 
 _NUMERIC = {
-    "f4": np.dtype(np.float32), "f8": np.dtype(np.float64),
-    "i1": np.dtype(np.int8), "i2": np.dtype(np.int16), "i4": np.dtype(np.int32),
-    "i8": np.dtype(np.int64), "u1": np.dtype(np.uint8), "u2": np.dtype(np.uint16),
-    "u4": np.dtype(np.uint32), "u8": np.dtype(np.uint64), "?": np.dtype(np.bool_),
+    "f4": np.dtype(np.float32),
+    "f8": np.dtype(np.float64),
+    "i1": np.dtype(np.int8),
+    "i2": np.dtype(np.int16),
+    "i4": np.dtype(np.int32),
+    "i8": np.dtype(np.int64),
+    "u1": np.dtype(np.uint8),
+    "u2": np.dtype(np.uint16),
+    "u4": np.dtype(np.uint32),
+    "u8": np.dtype(np.uint64),
+    "?": np.dtype(np.bool_),
 }
 _HALF_NAMES = ("__half", "half")
 _BF16_NAMES = ("__nv_bfloat16", "nv_bfloat16")
@@ -123,11 +130,13 @@ def _scalar_mismatch(p: Param, dtype: np.dtype, raw: bytes) -> str | None:
             return None
         if dtype.kind == "V" and dtype.itemsize == p.size:
             return None
-        return (f"{p.describe()} takes {p.size} bytes, CuPy passes {dtype} ({dtype.itemsize} "
-                "bytes): the kernel reads unrelated bytes")
+        return (
+            f"{p.describe()} takes {p.size} bytes, CuPy passes {dtype} ({dtype.itemsize} "
+            "bytes): the kernel reads unrelated bytes"
+        )
     if dtype == expected:
         return None
-    seen = np.frombuffer(raw[:expected.itemsize], dtype=expected)[0].item()
+    seen = np.frombuffer(raw[: expected.itemsize], dtype=expected)[0].item()
     how = f"it sees {seen!r}"
     fits = dtype.kind in "iub" and expected.kind in "iu" and dtype.itemsize >= expected.itemsize
     hint = f"pass numpy.{expected.name}(...)" if expected.kind != "b" else "pass a Python bool"
@@ -136,10 +145,14 @@ def _scalar_mismatch(p: Param, dtype: np.dtype, raw: bytes) -> str | None:
     if expected.itemsize <= dtype.itemsize:
         reads = f"the kernel reads the first {expected.itemsize} of its {dtype.itemsize} bytes"
     else:
-        reads = (f"the kernel reads {expected.itemsize} bytes, only {dtype.itemsize} of them "
-                 "the argument's")
-    return (f"{p.describe()} is {expected.name} but CuPy passes this argument as {dtype}: "
-            f"{reads}, {how}; {hint}")
+        reads = (
+            f"the kernel reads {expected.itemsize} bytes, only {dtype.itemsize} of them "
+            "the argument's"
+        )
+    return (
+        f"{p.describe()} is {expected.name} but CuPy passes this argument as {dtype}: "
+        f"{reads}, {how}; {hint}"
+    )
 
 
 def _pointer_mismatch(p: Param, arr: np.ndarray) -> str | None:
@@ -151,8 +164,10 @@ def _pointer_mismatch(p: Param, arr: np.ndarray) -> str | None:
     if expected is not None:
         if dt == expected:
             return None
-        return (f"{p.describe()} points to {expected.name} but the array is {dt}: the kernel "
-                "reinterprets its bytes")
+        return (
+            f"{p.describe()} points to {expected.name} but the array is {dt}: the kernel "
+            "reinterprets its bytes"
+        )
     size = int(code[1:])
     name = p.pointee
     if name in _HALF_NAMES:
@@ -163,8 +178,10 @@ def _pointer_mismatch(p: Param, arr: np.ndarray) -> str | None:
         ok = dt.itemsize == size or (dt.kind != "V" and dt.itemsize and size % dt.itemsize == 0)
     if ok:
         return None
-    return (f"{p.describe()} points to {size}-byte elements but the array is {dt} "
-            f"({dt.itemsize} bytes): the kernel reinterprets its bytes")
+    return (
+        f"{p.describe()} points to {size}-byte elements but the array is {dt} "
+        f"({dt.itemsize} bytes): the kernel reinterprets its bytes"
+    )
 
 
 def _byte_bounds(a: np.ndarray) -> tuple[int, int]:
@@ -194,13 +211,13 @@ class Packed:
     """The bytes and memory regions of one launch's arguments."""
 
     storage: ctypes.Array
-    slots: list[int]          # byte offset of each argument in storage
-    arg_region: list[int]     # region of each pointer argument (-1: none)
-    arg_offset: list[int]     # byte offset of the pointer inside its region
+    slots: list[int]  # byte offset of each argument in storage
+    arg_region: list[int]  # region of each pointer argument (-1: none)
+    arg_offset: list[int]  # byte offset of the pointer inside its region
     regions: list[RegionSpec]
     warnings: list[str]
     arrays: dict[int, np.ndarray]  # array arguments by index (their memory is in regions)
-    keepalive: bytearray      # the bytes behind storage
+    keepalive: bytearray  # the bytes behind storage
 
 
 @functools.lru_cache(maxsize=1024)
@@ -258,8 +275,8 @@ def pack_arguments(params: tuple[Param, ...], args: tuple | list, kernel: str) -
                 )
             dtype = cupy_scalar_dtype(a)
             value = np.asarray(a, dtype=dtype).tobytes()[:width]
-            raw[slot:slot + width] = value + bytes([_PAD_BYTE]) * (width - len(value))
-            msg = _scalar_mismatch(p, dtype, bytes(raw[slot:slot + width]))
+            raw[slot : slot + width] = value + bytes([_PAD_BYTE]) * (width - len(value))
+            msg = _scalar_mismatch(p, dtype, bytes(raw[slot : slot + width]))
             if msg:
                 warnings.append(f"{kernel}: {msg}")
     regions = _group_regions(arrays)
@@ -268,8 +285,16 @@ def pack_arguments(params: tuple[Param, ...], args: tuple | list, kernel: str) -
             arg_region[i] = r_index
             arg_offset[i] = _data_ptr(args[i]) - r.lo
     storage = (ctypes.c_char * max(1, total)).from_buffer(raw) if total else (ctypes.c_char * 1)()
-    return Packed(storage, slots, arg_region, arg_offset, regions, warnings,
-                  {i: a for _, _, i, a in arrays}, raw)
+    return Packed(
+        storage,
+        slots,
+        arg_region,
+        arg_offset,
+        regions,
+        warnings,
+        {i: a for _, _, i, a in arrays},
+        raw,
+    )
 
 
 def _data_ptr(a: np.ndarray) -> int:

@@ -32,15 +32,31 @@ HEADER = Path(__file__).with_name("emu.h")  # includes emu_device.h; emu_element
 # -ffp-contract=off: g++ never fuses a*b+c (nvcc does by default; see docs/simulator.md).
 # -fstack-clash-protection: large stack frames touch every page, so overflows hit the guard.
 _COMMON_FLAGS = (
-    "-std=c++17", "-fno-strict-aliasing", "-ffp-contract=off", "-fstack-clash-protection",
-    "-fno-gnu-unique", "-w",
+    "-std=c++17",
+    "-fno-strict-aliasing",
+    "-ffp-contract=off",
+    "-fstack-clash-protection",
+    "-fno-gnu-unique",
+    "-w",
 )
 # -g1 -gdwarf-4: line tables that binutils' addr2line reads with the #line file names.
 SHARED_FLAGS = (
-    *_COMMON_FLAGS, "-O2", "-g1", "-gdwarf-4", "-fPIC", "-shared", "-fvisibility=hidden",
+    *_COMMON_FLAGS,
+    "-O2",
+    "-g1",
+    "-gdwarf-4",
+    "-fPIC",
+    "-shared",
+    "-fvisibility=hidden",
 )
 RACE_FLAGS = (
-    *_COMMON_FLAGS, "-O1", "-g", "-gdwarf-4", "-fsanitize=thread", "-DEMU_TSAN", "-pthread",
+    *_COMMON_FLAGS,
+    "-O1",
+    "-g",
+    "-gdwarf-4",
+    "-fsanitize=thread",
+    "-DEMU_TSAN",
+    "-pthread",
 )
 
 
@@ -130,8 +146,9 @@ def _symbols(path: Path) -> tuple[tuple[tuple[int, int], ...], frozenset[str] | 
     name expression.
     """
     try:
-        r = subprocess.run(["nm", "-S", "--defined-only", str(path)], capture_output=True,
-                           text=True, timeout=60)
+        r = subprocess.run(
+            ["nm", "-S", "--defined-only", str(path)], capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.SubprocessError):
         return (), None
     if r.returncode != 0:
@@ -148,8 +165,13 @@ def _symbols(path: Path) -> tuple[tuple[tuple[int, int], ...], frozenset[str] | 
     return tuple(statics), frozenset(functions)
 
 
-def build(source: str, *, flags: tuple[str, ...], executable: bool = False,
-          toolchain: Toolchain | None = None) -> Artifact:
+def build(
+    source: str,
+    *,
+    flags: tuple[str, ...],
+    executable: bool = False,
+    toolchain: Toolchain | None = None,
+) -> Artifact:
     """Compile ``source`` (C++ that includes emu.h) into a cached module or executable.
 
     Raises:
@@ -193,8 +215,11 @@ def _load_entry(folder: Path, meta_path: Path) -> Artifact | None:
     if not target.exists() or not _deps_still_valid(meta):
         return None
     functions = meta.get("c_functions")
-    return Artifact(target, tuple(tuple(x) for x in meta.get("static_smem", ())),
-                    frozenset(functions) if functions is not None else None)
+    return Artifact(
+        target,
+        tuple(tuple(x) for x in meta.get("static_smem", ())),
+        frozenset(functions) if functions is not None else None,
+    )
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -204,8 +229,9 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _compile(source: str, flags: tuple[str, ...], folder: Path, key: str, suffix: str,
-             tc: Toolchain) -> Artifact:
+def _compile(
+    source: str, flags: tuple[str, ...], folder: Path, key: str, suffix: str, tc: Toolchain
+) -> Artifact:
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as tmp:
         src = Path(tmp) / "module.cpp"
@@ -224,8 +250,12 @@ def _compile(source: str, flags: tuple[str, ...], folder: Path, key: str, suffix
         dep_digest = hashlib.sha256(json.dumps(sorted(deps.items())).encode()).hexdigest()[:8]
         target = folder / f"{key}-{dep_digest}{suffix}"
         os.replace(out, target)
-    meta = {"file": target.name, "deps": deps, "static_smem": static,
-            "c_functions": sorted(functions) if functions is not None else None}
+    meta = {
+        "file": target.name,
+        "deps": deps,
+        "static_smem": static,
+        "c_functions": sorted(functions) if functions is not None else None,
+    }
     _atomic_write(folder / f"{key}.json", json.dumps(meta))
     return Artifact(target, static, functions)
 
@@ -245,7 +275,9 @@ def source_location(path: Path, offset: int) -> str | None:
     try:
         out = subprocess.run(
             ["addr2line", "-C", "-i", "-e", str(path), hex(offset)],
-            capture_output=True, text=True, timeout=30,
+            capture_output=True,
+            text=True,
+            timeout=30,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None

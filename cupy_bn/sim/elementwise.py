@@ -23,11 +23,17 @@ from .launch import launch_lock
 from .raw import translate_options
 
 _C_TYPES = {
-    np.dtype(np.float64): "double", np.dtype(np.float32): "float",
-    np.dtype(np.float16): "float16", np.dtype(np.int64): "long long",
-    np.dtype(np.int32): "int", np.dtype(np.int16): "short", np.dtype(np.int8): "signed char",
-    np.dtype(np.uint64): "unsigned long long", np.dtype(np.uint32): "unsigned int",
-    np.dtype(np.uint16): "unsigned short", np.dtype(np.uint8): "unsigned char",
+    np.dtype(np.float64): "double",
+    np.dtype(np.float32): "float",
+    np.dtype(np.float16): "float16",
+    np.dtype(np.int64): "long long",
+    np.dtype(np.int32): "int",
+    np.dtype(np.int16): "short",
+    np.dtype(np.int8): "signed char",
+    np.dtype(np.uint64): "unsigned long long",
+    np.dtype(np.uint32): "unsigned int",
+    np.dtype(np.uint16): "unsigned short",
+    np.dtype(np.uint8): "unsigned char",
     np.dtype(np.bool_): "bool",
 }
 
@@ -36,8 +42,10 @@ def _c_type(dtype: np.dtype) -> str:
     try:
         return _C_TYPES[np.dtype(dtype)]
     except KeyError:
-        raise TypeError(f"dtype {dtype} is not supported by the simulator's ElementwiseKernel "
-                        "(supported: bool, integers, float16/32/64)") from None
+        raise TypeError(
+            f"dtype {dtype} is not supported by the simulator's ElementwiseKernel "
+            "(supported: bool, integers, float16/32/64)"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,7 @@ class ParameterInfo:
 
     name: str
     dtype: np.dtype | None  # None for a type placeholder
-    ctype: str              # placeholder letter, or the C type of dtype
+    ctype: str  # placeholder letter, or the C type of dtype
     raw: bool
     is_const: bool
 
@@ -93,9 +101,18 @@ class ElementwiseKernel:
 
     timeout: float = 60.0
 
-    def __init__(self, in_params: str, out_params: str, operation: str, name: str = "kernel",
-                 reduce_dims: bool = True, preamble: str = "", no_return: bool = False,
-                 return_tuple: bool = False, **kwargs):
+    def __init__(
+        self,
+        in_params: str,
+        out_params: str,
+        operation: str,
+        name: str = "kernel",
+        reduce_dims: bool = True,
+        preamble: str = "",
+        no_return: bool = False,
+        return_tuple: bool = False,
+        **kwargs,
+    ):
         if not re.fullmatch(r"[A-Za-z_]\w*", name):
             raise ValueError(f'Invalid kernel name: "{name}"')
         unknown = set(kwargs) - {"options", "loop_prep", "after_loop"}
@@ -130,7 +147,8 @@ class ElementwiseKernel:
                 elif p.ctype in bound:
                     if bound[p.ctype] != d:
                         raise TypeError(
-                            f"Type is mismatched. {p.name} {d} {bound[p.ctype]} {p.ctype}")
+                            f"Type is mismatched. {p.name} {d} {bound[p.ctype]} {p.ctype}"
+                        )
                 else:
                     bound[p.ctype] = d
 
@@ -138,16 +156,22 @@ class ElementwiseKernel:
             if p.dtype is not None:
                 return p.dtype
             if p.ctype not in bound:
-                raise TypeError(f"the type {p.ctype} of parameter {p.name} is not determined "
-                                "by any array argument")
+                raise TypeError(
+                    f"the type {p.ctype} of parameter {p.name} is not determined "
+                    "by any array argument"
+                )
             return bound[p.ctype]
 
-        return ([resolve(p) for p in self.in_params], [resolve(p) for p in self.out_params],
-                tuple(sorted(bound.items())))
+        return (
+            [resolve(p) for p in self.in_params],
+            [resolve(p) for p in self.out_params],
+            tuple(sorted(bound.items())),
+        )
 
     # ------------------------------------------------------------------- call
-    def __call__(self, *args, size: int | None = None, block_size: int | None = None,
-                 stream=None, **kwargs):
+    def __call__(
+        self, *args, size: int | None = None, block_size: int | None = None, stream=None, **kwargs
+    ):
         if kwargs:
             raise TypeError(f"Wrong arguments {kwargs}")
         if block_size is not None and block_size <= 0:
@@ -155,21 +179,28 @@ class ElementwiseKernel:
         if len(args) not in (self.nin, self.nargs):
             raise TypeError(
                 f"Wrong number of arguments for {self.name!r}. It must be either {self.nin} or "
-                f"{self.nargs} (with outputs), but given {len(args)}.")
+                f"{self.nargs} (with outputs), but given {len(args)}."
+            )
         for a in args:
             if not (isinstance(a, np.ndarray) or _is_scalar(a)):
-                raise TypeError(f"{self.name}: unsupported argument type {type(a).__name__} "
-                                "(NumPy arrays and scalars only)")
-        ins, outs = list(args[:self.nin]), list(args[self.nin:])
+                raise TypeError(
+                    f"{self.name}: unsupported argument type {type(a).__name__} "
+                    "(NumPy arrays and scalars only)"
+                )
+        ins, outs = list(args[: self.nin]), list(args[self.nin :])
         for o in outs:
             if not isinstance(o, np.ndarray):
                 raise TypeError("Output arguments must be NumPy arrays")
-        nonraw = [a for a, p in zip(args, self.params, strict=False)
-                  if isinstance(a, np.ndarray) and not p.raw]
+        nonraw = [
+            a
+            for a, p in zip(args, self.params, strict=False)
+            if isinstance(a, np.ndarray) and not p.raw
+        ]
         if size is not None:
             if nonraw:
                 raise ValueError(
-                    "Specified 'size' can be used only if all of the ndarray are 'raw'.")
+                    "Specified 'size' can be used only if all of the ndarray are 'raw'."
+                )
             shape: tuple[int, ...] = (int(size),)
         else:
             if not nonraw:
@@ -186,8 +217,11 @@ class ElementwiseKernel:
             for p, o in zip(self.out_params, outs, strict=False):
                 if not p.raw and o.shape != shape:
                     raise ValueError("Out shape is mismatched")
-        ret = None if self.no_return else (
-            outs[0] if (self.nout == 1 and not self.return_tuple) else tuple(outs))
+        ret = (
+            None
+            if self.no_return
+            else (outs[0] if (self.nout == 1 and not self.return_tuple) else tuple(outs))
+        )
         if 0 in shape:
             return ret
         self._run(ins, outs, in_types, out_types, type_map, shape)
@@ -205,8 +239,10 @@ class ElementwiseKernel:
                 views.append(a)
             else:
                 views.append(np.broadcast_to(a, shape).reshape(loop_shape))
-        nonraw = [isinstance(a, np.ndarray) and not p.raw
-                  for p, a in zip(self.params, values, strict=True)]
+        nonraw = [
+            isinstance(a, np.ndarray) and not p.raw
+            for p, a in zip(self.params, values, strict=True)
+        ]
         pairs = list(zip(views, nonraw, strict=True))
         if self.reduce_dims and all(v.flags.c_contiguous for v, nr in pairs if nr):
             loop_shape = (int(np.prod(loop_shape)),)
@@ -244,8 +280,13 @@ class ElementwiseKernel:
         lib = ctypes.CDLL(str(art.path), mode=ctypes.RTLD_LOCAL)
         fn = lib.emu_elementwise
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64,
-                       ctypes.c_double]
+        fn.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_char_p,
+            ctypes.c_uint64,
+            ctypes.c_double,
+        ]
         fn._lib = lib  # keep the library loaded
         with self._lock:
             self._functions[key] = fn
@@ -261,8 +302,10 @@ class ElementwiseKernel:
                 continue
             const = "const " if p.is_const else ""
             var = p.name if p.raw else f"_raw_{p.name}"
-            decls.append(f"  {const}CArray<{ct}, {nd}> {var}(static_cast<{ct}*>(_p[{k}]), "
-                         f"_meta + {meta}, _meta + {meta + nd}, \"{p.name}\");")
+            decls.append(
+                f"  {const}CArray<{ct}, {nd}> {var}(static_cast<{ct}*>(_p[{k}]), "
+                f'_meta + {meta}, _meta + {meta + nd}, "{p.name}");'
+            )
             meta += 2 * nd
             if not p.raw:
                 refs.append(f"{const}{ct}& {p.name} = _raw_{p.name}[_ind.get()];")
@@ -275,8 +318,7 @@ class ElementwiseKernel:
             '#line 1 "<elementwise loop>"\n'
             "EMU_EXPORT int emu_elementwise(void** _p, const int64_t* _meta, char* _err, "
             "uint64_t _errcap, double _timeout) {\n"
-            f"  CIndexer<{ndim}> _ind(_meta);\n"
-            + "\n".join(decls) + "\n"
+            f"  CIndexer<{ndim}> _ind(_meta);\n" + "\n".join(decls) + "\n"
             "  return emu::run_elementwise([&]() {\n"
             f'#line 1 "<{self.name} loop_prep>"\n{self.loop_prep};\n'
             '#line 1 "<elementwise loop>"\n'
@@ -290,4 +332,3 @@ class ElementwiseKernel:
             '#line 1 "<elementwise loop>"\n'
             "  }, _err, _errcap, _timeout);\n}\n"
         )
-

@@ -91,9 +91,21 @@ def dim3(value: object, what: str) -> tuple[int, int, int]:
     return dims[0], dims[1], dims[2]
 
 
-def make_config(grid, block, shared_mem, *, max_dyn_smem: int, max_threads: int, schedule: str,
-                seed: int, stack_kb: int, guard: bool, timeout: float, kernel: str,
-                check_races: bool = False) -> LaunchConfig:
+def make_config(
+    grid,
+    block,
+    shared_mem,
+    *,
+    max_dyn_smem: int,
+    max_threads: int,
+    schedule: str,
+    seed: int,
+    stack_kb: int,
+    guard: bool,
+    timeout: float,
+    kernel: str,
+    check_races: bool = False,
+) -> LaunchConfig:
     """Check a launch the way the CUDA driver would, before anything runs."""
     g, b = dim3(grid, "grid"), dim3(block, "block")
     if min(g) < 1 or g[0] > 2**31 - 1 or g[1] > 65535 or g[2] > 65535:
@@ -128,9 +140,18 @@ def make_config(grid, block, shared_mem, *, max_dyn_smem: int, max_threads: int,
         raise SimulationError(f"stack_kb must be in [1, 65536], got {stack_kb!r}")
     if timeout is not None and timeout < 0:
         raise SimulationError(f"timeout must be >= 0 seconds (0: none), got {timeout!r}")
-    return LaunchConfig(g, b, int(shared_mem), int(max_dyn_smem), schedule,
-                        int(seed) & 0xFFFFFFFF, int(stack_kb), bool(guard), float(timeout or 0),
-                        bool(check_races))
+    return LaunchConfig(
+        g,
+        b,
+        int(shared_mem),
+        int(max_dyn_smem),
+        schedule,
+        int(seed) & 0xFFFFFFFF,
+        int(stack_kb),
+        bool(guard),
+        float(timeout or 0),
+        bool(check_races),
+    )
 
 
 @dataclass

@@ -75,9 +75,14 @@ def arch_supported(arch: str) -> bool:
     return arch in supported_archs()
 
 
-def compile_program(source: str, *, arch: str = "compute_80", options: Sequence[str] = (),
-                    name_expressions: Sequence[str] = (),
-                    name: str = "kernel.cu") -> NvrtcResult:
+def compile_program(
+    source: str,
+    *,
+    arch: str = "compute_80",
+    options: Sequence[str] = (),
+    name_expressions: Sequence[str] = (),
+    name: str = "kernel.cu",
+) -> NvrtcResult:
     """Compile ``source`` to PTX for ``arch``.
 
     Args:
@@ -123,8 +128,15 @@ def compile_program(source: str, *, arch: str = "compute_80", options: Sequence[
     return NvrtcResult(ptx.rstrip("\0"), log, lowered)
 
 
-def compile_ptx(source: str, *, arch: str = "compute_80", options: Sequence[str] = (),
-                name_expressions: Sequence[str] = (), name: str = "kernel.cu") -> str:
+def compile_ptx(
+    source: str,
+    *,
+    arch: str = "compute_80",
+    options: Sequence[str] = (),
+    name_expressions: Sequence[str] = (),
+    name: str = "kernel.cu",
+) -> str:
     """PTX of ``source`` for ``arch`` (see :func:`compile_program`)."""
-    return compile_program(source, arch=arch, options=options,
-                           name_expressions=name_expressions, name=name).ptx
+    return compile_program(
+        source, arch=arch, options=options, name_expressions=name_expressions, name=name
+    ).ptx

@@ -44,8 +44,9 @@ def _run_child(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     r = subprocess.run(cmd, capture_output=True, env=env, **kw)
     if r.returncode != 0 and any(s in r.stderr.decode(errors="replace") for s in _ASLR_TROUBLE):
         # ThreadSanitizer of older GCC cannot map its shadow under high ASLR entropy
-        r = subprocess.run(["setarch", platform.machine(), "-R", *cmd], capture_output=True,
-                           env=env, **kw)
+        r = subprocess.run(
+            ["setarch", platform.machine(), "-R", *cmd], capture_output=True, env=env, **kw
+        )
     return r
 
 
@@ -58,33 +59,53 @@ def support() -> tuple[bool, str]:
         return False, str(e)
     with tempfile.TemporaryDirectory(prefix="cupy-bn-tsan-") as tmp:
         src = Path(tmp, "t.cpp")
-        src.write_text("#include <pthread.h>\nstatic void* f(void*) { return nullptr; }\n"
-                       "int main() { pthread_t t; pthread_create(&t, nullptr, f, nullptr); "
-                       "return pthread_join(t, nullptr); }\n")
+        src.write_text(
+            "#include <pthread.h>\nstatic void* f(void*) { return nullptr; }\n"
+            "int main() { pthread_t t; pthread_create(&t, nullptr, f, nullptr); "
+            "return pthread_join(t, nullptr); }\n"
+        )
         exe = Path(tmp, "t")
-        r = subprocess.run([tc.cxx, "-fsanitize=thread", "-pthread", str(src), "-o", str(exe)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [tc.cxx, "-fsanitize=thread", "-pthread", str(src), "-o", str(exe)],
+            capture_output=True,
+            text=True,
+        )
         if r.returncode != 0:
-            return False, ("g++ cannot build ThreadSanitizer programs (libtsan missing? on "
-                           "Debian/Ubuntu: apt-get install libtsan2): "
-                           + r.stderr.strip().splitlines()[-1:][0] if r.stderr.strip() else "")
+            return False, (
+                "g++ cannot build ThreadSanitizer programs (libtsan missing? on "
+                "Debian/Ubuntu: apt-get install libtsan2): " + r.stderr.strip().splitlines()[-1:][0]
+                if r.stderr.strip()
+                else ""
+            )
         r2 = _run_child([str(exe)], timeout=60)
         if r2.returncode != 0:
             return False, "ThreadSanitizer programs do not run here: " + r2.stderr.decode(
-                errors="replace").strip()[:400]
+                errors="replace"
+            ).strip()[:400]
     return True, ""
 
 
 def _request(index: int, cfg: LaunchConfig, packed: Packed, file_offsets: list[int]) -> bytes:
     storage = bytes(packed.keepalive)
     head = _HEADER.pack(
-        _MAGIC, _VERSION, index, len(packed.slots), len(packed.regions),
-        SCHEDULES[cfg.schedule], cfg.seed, cfg.stack_kb, *cfg.grid, *cfg.block,
-        cfg.shared_mem, cfg.max_dyn_smem, len(storage),
+        _MAGIC,
+        _VERSION,
+        index,
+        len(packed.slots),
+        len(packed.regions),
+        SCHEDULES[cfg.schedule],
+        cfg.seed,
+        cfg.stack_kb,
+        *cfg.grid,
+        *cfg.block,
+        cfg.shared_mem,
+        cfg.max_dyn_smem,
+        len(storage),
     )
     n = len(packed.slots)
     parts = [
-        head, storage,
+        head,
+        storage,
         struct.pack(f"<{n}Q", *packed.slots),
         struct.pack(f"<{n}i", *packed.arg_region),
         struct.pack(f"<{n}Q", *packed.arg_offset),
@@ -94,8 +115,13 @@ def _request(index: int, cfg: LaunchConfig, packed: Packed, file_offsets: list[i
     return b"".join(parts)
 
 
-def run(artifact: build.Artifact, index: int, cfg: LaunchConfig, packed: Packed,
-        params: tuple[Param, ...]) -> LaunchResult:
+def run(
+    artifact: build.Artifact,
+    index: int,
+    cfg: LaunchConfig,
+    packed: Packed,
+    params: tuple[Param, ...],
+) -> LaunchResult:
     """One launch in race mode; arrays receive what the kernel wrote."""
     offsets, cursor = [], 0
     for r in packed.regions:
@@ -107,36 +133,63 @@ def run(artifact: build.Artifact, index: int, cfg: LaunchConfig, packed: Packed,
         f.truncate(max(cursor, 1))
         with mmap.mmap(f.fileno(), max(cursor, 1)) as m:
             for off, r in zip(offsets, packed.regions, strict=False):
-                m[off:off + r.hi - r.lo] = ctypes.string_at(r.lo, r.hi - r.lo)
+                m[off : off + r.hi - r.lo] = ctypes.string_at(r.lo, r.hi - r.lo)
             m.flush()
             try:
-                proc = _run_child([str(artifact.path), f.name],
-                                  input=_request(index, cfg, packed, offsets),
-                                  timeout=cfg.timeout or None)
+                proc = _run_child(
+                    [str(artifact.path), f.name],
+                    input=_request(index, cfg, packed, offsets),
+                    timeout=cfg.timeout or None,
+                )
             except subprocess.TimeoutExpired:
-                return LaunchResult(3, f"ERROR: race mode: the kernel did not finish within "
-                                    f"{cfg.timeout:.0f} s\n", 0, 0, -1, -1, 0, [])
+                return LaunchResult(
+                    3,
+                    f"ERROR: race mode: the kernel did not finish within {cfg.timeout:.0f} s\n",
+                    0,
+                    0,
+                    -1,
+                    -1,
+                    0,
+                    [],
+                )
             for off, r in zip(offsets, packed.regions, strict=False):
                 if r.writeable and r.hi > r.lo:
-                    ctypes.memmove(r.lo, m[off:off + r.hi - r.lo], r.hi - r.lo)
+                    ctypes.memmove(r.lo, m[off : off + r.hi - r.lo], r.hi - r.lo)
     out = proc.stdout.decode(errors="replace")
     err = proc.stderr.decode(errors="replace")
     m_rc = re.search(r"^EMU_RC (\d+)$", out, re.M)
     if m_rc is None:
         tail = "\n".join(err.strip().splitlines()[-15:])
-        return LaunchResult(1, f"ERROR: race mode: the child process failed (exit status "
-                            f"{proc.returncode}):\n{tail}\n", 0, 0, -1, -1, 0, [])
+        return LaunchResult(
+            1,
+            f"ERROR: race mode: the child process failed (exit status "
+            f"{proc.returncode}):\n{tail}\n",
+            0,
+            0,
+            -1,
+            -1,
+            0,
+            [],
+        )
     rc = int(m_rc.group(1))
-    regions = {int(i): (int(a, 16), int(n)) for i, a, n in
-               re.findall(r"^EMU_REGION (\d+) (0x[0-9a-f]+|\(nil\)) (\d+)$", out.replace(
-                   "(nil)", "0x0"), re.M)}
-    dyn = [(int(a, 16), int(b, 16)) for a, b in
-           re.findall(r"^EMU_DYN (0x[0-9a-f]+) (0x[0-9a-f]+)$", out, re.M)]
+    regions = {
+        int(i): (int(a, 16), int(n))
+        for i, a, n in re.findall(
+            r"^EMU_REGION (\d+) (0x[0-9a-f]+|\(nil\)) (\d+)$", out.replace("(nil)", "0x0"), re.M
+        )
+    }
+    dyn = [
+        (int(a, 16), int(b, 16))
+        for a, b in re.findall(r"^EMU_DYN (0x[0-9a-f]+) (0x[0-9a-f]+)$", out, re.M)
+    ]
     written = [int(i) for i in re.findall(r"^EMU_WRITTEN (\d+)$", out, re.M)]
     fault = re.search(r"^EMU_FAULT (-?\d+) (-?\d+) (-?\d+) (\d+)$", out, re.M)
     region, offset, write, pc = (int(g) for g in fault.groups()) if fault else (-1, 0, -1, 0)
-    log = "\n".join(ln for ln in out.splitlines() if not ln.startswith(
-        ("EMU_RC", "EMU_REGION", "EMU_DYN", "EMU_WRITTEN", "EMU_FAULT")))
+    log = "\n".join(
+        ln
+        for ln in out.splitlines()
+        if not ln.startswith(("EMU_RC", "EMU_REGION", "EMU_DYN", "EMU_WRITTEN", "EMU_FAULT"))
+    )
     races = parse_reports(err, regions, dyn, packed, params)
     if races:
         extra = len(races) - MAX_REPORTED
@@ -167,8 +220,9 @@ def _frame_location(stack: str) -> str:
     return "an unknown line"
 
 
-def _memory(addr: int, regions: dict, dyn: list, packed: Packed, params: tuple[Param, ...],
-            report: str) -> str:
+def _memory(
+    addr: int, regions: dict, dyn: list, packed: Packed, params: tuple[Param, ...], report: str
+) -> str:
     for i, (lo, n) in regions.items():
         if lo <= addr < lo + max(n, 1):
             spec = packed.regions[i]
@@ -177,8 +231,10 @@ def _memory(addr: int, regions: dict, dyn: list, packed: Packed, params: tuple[P
                 start = spec.lo + packed.arg_offset[a]
                 if host >= start:
                     arr = packed.arrays[a]
-                    return (f"global memory (element {(host - start) // max(1, arr.itemsize)} "
-                            f"of the array passed as {params[a].describe()})")
+                    return (
+                        f"global memory (element {(host - start) // max(1, arr.itemsize)} "
+                        f"of the array passed as {params[a].describe()})"
+                    )
             return "global memory"
     for lo, hi in dyn:
         if lo <= addr < hi:
@@ -188,8 +244,9 @@ def _memory(addr: int, regions: dict, dyn: list, packed: Packed, params: tuple[P
     return f"memory at {addr:#x}"
 
 
-def parse_reports(stderr: str, regions: dict, dyn: list, packed: Packed,
-                  params: tuple[Param, ...]) -> list[str]:
+def parse_reports(
+    stderr: str, regions: dict, dyn: list, packed: Packed, params: tuple[Param, ...]
+) -> list[str]:
     """ThreadSanitizer's data race reports as one line each (duplicates merged)."""
     out: list[str] = []
     for rep in _REPORT.finditer(stderr):
@@ -202,8 +259,10 @@ def parse_reports(stderr: str, regions: dict, dyn: list, packed: Packed,
         for a in accesses[:2]:
             who = names.get(a.group("tid"), a.group("tid"))
             kind = (a.group("kind") or "").lower()
-            parts.append(f"{kind}{a.group('op').lower()} of {a.group('size')} bytes by {who} at "
-                         f"{_frame_location(a.group('stack'))}")
+            parts.append(
+                f"{kind}{a.group('op').lower()} of {a.group('size')} bytes by {who} at "
+                f"{_frame_location(a.group('stack'))}"
+            )
         where = _memory(int(accesses[0].group("addr"), 16), regions, dyn, packed, params, text)
         line = f"on {where}: {parts[0]}, conflicting with an earlier {parts[1]}"
         if line not in out:

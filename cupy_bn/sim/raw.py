@@ -29,9 +29,9 @@ def translate_options(options: Sequence[str]) -> tuple[str, ...]:
         opt = str(opt)
         prefix = next((p for p in long_forms if opt.startswith(p)), None)
         if prefix is not None:
-            out.append(long_forms[prefix] + opt[len(prefix):])
+            out.append(long_forms[prefix] + opt[len(prefix) :])
         elif opt.startswith("--pre-include="):
-            out += ["-include", opt[len("--pre-include="):]]
+            out += ["-include", opt[len("--pre-include=") :]]
         elif opt in ("-I", "-D", "-U", "-include"):
             nxt = next(it, None)
             if nxt is not None:
@@ -45,8 +45,12 @@ def translate_options(options: Sequence[str]) -> tuple[str, ...]:
 
 
 def _module_source(code: str, names: Sequence[str], source_name: str, race_mode: bool) -> str:
-    lines = ['#include "emu.h"', f'#line 1 "{source_name}"', rewrite_dynamic_shared(code),
-             '#line 1 "<simulator launchers>"']
+    lines = [
+        '#include "emu.h"',
+        f'#line 1 "{source_name}"',
+        rewrite_dynamic_shared(code),
+        '#line 1 "<simulator launchers>"',
+    ]
     for i, n in enumerate(names):
         lines += [
             f"static int emu_launcher_{i}(emu::Launch* l) {{ return emu::launch(&{n}, l); }}",
@@ -72,8 +76,7 @@ def _module_source(code: str, names: Sequence[str], source_name: str, race_mode:
 class _Compiled:
     """A loaded module: one launcher per kernel name."""
 
-    def __init__(self, code: str, names: tuple[str, ...], flags: tuple[str, ...],
-                 source_name: str):
+    def __init__(self, code: str, names: tuple[str, ...], flags: tuple[str, ...], source_name: str):
         self.code, self.names, self.flags, self.source_name = code, names, flags, source_name
         self.artifact = build.build(_module_source(code, names, source_name, False), flags=flags)
         self.lib = ctypes.CDLL(str(self.artifact.path), mode=ctypes.RTLD_LOCAL)
@@ -112,8 +115,9 @@ _compiled_lock = threading.Lock()
 _compiled: dict[tuple, _Compiled] = {}
 
 
-def _compile_module(code: str, names: tuple[str, ...], flags: tuple[str, ...],
-                    source_name: str) -> _Compiled:
+def _compile_module(
+    code: str, names: tuple[str, ...], flags: tuple[str, ...], source_name: str
+) -> _Compiled:
     key = (code, names, flags, source_name)
     with _compiled_lock:
         mod = _compiled.get(key)
@@ -139,10 +143,18 @@ class RawModule:
             cannot be simulated and raise.
     """
 
-    def __init__(self, code: str | None = None, *, path: str | None = None,
-                 options: Sequence[str] = (), backend: str = "nvrtc",
-                 translate_cucomplex: bool = False, enable_cooperative_groups: bool = False,
-                 name_expressions: Sequence[str] | None = None, jitify: bool = False):
+    def __init__(
+        self,
+        code: str | None = None,
+        *,
+        path: str | None = None,
+        options: Sequence[str] = (),
+        backend: str = "nvrtc",
+        translate_cucomplex: bool = False,
+        enable_cooperative_groups: bool = False,
+        name_expressions: Sequence[str] | None = None,
+        jitify: bool = False,
+    ):
         if path is not None or code is None:
             raise SimulationError(
                 "the simulator runs CUDA source: pass code= (a precompiled cubin/PTX path= "
@@ -175,8 +187,9 @@ class RawModule:
     def _compiled(self) -> _Compiled:
         with self._lock:
             if self._module is None:
-                self._module = _compile_module(self.code, self._names, self._flags,
-                                               self._source_name)
+                self._module = _compile_module(
+                    self.code, self._names, self._flags, self._source_name
+                )
             return self._module
 
     def get_function(self, name: str) -> RawKernel:
@@ -189,7 +202,7 @@ class RawModule:
             functions = self._compiled().artifact.c_functions
             if functions is not None and name not in functions:
                 raise SimulationError(
-                    f"no kernel `{name}` in this module: CuPy finds extern \"C\" kernels by "
+                    f'no kernel `{name}` in this module: CuPy finds extern "C" kernels by '
                     "name and templates or C++ kernels through name_expressions"
                 )
             if name not in self._names:  # e.g. an extern "C" kernel defined by a macro
@@ -197,8 +210,9 @@ class RawModule:
                     self._names = (*self._names, name)
                     self._module = None
         mod = self._compiled()
-        return RawKernel._from_module(self, mod, self._names.index(name), name,
-                                      self._bounds.get(base_name(name)))
+        return RawKernel._from_module(
+            self, mod, self._names.index(name), name, self._bounds.get(base_name(name))
+        )
 
 
 class RawKernel:
@@ -210,16 +224,28 @@ class RawKernel:
     see :mod:`cupy_bn.sim.args`). Arrays receive what the kernel wrote.
     """
 
-    def __init__(self, code: str, name: str, options: Sequence[str] = (),
-                 backend: str = "nvrtc", *, translate_cucomplex: bool = False,
-                 enable_cooperative_groups: bool = False, jitify: bool = False):
+    def __init__(
+        self,
+        code: str,
+        name: str,
+        options: Sequence[str] = (),
+        backend: str = "nvrtc",
+        *,
+        translate_cucomplex: bool = False,
+        enable_cooperative_groups: bool = False,
+        jitify: bool = False,
+    ):
         self.code = code
         self.name = name
         self.options = tuple(options)
-        self._module_obj = RawModule(code=code, options=options, backend=backend,
-                                     translate_cucomplex=translate_cucomplex,
-                                     enable_cooperative_groups=enable_cooperative_groups,
-                                     jitify=jitify)
+        self._module_obj = RawModule(
+            code=code,
+            options=options,
+            backend=backend,
+            translate_cucomplex=translate_cucomplex,
+            enable_cooperative_groups=enable_cooperative_groups,
+            jitify=jitify,
+        )
         self._mod: _Compiled | None = None
         self._index = -1
         self._params: tuple[Param, ...] | None = None
@@ -229,8 +255,9 @@ class RawKernel:
         self.last_switches = 0
 
     @classmethod
-    def _from_module(cls, owner: RawModule, mod: _Compiled, index: int, name: str,
-                     bounds: int | None) -> RawKernel:
+    def _from_module(
+        cls, owner: RawModule, mod: _Compiled, index: int, name: str, bounds: int | None
+    ) -> RawKernel:
         k = cls.__new__(cls)
         k.code, k.name, k.options = owner.code, name, owner.options
         k._module_obj = owner
@@ -259,9 +286,21 @@ class RawKernel:
         """1024, or the kernel's ``__launch_bounds__``."""
         return self._max_threads
 
-    def __call__(self, grid, block, args, shared_mem: int = 0, stream=None, *,
-                 schedule: str = "forward", seed: int = 0, check_races: bool = False,
-                 guard: bool = True, stack_kb: int = 64, timeout: float = 60.0) -> None:
+    def __call__(
+        self,
+        grid,
+        block,
+        args,
+        shared_mem: int = 0,
+        stream=None,
+        *,
+        schedule: str = "forward",
+        seed: int = 0,
+        check_races: bool = False,
+        guard: bool = True,
+        stack_kb: int = 64,
+        timeout: float = 60.0,
+    ) -> None:
         """Launch the kernel.
 
         Args:
@@ -291,31 +330,42 @@ class RawKernel:
                 f"{launch.MAX_DYNAMIC_SHARED}], got {max_dyn}"
             )
         cfg = launch.make_config(
-            grid, block, shared_mem, max_dyn_smem=max_dyn, max_threads=self._max_threads,
-            schedule=schedule, seed=seed, stack_kb=stack_kb, guard=guard, timeout=timeout,
-            kernel=self.name, check_races=check_races,
+            grid,
+            block,
+            shared_mem,
+            max_dyn_smem=max_dyn,
+            max_threads=self._max_threads,
+            schedule=schedule,
+            seed=seed,
+            stack_kb=stack_kb,
+            guard=guard,
+            timeout=timeout,
+            kernel=self.name,
+            check_races=check_races,
         )
         packed = pack_arguments(self.params, args, self.name)
         for msg in packed.warnings:
             warnings.warn(msg, ArgumentTypeWarning, stacklevel=2)
         assert self._mod is not None
         if check_races:
-            result = races.run(self._mod.race_executable(), self._index, cfg, packed,
-                               self.params)
+            result = races.run(self._mod.race_executable(), self._index, cfg, packed, self.params)
         else:
             result = launch.run_in_process(self._fn, cfg, packed)
         self.last_switches = result.switches
         self._report(result, packed, cfg)
 
-    def _report(self, result: launch.LaunchResult, packed: Packed,
-                cfg: launch.LaunchConfig) -> None:
+    def _report(
+        self, result: launch.LaunchResult, packed: Packed, cfg: launch.LaunchConfig
+    ) -> None:
         notes = [ln[6:] for ln in result.log.splitlines() if ln.startswith("NOTE: ")]
         for n in notes:
             warnings.warn(f"{self.name}: {n}", SimulationWarning, stacklevel=3)
         problems = [ln for ln in result.log.splitlines() if ln.startswith("ERROR: ")]
         for r in result.written_regions:
-            problems.append("ERROR: the kernel wrote into read-only memory of "
-                            + _region_args(packed, r, self.params))
+            problems.append(
+                "ERROR: the kernel wrote into read-only memory of "
+                + _region_args(packed, r, self.params)
+            )
         if result.rc == 0 and not problems:
             return
         lines = [p[7:] if p.startswith("ERROR: ") else p for p in problems] or [result.log]
@@ -337,13 +387,14 @@ def _region_args(packed: Packed, region: int, params: tuple[Param, ...]) -> str:
     return ", ".join(params[i].describe() for i in args)
 
 
-def _describe_oob(result: launch.LaunchResult, packed: Packed, params: tuple[Param, ...],
-                  line: str) -> str:
+def _describe_oob(
+    result: launch.LaunchResult, packed: Packed, params: tuple[Param, ...], line: str
+) -> str:
     """Name the array argument whose guard page was hit, and the element."""
     spec = packed.regions[result.fault_region]
     addr = spec.lo + result.fault_offset
     access = {1: "write", 0: "read"}.get(result.fault_write, "access")
-    tail = line[line.find(" ["):] if " [" in line else ""
+    tail = line[line.find(" [") :] if " [" in line else ""
     candidates = sorted(spec.args, key=lambda i: packed.arg_offset[i])
     if result.fault_offset < 0:
         i = candidates[0]
@@ -353,6 +404,8 @@ def _describe_oob(result: launch.LaunchResult, packed: Packed, params: tuple[Par
     offset = addr - (spec.lo + packed.arg_offset[i])
     where = "past the end" if offset >= 0 else "before the start"
     item = max(1, arr.itemsize)
-    return (f"out-of-bounds {access} {where} of the array passed as {params[i].describe()} "
-            f"({arr.size} elements of {arr.dtype}): element {offset // item} "
-            f"(byte offset {offset}){tail}")
+    return (
+        f"out-of-bounds {access} {where} of the array passed as {params[i].describe()} "
+        f"({arr.size} elements of {arr.dtype}): element {offset // item} "
+        f"(byte offset {offset}){tail}"
+    )

@@ -36,7 +36,7 @@ def blank_comments_and_strings(src: str) -> str:
             j = i + 1
             while j < n and src[j] != c and src[j] != "\n":
                 j += 2 if src[j] == "\\" else 1
-            if src[i:j + 1] != '"C"':
+            if src[i : j + 1] != '"C"':
                 for k in range(i + 1, min(j, n)):
                     out[k] = " "
             i = j + 1
@@ -136,7 +136,7 @@ def find_kernels(src: str) -> list[KernelDecl]:
             continue
         # the declaration starts after the previous `;`, `{` or `}`
         start = max(code.rfind(c, 0, m.start()) for c in ";{}") + 1
-        head = code[start:m.start()]
+        head = code[start : m.start()]
         name = after.group("name")
         extern_c = bool(re.search(r'\bextern\s+"C"', head)) or any(
             a <= m.start() < b for a, b in spans
@@ -157,8 +157,12 @@ def base_name(name_expression: str) -> str:
 
 _ALIGN = r"(?:__align__\s*\((?:[^()]|\([^()]*\))*\)\s*|alignas\s*\((?:[^()]|\([^()]*\))*\)\s*)?"
 _EXTERN_SHARED = re.compile(
-    r"\bextern\s+" + _ALIGN + r"__shared__\s+" + _ALIGN
-    + r"(?P<type>[A-Za-z_][\w:<>,\s\*]*?)\s*" + _ALIGN
+    r"\bextern\s+"
+    + _ALIGN
+    + r"__shared__\s+"
+    + _ALIGN
+    + r"(?P<type>[A-Za-z_][\w:<>,\s\*]*?)\s*"
+    + _ALIGN
     + r"\b(?P<name>[A-Za-z_]\w*)\s*\[\s*\]\s*;"
 )
 
@@ -179,7 +183,7 @@ def rewrite_dynamic_shared(src: str) -> str:
     for m in matches:
         typ, name = " ".join(m.group("type").split()), m.group("name")
         pointer = f"reinterpret_cast<{typ}*>(::emu::g_dyn_smem)"
-        out.append(src[pos:m.start()])
+        out.append(src[pos : m.start()])
         if in_function[m.start()]:
             out.append(f"{typ}* const {name} = {pointer};")
         else:

@@ -220,9 +220,7 @@ def _find_headers() -> tuple[Path, tuple[Path, ...], str]:
 @functools.lru_cache(maxsize=1)
 def _find_toolchain_cached() -> Toolchain:
     if platform.system() != "Linux":
-        raise ToolchainError(
-            f"the CUDA simulator runs on Linux only (this is {platform.system()})"
-        )
+        raise ToolchainError(f"the CUDA simulator runs on Linux only (this is {platform.system()})")
     cxx, version = _find_cxx()
     h = find_cuda_headers()
     return Toolchain(

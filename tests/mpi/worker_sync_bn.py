@@ -24,6 +24,7 @@ checks = sync_scenarios.run_all(Counting(comm))
 
 # a sub-communicator: even and odd ranks normalize over their own group only
 half = as_communicator(world.Split(color=world.rank % 2, key=world.rank))
-checks += sync_scenarios.check_functional(Counting(half), sync_scenarios.batch_sizes(half.size,
-                                                                                     empty=False))
+checks += sync_scenarios.check_functional(
+    Counting(half), sync_scenarios.batch_sizes(half.size, empty=False)
+)
 print(f"ok rank {world.rank} of {world.size}: {checks} checks", flush=True)

@@ -68,8 +68,12 @@ __global__ void bn_stats(const T* __restrict__ x, Acc* __restrict__ mean,
     }
 }
 """
-BN_STATS_NAMES = ("bn_stats<float, float>", "bn_stats<double, double>",
-                  "bn_stats<__half, float>", "bn_stats<__nv_bfloat16, float>")
+BN_STATS_NAMES = (
+    "bn_stats<float, float>",
+    "bn_stats<double, double>",
+    "bn_stats<__half, float>",
+    "bn_stats<__nv_bfloat16, float>",
+)
 
 # A 2-D grid (channel, chunk): sums in float with warp shuffles (down), the cross-warp step in
 # dynamic shared memory, double atomics across blocks; a finalize kernel computes mean/invstd.

@@ -53,13 +53,24 @@ def mod():
 def seen_as(value_bytes: bytes, dtype) -> object:
     """What a kernel parameter of `dtype` reads from CuPy's argument bytes (0xCD past them)."""
     dt = np.dtype(dtype)
-    raw = value_bytes[:dt.itemsize] + b"\xcd" * max(0, dt.itemsize - len(value_bytes))
+    raw = value_bytes[: dt.itemsize] + b"\xcd" * max(0, dt.itemsize - len(value_bytes))
     return np.frombuffer(raw, dtype=dt)[0]
 
 
 def echo(mod, *scalars):
-    outs = [np.zeros(1, t) for t in (np.float32, np.int32, np.int64, np.float64, np.int32,
-                                     np.int32, np.uint64, np.float32)]
+    outs = [
+        np.zeros(1, t)
+        for t in (
+            np.float32,
+            np.int32,
+            np.int64,
+            np.float64,
+            np.int32,
+            np.int32,
+            np.uint64,
+            np.float32,
+        )
+    ]
     mod.get_function("echo")(1, 1, (*scalars, *outs))
     return [o[0] for o in outs]
 
@@ -81,9 +92,18 @@ def test_python_and_numpy_scalars_are_packed_like_cupy():
 def test_matching_types_pass_without_warnings(mod):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = echo(mod, np.float32(1.25), np.int32(-7), np.int64(-2**40), 2.5, True,
-                   np.uint8(200), np.uint64(2**63 + 5), np.float16(0.5))
-    assert got == [1.25, -7, -2**40, 2.5, 1, 200, 2**63 + 5, 0.5]
+        got = echo(
+            mod,
+            np.float32(1.25),
+            np.int32(-7),
+            np.int64(-(2**40)),
+            2.5,
+            True,
+            np.uint8(200),
+            np.uint64(2**63 + 5),
+            np.float16(0.5),
+        )
+    assert got == [1.25, -7, -(2**40), 2.5, 1, 200, 2**63 + 5, 0.5]
 
 
 def test_mismatched_scalars_read_what_cupy_bytes_would_give(mod):
@@ -93,14 +113,14 @@ def test_mismatched_scalars_read_what_cupy_bytes_would_give(mod):
     messages = " | ".join(str(w.message) for w in record)
     for index in (0, 1, 2, 3, 4, 5, 6, 7):
         assert f"parameter {index} (`" in messages
-    assert got[0] == seen_as(np.float64(0.1).tobytes(), np.float32)    # garbage
-    assert got[1] == 7                                                 # low bytes of int64
-    assert got[2] == seen_as(np.int32(-5).tobytes(), np.int64)         # reads 0xCD padding
+    assert got[0] == seen_as(np.float64(0.1).tobytes(), np.float32)  # garbage
+    assert got[1] == 7  # low bytes of int64
+    assert got[2] == seen_as(np.int32(-5).tobytes(), np.int64)  # reads 0xCD padding
     assert got[3] == seen_as(np.float32(1.5).tobytes(), np.float64)
-    assert got[4] == 1                                                 # int64 1 -> bool
+    assert got[4] == 1  # int64 1 -> bool
     assert got[5] == 3
     assert got[6] == 2**64 - 1
-    assert got[7] == seen_as(np.float32(2.0).tobytes(), np.float16)    # __half reads 2 bytes
+    assert got[7] == seen_as(np.float32(2.0).tobytes(), np.float16)  # __half reads 2 bytes
 
 
 def test_none_is_a_null_pointer(mod):
@@ -131,9 +151,11 @@ def test_aliased_arguments_share_memory(mod, guard):
 
 
 def test_array_dtype_mismatch_warns(mod):
-    with pytest.warns(sim.ArgumentTypeWarning,
-                      match=r"parameter 0 \(`const float\*`\) points to float32 but the array is "
-                            r"float64"):
+    with pytest.warns(
+        sim.ArgumentTypeWarning,
+        match=r"parameter 0 \(`const float\*`\) points to float32 but the array is "
+        r"float64",
+    ):
         mod.get_function("copy_raw")(1, 32, (np.ones(4), np.zeros(4, np.float32), np.int32(4)))
 
 
@@ -147,13 +169,19 @@ def test_half_and_bfloat16_arrays(mod):
     np.testing.assert_array_equal(out, [0.5, 1.5, -2.0, -3.0])
 
 
-@pytest.mark.parametrize("args,message", [
-    ((np.zeros(1, np.float32),), r"takes 2 arguments \(const float\*, int\*\) but 1 were given"),
-    ((np.float32(1), np.zeros(1, np.int32)), r"parameter 0 \(`const float\*`\) is a pointer"),
-    ((np.zeros(1, np.float32), [1]), r"parameter 1 \(`int\*`\) is a pointer but a list"),
-    ((np.zeros(1, object), np.zeros(1, np.int32)), r"object arrays"),
-    ([None, np.zeros(1, np.int32)], None),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            (np.zeros(1, np.float32),),
+            r"takes 2 arguments \(const float\*, int\*\) but 1 were given",
+        ),
+        ((np.float32(1), np.zeros(1, np.int32)), r"parameter 0 \(`const float\*`\) is a pointer"),
+        ((np.zeros(1, np.float32), [1]), r"parameter 1 \(`int\*`\) is a pointer but a list"),
+        ((np.zeros(1, object), np.zeros(1, np.int32)), r"object arrays"),
+        ([None, np.zeros(1, np.int32)], None),
+    ],
+)
 def test_arguments_that_cannot_be_passed(mod, args, message):
     k = mod.get_function("is_null")
     if message is None:  # a list is accepted like a tuple
@@ -165,8 +193,9 @@ def test_arguments_that_cannot_be_passed(mod, args, message):
 
 def test_array_for_scalar_parameter_is_an_error(mod):
     with pytest.raises(sim.SimulationError, match=r"parameter 2 \(`int`\) is not a pointer"):
-        mod.get_function("copy_raw")(1, 1, (np.zeros(1, np.float32), np.zeros(1, np.float32),
-                                            np.zeros(1, np.int32)))
+        mod.get_function("copy_raw")(
+            1, 1, (np.zeros(1, np.float32), np.zeros(1, np.float32), np.zeros(1, np.int32))
+        )
 
 
 def test_unknown_kernel_name():
@@ -177,8 +206,10 @@ def test_unknown_kernel_name():
 
 
 def test_macro_defined_kernel_is_found_on_request():
-    src = ('#define MAKE(name, v) extern "C" __global__ void name(int* x) { *x = v; }\n'
-           "MAKE(seven, 7)\n")
+    src = (
+        '#define MAKE(name, v) extern "C" __global__ void name(int* x) { *x = v; }\n'
+        "MAKE(seven, 7)\n"
+    )
     x = np.zeros(1, np.int32)
     sim.RawModule(code=src).get_function("seven")(1, 1, (x,))
     assert x[0] == 7
@@ -188,8 +219,10 @@ def test_options_define_macros_and_include_paths(tmp_path):
     (tmp_path / "value.cuh").write_text("#define VALUE (SCALE * 3)\n")
     src = '#include "value.cuh"\nextern "C" __global__ void k(int* x) { *x = VALUE; }\n'
     x = np.zeros(1, np.int32)
-    m = sim.RawModule(code=src, options=("-DSCALE=2", f"--include-path={tmp_path}",
-                                         "--use_fast_math", "-arch=compute_80"))
+    m = sim.RawModule(
+        code=src,
+        options=("-DSCALE=2", f"--include-path={tmp_path}", "--use_fast_math", "-arch=compute_80"),
+    )
     m.get_function("k")(1, 1, (x,))
     assert x[0] == 6
 
@@ -202,9 +235,11 @@ def test_cupy_only_features_are_rejected():
 
 
 def test_kernels_are_found_as_cupy_finds_them():
-    src = ('template <typename T> __global__ void tk(T* x) { *x = T(3); }\n'
-           '__global__ void cpp_kernel(int* x) { *x = 4; }\n'
-           'extern "C" __global__ void c_kernel(int* x) { *x = 5; }\n')
+    src = (
+        "template <typename T> __global__ void tk(T* x) { *x = T(3); }\n"
+        "__global__ void cpp_kernel(int* x) { *x = 4; }\n"
+        'extern "C" __global__ void c_kernel(int* x) { *x = 5; }\n'
+    )
     x = np.zeros(1, np.int32)
     m = sim.RawModule(code=src, name_expressions=("tk<int>", "cpp_kernel"))
     for name, value in (("tk<int>", 3), ("cpp_kernel", 4), ("c_kernel", 5)):

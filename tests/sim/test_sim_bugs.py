@@ -36,10 +36,13 @@ def test_missing_barrier_before_cross_warp_read_gives_wrong_result(bugs):
     # forward: warp 0 reads partial sums that warps 1-7 have not written (poisoned: NaN)
     assert np.isnan(block_sum(bugs, "missing_barrier", x, 256, schedule="forward"))
     # reverse runs warp 0 last and hides the bug: run every test under several schedules
-    np.testing.assert_allclose(block_sum(bugs, "missing_barrier", x, 256, schedule="reverse"),
-                               ref, rtol=1e-5)
-    wrong = [not np.isclose(block_sum(bugs, "missing_barrier", x, 256, schedule=s, seed=k), ref)
-             for s, k in SCHEDULES]
+    np.testing.assert_allclose(
+        block_sum(bugs, "missing_barrier", x, 256, schedule="reverse"), ref, rtol=1e-5
+    )
+    wrong = [
+        not np.isclose(block_sum(bugs, "missing_barrier", x, 256, schedule=s, seed=k), ref)
+        for s, k in SCHEDULES
+    ]
     assert sum(wrong) >= 2
 
 
@@ -47,8 +50,7 @@ def test_missing_barrier_before_cross_warp_read_gives_wrong_result(bugs):
 def test_wrong_shuffle_offsets_give_wrong_result(bugs, schedule, seed):
     x = np.ones(64, np.float32)
     out = np.zeros(2, np.float32)
-    bugs.get_function("wrong_offsets")(1, 64, (x, np.int32(64), out), schedule=schedule,
-                                       seed=seed)
+    bugs.get_function("wrong_offsets")(1, 64, (x, np.int32(64), out), schedule=schedule, seed=seed)
     np.testing.assert_array_equal(out, [16, 16])  # half of each warp's 32
 
 
@@ -68,31 +70,36 @@ def test_partial_warp_with_full_mask_is_an_error(bugs, schedule, seed):
     x = np.ones(256, np.float32)
     # depending on the order: a lane leaves while the others wait for it, or the others go
     # on without it and read its (undefined) value
-    with pytest.raises(sim.SimulationError,
-                       match=r"thread exited while lanes .* wait for it in __shfl_xor_sync at "
-                             r"kernel\.cu:\d+|__shfl_xor_sync at kernel\.cu:\d+ .* reads lane "
-                             r"\d+, which has exited"):
+    with pytest.raises(
+        sim.SimulationError,
+        match=r"thread exited while lanes .* wait for it in __shfl_xor_sync at "
+        r"kernel\.cu:\d+|__shfl_xor_sync at kernel\.cu:\d+ .* reads lane "
+        r"\d+, which has exited",
+    ):
         block_sum(bugs, "partial_warp_mask", x, 256, schedule=schedule, seed=seed)
 
 
 def test_shuffle_reading_a_lane_of_a_partial_warp_is_an_error(bugs):
     x = np.ones(48, np.float32)
-    with pytest.raises(sim.SimulationError,
-                       match=r"__shfl_down_sync at kernel\.cu:\d+ .* reads lane 16, which does "
-                             r"not exist.*block \(0,0,0\) thread \(32,0,0\)"):
+    with pytest.raises(
+        sim.SimulationError,
+        match=r"__shfl_down_sync at kernel\.cu:\d+ .* reads lane 16, which does "
+        r"not exist.*block \(0,0,0\) thread \(32,0,0\)",
+    ):
         bugs.get_function("partial_block_shuffle")(1, 48, (x, np.zeros(2, np.float32)))
 
 
 @schedules
 def test_early_return_before_barrier_is_an_error(bugs, schedule, seed):
     x = np.arange(100, dtype=np.float32)
-    with pytest.raises(sim.SimulationError,
-                       match=r"__syncthreads at kernel\.cu:\d+ reached by 100 of 128 threads"):
-        bugs.get_function("early_return")(1, 128, (x, np.int32(100), np.zeros(100, np.float32)),
-                                          schedule=schedule, seed=seed)
+    with pytest.raises(
+        sim.SimulationError, match=r"__syncthreads at kernel\.cu:\d+ reached by 100 of 128 threads"
+    ):
+        bugs.get_function("early_return")(
+            1, 128, (x, np.int32(100), np.zeros(100, np.float32)), schedule=schedule, seed=seed
+        )
     y = np.zeros(128, np.float32)  # n == blockDim: no thread returns early
-    bugs.get_function("early_return")(1, 128, (np.arange(128, dtype=np.float32),
-                                               np.int32(128), y))
+    bugs.get_function("early_return")(1, 128, (np.arange(128, dtype=np.float32), np.int32(128), y))
     np.testing.assert_array_equal(y, np.arange(127, -1, -1))
 
 
@@ -105,22 +112,29 @@ def test_barrier_in_divergent_code_is_an_error(bugs):
 @schedules
 def test_shuffle_waiting_for_threads_at_a_barrier_is_an_error(bugs, schedule, seed):
     x = np.ones(64, np.float32)
-    with pytest.raises(sim.SimulationError, match=r"__syncthreads.*__shfl_xor_sync|"
-                                                  r"__shfl_xor_sync.*__syncthreads"):
-        bugs.get_function("shuffle_vs_barrier")(1, 64, (x, np.zeros(64, np.float32)),
-                                                schedule=schedule, seed=seed)
+    with pytest.raises(
+        sim.SimulationError,
+        match=r"__syncthreads.*__shfl_xor_sync|"
+        r"__shfl_xor_sync.*__syncthreads",
+    ):
+        bugs.get_function("shuffle_vs_barrier")(
+            1, 64, (x, np.zeros(64, np.float32)), schedule=schedule, seed=seed
+        )
 
 
 @schedules
 def test_off_by_one_bound_is_caught_by_the_guard_page(bugs, schedule, seed):
     x = np.ones(100, np.float32)
-    with pytest.raises(sim.SimulationError,
-                       match=r"out-of-bounds read past the end of the array passed as parameter "
-                             r"0 \(`const float\*`\) \(100 elements of float32\): element 100 "
-                             r"\(byte offset 400\) \[block \(\d,0,0\) thread \(\d+,0,0\)\] at "
-                             r"kernel\.cu:\d+"):
-        bugs.get_function("off_by_one")(4, 32, (x, np.zeros(100, np.float32), np.int32(100)),
-                                        schedule=schedule, seed=seed)
+    with pytest.raises(
+        sim.SimulationError,
+        match=r"out-of-bounds read past the end of the array passed as parameter "
+        r"0 \(`const float\*`\) \(100 elements of float32\): element 100 "
+        r"\(byte offset 400\) \[block \(\d,0,0\) thread \(\d+,0,0\)\] at "
+        r"kernel\.cu:\d+",
+    ):
+        bugs.get_function("off_by_one")(
+            4, 32, (x, np.zeros(100, np.float32), np.int32(100)), schedule=schedule, seed=seed
+        )
 
 
 def test_read_before_the_start_is_caught_across_a_page(bugs):
@@ -136,18 +150,22 @@ def test_launch_without_needed_shared_mem_is_an_error(bugs):
     k(2, 32, (x, y), shared_mem=32 * 4)
     np.testing.assert_array_equal(y, np.concatenate([x[31::-1], x[:31:-1]]))
     for smem in (0, 16 * 4):
-        with pytest.raises(sim.SimulationError,
-                           match=rf"write past the end of dynamic shared memory \(shared_mem="
-                                 rf"{smem} bytes\).*at kernel\.cu:\d+"):
+        with pytest.raises(
+            sim.SimulationError,
+            match=rf"write past the end of dynamic shared memory \(shared_mem="
+            rf"{smem} bytes\).*at kernel\.cu:\d+",
+        ):
             k(2, 32, (x, y), shared_mem=smem)
 
 
 def test_python_float_for_float_parameter_warns_and_reads_garbage(bugs):
     x = np.ones(8, np.float32)
     k = bugs.get_function("scale")
-    with pytest.warns(sim.ArgumentTypeWarning,
-                      match=r"parameter 2 \(`float`\) is float32 but CuPy passes this argument as "
-                            r"float64"):
+    with pytest.warns(
+        sim.ArgumentTypeWarning,
+        match=r"parameter 2 \(`float`\) is float32 but CuPy passes this argument as "
+        r"float64",
+    ):
         k(1, 32, (x, np.int32(8), 0.5))
     # the low 4 bytes of the double 0.5 are zero: a GPU computes x * 0.0 too
     np.testing.assert_array_equal(x, 0)
@@ -198,8 +216,9 @@ def test_integer_division_by_zero_is_an_error(bugs):
 
 
 def test_shuffle_mask_without_the_caller_is_an_error(bugs):
-    with pytest.raises(sim.SimulationError,
-                       match=r"mask 0x00000001 does not name the calling lane 1"):
+    with pytest.raises(
+        sim.SimulationError, match=r"mask 0x00000001 does not name the calling lane 1"
+    ):
         bugs.get_function("mask_without_caller")(1, 32, (np.ones(32, np.float32),))
 
 
@@ -212,32 +231,40 @@ def test_trap_is_an_error(bugs):
 
 
 def test_assert_in_kernel_names_expression_and_line():
-    src = '#line 1 "checks.cu"\nextern "C" __global__ void positive(const float* x) {\n' \
-          "    assert(x[threadIdx.x] >= 0.f);\n}\n"
+    src = (
+        '#line 1 "checks.cu"\nextern "C" __global__ void positive(const float* x) {\n'
+        "    assert(x[threadIdx.x] >= 0.f);\n}\n"
+    )
     x = np.ones(32, np.float32)
     k = sim.RawKernel(src, "positive")
     k(1, 32, (x,))
     x[3] = -1
-    with pytest.raises(sim.SimulationError,
-                       match=r"assertion `x\[threadIdx\.x\] >= 0\.f' failed at checks\.cu:2 "
-                             r"\[block \(0,0,0\) thread \(3,0,0\)\]"):
+    with pytest.raises(
+        sim.SimulationError,
+        match=r"assertion `x\[threadIdx\.x\] >= 0\.f' failed at checks\.cu:2 "
+        r"\[block \(0,0,0\) thread \(3,0,0\)\]",
+    ):
         k(1, 32, (x,))
 
 
-@pytest.mark.parametrize("grid,block,smem,message", [
-    (1, 1025, 0, r"block \(1025, 1, 1\)"),
-    (1, (32, 33), 0, r"at most 1024 threads"),
-    (1, (1, 1, 65), 0, r"z\s+<= 64"),
-    (0, 32, 0, r"grid \(0, 1, 1\)"),
-    ((1, 65536), 32, 0, r"y and z <= 65535"),
-    (1, 32, 48 * 1024 + 1, r"shared_mem=49153 bytes exceeds .* 49152 bytes"),
-    (1, 32, -1, r"non-negative"),
-    (1.5, 32, 0, r"integers"),
-])
+@pytest.mark.parametrize(
+    "grid,block,smem,message",
+    [
+        (1, 1025, 0, r"block \(1025, 1, 1\)"),
+        (1, (32, 33), 0, r"at most 1024 threads"),
+        (1, (1, 1, 65), 0, r"z\s+<= 64"),
+        (0, 32, 0, r"grid \(0, 1, 1\)"),
+        ((1, 65536), 32, 0, r"y and z <= 65535"),
+        (1, 32, 48 * 1024 + 1, r"shared_mem=49153 bytes exceeds .* 49152 bytes"),
+        (1, 32, -1, r"non-negative"),
+        (1.5, 32, 0, r"integers"),
+    ],
+)
 def test_invalid_launch_configurations(bugs, grid, block, smem, message):
     with pytest.raises(sim.SimulationError, match=message):
-        bugs.get_function("scale")(grid, block, (np.ones(1, np.float32), np.int32(1),
-                                                 np.float32(1)), shared_mem=smem)
+        bugs.get_function("scale")(
+            grid, block, (np.ones(1, np.float32), np.int32(1), np.float32(1)), shared_mem=smem
+        )
 
 
 def test_launch_bounds_and_opt_in_shared_memory():
@@ -255,6 +282,7 @@ def test_launch_bounds_and_opt_in_shared_memory():
 
 def test_launch_puts_back_the_process_timer_and_handlers(bugs):
     import signal
+
     def handler(*args):
         pass
 

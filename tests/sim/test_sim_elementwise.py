@@ -11,8 +11,11 @@ from cupy_bn import sim
 pytestmark = needs_simulator
 
 BN_APPLY = sim.ElementwiseKernel(
-    "T x, float32 mean, float32 invstd, T gamma, T beta", "T y",
-    "y = (x - mean) * invstd * gamma + beta", "bn_apply")
+    "T x, float32 mean, float32 invstd, T gamma, T beta",
+    "T y",
+    "y = (x - mean) * invstd * gamma + beta",
+    "bn_apply",
+)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -57,17 +60,20 @@ def test_scalars_take_the_parameter_type():
 
 
 def test_raw_arrays_index_and_ind_size():
-    k = sim.ElementwiseKernel("raw T x, int32 n", "T y",
-                              "y = x[(i + 1) % n] + x[i] + _ind.size()", "neighbours")
+    k = sim.ElementwiseKernel(
+        "raw T x, int32 n", "T y", "y = x[(i + 1) % n] + x[i] + _ind.size()", "neighbours"
+    )
     x = np.arange(5.0)
     np.testing.assert_array_equal(k(x, np.int32(5), np.zeros(5)), np.roll(x, -1) + x + 5)
 
 
 def test_raw_index_out_of_range_is_an_error():
     k = sim.ElementwiseKernel("raw T x", "T y", "y = x[i + 1]", "shift")
-    with pytest.raises(sim.SimulationError,
-                       match=r"ElementwiseKernel shift: index out of range on raw array `x`: "
-                             r"flat index 5, size 5"):
+    with pytest.raises(
+        sim.SimulationError,
+        match=r"ElementwiseKernel shift: index out of range on raw array `x`: "
+        r"flat index 5, size 5",
+    ):
         k(np.arange(5.0), np.zeros(5))
 
 
@@ -79,27 +85,35 @@ def test_size_argument_and_several_outputs():
     np.testing.assert_array_equal(s, np.arange(3.0) + 1)
     np.testing.assert_array_equal(d, np.arange(3.0) - 1)
     assert sim.ElementwiseKernel("T a", "T b", "b = a", "cp", no_return=True)(np.ones(2)) is None
-    assert isinstance(sim.ElementwiseKernel("T a", "T b", "b = a", "cp2",
-                                            return_tuple=True)(np.ones(2)), tuple)
+    assert isinstance(
+        sim.ElementwiseKernel("T a", "T b", "b = a", "cp2", return_tuple=True)(np.ones(2)), tuple
+    )
 
 
 def test_preamble_and_loop_prep():
-    k = sim.ElementwiseKernel("T x", "T y", "y = square(x) + offset", "sq",
-                              preamble="template <typename U> __device__ U square(U v) "
-                                       "{ return v * v; }",
-                              loop_prep="const T offset = 1")
+    k = sim.ElementwiseKernel(
+        "T x",
+        "T y",
+        "y = square(x) + offset",
+        "sq",
+        preamble="template <typename U> __device__ U square(U v) { return v * v; }",
+        loop_prep="const T offset = 1",
+    )
     np.testing.assert_array_equal(k(np.arange(4, dtype=np.int32)), np.arange(4) ** 2 + 1)
 
 
-@pytest.mark.parametrize("call,error,message", [
-    (lambda k: k(np.ones(2)), TypeError, r"Wrong number of arguments"),
-    (lambda k: k(np.ones(2, np.float32), np.ones(2)), TypeError, r"Type is mismatched"),
-    (lambda k: k(np.ones(2), np.ones(3)), ValueError, r"shape mismatch|broadcast"),
-    (lambda k: k(np.ones(2), 1.0, np.zeros(1)), ValueError, r"Out shape is mismatched"),
-    (lambda k: k(np.ones(2), 1.0, out=np.zeros(2)), TypeError, r"Wrong arguments"),
-    (lambda k: k(1.0, 2.0), ValueError, r"Loop size is undecided"),
-    (lambda k: k(1.0, 2.0, size=3), TypeError, r"type T of parameter x is not determined"),
-])
+@pytest.mark.parametrize(
+    "call,error,message",
+    [
+        (lambda k: k(np.ones(2)), TypeError, r"Wrong number of arguments"),
+        (lambda k: k(np.ones(2, np.float32), np.ones(2)), TypeError, r"Type is mismatched"),
+        (lambda k: k(np.ones(2), np.ones(3)), ValueError, r"shape mismatch|broadcast"),
+        (lambda k: k(np.ones(2), 1.0, np.zeros(1)), ValueError, r"Out shape is mismatched"),
+        (lambda k: k(np.ones(2), 1.0, out=np.zeros(2)), TypeError, r"Wrong arguments"),
+        (lambda k: k(1.0, 2.0), ValueError, r"Loop size is undecided"),
+        (lambda k: k(1.0, 2.0, size=3), TypeError, r"type T of parameter x is not determined"),
+    ],
+)
 def test_cupy_errors(call, error, message):
     k = sim.ElementwiseKernel("T x, T y", "T z", "z = x + y", "add")
     with pytest.raises(error, match=message):
@@ -116,8 +130,7 @@ def test_invalid_definitions():
 
 
 def test_endless_operation_times_out(monkeypatch):
-    k = sim.ElementwiseKernel("T x", "T y", "volatile int spin = 1; while (spin) {} y = x",
-                              "spin")
+    k = sim.ElementwiseKernel("T x", "T y", "volatile int spin = 1; while (spin) {} y = x", "spin")
     monkeypatch.setattr(k, "timeout", 0.3)
     with pytest.raises(sim.SimulationError, match=r"did not finish within 0\.3 s"):
         k(np.ones(1))

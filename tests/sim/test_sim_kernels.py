@@ -40,15 +40,21 @@ def stats_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @schedules
-@pytest.mark.parametrize("shape,block", [((2, 3, 35), 64), ((4, 2, 256), 256),
-                                         ((1, 1, 1), 32), ((3, 4, 33), 1024)])
+@pytest.mark.parametrize(
+    "shape,block", [((2, 3, 35), 64), ((4, 2, 256), 256), ((1, 1, 1), 32), ((3, 4, 33), 1024)]
+)
 def test_bn_stats_float_matches_float64_reference(bn_stats, shape, block, schedule, seed):
     x = (rng(1).standard_normal(shape) * 3 + 50).astype(np.float32)  # |mean| >> std
     N, C, S = shape
     mean, var = np.full(C, np.nan, np.float32), np.full(C, np.nan, np.float32)
     k = bn_stats.get_function("bn_stats<float, float>")
-    k((C,), (block,), (x, mean, var, np.int32(N), np.int32(C), np.int32(S)),
-      schedule=schedule, seed=seed)
+    k(
+        (C,),
+        (block,),
+        (x, mean, var, np.int32(N), np.int32(C), np.int32(S)),
+        schedule=schedule,
+        seed=seed,
+    )
     ref_mean, ref_var = stats_reference(x)
     np.testing.assert_allclose(mean, ref_mean, rtol=2e-6)
     np.testing.assert_allclose(var, ref_var, rtol=1e-4, atol=1e-6)
@@ -59,8 +65,7 @@ def test_bn_stats_double(bn_stats, schedule, seed):
     x = rng(2).standard_normal((3, 5, 70)) + 1e3
     mean, var = np.zeros(5), np.zeros(5)
     k = bn_stats.get_function("bn_stats<double, double>")
-    k(5, 128, (x, mean, var, np.int32(3), np.int32(5), np.int32(70)), schedule=schedule,
-      seed=seed)
+    k(5, 128, (x, mean, var, np.int32(3), np.int32(5), np.int32(70)), schedule=schedule, seed=seed)
     ref_mean, ref_var = stats_reference(x)
     np.testing.assert_allclose(mean, ref_mean, rtol=1e-14)
     np.testing.assert_allclose(var, ref_var, rtol=1e-10)
@@ -72,11 +77,18 @@ def test_bn_stats_half_and_bfloat16_inputs_accumulate_in_float(bn_stats, schedul
     xh = xf.astype(np.float16)
     bf_bits = (xf.view(np.uint32) >> 16).astype(np.uint16)  # bfloat16 by truncation
     xb = (bf_bits.astype(np.uint32) << 16).view(np.float32)
-    for name, arg, exact in (("bn_stats<__half, float>", xh, xh.astype(np.float32)),
-                             ("bn_stats<__nv_bfloat16, float>", bf_bits, xb)):
+    for name, arg, exact in (
+        ("bn_stats<__half, float>", xh, xh.astype(np.float32)),
+        ("bn_stats<__nv_bfloat16, float>", bf_bits, xb),
+    ):
         mean, var = np.zeros(3, np.float32), np.zeros(3, np.float32)
-        bn_stats.get_function(name)(3, 64, (arg, mean, var, np.int32(2), np.int32(3),
-                                            np.int32(40)), schedule=schedule, seed=seed)
+        bn_stats.get_function(name)(
+            3,
+            64,
+            (arg, mean, var, np.int32(2), np.int32(3), np.int32(40)),
+            schedule=schedule,
+            seed=seed,
+        )
         ref_mean, ref_var = stats_reference(exact)
         np.testing.assert_allclose(mean, ref_mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(var, ref_var, rtol=1e-4)
@@ -91,12 +103,21 @@ def test_split_reduction_2d_grid_dynamic_shared_memory(splits, block, schedule, 
     s, ss = np.zeros(C), np.zeros(C)
     chunk = -(-N * S // splits)
     m.get_function("partial_sums")(
-        (C, splits), (block,), (x, s, ss, np.int32(N), np.int32(C), np.int32(S), np.int32(chunk)),
-        shared_mem=2 * (block // 32) * 4, schedule=schedule, seed=seed)
+        (C, splits),
+        (block,),
+        (x, s, ss, np.int32(N), np.int32(C), np.int32(S), np.int32(chunk)),
+        shared_mem=2 * (block // 32) * 4,
+        schedule=schedule,
+        seed=seed,
+    )
     mean, invstd = np.zeros(C, np.float32), np.zeros(C, np.float32)
-    m.get_function("finalize")((1,), (32,), (s, ss, mean, invstd, np.int32(C),
-                                             np.int64(N * S), np.float32(1e-5)),
-                                schedule=schedule, seed=seed)
+    m.get_function("finalize")(
+        (1,),
+        (32,),
+        (s, ss, mean, invstd, np.int32(C), np.int64(N * S), np.float32(1e-5)),
+        schedule=schedule,
+        seed=seed,
+    )
     ref_mean, ref_var = stats_reference(x)
     np.testing.assert_allclose(s, x.astype(np.float64).sum(axis=(0, 2)), rtol=1e-6)
     np.testing.assert_allclose(mean, ref_mean, rtol=1e-6)
@@ -110,11 +131,11 @@ def shuffle_reference(d: int) -> list[np.ndarray]:
     rows = []
     for w in (2, 4, 8, 16, 32):
         seg = lane // w * w
-        rows.append(v[seg + d % w])                                        # srcLane % width
+        rows.append(v[seg + d % w])  # srcLane % width
         rows.append(np.where(lane - seg >= d, v[np.clip(lane - d, 0, 31)], v))  # up
         rows.append(np.where(lane - seg + d < w, v[np.clip(lane + d, 0, 31)], v))  # down
         target = lane ^ d  # later groups are out of reach; earlier ones are not
-        rows.append(np.where(target < seg + w, v[target & 31], v))        # xor
+        rows.append(np.where(target < seg + w, v[target & 31], v))  # xor
     return rows
 
 
@@ -150,8 +171,9 @@ def test_votes_ballots_and_warp_reductions(warp_ops, schedule, seed):
 def test_segmented_scan_with_width_below_32(warp_ops, width, schedule, seed):
     x = rng(5).integers(-4, 5, 64).astype(np.float32)
     out = np.zeros_like(x)
-    warp_ops.get_function("segmented_scan")(2, 32, (x, out, np.int32(width)),
-                                            schedule=schedule, seed=seed)
+    warp_ops.get_function("segmented_scan")(
+        2, 32, (x, out, np.int32(width)), schedule=schedule, seed=seed
+    )
     np.testing.assert_array_equal(out, np.cumsum(x.reshape(-1, width), axis=1).ravel())
 
 
@@ -172,8 +194,13 @@ def test_tiled_transpose_2d_blocks_and_grid(schedule, seed):
     x = rng(7).standard_normal((rows, cols)).astype(np.float32)
     out = np.zeros((cols, rows), np.float32)
     k = sim.RawModule(code=TRANSPOSE).get_function("transpose")
-    k((-(-cols // 32), -(-rows // 32)), (32, 8), (x, out, np.int32(rows), np.int32(cols)),
-      schedule=schedule, seed=seed)
+    k(
+        (-(-cols // 32), -(-rows // 32)),
+        (32, 8),
+        (x, out, np.int32(rows), np.int32(cols)),
+        schedule=schedule,
+        seed=seed,
+    )
     np.testing.assert_array_equal(out, x.T)
 
 
@@ -183,7 +210,8 @@ def test_3d_blocks_form_warps_from_the_linear_thread_index(schedule, seed):
     n = 45 * 6
     linear, first = np.full(n, -1, np.int32), np.full(n, -1, np.int32)
     sim.RawModule(code=TRANSPOSE).get_function("thread_ids")(
-        grid, block, (linear, first), schedule=schedule, seed=seed)
+        grid, block, (linear, first), schedule=schedule, seed=seed
+    )
     np.testing.assert_array_equal(linear, np.arange(n))
     t = np.arange(n) % 45
     np.testing.assert_array_equal(first, t // 32 * 32)
@@ -197,8 +225,13 @@ def test_half_elementwise_and_warp_max_bf16(schedule, seed):
     scale = rng(9).standard_normal(C).astype(np.float32)
     shift = rng(10).standard_normal(C).astype(np.float32)
     y = np.zeros_like(x)
-    m.get_function("bn_apply_half")(2, 32, (x, y, scale, shift, np.int32(C), np.int32(S),
-                                            np.int64(x.size)), schedule=schedule, seed=seed)
+    m.get_function("bn_apply_half")(
+        2,
+        32,
+        (x, y, scale, shift, np.int32(C), np.int32(S), np.int64(x.size)),
+        schedule=schedule,
+        seed=seed,
+    )
     ref = (x.astype(np.float32) * scale[None, :, None] + shift[None, :, None]).astype(np.float16)
     np.testing.assert_array_equal(y, ref)
 
@@ -220,8 +253,13 @@ def test_atomics_on_every_type(schedule, seed):
     imax, imin = np.array([-1], np.int32), np.array([99], np.int32)
     wrap, cas, bits = np.zeros(1, np.uint32), np.zeros(1, np.int32), np.zeros(1, np.uint32)
     k = sim.RawModule(code=ATOMICS).get_function("atomics")
-    k(4, 128, (keys, np.int32(n), hist, uhist, total, fsum, dsum, imax, imin, wrap, cas, bits),
-      schedule=schedule, seed=seed)
+    k(
+        4,
+        128,
+        (keys, np.int32(n), hist, uhist, total, fsum, dsum, imax, imin, wrap, cas, bits),
+        schedule=schedule,
+        seed=seed,
+    )
     counts = np.bincount(keys, minlength=32)
     np.testing.assert_array_equal(hist, counts)
     np.testing.assert_array_equal(uhist, counts)
@@ -236,8 +274,11 @@ def test_atomics_on_every_type(schedule, seed):
 def test_last_block_pattern_with_threadfence(schedule, seed):
     x = rng(14).standard_normal(1000).astype(np.float32)
     blocks = 7
-    partial, counter, out = np.zeros(blocks, np.float32), np.zeros(1, np.uint32), np.zeros(1,
-                                                                                        np.float32)
+    partial, counter, out = (
+        np.zeros(blocks, np.float32),
+        np.zeros(1, np.uint32),
+        np.zeros(1, np.float32),
+    )
     k = sim.RawModule(code=ATOMICS).get_function("last_block_sum")
     k(blocks, 32, (x, np.int32(x.size), partial, counter, out), schedule=schedule, seed=seed)
     assert counter[0] == 0  # atomicInc wrapped around for the last block
@@ -251,10 +292,24 @@ def test_math_functions_match_ieee_references():
     sim.RawModule(code=MATH).get_function("math_funcs")(-(-n // 64), 64, (x, f, np.int32(n)))
     xd = x.astype(np.float64)
     erf = np.vectorize(math.erf)
-    expected = [1 / np.sqrt(xd), np.exp(-xd), np.exp(-xd), np.log(xd), np.log(xd),
-                erf(xd - 1), 0.5 * (1 + erf((xd - 1) / math.sqrt(2))), np.tanh(xd - 1),
-                np.sin(np.pi * xd), 1 / xd, np.clip(xd - 1, 0, 1), np.maximum(xd, 1),
-                np.maximum(xd, 1), np.rint(x * np.float32(3)), xd ** 1.5, np.sqrt(xd)]
+    expected = [
+        1 / np.sqrt(xd),
+        np.exp(-xd),
+        np.exp(-xd),
+        np.log(xd),
+        np.log(xd),
+        erf(xd - 1),
+        0.5 * (1 + erf((xd - 1) / math.sqrt(2))),
+        np.tanh(xd - 1),
+        np.sin(np.pi * xd),
+        1 / xd,
+        np.clip(xd - 1, 0, 1),
+        np.maximum(xd, 1),
+        np.maximum(xd, 1),
+        np.rint(x * np.float32(3)),
+        xd**1.5,
+        np.sqrt(xd),
+    ]
     for i, (row, ref) in enumerate(zip(f, expected, strict=True)):
         np.testing.assert_allclose(row, ref, rtol=3e-6, atol=2e-7, err_msg=f"row {i}")
 
@@ -287,7 +342,12 @@ def test_schedules_change_the_interleaving(bn_stats):
     for schedule, seed in (("forward", 0), ("random", 1), ("random", 2)):
         mean, var = np.zeros(2, np.float32), np.zeros(2, np.float32)
         k = bn_stats.get_function("bn_stats<float, float>")
-        k(2, 256, (x, mean, var, np.int32(2), np.int32(2), np.int32(300)), schedule=schedule,
-          seed=seed)
+        k(
+            2,
+            256,
+            (x, mean, var, np.int32(2), np.int32(2), np.int32(300)),
+            schedule=schedule,
+            seed=seed,
+        )
         counts.add(k.last_switches)
     assert len(counts) >= 2

@@ -20,10 +20,13 @@ def _headers_found() -> bool:
 
 
 pytestmark = [
-    pytest.mark.skipif(not nvrtc.is_available(),
-                       reason="NVRTC unavailable (cupy-cuda13x + nvidia-cuda-nvrtc)"),
-    pytest.mark.skipif(not _headers_found(), reason="CUDA headers missing (CUDA toolkit, or "
-                       "pip nvidia-cuda-runtime + nvidia-cuda-crt)"),
+    pytest.mark.skipif(
+        not nvrtc.is_available(), reason="NVRTC unavailable (cupy-cuda13x + nvidia-cuda-nvrtc)"
+    ),
+    pytest.mark.skipif(
+        not _headers_found(),
+        reason="CUDA headers missing (CUDA toolkit, or pip nvidia-cuda-runtime + nvidia-cuda-crt)",
+    ),
 ]
 
 ARCHS = ("compute_70", "compute_80", "compute_90", "compute_100")
@@ -39,15 +42,17 @@ def require_arch(arch: str) -> None:
 def test_test_sources_compile_for_each_architecture(name, arch):
     require_arch(arch)
     source, expressions = ALL_SOURCES[name]
-    result = nvrtc.compile_program(source, arch=arch, name_expressions=expressions,
-                                   name=f"{name}.cu")
+    result = nvrtc.compile_program(
+        source, arch=arch, name_expressions=expressions, name=f"{name}.cu"
+    )
     assert f".target sm_{arch.split('_')[1]}" in result.ptx
     entries = re.findall(r"\.entry\s+(\w+)", result.ptx)
     assert entries
     for expr in expressions:
         assert result.lowered_names[expr] in entries
-    for kernel in re.findall(r'extern "C" __global__ void(?: __launch_bounds__\(\d+\))? (\w+)',
-                             source):
+    for kernel in re.findall(
+        r'extern "C" __global__ void(?: __launch_bounds__\(\d+\))? (\w+)', source
+    ):
         assert kernel in entries
 
 
@@ -58,10 +63,12 @@ def test_supported_architectures_are_listed():
 
 
 def test_compile_errors_carry_the_log():
-    with pytest.raises(nvrtc.NvrtcError, match=r'bad\.cu\(2\): error: identifier "undefined_fn"'
-                                               r" is undefined") as info:
-        nvrtc.compile_ptx('extern "C" __global__ void k() {\n  undefined_fn();\n}\n',
-                          name="bad.cu")
+    with pytest.raises(
+        nvrtc.NvrtcError,
+        match=r'bad\.cu\(2\): error: identifier "undefined_fn"'
+        r" is undefined",
+    ) as info:
+        nvrtc.compile_ptx('extern "C" __global__ void k() {\n  undefined_fn();\n}\n', name="bad.cu")
     assert "undefined_fn" in info.value.log
 
 

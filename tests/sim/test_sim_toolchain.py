@@ -56,8 +56,11 @@ def test_missing_compiler_names_what_to_install(fresh_toolchain, monkeypatch):
 def test_missing_headers_name_what_to_install(fresh_toolchain, monkeypatch, tmp_path):
     monkeypatch.setattr(toolchain, "_header_candidates", lambda: [(tmp_path, "test")])
     forget()
-    with pytest.raises(sim.ToolchainError, match=r"none found in: .*nvidia-cuda-runtime "
-                                                 r"nvidia-cuda-crt nvidia-cuda-cccl"):
+    with pytest.raises(
+        sim.ToolchainError,
+        match=r"none found in: .*nvidia-cuda-runtime "
+        r"nvidia-cuda-crt nvidia-cuda-cccl",
+    ):
         toolchain.find_cuda_headers()
 
 
@@ -102,6 +105,7 @@ def test_modules_are_cached_on_disk_and_reloaded(monkeypatch, tmp_path):
 
 def _module_source_for(src: str) -> str:
     from cupy_bn.sim.raw import _module_source
+
     return _module_source(src, ("k",), "kernel.cu", False)
 
 
@@ -110,8 +114,10 @@ def test_changed_include_is_rebuilt(monkeypatch, tmp_path):
     monkeypatch.setenv("CUPY_BN_SIM_CACHE", str(tmp_path / "cache"))
     header = tmp_path / "value.cuh"
     header.write_text("#define VALUE 1\n")
-    src = f'// {uuid.uuid4().hex}\n#include "value.cuh"\n' \
-          'extern "C" __global__ void k(int* x) { *x = VALUE; }\n'
+    src = (
+        f'// {uuid.uuid4().hex}\n#include "value.cuh"\n'
+        'extern "C" __global__ void k(int* x) { *x = VALUE; }\n'
+    )
     x = np.zeros(1, np.int32)
     sim.RawModule(code=src, options=(f"-I{tmp_path}",)).get_function("k")(1, 1, (x,))
     assert x[0] == 1
@@ -134,8 +140,10 @@ def test_concurrent_processes_share_the_cache(tmp_path):
     """)
     env = dict(os.environ, CUPY_BN_SIM_CACHE=str(tmp_path))
     root = Path(__file__).resolve().parents[2]
-    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, cwd=root,
-                              stderr=subprocess.PIPE) for _ in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], env=env, cwd=root, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err.decode()
@@ -158,12 +166,14 @@ def test_portable_context_switch_runs_kernels():
     for options in ((), ("-DEMU_UCONTEXT",)):
         y = np.zeros(256, np.int32)
         sim.RawModule(code=src, options=options).get_function("block_reverse")(
-            1, 256, (x, y), schedule="random", seed=4)
+            1, 256, (x, y), schedule="random", seed=4
+        )
         np.testing.assert_array_equal(y, (x ^ 1)[::-1])
 
 
 @needs_simulator
 def test_compile_errors_show_the_kernel_line():
     with pytest.raises(sim.SimulationError, match=r"kernel\.cu:2:.*error"):
-        sim.RawModule(code='extern "C" __global__ void k(int* x) {\n  *x = missing;\n}\n'
-                      ).get_function("k")
+        sim.RawModule(
+            code='extern "C" __global__ void k(int* x) {\n  *x = missing;\n}\n'
+        ).get_function("k")
