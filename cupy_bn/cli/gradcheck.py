@@ -1,0 +1,205 @@
+"""`cupy-bn gradcheck`: finite differences against the analytic backward."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from rich.table import Table
+
+from cupy_bn.cli.common import (
+    CheckFailed,
+    UserError,
+    emit_json,
+    finite_or_none,
+    parse_shape,
+    progress_bar,
+    stdout_console,
+)
+
+
+def _resolve_backends(requested: tuple[str, ...]) -> list[str]:
+    from cupy_bn.backends import available_backends
+
+    usable = available_backends()
+    if "all" in requested:
+        return usable
+    missing = [name for name in requested if name not in usable]
+    if missing:
+        raise UserError(
+            f"backend {missing[0]!r} cannot run here (available: {', '.join(usable) or 'none'})"
+        )
+    return list(dict.fromkeys(requested))
+
+
+@click.command()
+@click.option(
+    "--shape",
+    "shapes",
+    multiple=True,
+    metavar="N,C,...",
+    help="Input shape, rank 2-5; repeatable [default: one small shape per rank].",
+)
+@click.option(
+    "--channel-axis",
+    "channel_axes",
+    multiple=True,
+    type=int,
+    help="1 (channels-first) or -1 (channels-last); repeatable [default: both].",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["train", "eval", "both"]),
+    default="both",
+    show_default=True,
+    help="Batch statistics (train) or fixed running statistics (eval).",
+)
+@click.option(
+    "--affine",
+    type=click.Choice(["on", "off", "both"]),
+    default="both",
+    show_default=True,
+    help="With weight and bias, without, or both.",
+)
+@click.option(
+    "--backend",
+    "backends",
+    multiple=True,
+    type=click.Choice(["numpy", "sim", "cuda", "all"]),
+    default=("numpy",),
+    show_default=True,
+    help="Backend to check; repeatable. 'all': every backend that can run here.",
+)
+@click.option(
+    "--fast",
+    is_flag=True,
+    help="Check dx along random directions instead of entry by entry (for slow backends).",
+)
+@click.option("--step", type=float, default=1e-6, show_default=True, help="Difference step h.")
+@click.option("--atol", type=float, default=1e-5, show_default=True)
+@click.option("--rtol", type=float, default=1e-3, show_default=True)
+@click.option("--eps", type=float, default=1e-5, show_default=True, help="Batch norm's eps.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+def gradcheck(
+    shapes: tuple[str, ...],
+    channel_axes: tuple[int, ...],
+    mode: str,
+    affine: str,
+    backends: tuple[str, ...],
+    fast: bool,
+    step: float,
+    atol: float,
+    rtol: float,
+    eps: float,
+    seed: int,
+    as_json: bool,
+) -> None:
+    """Check batch norm's gradients (x, weight, bias) against central differences in float64.
+
+    Exit status 0 when every case passes, 1 when one fails.
+    """
+    # Names, not the module: `cupy_bn.gradcheck` is also the exported function.
+    from cupy_bn.gradcheck import CHANNEL_AXES, MODES, build_cases
+    from cupy_bn.gradcheck import gradcheck as run_gradcheck
+
+    shape_list = [parse_shape(s, "--shape") for s in shapes] or None
+    options = {
+        "channel_axes": channel_axes or CHANNEL_AXES,
+        "modes": MODES if mode == "both" else (mode,),
+        "affine": {"both": (True, False), "on": (True,), "off": (False,)}[affine],
+        "backends": _resolve_backends(backends),
+    }
+    try:
+        cases = build_cases(shape_list, **options)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    progress, task = progress_bar(not as_json, len(cases), "gradcheck")
+    try:
+        with progress:
+            result = run_gradcheck(
+                shape_list,
+                **options,
+                step=step,
+                atol=atol,
+                rtol=rtol,
+                eps=eps,
+                seed=seed,
+                fast=fast,
+                progress=lambda _: progress.advance(task),
+            )
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+    if as_json:
+        emit_json(
+            {
+                "ok": result.passed,
+                "summary": result.summary(),
+                "step": result.step,
+                "atol": result.atol,
+                "rtol": result.rtol,
+                "cases": [_case_json(c) for c in result.cases],
+            }
+        )
+    else:
+        _print_gradcheck(result)
+    if not result.passed:
+        raise CheckFailed(f"{len(result.failures)} of {len(result.cases)} gradient checks failed")
+
+
+def _case_json(outcome: Any) -> dict[str, Any]:
+    case = outcome.case
+    return {
+        "name": case.name,
+        "backend": case.backend,
+        "shape": list(case.shape),
+        "channel_axis": case.channel_axis,
+        "mode": case.mode,
+        "affine": case.affine,
+        "passed": outcome.passed,
+        "error": outcome.error,
+        "max_abs_error": finite_or_none(outcome.max_abs_error),
+        "max_rel_error": finite_or_none(outcome.max_rel_error),
+        "checks": {
+            name: {
+                "max_abs_error": finite_or_none(c.max_abs_error),
+                "max_rel_error": finite_or_none(c.max_rel_error),
+                "passed": c.passed,
+            }
+            for name, c in outcome.comparisons.items()
+        },
+    }
+
+
+def _print_gradcheck(result: Any) -> None:
+    table = Table(title="Gradient check (central differences, float64)")
+    for column in ("backend", "mode", "shape", "axis", "affine"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("abs err", justify="right", no_wrap=True)
+    table.add_column("rel err", justify="right", no_wrap=True)
+    table.add_column("result")
+    for outcome in result.cases:
+        case = outcome.case
+        if outcome.error is not None:
+            verdict = "[red]ERROR[/]"
+            errors = ("-", "-")
+        else:
+            failed = [n for n, c in outcome.comparisons.items() if not c.passed]
+            verdict = "[green]ok[/]" if not failed else f"[red]FAIL[/] ({', '.join(failed)})"
+            errors = (f"{outcome.max_abs_error:.1e}", f"{outcome.max_rel_error:.1e}")
+        table.add_row(
+            case.backend,
+            case.mode,
+            "x".join(str(d) for d in case.shape),
+            str(case.channel_axis),
+            "yes" if case.affine else "no",
+            *errors,
+            verdict,
+        )
+    console = stdout_console()
+    console.print(table)
+    for outcome in result.cases:
+        if outcome.error is not None:
+            console.print(f"[red]{outcome.case.name}[/]: {outcome.error}", markup=True)
+    console.print(("[green]" if result.passed else "[red]") + result.summary() + "[/]")
