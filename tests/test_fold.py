@@ -349,6 +349,16 @@ def test_confirmed_key_order_takes_the_module_just_before():
         fold_state_dict(state, assume_sequential=True)
 
 
+def test_confirmed_key_order_does_not_cross_a_gap_in_the_indices():
+    rng = np.random.default_rng(19)
+    state = layer_state("features.0", Layer("conv", 3, 8, (3, 3)), rng)
+    state |= bn_state("features.2", 8, rng)  # features.1 is a ReLU: no keys
+    with pytest.raises(UnresolvedPairsError, match="'features.1' lies between 'features.0'"):
+        fold_state_dict(state, assume_sequential=True)
+    _, report = fold_state_dict(state, pairs={"features.0": "features.2"})
+    assert [p.established for p in report.pairs] == ["explicit"]
+
+
 def test_explicit_pair_overrides_the_key_order():
     rng = np.random.default_rng(7)
     state = layer_state("a", Layer("conv", 3, 8, (1, 1)), rng)

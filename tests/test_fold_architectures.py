@@ -312,6 +312,13 @@ def test_confirmed_key_order_folds_a_resnet_and_states_the_assumption(tmp_path):
     assert "convolution" in report["pairs"][2]["assumption"]
 
 
+def test_confirmed_key_order_stops_where_the_file_shows_a_gap(tmp_path):
+    arch, model, out, result = _fold(tmp_path, "conv_relu_bn", "--assume-sequential")
+    assert result.exit_code == 2 and not out.exists()
+    (item,) = json.loads(result.stdout)["unresolved"]
+    assert "'1' lies between '0' and it" in item["reason"]
+
+
 def test_refusal_lists_the_proposed_pairs_and_how_to_confirm(tmp_path):
     arch, model, out, result = _fold(tmp_path, "preact_resnet_block")
     assert result.exit_code == 2 and not out.exists()

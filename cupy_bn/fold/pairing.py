@@ -15,7 +15,10 @@ pair is folded only when one of these establishes it (checked in this order):
   between its items looks the same in a state dict; pair such models explicitly.
 - **confirmed**: the caller states that the file's key order is the data flow
   (`assume_sequential=True`, `--assume-sequential`): each batch norm takes the output of the
-  module whose keys come just before its own, with nothing between them.
+  module whose keys come just before its own, with nothing between them. Where the file shows
+  otherwise, the statement does not hold and the pair stays unresolved: numbered siblings
+  `P.n` and `P.m` with `m > n + 1` have a module without parameters between them (`P.(n+1)`,
+  an activation or a pooling).
 
 Every other batch norm is unresolved: `decide_pairs` returns it with the layer it would be
 paired with under the key-order assumption, so a caller can show the proposal and ask.
@@ -231,6 +234,15 @@ def proven_predecessor(bn: str) -> str | None:
     return join(match["container"] or "", str(int(match["index"]) - 1))
 
 
+def skipped_indices(layer: str, bn: str) -> str | None:
+    """The first numbered sibling between `P.n` and `P.m` (m > n + 1), which has no keys."""
+    a, b = _NUMBERED.match(layer), _NUMBERED.match(bn)
+    if a is None or b is None or a["container"] != b["container"]:
+        return None
+    first, last = int(a["index"]), int(b["index"])
+    return join(a["container"] or "", str(first + 1)) if last > first + 1 else None
+
+
 def _check_statements(index: StateIndex, statements: list[PairStatement], origin: str) -> None:
     layers, bns = set(index.layers), set(index.bns)
     for s in statements:
@@ -348,8 +360,18 @@ def decide_pairs(
             group_map.get(candidate),
             allow_assumption=True,
         )
+        gap = skipped_indices(candidate, bn)
         if isinstance(kind, str):
             unresolved.append(Unresolved(bn, None, f"the module before it: {kind}"))
+        elif gap:
+            unresolved.append(
+                Unresolved(
+                    bn,
+                    candidate,
+                    f"{display(gap)!r} lies between {display(candidate)!r} and it: a module "
+                    "without parameters (an activation, a pooling), so they are not adjacent",
+                )
+            )
         elif assume_sequential:
             take(bn, candidate, kind, None, CONFIRMED)
         else:
