@@ -721,6 +721,32 @@ def test_verify_detects_a_one_percent_weight_error():
         verify_onnx_fold(model, invalid)
 
 
+def test_verify_compares_each_folded_layer_not_only_the_outputs():
+    # Sign hides a 1% weight error in the final output; the batch norm's own output shows it
+    rng = np.random.default_rng(20)
+    model = make_model(
+        [
+            helper.make_node("Conv", ["x", "w"], ["y"]),
+            bn_node("y", "z0", "bn"),
+            helper.make_node("Sign", ["z0"], ["z"]),
+        ],
+        [X],
+        [Z],
+        conv_bn_parts(rng),
+    )
+    folded, report = fold_onnx(model)
+    assert len(report.folded) == 1
+    check = verify_onnx_fold(model, folded)
+    assert check.ok and check.compared == ("z", "z0")
+    broken = onnx.ModelProto()
+    broken.CopyFrom(folded)
+    weight = next(t for t in broken.graph.initializer if t.name == broken.graph.node[0].input[1])
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.01, weight.name))
+    check = verify_onnx_fold(model, broken)
+    assert not check.ok and check.max_rel_error > 5e-3
+    assert [o.name for o in broken.graph.output] == ["z"], "the models are not modified"
+
+
 # ---------------------------------------------------------------------------------------------
 # Real graphs shipped with onnx
 

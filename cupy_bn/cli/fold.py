@@ -391,6 +391,7 @@ def _fold_onnx(
             "max_rel_error": finite_or_none(check.max_rel_error),
             "tolerance": check.tolerance,
             "mismatches": list(check.mismatches),
+            "compared": list(check.compared),
             "ok": check.ok,
         }
     if as_json:
@@ -446,7 +447,8 @@ def _print_onnx_report(
         console.print(
             f"end-to-end check ({check['runtime']}, inputs "
             + ", ".join(f"{n}{tuple(s)}" for n, s in check["inputs"].items())
-            + f"): max abs error {check['max_abs_error']:.3g}, max rel error "
+            + f"; {len(check['compared'])} tensors: the outputs and each folded batch norm's)"
+            + f": max abs error {check['max_abs_error']:.3g}, max rel error "
             f"{check['max_rel_error']:.3g} (tolerance {check['tolerance']:.3g}) {verdict}"
         )
     if not failed:

@@ -40,9 +40,9 @@ class OnnxCheck:
     inputs: dict[str, tuple[int, ...]]
     """Shapes of the generated inputs (dynamic dims filled with `dim_size`)."""
     max_abs_error: float
-    """Largest `|original - folded|` over all outputs."""
+    """Largest `|original - folded|` over all compared tensors."""
     max_rel_error: float
-    """Normwise relative error: over outputs, the largest `max|a - b| / max(max|a|, tiny)`."""
+    """Normwise relative error: over tensors, the largest `max|a - b| / max(max|a|, tiny)`."""
     tolerance: float
     mismatches: tuple[str, ...] = ()
     """Structural problems: an output whose shape or dtype differs, NaN the fold introduced."""
@@ -51,6 +51,9 @@ class OnnxCheck:
     def ok(self) -> bool:
         """True when the relative error is within tolerance and there are no mismatches."""
         return not self.mismatches and self.max_rel_error <= self.tolerance
+
+    compared: tuple[str, ...] = ()
+    """The tensors compared: the graph outputs, then each folded batch norm's output."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,6 +192,44 @@ def _check_model(folded: onnx.ModelProto, original: onnx.ModelProto) -> None:
         return
 
 
+def _with_probes(
+    original: onnx.ModelProto, folded: onnx.ModelProto
+) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """Both models with each folded batch norm's output also a graph output.
+
+    A folded layer produces the batch norm's output name, so the tensor exists in both graphs
+    and each fold is compared on its own, not only through final outputs that may hide it
+    (a saturated softmax, an argmax). Types come from shape inference; a tensor it cannot
+    type is not probed.
+    """
+    onnx = import_onnx()
+    produced = {out: node.op_type for node in folded.graph.node for out in node.output}
+    outputs = {out.name for out in original.graph.output}
+    names = [
+        node.output[0]
+        for node in original.graph.node
+        if node.op_type == "BatchNormalization"
+        and node.output
+        and produced.get(node.output[0], "BatchNormalization") != "BatchNormalization"
+        and node.output[0] not in outputs
+    ]
+    if not names:
+        return original, folded
+    try:
+        inferred = onnx.shape_inference.infer_shapes(original)
+    except Exception:  # noqa: BLE001 - models over 2 GiB, invalid models: no probes
+        return original, folded
+    typed = {info.name: info for info in inferred.graph.value_info}
+    probes = [typed[name] for name in names if name in typed]
+    probed = []
+    for model in (original, folded):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        copy.graph.output.extend(probes)
+        probed.append(copy)
+    return probed[0], probed[1]
+
+
 def _default_tolerance(outputs: Iterable[np.ndarray]) -> float:
     tolerance = DEFAULT_TOLERANCE
     for out in outputs:
@@ -214,7 +255,8 @@ def verify_onnx_fold(
     tolerance: float | None = None,
     dim_size: int = 2,
 ) -> OnnxCheck:
-    """Run `original` and `folded` on the same seeded random inputs and compare the outputs.
+    """Run `original` and `folded` on the same seeded random inputs and compare them: every
+    graph output, and the output of every folded batch norm (`_with_probes`).
 
     Inputs are the graph inputs without an initializer: standard normal for float types,
     integers 0..2 for integer types, random booleans; dynamic, symbolic or unknown dims are
@@ -242,6 +284,7 @@ def verify_onnx_fold(
             f"the folded model's inputs {sorted(folded_inputs)} differ from the original's "
             f"{sorted(feeds)}"
         )
+    original, folded = _with_probes(original, folded)
     runtime, expected, actual = _run_both(original, folded, feeds)
     names = [out.name for out in original.graph.output]
     mismatches: list[str] = []
@@ -253,16 +296,16 @@ def verify_onnx_fold(
     for name, a, b in zip(names, expected, actual, strict=False):
         if a.shape != b.shape or a.dtype != b.dtype:
             mismatches.append(
-                f"output {name!r}: {a.dtype}{list(a.shape)} became {b.dtype}{list(b.shape)}"
+                f"tensor {name!r}: {a.dtype}{list(a.shape)} became {b.dtype}{list(b.shape)}"
             )
             continue
         a64, b64 = _as_float64(a), _as_float64(b)
         new_nan = np.isnan(b64) & ~np.isnan(a64)
         if np.any(new_nan):
-            mismatches.append(f"output {name!r}: NaN at {int(new_nan.sum())} new places")
+            mismatches.append(f"tensor {name!r}: NaN at {int(new_nan.sum())} new places")
         both = np.isfinite(a64) & np.isfinite(b64)
         if np.any((a64 != b64) & ~both & ~np.isnan(a64)):
-            mismatches.append(f"output {name!r}: infinities differ")
+            mismatches.append(f"tensor {name!r}: infinities differ")
         if not np.any(both):
             continue
         error = float(np.max(np.abs(a64[both] - b64[both])))
@@ -278,4 +321,5 @@ def verify_onnx_fold(
         max_rel_error=max_rel,
         tolerance=float(tolerance),
         mismatches=tuple(mismatches),
+        compared=tuple(names),
     )
