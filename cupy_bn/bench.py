@@ -208,16 +208,16 @@ def _kernels_setup(backend: str, to_device: Callable[[np.ndarray], Any]):
         weight, bias = a["weight"], a["bias"]
         running = (a["running_mean"], a["running_var"])
 
-        def statistics():
+        def fused_statistics():
             return be.train_statistics(x, weight, bias, *running, MOMENTUM, EPS)
 
-        mean, _, invstd, _, _ = statistics()
+        mean, _, invstd, _, _ = fused_statistics()
         xp = be.xp
         eval_scale = weight / xp.sqrt(a["running_var"] + EPS)
         eval_shift = bias - a["running_mean"] * eval_scale
 
         def forward_train():
-            *_, scale, shift = statistics()
+            *_, scale, shift = fused_statistics()
             return x.restore(be.apply(x, scale, shift))
 
         def backward():
@@ -746,7 +746,7 @@ def run_bench(
                     for _ in range(len(phases) - done):
                         progress(f"{case.name} {impl.name} failed")
             finally:
-                runners = None
+                runners = None  # the case's arrays go before the next implementation's come
         if on_gpu:
             _release_gpu_memory()
     _fill_ratios(report.rows)

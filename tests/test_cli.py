@@ -658,6 +658,14 @@ def test_bench_bad_options(args, fragment):
     assert_user_error(run("bench", *QUICK, *args), fragment)
 
 
+def test_bench_suite_choices_are_the_library_case_sets():
+    from cupy_bn.bench import SUITES
+    from cupy_bn.cli.bench import bench
+
+    (suite,) = [p for p in bench.params if p.name == "suite"]
+    assert list(suite.type.choices) == list(SUITES)
+
+
 def test_bench_failure_of_our_backend_exits_1(monkeypatch):
     from cupy_bn import functional
 
