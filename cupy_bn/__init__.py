@@ -9,7 +9,7 @@
 Momentum follows PyTorch: the weight of the new batch in the running averages.
 """
 
-from cupy_bn.backends import available_backends, get_backend
+from cupy_bn.backends import Backend, available_backends, get_backend
 from cupy_bn.distributed import (
     RemoteFailure,
     SyncBatchNorm,
@@ -24,6 +24,7 @@ from cupy_bn.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
 __version__ = "0.1.0"
 
 __all__ = [
+    "Backend",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",

@@ -1,17 +1,29 @@
 """Timing reports: cupy-bn's backends against peer implementations of batch norm.
 
-Phases are ARCHITECTURE.md's: `forward_train` (batch statistics, running-stat update, apply),
-`backward` (through batch statistics) and `eval` (running statistics). Each row reports median
-and min time, the achieved bandwidth against the minimal-traffic model
-(`cupy_bn.backends.minimal_bytes`: forward-train and eval read and write the tensor once,
-backward reads two tensors and writes one), that bandwidth as a percentage of the machine's
-(CPU: a large `numpy.copyto` measured at startup, counting read + write; GPU: the device's peak
-from its memory clock and bus width), and the ratio of the median to the fastest peer's median
-on the same device (below 1: faster than every peer).
+Phases (`cupy_bn.traffic.PHASES`): `forward_train` (batch statistics, running-stat update,
+apply), `backward` (through batch statistics) and `eval` (running statistics). Each row reports
+median and min time and two bandwidths, both from `cupy_bn.traffic`'s one model:
+
+- GB/s: the phase's **minimal** traffic (forward-train and eval R1 W1, backward R2 W1) over the
+  median, for every implementation alike, and that as a percentage of the machine's bandwidth
+  (CPU: a large `numpy.copyto` measured at startup, counting read + write; GPU: the device's
+  peak from its memory clock and bus width, `cupy_bn.machine`);
+- moved GB/s (cupy-bn's own implementations only): the traffic our backends actually make
+  (R2 W1, R4 W1, R1 W1) over the median, and its percentage of the bandwidth: how close the
+  code comes to the memory's limit;
+
+and the ratio of the median to the fastest peer's median on the same device (below 1: faster
+than every peer).
+
+Case sets (`SUITES`): "default" (ResNet-50-like NCHW and NHWC activations and a dense input,
+every implementation that runs here but the simulator) and "gpu" (ResNet-50's nine batch-norm
+inputs in both layouts; the CUDA backend through the functional API and as bare primitive
+launches, against a naive CuPy composition and PyTorch CUDA; needs a GPU).
 
 CPU timings use `time.perf_counter` around each call; GPU timings use
 `cupyx.profiler.benchmark` (CUDA events). Implementations that cannot run here (no GPU, torch
-not installed, a dtype a peer does not support) are skipped with a note.
+not installed, a dtype a peer does not support) are skipped with a note unless named
+explicitly (`select_implementations`).
 """
 
 from __future__ import annotations
@@ -27,12 +39,12 @@ from typing import Any
 
 import numpy as np
 
-from cupy_bn import __version__, functional
-from cupy_bn.backends import available_backends, cupy_usable, minimal_bytes
+from cupy_bn import __version__, functional, traffic
+from cupy_bn.backends import FusedTrainStatistics, available_backends, cupy_usable, get_backend
+from cupy_bn.layout import canonical
 from cupy_bn.machine import (
     commit_info,
     cpu_threads,
-    device_peak_bandwidth,
     gpu_devices,
     machine_info,
     measure_copy_bandwidth,
@@ -42,20 +54,22 @@ __all__ = [
     "DEFAULT_IMPLEMENTATIONS",
     "IMPLEMENTATIONS",
     "PHASES",
+    "SUITES",
     "BenchCase",
     "BenchReport",
     "BenchRow",
     "Implementation",
+    "Suite",
+    "UnavailableError",
     "default_cases",
-    "device_peak_bandwidth",
-    "minimal_bytes",
+    "gpu_cases",
     "plot_report",
     "run_bench",
+    "select_implementations",
     "timing_stats",
-    "to_pytest_benchmark",
 ]
 
-PHASES: tuple[str, ...] = ("forward_train", "backward", "eval")
+PHASES: tuple[str, ...] = traffic.PHASES
 EPS = 1e-5
 MOMENTUM = 0.1
 
@@ -92,6 +106,30 @@ DEFAULT_SHAPES: tuple[tuple[str, tuple[int, ...], int], ...] = (
 
 def default_cases(dtype: str = "float32") -> list[BenchCase]:
     return [BenchCase(name, shape, axis, dtype) for name, shape, axis in DEFAULT_SHAPES]
+
+
+#: ResNet-50's batch-norm inputs at 224x224 input: (channels, spatial side).
+RESNET50_BN_INPUTS: tuple[tuple[int, int], ...] = (
+    (64, 112),
+    (64, 56),
+    (256, 56),
+    (128, 28),
+    (512, 28),
+    (256, 14),
+    (1024, 14),
+    (512, 7),
+    (2048, 7),
+)
+
+
+def gpu_cases(dtype: str = "float32", batch: int = 32) -> list[BenchCase]:
+    """ResNet-50's batch-norm inputs at `batch`, each in NCHW and in NHWC memory."""
+    cases = []
+    for channels, side in RESNET50_BN_INPUTS:
+        name = f"{channels}x{side}x{side}"
+        cases.append(BenchCase(f"{name}-nchw", (batch, channels, side, side), 1, dtype))
+        cases.append(BenchCase(f"{name}-nhwc", (batch, side, side, channels), -1, dtype))
+    return cases
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,6 +185,50 @@ def _cupy_bn_setup(backend: str, to_device: Callable[[np.ndarray], Any]):
             "forward_train": lambda: forward(True),
             "backward": lambda: functional.batch_norm_backward(a["dy"], saved),
             "eval": lambda: forward(False),
+        }
+
+    return setup
+
+
+def _kernels_setup(backend: str, to_device: Callable[[np.ndarray], Any]):
+    """The backend's primitive launches alone, without the functional layer's checks.
+
+    forward_train: `train_statistics` + `apply`; backward: `backward_reduce` +
+    `backward_apply` with the statistics of the setup's training forward; eval: `apply` with
+    the scale and shift of the running statistics as the setup leaves them (one update).
+    """
+
+    def setup(case: BenchCase, rng: np.random.Generator) -> dict[str, Runner]:
+        a = {k: to_device(v) for k, v in _host_inputs(case, rng).items()}
+        be = get_backend(backend, a["x"])
+        if not isinstance(be, FusedTrainStatistics):
+            raise TypeError(f"backend {backend!r} has no fused train_statistics")
+        x = canonical(a["x"], case.channel_axis)
+        dy = x.match(a["dy"], "dy")
+        weight, bias = a["weight"], a["bias"]
+        running = (a["running_mean"], a["running_var"])
+
+        def fused_statistics():
+            return be.train_statistics(x, weight, bias, *running, MOMENTUM, EPS)
+
+        mean, _, invstd, _, _ = fused_statistics()
+        xp = be.xp
+        eval_scale = weight / xp.sqrt(a["running_var"] + EPS)
+        eval_shift = bias - a["running_mean"] * eval_scale
+
+        def forward_train():
+            *_, scale, shift = fused_statistics()
+            return x.restore(be.apply(x, scale, shift))
+
+        def backward():
+            sum_dy, sum_dy_xmu = be.backward_reduce(dy, x, mean, invstd)
+            dx = be.backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, x.count)
+            return x.restore(dx), sum_dy_xmu * invstd, sum_dy
+
+        return {
+            "forward_train": forward_train,
+            "backward": backward,
+            "eval": lambda: x.restore(be.apply(x, eval_scale, eval_shift)),
         }
 
     return setup
@@ -312,6 +394,13 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
             _backend_available("cuda"),
             _cupy_bn_setup("cuda", _to_cupy),
         ),
+        Implementation(
+            "cupy_bn.cuda.kernels",
+            True,
+            "gpu",
+            _backend_available("cuda"),
+            _kernels_setup("cuda", _to_cupy),
+        ),
         Implementation("numpy.textbook", False, "cpu", _always, _textbook_setup("numpy")),
         Implementation("torch.cpu", False, "cpu", _torch_available("cpu"), _torch_setup("cpu")),
         Implementation("torch.cuda", False, "gpu", _torch_available("cuda"), _torch_setup("cuda")),
@@ -320,8 +409,70 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
 }
 
 #: Everything but the simulator, which runs kernels on the CPU thread by thread (far too slow
-#: for real shapes; name it explicitly to time tiny ones).
-DEFAULT_IMPLEMENTATIONS: tuple[str, ...] = tuple(n for n in IMPLEMENTATIONS if n != "cupy_bn.sim")
+#: for real shapes; name it explicitly to time tiny ones), and the bare kernel launches (the
+#: "gpu" case set's).
+DEFAULT_IMPLEMENTATIONS: tuple[str, ...] = tuple(
+    n for n in IMPLEMENTATIONS if n not in ("cupy_bn.sim", "cupy_bn.cuda.kernels")
+)
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A case set: the cases and implementations `cupy-bn bench --suite NAME` times."""
+
+    name: str
+    cases: Callable[[str], list[BenchCase]]  # dtype -> cases
+    implementations: tuple[str, ...]
+    needs_gpu: bool
+
+
+SUITES: dict[str, Suite] = {
+    suite.name: suite
+    for suite in (
+        Suite("default", default_cases, DEFAULT_IMPLEMENTATIONS, needs_gpu=False),
+        Suite(
+            "gpu",
+            gpu_cases,
+            ("cupy_bn.cuda", "cupy_bn.cuda.kernels", "cupy.naive", "torch.cuda"),
+            needs_gpu=True,
+        ),
+    )
+}
+
+
+class UnavailableError(RuntimeError):
+    """An implementation or case set that was asked for cannot run on this machine."""
+
+
+def select_implementations(requested: Iterable[str] = (), suite: str = "default") -> list[str]:
+    """The implementations to time: `requested` (in order, once each) or the suite's.
+
+    Raises ValueError for an unknown suite or implementation, and UnavailableError when the
+    suite needs a GPU and none is usable, when a requested implementation of cupy-bn's own
+    cannot run here, or when none of the requested ones can. Unavailable peers among those
+    requested, and any among the suite's, are left to `run_bench`, which notes them.
+    """
+    if suite not in SUITES:
+        raise ValueError(f"suite must be one of {', '.join(SUITES)}; got {suite!r}")
+    chosen = SUITES[suite]
+    if chosen.needs_gpu and (reason := _gpu_available()) is not None:
+        raise UnavailableError(f"case set {suite!r} needs a GPU: {reason}")
+    names = list(dict.fromkeys(requested))
+    for name in names:
+        if name not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"implementations: unknown {name!r} (known: {', '.join(IMPLEMENTATIONS)})"
+            )
+    if not names:
+        return list(chosen.implementations)
+    reasons = {name: IMPLEMENTATIONS[name].available() for name in names}
+    for name, reason in reasons.items():
+        if reason is not None and IMPLEMENTATIONS[name].ours:
+            raise UnavailableError(f"{name} cannot run here: {reason}")
+    if all(reason is not None for reason in reasons.values()):
+        listed = "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
+        raise UnavailableError(f"none of the requested implementations can run here ({listed})")
+    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +498,10 @@ def time_gpu(fn: Runner, repeat: int, warmup: int) -> list[float]:
 
 
 def timing_stats(times: Sequence[float]) -> dict[str, Any]:
-    """pytest-benchmark's `stats` block for a list of per-call times in seconds."""
+    """pytest-benchmark's `stats` block for a list of per-call times in seconds.
+
+    Plain JSON types: Python floats and ints, `ops` None when the mean time is zero.
+    """
     data = sorted(float(t) for t in times)
     n = len(data)
     mean = statistics.fmean(data)
@@ -376,16 +530,30 @@ def timing_stats(times: Sequence[float]) -> dict[str, Any]:
         "outliers": f"{stddev_outliers};{iqr_outliers}",
         "ld15iqr": min(inside) if inside else data[0],
         "hd15iqr": max(inside) if inside else data[-1],
-        "ops": 1.0 / mean if mean > 0 else math.inf,
+        "ops": 1.0 / mean if mean > 0 else None,
         "total": sum(data),
         "iterations": 1,
-        "data": list(times),
+        "data": [float(t) for t in times],
     }
+
+
+def _per_second(nbytes: int | None, seconds: float) -> float | None:
+    """Bytes per second, None without bytes or a positive time."""
+    return nbytes / seconds if nbytes is not None and seconds > 0 else None
+
+
+def _finite(value: float | None) -> float | None:
+    """A float JSON can carry: None for None, NaN and infinities."""
+    return float(value) if value is not None and math.isfinite(value) else None
 
 
 @dataclass
 class BenchRow:
-    """Timings of one implementation on one case and phase."""
+    """Timings of one implementation on one case and phase.
+
+    Bytes and bandwidths come from `cupy_bn.traffic`: `minimal_bytes` for every row,
+    `moved_bytes` (what cupy-bn's backends move) for cupy-bn's own implementations only.
+    """
 
     impl: str
     ours: bool
@@ -393,8 +561,6 @@ class BenchRow:
     case: BenchCase
     phase: str
     stats: dict[str, Any]
-    bytes_moved: int
-    """Minimal traffic of the phase (ARCHITECTURE.md's model), not what the code moves."""
     bandwidth_limit: float | None = None
     ratio_to_fastest_peer: float | None = None
 
@@ -403,14 +569,78 @@ class BenchRow:
         return self.stats["median"]
 
     @property
-    def gbps(self) -> float:
-        return self.bytes_moved / self.median / 1e9 if self.median > 0 else math.inf
+    def minimal_bytes(self) -> int:
+        return traffic.minimal_bytes(self.phase, self.case.numel, self.case.itemsize)
+
+    @property
+    def moved_bytes(self) -> int | None:
+        if not self.ours:
+            return None
+        return traffic.moved_bytes(self.phase, self.case.numel, self.case.itemsize)
+
+    @property
+    def gbps(self) -> float | None:
+        """Minimal bytes over the median, in GB/s; None for a zero median."""
+        rate = _per_second(self.minimal_bytes, self.median)
+        return None if rate is None else rate / 1e9
+
+    @property
+    def moved_gbps(self) -> float | None:
+        """Bytes our backends move over the median, in GB/s; None for peers."""
+        rate = _per_second(self.moved_bytes, self.median)
+        return None if rate is None else rate / 1e9
 
     @property
     def percent_of_bandwidth(self) -> float | None:
-        if not self.bandwidth_limit:
+        """`gbps` as a percentage of the machine's bandwidth, None when that is unknown."""
+        return self._percent(self.minimal_bytes)
+
+    @property
+    def moved_percent_of_bandwidth(self) -> float | None:
+        """`moved_gbps` as a percentage of the machine's bandwidth."""
+        return self._percent(self.moved_bytes)
+
+    def _percent(self, nbytes: int | None) -> float | None:
+        rate = _per_second(nbytes, self.median)
+        if rate is None or not self.bandwidth_limit:
             return None
-        return 100.0 * self.bytes_moved / self.median / self.bandwidth_limit
+        return 100.0 * rate / self.bandwidth_limit
+
+    def to_json(self, warmup: int) -> dict[str, Any]:
+        """The row as one entry of pytest-benchmark's `benchmarks` list, in plain JSON types."""
+        case = self.case
+        name = f"{self.phase}[{case.name}-{case.dtype}-{self.impl}]"
+        return {
+            "group": f"{case.name} {case.dtype} {self.phase}",
+            "name": name,
+            "fullname": f"cupy-bn bench::{name}",
+            "params": {
+                "shape": list(case.shape),
+                "channel_axis": case.channel_axis,
+                "dtype": case.dtype,
+                "phase": self.phase,
+                "implementation": self.impl,
+            },
+            "param": f"{case.name}-{case.dtype}-{self.impl}",
+            "extra_info": {
+                "ours": self.ours,
+                "device": self.device,
+                "minimal_bytes": self.minimal_bytes,
+                "gbps": _finite(self.gbps),
+                "percent_of_bandwidth": _finite(self.percent_of_bandwidth),
+                "moved_bytes": self.moved_bytes,
+                "moved_gbps": _finite(self.moved_gbps),
+                "moved_percent_of_bandwidth": _finite(self.moved_percent_of_bandwidth),
+                "bandwidth_limit": _finite(self.bandwidth_limit),
+                "ratio_to_fastest_peer": _finite(self.ratio_to_fastest_peer),
+            },
+            "options": {
+                "timer": "cupyx.profiler.benchmark" if self.device == "gpu" else "perf_counter",
+                "warmup": warmup,
+                "rounds": self.stats["rounds"],
+            },
+            "stats": {k: _finite(v) if isinstance(v, float) else v for k, v in self.stats.items()},
+        }
 
 
 @dataclass
@@ -424,6 +654,19 @@ class BenchReport:
     gpus: list[dict[str, Any]] = field(default_factory=list)
     repeat: int = 0
     warmup: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """pytest-benchmark's JSON shape (`machine_info`, `commit_info`, `benchmarks[].stats`),
+        plus `notes` and `errors`, in plain JSON types (non-finite figures are None)."""
+        return {
+            "machine_info": machine_info(_finite(self.cpu_bandwidth), self.gpus),
+            "commit_info": commit_info(),
+            "benchmarks": [row.to_json(self.warmup) for row in self.rows],
+            "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "version": __version__,
+            "notes": list(self.notes),
+            "errors": list(self.errors),
+        }
 
 
 def run_bench(
@@ -439,7 +682,9 @@ def run_bench(
 ) -> BenchReport:
     """Time every (case, phase, implementation); see the module docstring for the figures.
 
-    `progress(label)` is called once per (case, implementation, phase), after timing it.
+    Implementations that cannot run here are skipped with a note (`select_implementations`
+    refuses those that must run). `progress(label)` is called once per (case, implementation,
+    phase), after timing it.
     """
     cases, phases = list(cases), list(phases)
     names = list(implementations)
@@ -462,9 +707,10 @@ def run_bench(
             runnable.append(impl)
         else:
             report.notes.append(f"{name} skipped: {reason}")
+    on_gpu = any(i.device == "gpu" for i in runnable)
     report.cpu_bandwidth = measure_copy_bandwidth(copy_bytes)
     report.cpu_threads = cpu_threads()
-    report.gpus = gpu_devices() if any(i.device == "gpu" for i in runnable) else []
+    report.gpus = gpu_devices() if on_gpu else []
     gpu_peak = report.gpus[0]["peak_bandwidth"] if report.gpus else None
 
     for case_index, case in enumerate(cases):
@@ -483,7 +729,6 @@ def run_bench(
                             case=case,
                             phase=phase,
                             stats=timing_stats(times),
-                            bytes_moved=minimal_bytes(phase, case.numel, case.itemsize),
                             bandwidth_limit=gpu_peak
                             if impl.device == "gpu"
                             else report.cpu_bandwidth,
@@ -500,8 +745,19 @@ def run_bench(
                     done = sum(1 for r in report.rows if r.impl == impl.name and r.case == case)
                     for _ in range(len(phases) - done):
                         progress(f"{case.name} {impl.name} failed")
+            finally:
+                runners = None  # the case's arrays go before the next implementation's come
+        if on_gpu:
+            _release_gpu_memory()
     _fill_ratios(report.rows)
     return report
+
+
+def _release_gpu_memory() -> None:
+    """Hand the cached blocks of the finished case back, so large cases fit one after another."""
+    import cupy
+
+    cupy.get_default_memory_pool().free_all_blocks()
 
 
 def _fill_ratios(rows: list[BenchRow]) -> None:
@@ -518,53 +774,6 @@ def _fill_ratios(rows: list[BenchRow]) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Output
-
-
-def to_pytest_benchmark(report: BenchReport) -> dict[str, Any]:
-    """The report in pytest-benchmark's JSON shape (`machine_info`, `benchmarks[].stats`)."""
-    benchmarks = []
-    for row in report.rows:
-        params = {
-            "shape": list(row.case.shape),
-            "channel_axis": row.case.channel_axis,
-            "dtype": row.case.dtype,
-            "phase": row.phase,
-            "implementation": row.impl,
-        }
-        name = f"{row.phase}[{row.case.name}-{row.case.dtype}-{row.impl}]"
-        benchmarks.append(
-            {
-                "group": f"{row.case.name} {row.case.dtype} {row.phase}",
-                "name": name,
-                "fullname": f"cupy-bn bench::{name}",
-                "params": params,
-                "param": f"{row.case.name}-{row.case.dtype}-{row.impl}",
-                "extra_info": {
-                    "ours": row.ours,
-                    "device": row.device,
-                    "minimal_bytes": row.bytes_moved,
-                    "gbps": row.gbps,
-                    "percent_of_bandwidth": row.percent_of_bandwidth,
-                    "bandwidth_limit": row.bandwidth_limit,
-                    "ratio_to_fastest_peer": row.ratio_to_fastest_peer,
-                },
-                "options": {
-                    "timer": "cupyx.profiler.benchmark" if row.device == "gpu" else "perf_counter",
-                    "warmup": report.warmup,
-                    "rounds": report.repeat,
-                },
-                "stats": row.stats,
-            }
-        )
-    return {
-        "machine_info": machine_info(report.cpu_bandwidth, report.gpus),
-        "commit_info": commit_info(),
-        "benchmarks": benchmarks,
-        "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "version": __version__,
-        "notes": report.notes,
-        "errors": report.errors,
-    }
 
 
 def plot_report(report: BenchReport, path: str | os.PathLike[str]) -> None:
@@ -585,7 +794,7 @@ def plot_report(report: BenchReport, path: str | os.PathLike[str]) -> None:
     width = 0.8 / max(len(impls), 1)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) + 2), 4.5))
     for k, impl in enumerate(impls):
-        values = [by_key[(*g, impl)].gbps if (*g, impl) in by_key else 0.0 for g in groups]
+        values = [(by_key[(*g, impl)].gbps or 0.0) if (*g, impl) in by_key else 0.0 for g in groups]
         ax.bar([i + k * width for i in range(len(groups))], values, width, label=impl)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
     ax.set_xticklabels([f"{c}\n{d}\n{p}" for c, d, p in groups], fontsize=8)

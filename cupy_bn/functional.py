@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from numbers import Real
 from typing import Any, Literal, Protocol
 
-from cupy_bn.backends import Backend, get_backend
+from cupy_bn.backends import Backend, FusedTrainStatistics, get_backend
 from cupy_bn.dtypes import accumulation_dtype, check_float_dtype
 from cupy_bn.layout import View, array_module, canonical
 
@@ -230,9 +230,9 @@ def _batch_norm(
                 f"a training batch needs more than one value per channel, got "
                 f"input shape {view.shape} ({view.count} value(s) per channel)"
             )
-        fused = getattr(be, "train_statistics", None) if reducer is None else None
-        if fused is not None:  # one launch: statistics, scale/shift and the running update
-            mean, var, invstd, scale, shift = fused(
+        if reducer is None and isinstance(be, FusedTrainStatistics):
+            # one launch: statistics, scale/shift and the running update
+            mean, var, invstd, scale, shift = be.train_statistics(
                 view, weight, bias, running_mean, running_var, momentum, eps
             )
             check_finite_stats(mean, var)  # the fused update skips non-finite statistics

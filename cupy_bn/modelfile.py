@@ -10,6 +10,7 @@ gets under the process umask (`0o666 & ~umask`), not the temporary file's 0600.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 import zipfile
@@ -88,6 +89,25 @@ def _read_member(path: Path, key: str, fp: BinaryIO) -> np.ndarray:
     return array
 
 
+def check_output_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """`path` as a Path, or ModelFileError when `atomic_output(path)` could not write it.
+
+    Checks what can be known before any work: the directory exists and is writable, `path` is
+    not a directory, and (without `overwrite`) does not exist yet.
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise ModelFileError(f"{path}: directory {directory} does not exist")
+    if path.is_dir():
+        raise ModelFileError(f"{path}: is a directory")
+    if path.exists() and not overwrite:
+        raise ModelFileError(f"{path}: already exists (refusing to overwrite it)")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ModelFileError(f"{path}: cannot write in {directory} ({os.strerror(errno.EACCES)})")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[BinaryIO]:
     """Open a temporary file next to `path` for writing; on success it becomes `path`.
@@ -96,12 +116,8 @@ def atomic_output(path: str | os.PathLike[str], *, overwrite: bool = False) -> I
     temporary file is being written (the final step is an atomic hard link where the file
     system has them). On any error the temporary file is removed and `path` is untouched.
     """
-    path = Path(path)
+    path = check_output_path(path, overwrite=overwrite)
     directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise ModelFileError(f"{path}: directory {directory} does not exist")
-    if path.exists() and not overwrite:
-        raise ModelFileError(f"{path}: already exists (refusing to overwrite it)")
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     except OSError as e:

@@ -1,7 +1,9 @@
-"""Benchmark machinery: statistics, the traffic model, the peers computing batch norm at all."""
+"""Benchmark machinery: statistics, the traffic model, case sets, the implementations computing
+batch norm at all, the report's JSON."""
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import types
@@ -10,8 +12,9 @@ import numpy as np
 import pytest
 import reference
 
-from cupy_bn import bench, machine
+from cupy_bn import bench, machine, traffic
 from cupy_bn.backends import cupy_usable
+from cupy_bn.backends.cuda_backend import simulator_usable
 
 TINY = bench.BenchCase("tiny", (4, 3, 5, 2), 1, "float64")
 TINY_LAST = bench.BenchCase("tiny-last", (4, 5, 2, 3), -1, "float64")
@@ -32,23 +35,49 @@ def test_timing_stats_match_the_definitions():
     assert bench.timing_stats([0.25])["q1"] == 0.25
 
 
-def test_row_bandwidth_uses_the_minimal_traffic_model():
-    case = bench.BenchCase("c", (10, 20), -1, "float32")
-    row = bench.BenchRow(
-        impl="x",
-        ours=True,
+def _row(impl="x", ours=True, phase="backward", median=1e-3, limit=4.8e6, case=None):
+    return bench.BenchRow(
+        impl=impl,
+        ours=ours,
         device="cpu",
-        case=case,
-        phase="backward",
-        stats={"median": 1e-3, "min": 1e-3},
-        bytes_moved=bench.minimal_bytes("backward", case.numel, case.itemsize),
-        bandwidth_limit=4.8e6,
+        case=case or bench.BenchCase("c", (10, 20), -1, "float32"),
+        phase=phase,
+        stats={"median": median, "min": median, "rounds": 1},
+        bandwidth_limit=limit,
     )
-    assert row.bytes_moved == 3 * 200 * 4  # R2 W1
-    assert row.gbps == pytest.approx(2400 / 1e-3 / 1e9)
-    assert row.percent_of_bandwidth == pytest.approx(50.0)
-    assert bench.minimal_bytes("forward_train", 10, 4) == 80  # R1 W1
-    assert bench.minimal_bytes("eval", 10, 2) == 40  # R1 W1
+
+
+def test_row_bandwidths_divide_the_traffic_model():
+    ours, peer = _row(), _row(impl="peer", ours=False)
+    for row in (ours, peer):
+        assert row.minimal_bytes == 3 * 200 * 4  # R2 W1
+        assert row.gbps == pytest.approx(2400 / 1e-3 / 1e9)
+        assert row.percent_of_bandwidth == pytest.approx(50.0)
+    assert ours.moved_bytes == 5 * 200 * 4  # R4 W1: what our backends move
+    assert ours.moved_gbps == pytest.approx(4000 / 1e-3 / 1e9)
+    assert ours.moved_percent_of_bandwidth == pytest.approx(4000 / 1e-3 / 4.8e6 * 100)
+    assert peer.moved_bytes is peer.moved_gbps is peer.moved_percent_of_bandwidth is None
+    assert _row(phase="forward_train").minimal_bytes == 2 * 200 * 4  # R1 W1
+    assert _row(phase="forward_train").moved_bytes == 3 * 200 * 4  # R2 W1
+    assert _row(phase="eval").minimal_bytes == _row(phase="eval").moved_bytes == 2 * 200 * 4
+    unknown = _row(limit=None)
+    assert unknown.percent_of_bandwidth is None and unknown.moved_percent_of_bandwidth is None
+    instant = _row(median=0.0)
+    assert instant.gbps is None and instant.moved_gbps is None
+
+
+def test_every_case_set_divides_by_the_one_traffic_model(monkeypatch):
+    """Rows of the default and the gpu case sets get their bytes from cupy_bn.traffic alone."""
+    cases = [bench.SUITES[name].cases("float32")[0] for name in ("default", "gpu")]
+    monkeypatch.setitem(traffic.MINIMAL_PASSES, "eval", traffic.Passes(3, 4))
+    monkeypatch.setitem(traffic.PRIMITIVE_PASSES, "apply", traffic.Passes(5, 6))
+    for case in cases:
+        row = _row(phase="eval", case=case)
+        assert row.minimal_bytes == 7 * case.numel * 4
+        assert row.moved_bytes == 11 * case.numel * 4
+        entry = row.to_json(warmup=0)["extra_info"]
+        assert entry["minimal_bytes"] == 7 * case.numel * 4
+        assert entry["moved_bytes"] == 11 * case.numel * 4
 
 
 def _runners_agree_with_reference(name: str, case: bench.BenchCase) -> None:
@@ -158,9 +187,11 @@ def test_run_bench_rejects_bad_arguments():
         bench.run_bench([TINY], ["cupy_bn.numpy"], repeat=0)
 
 
-def test_simulator_is_not_a_default_implementation():
-    assert "cupy_bn.sim" in bench.IMPLEMENTATIONS
+def test_simulator_and_bare_kernels_are_not_default_implementations():
+    assert {"cupy_bn.sim", "cupy_bn.cuda.kernels"} <= set(bench.IMPLEMENTATIONS)
     assert "cupy_bn.sim" not in bench.DEFAULT_IMPLEMENTATIONS
+    assert "cupy_bn.cuda.kernels" not in bench.DEFAULT_IMPLEMENTATIONS
+    assert bench.SUITES["default"].implementations == bench.DEFAULT_IMPLEMENTATIONS
 
 
 def test_default_cases_are_resnet_like_and_dense():
@@ -171,6 +202,65 @@ def test_default_cases_are_resnet_like_and_dense():
         ((4096, 1024), -1),
     ]
     assert all(c.dtype == "float16" and c.itemsize == 2 for c in cases)
+    assert bench.SUITES["default"].cases("float16") == cases
+
+
+def test_gpu_case_set_is_resnet50_in_both_layouts_against_the_gpu_peers():
+    suite = bench.SUITES["gpu"]
+    assert suite.needs_gpu
+    assert suite.implementations == (
+        "cupy_bn.cuda",
+        "cupy_bn.cuda.kernels",
+        "cupy.naive",
+        "torch.cuda",
+    )
+    assert all(bench.IMPLEMENTATIONS[n].device == "gpu" for n in suite.implementations)
+    cases = suite.cases("float16")
+    assert len(cases) == 18
+    assert all(c.dtype == "float16" for c in cases)
+    first, first_last = cases[0], cases[1]
+    assert (first.name, first.shape, first.channel_axis) == (
+        "64x112x112-nchw",
+        (32, 64, 112, 112),
+        1,
+    )
+    assert (first_last.shape, first_last.channel_axis) == ((32, 112, 112, 64), -1)
+    assert {c.channels for c in cases} == {64, 128, 256, 512, 1024, 2048}
+    assert [c.shape for c in bench.gpu_cases(batch=2)][-1] == (2, 7, 7, 2048)
+
+
+def _gpu(monkeypatch, usable: bool) -> None:
+    monkeypatch.setattr(bench, "cupy_usable", lambda: usable)
+
+
+def test_select_implementations(monkeypatch):
+    _gpu(monkeypatch, False)
+    assert bench.select_implementations() == list(bench.DEFAULT_IMPLEMENTATIONS)
+    assert bench.select_implementations(["numpy.textbook", "cupy_bn.numpy", "numpy.textbook"]) == [
+        "numpy.textbook",
+        "cupy_bn.numpy",
+    ]
+    # an unavailable peer beside a runnable implementation is left to run_bench's notes
+    assert bench.select_implementations(["cupy_bn.numpy", "cupy.naive"]) == [
+        "cupy_bn.numpy",
+        "cupy.naive",
+    ]
+    with pytest.raises(ValueError, match="unknown 'fastest'"):
+        bench.select_implementations(["fastest"])
+    with pytest.raises(ValueError, match="suite must be one of default, gpu; got 'tpu'"):
+        bench.select_implementations(suite="tpu")
+
+
+def test_select_implementations_refuses_what_cannot_run(monkeypatch):
+    _gpu(monkeypatch, False)
+    with pytest.raises(bench.UnavailableError, match=r"^cupy_bn.cuda cannot run here: no usable"):
+        bench.select_implementations(["cupy_bn.numpy", "cupy_bn.cuda"])
+    with pytest.raises(bench.UnavailableError, match=r"none of .* \(cupy.naive: no usable GPU"):
+        bench.select_implementations(["cupy.naive"])
+    with pytest.raises(bench.UnavailableError, match="case set 'gpu' needs a GPU: no usable GPU"):
+        bench.select_implementations(suite="gpu")
+    _gpu(monkeypatch, True)
+    assert bench.select_implementations(suite="gpu") == list(bench.SUITES["gpu"].implementations)
 
 
 def test_copy_bandwidth_is_measured():
@@ -210,9 +300,10 @@ def test_gpu_devices_is_empty_without_a_gpu():
     assert machine.gpu_devices() == []
 
 
-def test_pytest_benchmark_payload():
+def test_report_serializes_itself_as_pytest_benchmark_json():
     report = bench.run_bench([TINY], ["cupy_bn.numpy"], ["eval"], repeat=2, copy_bytes=1 << 16)
-    payload = bench.to_pytest_benchmark(report)
+    payload = report.to_json()
+    assert json.loads(json.dumps(payload, allow_nan=False)) == payload  # plain JSON types
     info = payload["machine_info"]
     for key in ("node", "machine", "python_version", "system", "cpu", "cpu_copy_bandwidth"):
         assert key in info
@@ -225,7 +316,52 @@ def test_pytest_benchmark_payload():
         "phase": "eval",
         "implementation": "cupy_bn.numpy",
     }
-    assert entry["options"]["timer"] == "perf_counter"
+    assert entry["options"] == {"timer": "perf_counter", "warmup": 2, "rounds": 2}
     stats = entry["stats"]
     assert len(stats["data"]) == stats["rounds"] == 2
     assert math.isclose(entry["extra_info"]["gbps"], 2 * 120 * 8 / stats["median"] / 1e9)
+    assert math.isclose(entry["extra_info"]["moved_gbps"], 2 * 120 * 8 / stats["median"] / 1e9)
+
+
+def test_report_json_has_no_non_finite_numbers():
+    row = _row(median=0.0, limit=math.inf)
+    row.stats = bench.timing_stats([0.0, 0.0])
+    row.ratio_to_fastest_peer = math.nan
+    report = bench.BenchReport(rows=[row], cpu_bandwidth=math.inf)
+    payload = report.to_json()
+    json.dumps(payload, allow_nan=False)
+    extra = payload["benchmarks"][0]["extra_info"]
+    assert extra["gbps"] is extra["moved_gbps"] is extra["ratio_to_fastest_peer"] is None
+    assert extra["bandwidth_limit"] is None
+    assert payload["benchmarks"][0]["stats"]["ops"] is None
+    assert payload["machine_info"]["cpu_copy_bandwidth"] is None
+    assert isinstance(bench.timing_stats(np.array([0.5, 1.0], np.float32))["data"][0], float)
+
+
+@pytest.mark.skipif(not simulator_usable(), reason="CUDA simulator toolchain not found")
+@pytest.mark.parametrize("case", [TINY, TINY_LAST], ids=lambda c: c.name)
+def test_bare_kernel_runners_compute_batch_norm(case):
+    """The gpu case set's kernel-launch runners, driven through the simulator backend."""
+    inputs = bench._host_inputs(case, np.random.default_rng(0))
+    runners = bench._kernels_setup("sim", np.asarray)(case, np.random.default_rng(0))
+    x, dy, w, b = inputs["x"], inputs["dy"], inputs["weight"], inputs["bias"]
+    axis = case.channel_axis
+    want = reference.forward(x, w, b, channel_axis=axis)
+    np.testing.assert_allclose(runners["forward_train"](), want, atol=1e-10)
+    dx, dw, db = runners["backward"]()
+    want_dx, want_dw, want_db = reference.backward(x, dy, w, channel_axis=axis)
+    np.testing.assert_allclose(dx, want_dx, atol=1e-10)
+    np.testing.assert_allclose(dw, want_dw, atol=1e-10)
+    np.testing.assert_allclose(db, want_db, atol=1e-10)
+    axes = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    m = x.size // x.shape[axis]
+    mean, unbiased = x.mean(axis=axes), x.var(axis=axes) * m / (m - 1)
+    want_eval = reference.forward(
+        x, w, b, channel_axis=axis, mean=0.1 * mean, var=0.9 + 0.1 * unbiased
+    )
+    np.testing.assert_allclose(runners["eval"](), want_eval, atol=1e-10)
+
+
+def test_bare_kernel_runners_need_fused_statistics():
+    with pytest.raises(TypeError, match="'numpy' has no fused train_statistics"):
+        bench._kernels_setup("numpy", np.asarray)(TINY, np.random.default_rng(0))

@@ -556,26 +556,80 @@ def test_bench_table_file_json_and_notes(tmp_path):
         "--impl",
         "cupy_bn.numpy",
         "--impl",
-        "cupy_bn.cuda",
+        "cupy.naive",
         "--json",
         out,
     )
     assert result.exit_code == 0, result.output
     assert "cupy_bn.numpy" in result.stdout and "eval" in result.stdout
+    assert "moved GB/s" in result.stdout
+    assert "minimal traffic / median, every implementation alike (fwd train R1 W1" in result.stdout
+    assert "traffic cupy-bn's backends make / median (fwd train R2 W1" in result.stdout
     payload = json.loads(out.read_text())
     assert [b["params"]["phase"] for b in payload["benchmarks"]][0] == "eval"
     if not cupy_usable():
-        assert "cupy_bn.cuda skipped" in result.stdout
+        assert "cupy.naive skipped" in result.stdout
         assert "Traceback" not in result.output
 
 
-def test_bench_skips_gpu_peers_without_a_gpu():
+def test_bench_skips_unavailable_peers_beside_a_runnable_implementation():
     if cupy_usable():
         pytest.skip("a GPU is usable here")
-    result = run("bench", "--shape", "4,2", *QUICK, "--impl", "torch.cuda", "--impl", "cupy.naive")
+    result = run(
+        "bench",
+        "--shape",
+        "4,2",
+        *QUICK,
+        "--impl",
+        "numpy.textbook",
+        "--impl",
+        "torch.cuda",
+        "--impl",
+        "cupy.naive",
+    )
     assert result.exit_code == 0, result.output
-    assert "torch.cuda skipped" in result.stdout or "torch.cuda skipped" in result.output
+    assert "torch.cuda skipped" in result.stdout
     assert "cupy.naive skipped" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--impl", "cupy_bn.cuda"], ["cupy_bn.cuda cannot run here", "no usable GPU"]),
+        (["--impl", "cupy_bn.numpy", "--impl", "cupy_bn.cuda.kernels"], ["cupy_bn.cuda.kernels"]),
+        (["--impl", "torch.cuda", "--impl", "cupy.naive"], ["none of the requested", "cupy.naive"]),
+        (["--suite", "gpu"], ["case set 'gpu' needs a GPU", "no usable GPU"]),
+        (["--suite", "gpu", "--impl", "numpy.textbook"], ["case set 'gpu' needs a GPU"]),
+    ],
+)
+def test_bench_refuses_what_cannot_run_here_before_timing(monkeypatch, args, fragments):
+    from cupy_bn import bench
+
+    if cupy_usable():
+        pytest.skip("a GPU is usable here")
+    monkeypatch.setattr(bench, "run_bench", _must_not_run)
+    assert_user_error(run("bench", "--shape", "4,2", *QUICK, *args), *fragments)
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("timing started")
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_bench_checks_output_paths_before_timing(monkeypatch, tmp_path, option):
+    from cupy_bn import bench
+
+    monkeypatch.setattr(bench, "run_bench", _must_not_run)
+    if option == "--plot":
+        pytest.importorskip("matplotlib")
+    missing = tmp_path / "no" / "out"
+    assert_user_error(run("bench", option, missing), option, "directory", "does not exist")
+    under_a_file = tmp_path / "file"
+    under_a_file.write_text("")
+    assert_user_error(run("bench", option, under_a_file / "out"), option, "does not exist")
+    assert_user_error(run("bench", option, tmp_path), option, "is a directory")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # what a read-only directory does
+    assert_user_error(run("bench", option, tmp_path / "out"), option, "Permission denied")
 
 
 def test_bench_plot_without_matplotlib_is_a_usage_error(monkeypatch, tmp_path):
@@ -595,13 +649,21 @@ def test_bench_plot_writes_a_png(tmp_path):
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["--impl", "fastest"], "unknown implementation 'fastest'"),
+        (["--impl", "fastest"], "unknown 'fastest'"),
         (["--shape", "3"], "rank 2 to 5"),
         (["--shape", "4,3", "--channel-axis", "0"], "not a channel axis"),
     ],
 )
 def test_bench_bad_options(args, fragment):
     assert_user_error(run("bench", *QUICK, *args), fragment)
+
+
+def test_bench_suite_choices_are_the_library_case_sets():
+    from cupy_bn.bench import SUITES
+    from cupy_bn.cli.bench import bench
+
+    (suite,) = [p for p in bench.params if p.name == "suite"]
+    assert list(suite.type.choices) == list(SUITES)
 
 
 def test_bench_failure_of_our_backend_exits_1(monkeypatch):

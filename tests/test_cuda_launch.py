@@ -1,8 +1,12 @@
-"""Launch heuristics, kernel sources and the loader's naming (pure Python, no simulator)."""
+"""Launch heuristics, the traffic and launch model, kernel sources and the loader's naming.
+
+Pure Python, except one check of the traffic model that runs the kernels in the simulator.
+"""
 
 import numpy as np
 import pytest
 
+from cupy_bn import traffic
 from cupy_bn.backends.cuda_backend import (
     BLOCK_THREADS,
     MAX_BLOCK_WORK,
@@ -13,6 +17,7 @@ from cupy_bn.backends.cuda_backend import (
     mc_block_x,
     ncs_grid,
     reduction_pieces,
+    simulator_usable,
 )
 from cupy_bn.kernels.loader import KERNEL_FILES, dtype_name, read_source
 
@@ -91,13 +96,82 @@ def test_mc_blocks_run_threads_along_channels(channels, bx):
 
 
 def test_traffic_model_counts_passes():
-    be = CudaBackend("probe", np, loader=None)
-    assert be.traffic("forward_train", 1000, 4) == 3 * 4000
-    assert be.traffic("backward", 1000, 2) == 5 * 2000
-    assert be.traffic("eval", 10, 8) == 2 * 80
-    assert (be.launches("forward_train"), be.launches("backward"), be.launches("eval")) == (2, 2, 1)
-    with pytest.raises(ValueError, match="phase must be one of"):
-        be.traffic("inference", 10, 4)
+    assert traffic.moved_bytes("forward_train", 1000, 4) == 3 * 4000  # R2 W1
+    assert traffic.moved_bytes("backward", 1000, 2) == 5 * 2000  # R4 W1
+    assert traffic.moved_bytes("eval", 10, 8) == 2 * 80  # R1 W1
+    assert traffic.minimal_bytes("forward_train", 1000, 4) == 2 * 4000  # R1 W1
+    assert traffic.minimal_bytes("backward", 1000, 2) == 3 * 2000  # R2 W1
+    assert traffic.minimal_bytes("eval", 10, 8) == 2 * 80
+    assert [traffic.launches(p) for p in traffic.PHASES] == [2, 2, 1]
+    assert str(traffic.moved_passes("backward")) == "R4 W1"
+    for phase in ("inference", "forward"):
+        with pytest.raises(ValueError, match="phase must be one of forward_train, backward, eval"):
+            traffic.moved_bytes(phase, 10, 4)
+        with pytest.raises(ValueError, match="phase must be one of"):
+            traffic.launches(phase)
+
+
+class RecordingLoader:
+    """A kernel loader that records each tensor kernel launch's arguments, then runs it."""
+
+    def __init__(self, loader):
+        self._loader = loader
+        self.launches: list[tuple] = []
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+    def launch(self, kernel, grid, block, args):
+        self.launches.append(args)
+        return self._loader.launch(kernel, grid, block, args)
+
+
+def _passes(launches, numel: int, inputs) -> traffic.Passes:
+    """Tensor-sized arguments of the launches: the inputs' buffers read, the others written."""
+    reads = writes = 0
+    for args in launches:
+        for arg in args:
+            if isinstance(arg, np.ndarray) and arg.size == numel:
+                if any(np.shares_memory(arg, i) for i in inputs):
+                    reads += 1
+                else:
+                    writes += 1
+    return traffic.Passes(reads, writes)
+
+
+@pytest.mark.skipif(not simulator_usable(), reason="CUDA simulator toolchain not found")
+@pytest.mark.parametrize(("shape", "channel_axis"), [((4, 3, 16, 16), 1), ((2048, 3), -1)])
+def test_cuda_backend_moves_and_launches_what_the_traffic_model_says(shape, channel_axis):
+    import cupy_bn
+
+    be = CudaBackend.for_simulator()
+    be.loader = recorder = RecordingLoader(be.loader)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    c = shape[channel_axis]
+    weight, bias = np.ones(c, np.float32), np.zeros(c, np.float32)
+    running = np.zeros(c, np.float32), np.ones(c, np.float32)
+
+    def phase(name):
+        recorder.launches.clear()
+        if name == "forward_train":
+            out = cupy_bn.batch_norm(
+                x, weight, bias, *running, channel_axis=channel_axis, backend=be
+            )
+        elif name == "backward":
+            out = cupy_bn.batch_norm_backward(dy, saved)
+        else:
+            out = cupy_bn.batch_norm(
+                x, weight, bias, *running, training=False, channel_axis=channel_axis, backend=be
+            )
+        return out, list(recorder.launches)
+
+    (_, saved), _ = phase("forward_train")
+    for name in traffic.PHASES:
+        _, launches = phase(name)
+        assert len(launches) == traffic.launches(name), name
+        assert _passes(launches, x.size, (x, dy)) == traffic.moved_passes(name), name
 
 
 def test_sources_inline_the_common_header_once():

@@ -10,15 +10,15 @@ from collections.abc import Callable
 from functools import cache
 from typing import Any
 
-from cupy_bn.backends.base import Backend, minimal_bytes
+from cupy_bn.backends.base import Backend, FusedTrainStatistics
 from cupy_bn.layout import array_module
 
 __all__ = [
     "Backend",
+    "FusedTrainStatistics",
     "available_backends",
     "cupy_usable",
     "get_backend",
-    "minimal_bytes",
     "register_backend",
 ]
 

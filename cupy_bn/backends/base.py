@@ -17,6 +17,12 @@ Conventions:
   (`r = (1 - momentum) * r + momentum * batch`), `momentum=None` is a cumulative average
   (`momentum = 1 / num_batches_tracked`, which the caller passes), and the variance that enters
   the running average is the unbiased one, `var * count / (count - 1)`.
+
+`Backend` is exactly these five primitives (plus `name` and `xp`). A backend may also offer the
+fused training statistics of `FusedTrainStatistics`; `cupy_bn.functional` uses them when
+`isinstance(backend, FusedTrainStatistics)` (the CUDA backend), and composes `batch_stats`,
+per-channel array operations and `update_running` otherwise. What each backend moves and
+launches per phase is `cupy_bn.traffic`'s model, not part of this interface.
 """
 
 from __future__ import annotations
@@ -26,19 +32,6 @@ from typing import Any, Protocol, runtime_checkable
 from cupy_bn.layout import View
 
 Array = Any
-
-#: Minimal tensor passes per phase (reads, writes), ARCHITECTURE.md's traffic model.
-MINIMAL_PASSES: dict[str, tuple[int, int]] = {
-    "forward_train": (1, 1),
-    "backward": (2, 1),
-    "eval": (1, 1),
-}
-
-
-def minimal_bytes(phase: str, numel: int, itemsize: int) -> int:
-    """Bytes a phase must move at the least: the GB/s figures of benchmarks divide this."""
-    reads, writes = MINIMAL_PASSES[phase]
-    return (reads + writes) * numel * itemsize
 
 
 @runtime_checkable
@@ -59,8 +52,13 @@ class Backend(Protocol):
     ) -> tuple[Array, Array]:
         """Per-channel `(sum(dy), sum(dy * (x - mean)))`.
 
-        `invstd` (the forward's) tells how far the mean is from zero in standard deviations:
-        a backend may then sum `dy * x` and subtract `mean * sum(dy)` where that is exact.
+        `invstd` is the forward's `1 / sqrt(var + eps)` for the same `x` and `mean`, or None
+        when the caller does not have it. It is a hint about the data, never an operand: the
+        result is `sum(dy * (x - mean))` to the accumulation dtype's accuracy whether or not
+        it is given. A backend may use it to choose how to sum (the NumPy backend sums
+        `dy * x` and subtracts `mean * sum(dy)` only where `invstd` shows `|mean|` within one
+        standard deviation, where that is exact, and centres `x` first otherwise or without
+        it) or ignore it (the CUDA kernels always centre `x` in registers).
         """
 
     def backward_apply(
@@ -87,5 +85,27 @@ class Backend(Protocol):
     ) -> None:
         """Running averages in place (unbiased variance, `momentum` weights the new batch)."""
 
-    def traffic(self, phase: str, numel: int, itemsize: int) -> int:
-        """Bytes this backend moves for `phase` ("forward_train", "backward", "eval")."""
+
+@runtime_checkable
+class FusedTrainStatistics(Protocol):
+    """The optional capability of a backend: a training forward's statistics in one step."""
+
+    def train_statistics(
+        self,
+        x: View,
+        weight: Array | None,
+        bias: Array | None,
+        running_mean: Array | None,
+        running_var: Array | None,
+        momentum: float,
+        eps: float,
+    ) -> tuple[Array, Array, Array, Array, Array]:
+        """`(mean, var, invstd, scale, shift)` of `x`, running statistics updated in place.
+
+        The same values as `batch_stats`, `invstd = 1 / sqrt(var + eps)`,
+        `scale = weight * invstd` (`invstd` without weight), `shift = bias - mean * scale`
+        (`-mean * scale` without bias) and `update_running` would give. The running statistics
+        (when given) are updated if and only if every channel's mean and var are finite; the
+        caller checks the returned statistics and reports non-finite channels. Needs
+        `x.count >= 2` when running statistics are given.
+        """

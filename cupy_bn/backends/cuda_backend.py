@@ -15,8 +15,9 @@ One launch per primitive (R = a full read of a tensor, W = a full write; docs/ke
 | `backward_apply` | `bn_{ncs,mc}_backward` | R2 W1 |
 | `update_running` | one ElementwiseKernel over C values | none |
 
-Training forward is 3 tensor passes in 2 launches, backward 5 in 2, eval 2 in 1.
-`train_statistics` (optional, used by `cupy_bn.functional` when present) also computes
+Training forward is 3 tensor passes in 2 launches, backward 5 in 2, eval 2 in 1
+(`cupy_bn.traffic` is this model). `train_statistics` (the optional
+`cupy_bn.backends.base.FusedTrainStatistics`, which `cupy_bn.functional` uses) also computes
 invstd, scale and shift and updates the running statistics inside the stats launch.
 
 Launch heuristics: reductions get at most one wave of blocks (SM count x resident blocks per
@@ -47,7 +48,6 @@ MAX_BLOCK_WORK = 1 << 28
 MAX_GRID_Y = 65535
 #: Initial size of a stream's counter buffer for the last-block merges (grows as needed).
 SYNC_CAPACITY = 1024
-_PASSES = {"forward_train": 3, "backward": 5, "eval": 2}
 
 # flags of the statistics kernels (bn_finalize.cuh)
 _AFFINE, _WEIGHT, _BIAS, _RUNNING = 1, 2, 4, 8
@@ -378,15 +378,12 @@ class CudaBackend:
         momentum: float,
         eps: float,
     ) -> tuple[Array, Array, Array, Array, Array]:
-        """Batch statistics and everything a training forward derives from them, fused.
+        """`cupy_bn.backends.base.FusedTrainStatistics.train_statistics` in one launch (R1).
 
-        Returns `(mean, var, invstd, scale, shift)` with `invstd = 1 / sqrt(var + eps)`,
-        `scale = weight * invstd` (invstd without weight), `shift = bias - mean * scale`
-        (without bias: `-mean * scale`). When running statistics are given they are updated in
-        place (`update_running`'s formula, momentum weighting the new batch) if and only if
-        every channel's mean and var are finite: the caller checks the returned statistics and
-        reports non-finite channels. Needs `x.count >= 2` when running statistics are given.
-        One launch (R1): the last block to finish updates the running statistics.
+        The last block to finish derives invstd, scale and shift and updates the running
+        statistics (when given as contiguous vectors of the accumulation dtype; other running
+        buffers are updated by `update_running` after the launch, under the same finiteness
+        condition).
         """
         xp = self.xp
         channels = x.num_channels
@@ -453,7 +450,7 @@ class CudaBackend:
     def backward_reduce(
         self, dy: View, x: View, mean: Array, invstd: Array | None = None
     ) -> tuple[Array, Array]:
-        """The kernels centre `x` in registers, so `invstd` is not needed."""
+        """The kernels centre `x` in registers before the product: `invstd` is ignored."""
         xp = self.xp
         g, data, dtype = self._common(dy, x)
         acc = accumulation_dtype(dtype)
@@ -571,26 +568,6 @@ class CudaBackend:
             xp.asarray(var, np.float64) * unbias
         )
 
-    def traffic(self, phase: str, numel: int, itemsize: int) -> int:
-        """Bytes moved by `phase`: see `traffic_bytes`."""
-        return traffic_bytes(phase, numel, itemsize)
-
-    def launches(self, phase: str) -> int:
-        """Kernel launches of `phase` (per-channel elementwise work of the caller not counted)."""
-        return {"forward_train": 2, "backward": 2, "eval": 1}[phase]
-
-
-def traffic_bytes(phase: str, numel: int, itemsize: int) -> int:
-    """The backend's bytes-moved model of a phase over a tensor of `numel` elements.
-
-    forward_train: stats R1 + apply R1 W1 (3 passes); backward: reduce R2 + backward apply
-    R2 W1 (5 passes); eval: apply R1 W1 (2 passes). Per-channel vectors and partials (a few KB)
-    are left out.
-    """
-    if phase not in _PASSES:
-        raise ValueError(f"phase must be one of {', '.join(_PASSES)}, got {phase!r}")
-    return _PASSES[phase] * numel * itemsize
-
 
 def simulator_usable() -> bool:
     """True when the simulator's toolchain (g++, CUDA headers) is found."""
@@ -609,5 +586,4 @@ __all__ = [
     "ncs_grid",
     "reduction_pieces",
     "simulator_usable",
-    "traffic_bytes",
 ]

@@ -147,7 +147,13 @@ class NumpyBackend:
     def backward_reduce(
         self, dy: View, x: View, mean: Array, invstd: Array | None = None
     ) -> tuple[Array, Array]:
-        """`sum(dy)` and `sum(dy * (x - mean))`: from `sum(dy * x)` when raw sums are exact."""
+        """`sum(dy)` and `sum(dy * (x - mean))`; `invstd` chooses how they are summed.
+
+        With `invstd` showing every channel's `|mean|` within RAW_SUMS_MAX_OFFSET standard
+        deviations, `sum(dy * (x - mean))` is taken as `sum(dy * x) - mean * sum(dy)` (exact
+        there, and one subtraction per element fewer); otherwise, and without `invstd`, `x` is
+        centred before the product.
+        """
         acc = accumulation_dtype(x.data.dtype)
         if x.count == 0:
             return np.zeros(x.num_channels, acc), np.zeros(x.num_channels, acc)
@@ -233,8 +239,3 @@ class NumpyBackend:
             np.float64
         ) + momentum * np.asarray(mean, np.float64)
         running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + momentum * unbiased
-
-    def traffic(self, phase: str, numel: int, itemsize: int) -> int:
-        """Stats R1 + apply R1 W1; reduce R2 + apply R2 W1; eval apply R1 W1."""
-        passes = {"forward_train": 3, "backward": 5, "eval": 2}[phase]
-        return passes * numel * itemsize

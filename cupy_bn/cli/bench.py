@@ -1,4 +1,4 @@
-"""`cupy-bn bench`: timings against peer implementations, GB/s against the traffic model."""
+"""`cupy-bn bench`: timings against peer implementations, GB/s against `cupy_bn.traffic`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from cupy_bn.cli.common import (
     CheckFailed,
     UserError,
     emit_json,
-    finite_or_none,
     parse_shape,
     progress_bar,
     stdout_console,
@@ -22,11 +21,20 @@ from cupy_bn.cli.common import (
 
 @click.command()
 @click.option(
+    "--suite",
+    type=click.Choice(["default", "gpu"]),
+    default="default",
+    show_default=True,
+    help="Case set: 'default' (every implementation that runs here on ResNet-50-like and dense "
+    "inputs) or 'gpu' (ResNet-50's batch-norm inputs, NCHW and NHWC: our CUDA kernels against "
+    "naive CuPy and PyTorch CUDA; needs a GPU).",
+)
+@click.option(
     "--shape",
     "shapes",
     multiple=True,
     metavar="N,C,...",
-    help="Input shape; repeatable [default: ResNet-50-like NCHW and NHWC, dense 4096x1024].",
+    help="Input shape; repeatable [default: the suite's shapes].",
 )
 @click.option(
     "--channel-axis",
@@ -55,9 +63,9 @@ from cupy_bn.cli.common import (
     "impls",
     multiple=True,
     metavar="NAME",
-    help="Implementation to time; repeatable [default: all that can run here except "
-    "cupy_bn.sim]. Names: cupy_bn.numpy, cupy_bn.sim, cupy_bn.cuda, numpy.textbook, "
-    "torch.cpu, torch.cuda, cupy.naive.",
+    help="Implementation to time; repeatable [default: the suite's]. Names: cupy_bn.numpy, "
+    "cupy_bn.sim, cupy_bn.cuda, cupy_bn.cuda.kernels, numpy.textbook, torch.cpu, torch.cuda, "
+    "cupy.naive.",
 )
 @click.option(
     "--copy-mb",
@@ -70,18 +78,19 @@ from cupy_bn.cli.common import (
 @click.option(
     "--json",
     "json_path",
-    type=click.Path(dir_okay=False, allow_dash=True, path_type=str),
+    type=click.Path(allow_dash=True, path_type=str),
     metavar="PATH",
     help="Write pytest-benchmark-style JSON to PATH ('-': stdout, no table).",
 )
 @click.option(
     "--plot",
     "plot_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
     metavar="PATH",
     help="Write a PNG bar chart of GB/s (needs matplotlib: pip install 'cupy-bn[plot]').",
 )
 def bench(
+    suite: str,
     shapes: tuple[str, ...],
     channel_axis: int,
     dtype: str,
@@ -96,11 +105,15 @@ def bench(
 ) -> None:
     """Time forward-train, backward and eval against peer implementations.
 
-    Reports median/min time, GB/s against the minimal-traffic model (forward-train and eval
-    R1W1, backward R2W1), % of the measured memory bandwidth and the ratio to the fastest peer.
-    Exit status 1 when one of cupy-bn's own implementations fails.
+    Reports median/min time; GB/s of the minimal traffic (forward-train and eval R1 W1,
+    backward R2 W1) for every implementation, and for cupy-bn's own also of the traffic its
+    kernels move (R2 W1, R4 W1, R1 W1); each as % of the machine's memory bandwidth; and the
+    ratio to the fastest peer. Exit status 2 when an output path cannot be written, a
+    requested implementation of cupy-bn's own (or the gpu suite) cannot run here, or none of
+    those requested can; 1 when one of cupy-bn's own implementations fails.
     """
     from cupy_bn import bench as b
+    from cupy_bn.modelfile import ModelFileError, atomic_output, check_output_path
 
     if plot_path is not None:
         try:
@@ -109,6 +122,17 @@ def bench(
             raise UserError(
                 "--plot needs matplotlib, which is not installed (pip install 'cupy-bn[plot]')"
             ) from None
+    to_stdout = json_path == "-"
+    for option, path in (("--json", None if to_stdout else json_path), ("--plot", plot_path)):
+        if path is not None:
+            try:
+                check_output_path(path, overwrite=True)
+            except ModelFileError as e:
+                raise UserError(f"{option}: {e}") from None
+    try:
+        names = b.select_implementations(impls, suite)
+    except (ValueError, b.UnavailableError) as e:
+        raise UserError(str(e)) from None
     if shapes:
         cases = []
         for text in shapes:
@@ -118,15 +142,8 @@ def bench(
             name = "x".join(str(d) for d in shape) + ("" if channel_axis == 1 else "-last")
             cases.append(b.BenchCase(name, shape, channel_axis, dtype))
     else:
-        cases = b.default_cases(dtype)
-    unknown = [name for name in impls if name not in b.IMPLEMENTATIONS]
-    if unknown:
-        raise UserError(
-            f"--impl: unknown implementation {unknown[0]!r} (known: {', '.join(b.IMPLEMENTATIONS)})"
-        )
-    names = list(dict.fromkeys(impls)) or list(b.DEFAULT_IMPLEMENTATIONS)
+        cases = b.SUITES[suite].cases(dtype)
     phase_list = list(dict.fromkeys(phases)) or list(b.PHASES)
-    to_stdout = json_path == "-"
 
     progress, task = progress_bar(not to_stdout, len(cases) * len(names) * len(phase_list), "bench")
     with progress:
@@ -141,39 +158,26 @@ def bench(
             progress=lambda label: progress.update(task, advance=1, description=label),
         )
     if json_path is not None:
-        payload = b.to_pytest_benchmark(report)
+        payload = report.to_json()
         if to_stdout:
-            emit_json(_json_safe(payload))
+            emit_json(payload)
         else:
-            from cupy_bn.modelfile import ModelFileError, atomic_output
-
             try:
                 with atomic_output(json_path, overwrite=True) as f:
-                    f.write(json.dumps(_json_safe(payload), indent=2).encode())
+                    f.write(json.dumps(payload, indent=2, allow_nan=False).encode())
             except (ModelFileError, OSError) as e:
-                raise UserError(str(e)) from None
+                raise UserError(f"--json: {e}") from None
     if not to_stdout:
         _print_bench(report)
     if plot_path is not None:
         try:
             b.plot_report(report, plot_path)
         except (OSError, ValueError) as e:
-            raise UserError(f"{plot_path}: {e}") from None
+            raise UserError(f"--plot: {plot_path}: {e}") from None
     if report.errors:
         raise CheckFailed(
             f"{len(report.errors)} cupy-bn implementation(s) failed: {report.errors[0]}"
         )
-
-
-def _json_safe(value: Any) -> Any:
-    """Replace NaN/inf (not JSON) by None, recursively."""
-    if isinstance(value, float):
-        return finite_or_none(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 _PHASE_LABELS = {"forward_train": "fwd train", "backward": "backward", "eval": "eval"}
@@ -192,7 +196,7 @@ def _print_bench(report: Any) -> None:
         )
         table.add_column("phase", no_wrap=True)
         table.add_column("implementation", no_wrap=True)
-        for column in ("median", "min", "GB/s", "% bw", "vs peer"):
+        for column in ("median", "min", "GB/s", "% bw", "moved GB/s", "moved % bw", "vs peer"):
             table.add_column(column, justify="right", no_wrap=True)
         rows = sorted(
             (r for r in report.rows if r.case == case), key=lambda r: phase_order.index(r.phase)
@@ -203,17 +207,20 @@ def _print_bench(report: Any) -> None:
             if first and previous is not None:
                 table.add_section()
             previous = row.phase
-            pct, ratio = row.percent_of_bandwidth, row.ratio_to_fastest_peer
             table.add_row(
                 _PHASE_LABELS[row.phase] if first else "",
                 f"[bold]{row.impl}[/]" if row.ours else row.impl,
                 f"{row.median * 1e3:.3f}",
                 f"{row.stats['min'] * 1e3:.3f}",
-                f"{row.gbps:.1f}",
-                "-" if pct is None else f"{pct:.0f}%",
-                "-" if ratio is None else f"{ratio:.2f}x",
+                _figure(row.gbps, "{:.1f}"),
+                _figure(row.percent_of_bandwidth, "{:.0f}%"),
+                _figure(row.moved_gbps, "{:.1f}"),
+                _figure(row.moved_percent_of_bandwidth, "{:.0f}%"),
+                _figure(row.ratio_to_fastest_peer, "{:.2f}x"),
             )
         console.print(table)
+    if report.rows:
+        console.print(_model_legend(), markup=False)
     if report.cpu_bandwidth:
         console.print(
             f"CPU memory bandwidth (numpy.copyto, read + write, best of 1 and "
@@ -229,3 +236,22 @@ def _print_bench(report: Any) -> None:
         console.print(f"note: {note}", markup=False)
     for error in report.errors:
         console.print(f"[red]error:[/] {error}")
+
+
+def _figure(value: float | None, spec: str) -> str:
+    return "-" if value is None else spec.format(value)
+
+
+def _model_legend() -> str:
+    """Which traffic each GB/s column divides, from `cupy_bn.traffic`."""
+    from cupy_bn import traffic
+
+    def per_phase(passes) -> str:
+        return ", ".join(f"{_PHASE_LABELS[p]} {passes(p)}" for p in traffic.PHASES)
+
+    return (
+        f"GB/s, % bw: minimal traffic / median, every implementation alike "
+        f"({per_phase(traffic.minimal_passes)})\n"
+        f"moved GB/s, moved % bw: traffic cupy-bn's backends make / median "
+        f"({per_phase(traffic.moved_passes)})"
+    )

@@ -1,0 +1,126 @@
+"""The memory traffic and kernel launches of batch norm per phase: one model for every figure.
+
+Batch norm is memory-bound, so its cost is counted in tensor passes (R = one full read of a
+tensor of the input's size and dtype, W = one full write); per-channel vectors and cross-block
+partials (a few KB) are left out. Two figures per phase:
+
+| phase | minimal | moved by cupy-bn's backends | CUDA launches |
+|---|---|---|---|
+| `forward_train` | R1 W1 (x; y) | `batch_stats` R1 + `apply` R1 W1 = R2 W1 | 2 |
+| `backward` | R2 W1 (x, dy; dx) | `backward_reduce` R2 + `backward_apply` R2 W1 = R4 W1 | 2 |
+| `eval` | R1 W1 (x; y) | `apply` R1 W1 | 1 |
+
+- **minimal**: the least any implementation must move (a persistent kernel that keeps a channel
+  on chip would get there). `cupy-bn bench` divides these bytes by every implementation's time,
+  ours and the peers' alike, so its GB/s compare like for like; they are a lower bound on the
+  bandwidth an implementation actually draws.
+- **moved**: what cupy-bn's backends move, one pass per tensor a primitive reads or writes and
+  the primitives of the phase in sequence (`PRIMITIVE_PASSES`, `PHASE_PRIMITIVES`). The CUDA
+  backend (and the simulator, which runs the same launch code) launches one tensor kernel per
+  primitive; `update_running` and the functional layer's per-channel work are per-channel only
+  (the fused `train_statistics` does them inside the statistics launch). The NumPy backend
+  makes one blocked pass per primitive; where a channel's |mean| exceeds one standard
+  deviation its `batch_stats` reads `x` a second time (centred sums), one read more than the
+  model. `cupy-bn bench`'s "moved" GB/s divide these bytes by our implementations' times: the
+  bandwidth our code actually draws, to set against the device's peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "MINIMAL_PASSES",
+    "PHASES",
+    "PHASE_PRIMITIVES",
+    "PRIMITIVE_PASSES",
+    "Passes",
+    "launches",
+    "minimal_bytes",
+    "minimal_passes",
+    "moved_bytes",
+    "moved_passes",
+]
+
+PHASES: tuple[str, ...] = ("forward_train", "backward", "eval")
+
+
+@dataclass(frozen=True)
+class Passes:
+    """Full reads and writes of a tensor."""
+
+    reads: int
+    writes: int
+
+    def __add__(self, other: Passes) -> Passes:
+        return Passes(self.reads + other.reads, self.writes + other.writes)
+
+    @property
+    def total(self) -> int:
+        return self.reads + self.writes
+
+    def bytes(self, numel: int, itemsize: int) -> int:
+        """Bytes these passes move over a tensor of `numel` elements of `itemsize` bytes."""
+        return self.total * numel * itemsize
+
+    def __str__(self) -> str:
+        return f"R{self.reads} W{self.writes}"
+
+
+#: The least a phase must move, whatever the implementation.
+MINIMAL_PASSES: dict[str, Passes] = {
+    "forward_train": Passes(1, 1),
+    "backward": Passes(2, 1),
+    "eval": Passes(1, 1),
+}
+
+#: Passes of each primitive that streams a tensor, as both backends implement it.
+PRIMITIVE_PASSES: dict[str, Passes] = {
+    "batch_stats": Passes(1, 0),
+    "apply": Passes(1, 1),
+    "backward_reduce": Passes(2, 0),
+    "backward_apply": Passes(2, 1),
+}
+
+#: The tensor-streaming primitives a phase runs, in order (one CUDA launch each).
+PHASE_PRIMITIVES: dict[str, tuple[str, ...]] = {
+    "forward_train": ("batch_stats", "apply"),
+    "backward": ("backward_reduce", "backward_apply"),
+    "eval": ("apply",),
+}
+
+
+def _check_phase(phase: str) -> None:
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {', '.join(PHASES)}; got {phase!r}")
+
+
+def minimal_passes(phase: str) -> Passes:
+    """The least `phase` must move (the module docstring's "minimal" column)."""
+    _check_phase(phase)
+    return MINIMAL_PASSES[phase]
+
+
+def moved_passes(phase: str) -> Passes:
+    """What cupy-bn's backends move for `phase`: the passes of its primitives added up."""
+    _check_phase(phase)
+    total = Passes(0, 0)
+    for primitive in PHASE_PRIMITIVES[phase]:
+        total += PRIMITIVE_PASSES[primitive]
+    return total
+
+
+def launches(phase: str) -> int:
+    """Tensor kernels the CUDA backend launches for `phase` (per-channel work not counted)."""
+    _check_phase(phase)
+    return len(PHASE_PRIMITIVES[phase])
+
+
+def minimal_bytes(phase: str, numel: int, itemsize: int) -> int:
+    """Bytes `phase` must move at the least over `numel` elements of `itemsize` bytes."""
+    return minimal_passes(phase).bytes(numel, itemsize)
+
+
+def moved_bytes(phase: str, numel: int, itemsize: int) -> int:
+    """Bytes cupy-bn's backends move for `phase` over `numel` elements of `itemsize` bytes."""
+    return moved_passes(phase).bytes(numel, itemsize)
