@@ -265,6 +265,45 @@ def test_fold_no_verify_skips_the_check(tmp_path):
     )
 
 
+def test_fold_json_fields(tmp_path):
+    """The report's field names and JSON types, pair by pair (docs/cli.md, Report)."""
+    model = tmp_path / "net.npz"
+    _write_model(model, record=True)
+    result = run("fold", model, "--keep-unpaired", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert list(report) == [
+        "input",
+        "format",
+        "output",
+        "written",
+        "verified",
+        "ok",
+        "pairs",
+        "kept",
+    ]
+    assert report["format"] == "state_dict" and report["verified"] is True
+    pair = report["pairs"][0]
+    assert list(pair) == [
+        "layer",
+        "bn",
+        "kind",
+        "channels",
+        "groups",
+        "eps",
+        "created_bias",
+        "established",
+        "assumption",
+        "algebra_max_abs_error",
+        "algebra_error_to_bound",
+        "algebra_ok",
+    ]
+    assert (pair["layer"], pair["bn"], pair["kind"]) == ("features.0", "features.1", "conv2d")
+    assert (pair["channels"], pair["groups"], pair["eps"]) == (8, 1, 1e-5)
+    assert isinstance(pair["algebra_error_to_bound"], float) and pair["algebra_ok"] is True
+    assert all(list(k) == ["bn", "would_pair_with", "reason"] for k in report["kept"])
+
+
 def test_fold_refuses_an_existing_output_unless_forced(tmp_path):
     model = tmp_path / "net.npz"
     _write_model(model, record=True)
@@ -375,8 +414,9 @@ def test_fold_rejects_bad_statistics(tmp_path):
         (["--groups", "features.0=two"], "--groups: expected LAYER=G"),
         (["--transpose", "classifier"], "rank-2 weight"),
         (["--transpose", "nothing"], "'nothing'"),
-        (["--eps", "0"], "eps"),
+        (["--eps", "0"], "eps: expected a positive finite number, got 0.0"),
         (["--tolerance", "1e-3"], "--tolerance: applies to ONNX"),
+        (["--seed", "-1"], "seed: expected a non-negative integer, got -1"),
     ],
 )
 def test_fold_bad_options(tmp_path, args, fragment):
