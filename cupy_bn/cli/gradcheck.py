@@ -82,7 +82,8 @@ def gradcheck(
 ) -> None:
     """Check batch norm's gradients (x, weight, bias) against central differences in float64.
 
-    Exit status 0 when every case passes, 1 when one fails.
+    Exit status 0 when every case passes, 1 when one fails, 2 for options the library refuses
+    or a backend that cannot run here.
     """
     from cupy_bn.backends import available_backends
     from cupy_bn.gradient_check import CHANNEL_AXES, MODES, build_cases, run_cases
