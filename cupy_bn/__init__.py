@@ -18,7 +18,7 @@ from cupy_bn.distributed import (
 )
 from cupy_bn.fold import FoldError, fold_conv_bn, fold_linear_bn, fold_state_dict
 from cupy_bn.functional import SavedForBackward, batch_norm, batch_norm_backward
-from cupy_bn.gradcheck import gradcheck
+from cupy_bn.gradient_check import gradcheck
 from cupy_bn.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __version__ = "0.1.0"

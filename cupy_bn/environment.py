@@ -10,88 +10,152 @@ import dataclasses
 import importlib
 import importlib.metadata
 import platform
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from cupy_bn import __version__
 from cupy_bn.backends import available_backends, cupy_usable
+from cupy_bn.jsonable import jsonable
 
 
-def _cupy() -> dict[str, Any]:
+@dataclass(frozen=True)
+class CupyFacts:
+    installed: bool
+    version: str | None
+    usable: bool
+    """CuPy imports and sees a GPU."""
+    state: str
+    """One line for people: `14.2.0 (usable)`, `14.2.0 (no usable GPU)`, `not installed`."""
+
+
+@dataclass(frozen=True)
+class GpuFacts:
+    id: int
+    name: str
+    compute_capability: str | None
+    """`"major.minor"` (`"9.0"`), None when the device could not be asked."""
+    memory_bytes: int | None
+    peak_bandwidth: float | None
+    """Theoretical DRAM bandwidth in bytes/s, None when unknown."""
+
+
+@dataclass(frozen=True)
+class NvrtcFacts:
+    found: bool
+    version: str | None
+    """`"major.minor"`, None when NVRTC was not found."""
+    detail: str
+    """Where it was loaded from, or why it was not found."""
+
+
+@dataclass(frozen=True)
+class SimulatorFacts:
+    available: bool | None
+    """Whether kernels can be simulated here; None when the package does not say."""
+    detail: str
+    toolchain: dict[str, Any]
+    """What `cupy_bn.sim.find_toolchain()` found, as JSON values (paths as text, lists of
+    folders as lists, the CUDA version as an int); None for what is missing."""
+
+
+@dataclass(frozen=True)
+class Environment:
+    """Everything `cupy-bn info` shows."""
+
+    cupy_bn: str
+    python: str
+    numpy: str
+    cupy: CupyFacts
+    gpus: list[GpuFacts]
+    nvrtc: NvrtcFacts
+    simulator: SimulatorFacts
+    torch: str | None
+    """PyTorch's version, None when it is not installed."""
+    backends: list[str]
+    """`cupy_bn.backends.available_backends()`."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields as plain JSON values, nested objects as objects, under the same names."""
+        return jsonable(self)
+
+
+def _cupy() -> CupyFacts:
     try:
         import cupy
     except ImportError:
-        return {"installed": False, "version": None, "usable": False, "state": "not installed"}
+        return CupyFacts(installed=False, version=None, usable=False, state="not installed")
     usable = cupy_usable()
     state = f"{cupy.__version__} ({'usable' if usable else 'no usable GPU'})"
-    return {"installed": True, "version": cupy.__version__, "usable": usable, "state": state}
+    return CupyFacts(installed=True, version=cupy.__version__, usable=usable, state=state)
 
 
-def _gpus() -> list[dict[str, Any]]:
+def _gpus() -> list[GpuFacts]:
     if not cupy_usable():
         return []
     from cupy_bn.machine import gpu_devices
 
     try:
-        return gpu_devices()
+        return [GpuFacts(**device) for device in gpu_devices()]
     except Exception as e:  # a driver that answers is_available() but fails later
-        return [
-            {
-                "id": 0,
-                "name": f"error: {e}",
-                "compute_capability": "?",
-                "memory_bytes": 0,
-                "peak_bandwidth": None,
-            }
-        ]
+        return [GpuFacts(0, f"error: {' '.join(str(e).split())[:200]}", None, None, None)]
 
 
-def _nvrtc() -> dict[str, Any]:
+def _nvrtc() -> NvrtcFacts:
     try:
         from cupy_backends.cuda.libs import nvrtc
     except ImportError:
-        return {"found": False, "version": None, "detail": "CuPy is not installed"}
+        return NvrtcFacts(found=False, version=None, detail="CuPy is not installed")
     try:
         major, minor = nvrtc.getVersion()
     except Exception as e:  # the shared library is missing or unloadable
-        return {"found": False, "version": None, "detail": " ".join(str(e).split())[:200]}
-    return {"found": True, "version": f"{major}.{minor}", "detail": "cupy_backends.cuda.libs"}
+        return NvrtcFacts(found=False, version=None, detail=" ".join(str(e).split())[:200])
+    return NvrtcFacts(found=True, version=f"{major}.{minor}", detail="cupy_backends.cuda.libs")
 
 
-def _plain(value: Any) -> dict[str, str | None]:
-    """A toolchain description as a flat {name: text} dict, whatever shape it came in."""
+def _plain(value: Any) -> dict[str, Any]:
+    """A toolchain description as a flat {name: JSON value} dict, whatever shape it came in."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     elif hasattr(value, "_asdict"):
         value = value._asdict()
     elif not isinstance(value, dict) and hasattr(value, "__dict__"):
         value = vars(value)
     if isinstance(value, dict):
-        return {str(k): None if v is None else str(v) for k, v in value.items()}
-    return {"toolchain": None if value is None else str(value)}
+        return {str(k): _json_or_text(v) for k, v in value.items()}
+    return {"toolchain": _json_or_text(value)}
 
 
-def _simulator() -> dict[str, Any]:
+def _json_or_text(value: Any) -> Any:
+    try:
+        return jsonable(value)
+    except TypeError:  # an object the probe did not expect: its text, not a crash
+        return str(value)
+
+
+def _simulator() -> SimulatorFacts:
     try:
         sim = importlib.import_module("cupy_bn.sim")
     except ImportError:
-        return {"available": False, "detail": "not part of this install", "toolchain": {}}
-    result: dict[str, Any] = {"available": None, "detail": "", "toolchain": {}}
+        return SimulatorFacts(available=False, detail="not part of this install", toolchain={})
+    available: bool | None = None
+    toolchain: dict[str, Any] = {}
     try:
         if hasattr(sim, "find_toolchain"):
-            result["toolchain"] = _plain(sim.find_toolchain())
+            toolchain = _plain(sim.find_toolchain())
         if hasattr(sim, "is_available"):
-            result["available"] = bool(sim.is_available())
+            available = bool(sim.is_available())
     except Exception as e:  # report why the toolchain is unusable instead of failing
-        result["available"] = False
-        result["detail"] = f"toolchain not usable: {' '.join(str(e).split())[:200]}"
-        return result
-    if result["available"] is None:
-        result["detail"] = "installed"
+        reason = " ".join(str(e).split())[:200]
+        return SimulatorFacts(
+            available=False, detail=f"toolchain not usable: {reason}", toolchain=toolchain
+        )
+    if available is None:
+        detail = "installed"
     else:
-        result["detail"] = "usable" if result["available"] else "toolchain not found"
-    return result
+        detail = "usable" if available else "toolchain not found"
+    return SimulatorFacts(available=available, detail=detail, toolchain=toolchain)
 
 
 def _version(distribution: str) -> str | None:
@@ -101,16 +165,16 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def describe() -> dict[str, Any]:
-    """All facts `cupy-bn info` shows, as JSON-ready values."""
-    return {
-        "cupy_bn": __version__,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "cupy": _cupy(),
-        "gpus": _gpus(),
-        "nvrtc": _nvrtc(),
-        "simulator": _simulator(),
-        "torch": _version("torch"),
-        "backends": available_backends(),
-    }
+def describe() -> Environment:
+    """All facts `cupy-bn info` shows (`Environment.to_json()` for JSON)."""
+    return Environment(
+        cupy_bn=__version__,
+        python=platform.python_version(),
+        numpy=np.__version__,
+        cupy=_cupy(),
+        gpus=_gpus(),
+        nvrtc=_nvrtc(),
+        simulator=_simulator(),
+        torch=_version("torch"),
+        backends=available_backends(),
+    )

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from fold_models import LAYERS, Layer, bn_state, layer_apply, layer_state, original_output
 
 import cupy_bn
-from cupy_bn.backends import cupy_usable
+from cupy_bn.backends import available_backends, cupy_usable
 from cupy_bn.cli import main
 from cupy_bn.fold import FOLD_RECORD_KEY, PairStatement, fold_record
 
@@ -265,6 +265,45 @@ def test_fold_no_verify_skips_the_check(tmp_path):
     )
 
 
+def test_fold_json_fields(tmp_path):
+    """The report's field names and JSON types, pair by pair (docs/cli.md, Report)."""
+    model = tmp_path / "net.npz"
+    _write_model(model, record=True)
+    result = run("fold", model, "--keep-unpaired", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert list(report) == [
+        "input",
+        "format",
+        "output",
+        "written",
+        "verified",
+        "ok",
+        "pairs",
+        "kept",
+    ]
+    assert report["format"] == "state_dict" and report["verified"] is True
+    pair = report["pairs"][0]
+    assert list(pair) == [
+        "layer",
+        "bn",
+        "kind",
+        "channels",
+        "groups",
+        "eps",
+        "created_bias",
+        "established",
+        "assumption",
+        "algebra_max_abs_error",
+        "algebra_error_to_bound",
+        "algebra_ok",
+    ]
+    assert (pair["layer"], pair["bn"], pair["kind"]) == ("features.0", "features.1", "conv2d")
+    assert (pair["channels"], pair["groups"], pair["eps"]) == (8, 1, 1e-5)
+    assert isinstance(pair["algebra_error_to_bound"], float) and pair["algebra_ok"] is True
+    assert all(list(k) == ["bn", "would_pair_with", "reason"] for k in report["kept"])
+
+
 def test_fold_refuses_an_existing_output_unless_forced(tmp_path):
     model = tmp_path / "net.npz"
     _write_model(model, record=True)
@@ -375,8 +414,9 @@ def test_fold_rejects_bad_statistics(tmp_path):
         (["--groups", "features.0=two"], "--groups: expected LAYER=G"),
         (["--transpose", "classifier"], "rank-2 weight"),
         (["--transpose", "nothing"], "'nothing'"),
-        (["--eps", "0"], "eps"),
+        (["--eps", "0"], "eps: expected a positive finite number, got 0.0"),
         (["--tolerance", "1e-3"], "--tolerance: applies to ONNX"),
+        (["--seed", "-1"], "seed: expected a non-negative integer, got -1"),
     ],
 )
 def test_fold_bad_options(tmp_path, args, fragment):
@@ -437,15 +477,6 @@ def test_gradcheck_default_matrix_passes():
     assert all(c["max_rel_error"] < 1e-3 for c in report["cases"])
 
 
-def test_gradcheck_command_works_when_the_package_exports_the_function(monkeypatch):
-    from cupy_bn.gradcheck import gradcheck
-
-    # `cupy_bn.gradcheck` is both a module and (exported from the package) a function.
-    monkeypatch.setattr(cupy_bn, "gradcheck", gradcheck, raising=False)
-    result = run("gradcheck", "--shape", "3,2", "--mode", "eval")
-    assert result.exit_code == 0, result.output
-
-
 def test_gradcheck_human_table_and_summary():
     result = run("gradcheck", "--shape", "4,3,5,5", "--channel-axis", "-1", "--mode", "train")
     assert result.exit_code == 0, result.output
@@ -478,26 +509,72 @@ def test_gradcheck_catches_a_broken_backward(monkeypatch):
         (["--shape", "4,a"], "expected sizes"),
         (["--shape", "1,3", "--mode", "train"], "training needs two"),
         (["--shape", "4,3", "--channel-axis", "2"], "not an axis"),
-        (["--step", "0"], "step"),
+        (["--step", "0"], "step: expected a positive finite number, got 0.0"),
+        (["--rtol", "nan"], "rtol: expected a positive finite number"),
+        (["--seed", "-1"], "seed: expected a non-negative integer, got -1"),
     ],
 )
 def test_gradcheck_bad_options(args, fragment):
     assert_user_error(run("gradcheck", *args), fragment)
 
 
+def test_gradcheck_reports_what_decides_pass_or_fail():
+    """The shown relative errors are within rtol exactly where a case passes; a large step
+    fails (exit 1) with its errors shown above rtol."""
+    for step, code in (("1e-2", 0), ("1e-1", 1)):
+        result = run("gradcheck", "--step", step, "--json")
+        assert result.exit_code == code, result.output
+        report = json.loads(result.stdout)
+        assert report["ok"] == (code == 0)
+        for case in report["cases"]:
+            assert case["passed"] == (case["max_rel_error"] <= report["rtol"])
+            for check in case["checks"].values():
+                assert check["passed"] == (check["max_rel_error"] <= report["rtol"])
+        worst = max(c["max_rel_error"] for c in report["cases"])
+        assert (worst <= report["rtol"]) == report["ok"]
+        assert f"worst relative error {worst:.2e}" in report["summary"]
+
+
+def _errors_by_case(*args: str) -> dict[tuple, dict]:
+    result = run("gradcheck", "--json", *args)
+    assert result.exit_code == 0, result.output
+    return {
+        (c["backend"], tuple(c["shape"]), c["channel_axis"], c["mode"], c["affine"]): c["checks"]
+        for c in json.loads(result.stdout)["cases"]
+    }
+
+
+def test_gradcheck_seed_gives_the_same_data_whatever_else_runs():
+    alone = _errors_by_case("--shape", "4,3", "--seed", "4")
+    with_another = _errors_by_case("--shape", "2,3,4", "--shape", "4,3", "--seed", "4")
+    assert alone and set(alone) < set(with_another)
+    assert all(with_another[key] == checks for key, checks in alone.items())
+    other_seed = _errors_by_case("--shape", "4,3", "--seed", "5")
+    assert other_seed != alone
+
+
+@pytest.mark.skipif("sim" not in available_backends(), reason="needs the CUDA simulator")
+def test_gradcheck_seed_gives_the_same_data_on_every_backend():
+    options = ("--shape", "4,3", "--mode", "eval", "--fast", "--seed", "4")
+    alone = _errors_by_case("--backend", "numpy", *options)
+    beside_sim = _errors_by_case("--backend", "numpy", "--backend", "sim", *options)
+    assert alone and all(beside_sim[key] == checks for key, checks in alone.items())
+
+
 def test_gradcheck_backend_that_cannot_run_here(monkeypatch):
     import cupy_bn.backends as backends
 
     monkeypatch.setattr(backends, "available_backends", lambda: ["numpy"])
-    assert_user_error(run("gradcheck", "--backend", "cuda"), "'cuda' cannot run here")
+    assert_user_error(
+        run("gradcheck", "--backend", "cuda"),
+        "backends: 'cuda' cannot run on this machine (available: numpy)",
+    )
     result = run("gradcheck", "--backend", "all", "--shape", "3,2", "--json")
     assert result.exit_code == 0
     assert {c["backend"] for c in json.loads(result.stdout)["cases"]} == {"numpy"}
 
 
 def test_gradcheck_backend_all_runs_every_available_backend():
-    from cupy_bn.backends import available_backends
-
     result = run("gradcheck", "--backend", "all", "--shape", "4,3", "--mode", "eval", "--json")
     assert result.exit_code == 0, result.output
     ran = {c["backend"] for c in json.loads(result.stdout)["cases"]}

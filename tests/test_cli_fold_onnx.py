@@ -83,6 +83,57 @@ def test_folds_what_the_graph_shows_and_keeps_the_rest_with_reasons(tmp_path):
     np.testing.assert_allclose(ort_run(out, x), ort_run(model, x), rtol=1e-5, atol=1e-5)
 
 
+def test_json_fields(tmp_path):
+    """The report's field names and JSON types (docs/cli.md, Report)."""
+    model = tmp_path / "net.onnx"
+    conv_bn_relu_bn(model)
+    report = json.loads(run("fold", model, "--json").stdout)
+    assert list(report) == [
+        "input",
+        "format",
+        "output",
+        "written",
+        "verified",
+        "ok",
+        "opset",
+        "folded",
+        "kept",
+        "removed_initializers",
+        "check",
+    ]
+    assert report["folded"] == [{"bn": "bn1", "layer": "conv", "op": "Conv", "channels": 4}]
+    assert report["removed_initializers"] == 4  # the folded batch norm's four parameters
+    assert list(report["check"]) == [
+        "runtime",
+        "inputs",
+        "max_abs_error",
+        "max_rel_error",
+        "tolerance",
+        "mismatches",
+        "ok",
+    ]
+    assert report["check"]["mismatches"] == []
+    unverified = json.loads(run("fold", model, "--no-verify", "--force", "--json").stdout)
+    assert unverified["check"] is None and unverified["verified"] is False
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--tolerance", "-1"], "tolerance: expected a positive finite number, got -1.0"),
+        (["--tolerance", "nan"], "tolerance: expected a positive finite number, got nan"),
+        (["--seed", "-2"], "seed: expected a non-negative integer, got -2"),
+    ],
+)
+def test_bad_check_options_exit_2(tmp_path, args, fragment):
+    model = tmp_path / "net.onnx"
+    conv_bn_relu_bn(model)
+    result = run("fold", model, *args)
+    assert result.exit_code == 2, result.output
+    assert fragment in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "net.folded.onnx").exists()
+
+
 def test_human_report_and_file_mode(tmp_path):
     model = tmp_path / "net.onnx"
     conv_bn_relu_bn(model)

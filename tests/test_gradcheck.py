@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 
+import cupy_bn
+import cupy_bn.backends as backend_registry
 from cupy_bn import functional
 from cupy_bn.backends.numpy_backend import NumpyBackend
-from cupy_bn.gradcheck import (
+from cupy_bn.gradient_check import (
     DEFAULT_SHAPES,
     GradcheckCase,
     build_cases,
+    case_rng,
     check_case,
     gradcheck,
     reference_forward,
@@ -171,8 +177,161 @@ def test_options_select_the_cases():
         ({"shapes": []}, "at least one"),
         ({"step": 0.0}, "step"),
         ({"atol": float("nan")}, "atol"),
+        ({"rtol": True}, "rtol: expected a positive finite number"),
+        ({"seed": -1}, "seed: expected a non-negative integer"),
+        ({"seed": 1.5}, "seed: expected a non-negative integer"),
+        ({"backends": "nope"}, "backends: 'nope' cannot run on this machine"),
     ],
 )
 def test_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         gradcheck(**kwargs)
+
+
+def test_a_backend_that_cannot_run_here_is_an_error_not_a_failed_case(monkeypatch):
+    monkeypatch.setattr(backend_registry, "available_backends", lambda: ["numpy"])
+    with pytest.raises(ValueError, match=r"backends: 'cuda' cannot run on this machine \(avail"):
+        gradcheck(backends=["numpy", "cuda"])
+
+
+def test_the_package_exports_the_function():
+    assert cupy_bn.gradcheck is gradcheck and callable(cupy_bn.gradcheck)
+    assert "gradcheck" in cupy_bn.__all__
+
+
+# ---------------------------------------------------------------------------------------------
+# What passes and what is shown agree
+
+
+@pytest.mark.parametrize("step", [1e-6, 1e-2, 3e-2, 1e-1])
+def test_a_comparison_passes_exactly_when_its_relative_error_is_within_rtol(step):
+    result = gradcheck(step=step)
+    comparisons = [c for outcome in result.cases for c in outcome.comparisons.values()]
+    for c in comparisons:
+        assert c.passed == (c.max_rel_error <= result.rtol), c
+    for outcome in result.cases:
+        assert outcome.passed == (outcome.max_rel_error <= result.rtol)
+    assert result.passed == (result.max_rel_error <= result.rtol)
+    assert f"worst relative error {result.max_rel_error:.2e}" in result.summary()
+
+
+def test_a_large_step_fails_and_shows_errors_above_rtol():
+    result = gradcheck(step=1e-1)
+    assert not result.passed and result.max_rel_error > result.rtol
+    assert all(c.max_rel_error > result.rtol for c in result.failures)
+    assert all(c.max_rel_error <= result.rtol for c in result.cases if c.passed)
+    assert "FAILED" in result.summary()
+
+
+@pytest.mark.parametrize(
+    ("numeric", "analytic", "passed"),
+    [
+        ([0.0, 1.0], [0.9e-5, 1.0], True),  # within atol where the value is 0
+        ([0.0, 1.0], [1.1e-5, 1.0], False),  # beyond atol where the value is 0
+        ([10.0, -3.0], [10.0 + 1.0e-2, -3.0], True),  # atol + rtol * 10 = 1.001e-2
+        ([10.0, -3.0], [10.0 + 1.002e-2, -3.0], False),
+        ([1.0, np.nan], [1.0, 1.0], False),
+    ],
+)
+def test_relative_error_is_the_tolerance_criterion_entry_by_entry(numeric, analytic, passed):
+    """|numeric - analytic| <= atol + rtol * |numeric| everywhere iff max_rel_error <= rtol."""
+    from cupy_bn.gradient_check import _compare
+
+    atol, rtol = 1e-5, 1e-3
+    comparison = _compare(np.array(numeric), np.array(analytic), atol, rtol)
+    diff = np.abs(np.subtract(numeric, analytic))
+    assert comparison.passed is passed
+    assert comparison.passed == bool(np.all(diff <= atol + rtol * np.abs(numeric)))
+    assert (comparison.max_rel_error <= rtol) is passed
+    if passed:
+        assert comparison.max_abs_error == pytest.approx(np.max(diff))
+
+
+# ---------------------------------------------------------------------------------------------
+# The data of a case depends on the seed and the case only
+
+
+def _recorded_inputs(monkeypatch, **options):
+    """First input `x` given to `batch_norm` per case name, for one `gradcheck` run."""
+    real = functional.batch_norm
+    first: dict[tuple, np.ndarray] = {}
+
+    def recording(x, *args, backend="auto", **kwargs):
+        key = (backend, tuple(x.shape), kwargs["channel_axis"], kwargs["training"], args[0] is None)
+        first.setdefault(key, np.array(x, copy=True))
+        return real(x, *args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(functional, "batch_norm", recording)
+    gradcheck(**options)
+    monkeypatch.setattr(functional, "batch_norm", real)
+    return first
+
+
+def test_case_data_does_not_depend_on_the_backend():
+    case = GradcheckCase((2, 3, 4), -1, "train", True, "numpy")
+    for seed in (0, 7):
+        numpy_draw = case_rng(case, seed).standard_normal(8)
+        sim_draw = case_rng(dataclasses.replace(case, backend="sim"), seed).standard_normal(8)
+        np.testing.assert_array_equal(numpy_draw, sim_draw)
+    assert not np.array_equal(
+        case_rng(case, 0).standard_normal(8), case_rng(case, 1).standard_normal(8)
+    )
+    other = dataclasses.replace(case, shape=(2, 4, 3))
+    assert not np.array_equal(
+        case_rng(case, 0).standard_normal(8), case_rng(other, 0).standard_normal(8)
+    )
+
+
+def test_a_case_gets_the_same_data_whatever_else_runs(monkeypatch):
+    alone = _recorded_inputs(monkeypatch, shapes=[(4, 3)], seed=5)
+    after_another = _recorded_inputs(monkeypatch, shapes=[(2, 3, 3, 4), (4, 3)], seed=5)
+    assert alone and set(alone) < set(after_another)
+    for key, x in alone.items():
+        np.testing.assert_array_equal(after_another[key], x)
+    reseeded = _recorded_inputs(monkeypatch, shapes=[(4, 3)], seed=6)
+    assert not any(np.array_equal(reseeded[key], x) for key, x in alone.items())
+
+
+@pytest.mark.skipif(
+    "sim" not in backend_registry.available_backends(), reason="needs the CUDA simulator"
+)
+def test_every_backend_is_checked_on_the_same_data(monkeypatch):
+    inputs = _recorded_inputs(
+        monkeypatch, shapes=[(4, 3)], modes="eval", backends=["numpy", "sim"], fast=True, seed=3
+    )
+    numpy_cases = {key[1:]: x for key, x in inputs.items() if key[0] == "numpy"}
+    sim_cases = {key[1:]: x for key, x in inputs.items() if key[0] == "sim"}
+    assert numpy_cases and numpy_cases.keys() == sim_cases.keys()
+    for key, x in numpy_cases.items():
+        np.testing.assert_array_equal(sim_cases[key], x)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON
+
+
+def test_result_serializes_itself_as_plain_json(monkeypatch):
+    result = gradcheck(shapes=[(4, 3)], channel_axes=-1, modes="eval", seed=2, fast=True)
+
+    def explode(self, x):
+        raise RuntimeError("no kernel")
+
+    monkeypatch.setattr(NumpyBackend, "batch_stats", explode)
+    failed = gradcheck(shapes=[(4, 3)], channel_axes=1, modes="train", affine=False)
+    document = result.to_json()
+    assert json.loads(json.dumps(document, allow_nan=False)) == document
+    assert document["ok"] is True and document["summary"] == result.summary()
+    assert (document["seed"], document["fast"], document["rtol"]) == (2, True, 1e-3)
+    case = document["cases"][0]
+    assert case["shape"] == [4, 3] and case["channel_axis"] == -1 and case["mode"] == "eval"
+    assert set(case["checks"]) == {"y", "x", "weight", "bias"}
+    assert case["checks"]["x"] == {
+        "max_abs_error": result.cases[0].comparisons["x"].max_abs_error,
+        "max_rel_error": result.cases[0].comparisons["x"].max_rel_error,
+        "passed": True,
+    }
+    (broken,) = failed.to_json()["cases"]
+    json.dumps(broken, allow_nan=False)
+    assert broken["error"] == "RuntimeError: no kernel" and broken["passed"] is False
+    assert broken["max_abs_error"] is None and broken["max_rel_error"] is None
+    assert broken["checks"] == {}

@@ -1,4 +1,5 @@
-"""The `cupy-bn` command: one module per subcommand, shared pieces in `common`.
+"""The `cupy-bn` command: one module per subcommand (the command has the module's name), shared
+pieces in `common`.
 
 Conventions shared by every command: `--json` prints machine-readable output on stdout (no
 styling); exit status 0 on success, 1 when a check fails, 2 on usage or input errors, which
@@ -10,10 +11,7 @@ from __future__ import annotations
 import click
 
 from cupy_bn import __version__
-from cupy_bn.cli.bench import bench
-from cupy_bn.cli.fold import fold
-from cupy_bn.cli.gradcheck import gradcheck
-from cupy_bn.cli.info import info
+from cupy_bn.cli import bench, fold, gradcheck, info
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,7 +20,9 @@ def main() -> None:
     """Batch normalization for array code: checks, inference folding, benchmarks."""
 
 
-for command in (info, gradcheck, fold, bench):
+# The modules stay the package's attributes (`cupy_bn.cli.fold` is the module); each holds
+# its command under the module's name.
+for command in (info.info, gradcheck.gradcheck, fold.fold, bench.bench):
     main.add_command(command)
 
 __all__ = ["main"]

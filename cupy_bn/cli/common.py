@@ -8,12 +8,24 @@ errors (`UserError`), which print a one-line reason on stderr without a tracebac
 from __future__ import annotations
 
 import json
-import math
 import sys
 from typing import Any
 
 import click
 from rich.console import Console
+
+from cupy_bn.jsonable import finite_or_none, jsonable
+
+__all__ = [
+    "CheckFailed",
+    "UserError",
+    "emit_json",
+    "finite_or_none",
+    "parse_shape",
+    "parse_sizes",
+    "progress_bar",
+    "stdout_console",
+]
 
 
 class UserError(click.ClickException):
@@ -32,18 +44,9 @@ class CheckFailed(UserError):
 
 
 def emit_json(payload: Any) -> None:
-    click.echo(json.dumps(payload, indent=2, allow_nan=False, default=json_default))
-
-
-def json_default(value: Any) -> Any:
-    try:
-        return value.item()  # numpy scalars
-    except AttributeError:
-        raise TypeError(f"cannot serialize {type(value).__name__}") from None
-
-
-def finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
+    """Print `payload` on stdout as JSON, through `cupy_bn.jsonable.jsonable` (the one place
+    where tuples, NumPy values and non-finite floats become plain JSON)."""
+    click.echo(json.dumps(jsonable(payload), indent=2, allow_nan=False))
 
 
 def stdout_console() -> Console:
@@ -51,12 +54,18 @@ def stdout_console() -> Console:
     return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
-def parse_shape(text: str, option: str) -> tuple[int, ...]:
+def parse_sizes(text: str, option: str) -> tuple[int, ...]:
+    """`4,3,5,5` or `4x3x5x5` as a tuple of ints; the library checks what sizes it accepts."""
     try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+        return tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
     except ValueError:
         raise UserError(f"{option}: expected sizes like 4,3,5,5, got {text!r}") from None
-    if not 2 <= len(shape) <= 5 or min(shape) < 1:
+
+
+def parse_shape(text: str, option: str) -> tuple[int, ...]:
+    """`parse_sizes`, then rank 2 to 5 with positive sizes (for a library that does not check)."""
+    shape = parse_sizes(text, option)
+    if not 2 <= len(shape) <= 5 or min(shape, default=0) < 1:
         raise UserError(f"{option}: expected rank 2 to 5 with positive sizes, got {text!r}")
     return shape
 

@@ -11,13 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from cupy_bn.cli.common import (
-    CheckFailed,
-    UserError,
-    emit_json,
-    finite_or_none,
-    stdout_console,
-)
+from cupy_bn.cli.common import CheckFailed, UserError, emit_json, stdout_console
 
 
 def _parse_assignments(values: tuple[str, ...], option: str, what: str) -> list[tuple[str, str]]:
@@ -203,46 +197,18 @@ def _fold_state_dict(
             keep_unpaired=keep_unpaired,
             assume_sequential=assume_sequential,
         )
+        checks = verify_fold(state, folded, report, seed=seed) if verify else []
     except UnresolvedPairsError as e:
         _refuse_unresolved(model, output, e.unresolved, as_json)
     except (ModelFileError, FoldError) as e:
         raise UserError(str(e)) from None
-    checks = (
-        {(c.layer, c.bn): c for c in verify_fold(state, folded, report, seed=seed)}
-        if verify
-        else {}
-    )
-    failed = [c for c in checks.values() if not c.ok]
+    failed = [c for c in checks if not c.ok]
     if not failed:
         try:
             save_npz(output, folded, overwrite=force)
         except (ModelFileError, OSError) as e:
             raise UserError(str(e)) from None
 
-    rows = []
-    for pair in report.pairs:
-        check = checks.get((pair.layer, pair.bn))
-        rows.append(
-            {
-                "layer": pair.layer,
-                "bn": pair.bn,
-                "kind": pair.kind,
-                "channels": pair.channels,
-                "groups": pair.groups,
-                "eps": pair.eps,
-                "created_bias": pair.created_bias,
-                "established": pair.established,
-                "assumption": pair.assumption,
-                "algebra_max_abs_error": None
-                if check is None
-                else finite_or_none(check.max_abs_error),
-                "algebra_error_to_bound": None
-                if check is None
-                else finite_or_none(check.error_to_bound),
-                "algebra_ok": None if check is None else check.ok,
-            }
-        )
-    kept = [_unresolved_json(u) for u in report.kept]
     if as_json:
         emit_json(
             {
@@ -252,19 +218,21 @@ def _fold_state_dict(
                 "written": not failed,
                 "verified": verify,
                 "ok": not failed,
-                "pairs": rows,
-                "kept": kept,
+                **report.to_json(checks),
             }
         )
     else:
-        _print_fold_table(rows, verify)
+        _print_fold_table(report, checks if verify else None)
         console = stdout_console()
-        for item in kept:
-            console.print(f"kept unfolded: {_display_prefix(item['bn'])} ({item['reason']})")
+        for item in report.kept:
+            console.print(
+                f"kept unfolded: {_display_prefix(item.bn)} ({item.reason})", markup=False
+            )
         if not failed:
             console.print(
-                f"Folded {len(rows)} batch norm(s): {model} -> {output}"
-                + (f"; kept {len(kept)} unfolded" if kept else "")
+                f"Folded {len(report.pairs)} batch norm(s): {model} -> {output}"
+                + (f"; kept {len(report.kept)} unfolded" if report.kept else ""),
+                markup=False,
             )
     if failed:
         names = ", ".join(f"{c.layer}+{c.bn}" for c in failed)
@@ -273,10 +241,6 @@ def _fold_state_dict(
 
 def _display_prefix(prefix: str) -> str:
     return prefix if prefix else "<top level>"
-
-
-def _unresolved_json(item: Any) -> dict[str, Any]:
-    return {"bn": item.bn, "would_pair_with": item.candidate, "reason": item.reason}
 
 
 def _refuse_unresolved(model: Path, output: Path, unresolved: list, as_json: bool) -> None:
@@ -289,7 +253,7 @@ def _refuse_unresolved(model: Path, output: Path, unresolved: list, as_json: boo
                 "output": str(output),
                 "written": False,
                 "ok": False,
-                "unresolved": [_unresolved_json(u) for u in unresolved],
+                "unresolved": [u.to_json() for u in unresolved],
             }
         )
     err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -310,9 +274,11 @@ def _refuse_unresolved(model: Path, output: Path, unresolved: list, as_json: boo
     raise click.exceptions.Exit(2)
 
 
-def _print_fold_table(rows: list[dict[str, Any]], verified: bool) -> None:
+def _print_fold_table(report: Any, checks: list[Any] | None) -> None:
+    """The folded pairs; with `checks` (from `verify_fold`), each pair's algebra check."""
     from rich import box
 
+    by_pair = {(c.layer, c.bn): c for c in checks or ()}
     table = Table(title="Folded pairs", box=box.SIMPLE_HEAD)
     table.add_column("layer", overflow="fold")
     table.add_column("batch norm", overflow="fold")
@@ -321,32 +287,32 @@ def _print_fold_table(rows: list[dict[str, Any]], verified: bool) -> None:
     table.add_column("groups", justify="right", no_wrap=True)
     table.add_column("bias", no_wrap=True)
     table.add_column("pair", no_wrap=True)
-    if verified:
+    if checks is not None:
         table.add_column("algebra err", justify="right", no_wrap=True)
         table.add_column("algebra", no_wrap=True)
-    for row in rows:
+    for pair in report.pairs:
         cells = [
-            _display_prefix(row["layer"]),
-            _display_prefix(row["bn"]),
-            row["kind"] + (" (assumed)" if row["assumption"] else ""),
-            str(row["channels"]),
-            str(row["groups"]),
-            "new" if row["created_bias"] else "",
-            row["established"],
+            _display_prefix(pair.layer),
+            _display_prefix(pair.bn),
+            pair.kind + (" (assumed)" if pair.assumption else ""),
+            str(pair.channels),
+            str(pair.groups),
+            "new" if pair.created_bias else "",
+            pair.established,
         ]
-        if verified:
-            err = row["algebra_max_abs_error"]
+        if checks is not None:
+            check = by_pair[(pair.layer, pair.bn)]
             cells += [
-                "nan" if err is None else f"{err:.2e}",
-                "[green]ok[/]" if row["algebra_ok"] else "[red]FAIL[/]",
+                f"{check.max_abs_error:.2e}",
+                "[green]ok[/]" if check.ok else "[red]FAIL[/]",
             ]
         table.add_row(*cells)
     console = stdout_console()
     console.print(table)
-    for row in rows:
-        if row["assumption"]:
-            console.print(f"assumed for {row['layer']}: {row['assumption']}", markup=False)
-    if verified:
+    for pair in report.pairs:
+        if pair.assumption:
+            console.print(f"assumed for {pair.layer}: {pair.assumption}", markup=False)
+    if checks is not None:
         console.print(
             "The algebra check verifies each pair's fold, not that the pair is in the model; "
             "the 'pair' column says how each pair is known.",
@@ -378,22 +344,6 @@ def _fold_onnx(
             save_onnx(output, folded, overwrite=force, external_data=has_external_data(model))
     except OnnxFoldError as e:
         raise UserError(str(e)) from None
-    folded_rows = [
-        {"bn": f.bn, "layer": f.layer, "op": f.op, "channels": f.channels} for f in report.folded
-    ]
-    kept_rows = [{"bn": k.bn, "reason": k.reason} for k in report.kept]
-    check_json = None
-    if check is not None:
-        check_json = {
-            "runtime": check.runtime,
-            "inputs": {name: list(shape) for name, shape in check.inputs.items()},
-            "max_abs_error": finite_or_none(check.max_abs_error),
-            "max_rel_error": finite_or_none(check.max_rel_error),
-            "tolerance": check.tolerance,
-            "mismatches": list(check.mismatches),
-            "compared": list(check.compared),
-            "ok": check.ok,
-        }
     if as_json:
         emit_json(
             {
@@ -403,14 +353,12 @@ def _fold_onnx(
                 "written": not failed,
                 "verified": verify,
                 "ok": not failed,
-                "opset": report.opset,
-                "folded": folded_rows,
-                "kept": kept_rows,
-                "check": check_json,
+                **report.to_json(),
+                "check": None if check is None else check.to_json(),
             }
         )
     else:
-        _print_onnx_report(model, output, folded_rows, kept_rows, check_json, failed)
+        _print_onnx_report(model, output, report, check)
     if failed:
         problems = [*check.mismatches, f"max relative error {check.max_rel_error:.3g}"]
         raise CheckFailed(
@@ -419,14 +367,7 @@ def _fold_onnx(
         )
 
 
-def _print_onnx_report(
-    model: Path,
-    output: Path,
-    folded: list[dict[str, Any]],
-    kept: list[dict[str, Any]],
-    check: dict[str, Any] | None,
-    failed: bool,
-) -> None:
+def _print_onnx_report(model: Path, output: Path, report: Any, check: Any | None) -> None:
     from rich import box
 
     console = stdout_console()
@@ -435,24 +376,24 @@ def _print_onnx_report(
     table.add_column("into", overflow="fold")
     table.add_column("op", no_wrap=True)
     table.add_column("C", justify="right", no_wrap=True)
-    for row in folded:
-        table.add_row(row["bn"], row["layer"], row["op"], str(row["channels"]))
+    for node in report.folded:
+        table.add_row(node.bn, node.layer, node.op, str(node.channels))
     console.print(table)
-    for row in kept:
-        console.print(f"kept: {row['bn']} ({row['reason']})", markup=False)
+    for node in report.kept:
+        console.print(f"kept: {node.bn} ({node.reason})", markup=False)
     if check is None:
         console.print("not verified (--no-verify): the folded graph was not run")
     else:
-        verdict = "[red]FAIL[/]" if failed else "[green]ok[/]"
+        verdict = "[green]ok[/]" if check.ok else "[red]FAIL[/]"
         console.print(
-            f"end-to-end check ({check['runtime']}, inputs "
-            + ", ".join(f"{n}{tuple(s)}" for n, s in check["inputs"].items())
-            + f"; {len(check['compared'])} tensors: the outputs and each folded batch norm's)"
-            + f": max abs error {check['max_abs_error']:.3g}, max rel error "
-            f"{check['max_rel_error']:.3g} (tolerance {check['tolerance']:.3g}) {verdict}"
+            f"end-to-end check ({check.runtime}, inputs "
+            + ", ".join(f"{n}{tuple(s)}" for n, s in check.inputs.items())
+            + f"; {len(check.compared)} tensors: the outputs and each folded batch norm's)"
+            + f": max abs error {check.max_abs_error:.3g}, max rel error "
+            f"{check.max_rel_error:.3g} (tolerance {check.tolerance:.3g}) {verdict}"
         )
-    if not failed:
+    if check is None or check.ok:
         console.print(
-            f"Folded {len(folded)} batch norm(s): {model} -> {output}"
-            + (f"; kept {len(kept)}" if kept else "")
+            f"Folded {len(report.folded)} batch norm(s): {model} -> {output}"
+            + (f"; kept {len(report.kept)}" if report.kept else "")
         )

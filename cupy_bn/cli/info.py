@@ -7,10 +7,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from cupy_bn.cli.common import (
-    emit_json,
-    stdout_console,
-)
+from cupy_bn.cli.common import emit_json, stdout_console
 
 
 @click.command()
@@ -21,7 +18,7 @@ def info(as_json: bool) -> None:
 
     facts = describe()
     if as_json:
-        emit_json(facts)
+        emit_json(facts.to_json())
         return
     table = Table(title="cupy-bn", show_header=False)
     table.add_column(style="bold")
@@ -31,30 +28,37 @@ def info(as_json: bool) -> None:
     stdout_console().print(table)
 
 
-def _info_rows(facts: dict[str, Any]) -> list[tuple[str, str]]:
-    rows = [
-        ("cupy-bn", facts["cupy_bn"]),
-        ("python", facts["python"]),
-        ("numpy", facts["numpy"]),
-        ("cupy", facts["cupy"]["state"]),
+def _text(value: Any) -> str:
+    if value is None:
+        return "not found"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def _gpu_row(gpu: Any) -> str:
+    details = [
+        "sm " + (gpu.compute_capability or "unknown"),
+        "memory unknown" if gpu.memory_bytes is None else f"{gpu.memory_bytes / 2**30:.0f} GiB",
+        "peak bandwidth unknown"
+        if gpu.peak_bandwidth is None
+        else f"peak {gpu.peak_bandwidth / 1e9:.0f} GB/s",
     ]
-    for gpu in facts["gpus"]:
-        peak = gpu["peak_bandwidth"]
-        rows.append(
-            (
-                f"gpu {gpu['id']}",
-                f"{gpu['name']} (sm {gpu['compute_capability']}, "
-                f"{gpu['memory_bytes'] / 2**30:.0f} GiB, "
-                + ("peak bandwidth unknown" if peak is None else f"peak {peak / 1e9:.0f} GB/s")
-                + ")",
-            )
-        )
-    nvrtc = facts["nvrtc"]
-    rows.append(("nvrtc", nvrtc["version"] if nvrtc["found"] else f"not found ({nvrtc['detail']})"))
-    sim = facts["simulator"]
-    rows.append(("simulator", sim["detail"]))
-    for tool, where in sim.get("toolchain", {}).items():
-        rows.append((f"  {tool}", str(where) if where else "not found"))
-    rows.append(("torch", facts["torch"] or "not installed"))
-    rows.append(("backends", ", ".join(facts["backends"])))
+    return f"{gpu.name} ({', '.join(details)})"
+
+
+def _info_rows(facts: Any) -> list[tuple[str, str]]:
+    rows = [
+        ("cupy-bn", facts.cupy_bn),
+        ("python", facts.python),
+        ("numpy", facts.numpy),
+        ("cupy", facts.cupy.state),
+    ]
+    rows += [(f"gpu {gpu.id}", _gpu_row(gpu)) for gpu in facts.gpus]
+    nvrtc = facts.nvrtc
+    rows.append(("nvrtc", nvrtc.version if nvrtc.found else f"not found ({nvrtc.detail})"))
+    rows.append(("simulator", facts.simulator.detail))
+    rows += [(f"  {tool}", _text(where)) for tool, where in facts.simulator.toolchain.items()]
+    rows.append(("torch", facts.torch or "not installed"))
+    rows.append(("backends", ", ".join(facts.backends)))
     return rows

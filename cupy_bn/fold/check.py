@@ -15,12 +15,17 @@ plus float64 rounding. A pair passes when every output is within twice that boun
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from cupy_bn.fold.algebra import FoldError
 from cupy_bn.fold.state_dict import FoldReport
+from cupy_bn.jsonable import jsonable
+from cupy_bn.scalars import seed_value
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,10 @@ class PairCheck:
     @property
     def ok(self) -> bool:
         return bool(self.error_to_bound <= 1.0)
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields above and `ok`, as plain JSON values (None for a non-finite error)."""
+        return jsonable({**dataclasses.asdict(self), "ok": self.ok})
 
 
 def layer_forward(
@@ -126,8 +135,11 @@ def verify_fold(
     seed: int = 0,
     batch: int = 2,
 ) -> list[PairCheck]:
-    """Check every pair of `report` (from `fold_state_dict(original)`) on random input."""
-    rng = np.random.default_rng(seed)
+    """Check every pair of `report` (from `fold_state_dict(original)`) on random input.
+
+    `seed` (an integer >= 0) seeds the input; anything else raises `FoldError`.
+    """
+    rng = np.random.default_rng(seed_value("seed", seed, FoldError))
     checks = []
     for pair in report.pairs:
         weight = original[f"{pair.layer}.weight" if pair.layer else "weight"]

@@ -15,13 +15,16 @@ rounded twice, and errors of a few ulps grow through a network) and 3e-2 when on
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cupy_bn.fold.onnx_graph import OnnxFoldError, import_onnx, is_float_type, type_name
+from cupy_bn.jsonable import jsonable
+from cupy_bn.scalars import positive_finite, seed_value
 
 if TYPE_CHECKING:
     import onnx
@@ -46,14 +49,18 @@ class OnnxCheck:
     tolerance: float
     mismatches: tuple[str, ...] = ()
     """Structural problems: an output whose shape or dtype differs, NaN the fold introduced."""
+    compared: tuple[str, ...] = ()
+    """The tensors compared: the graph outputs, then each folded batch norm's output."""
 
     @property
     def ok(self) -> bool:
         """True when the relative error is within tolerance and there are no mismatches."""
         return not self.mismatches and self.max_rel_error <= self.tolerance
 
-    compared: tuple[str, ...] = ()
-    """The tensors compared: the graph outputs, then each folded batch norm's output."""
+    def to_json(self) -> dict[str, Any]:
+        """The fields above and `ok`, as plain JSON values (shapes and `mismatches` as lists,
+        None for a non-finite error)."""
+        return jsonable({**dataclasses.asdict(self), "ok": self.ok})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +272,9 @@ def verify_onnx_fold(
     1e-2 when an output is float16, 3e-2 when one is bfloat16; it bounds the normwise
     relative error `max|a - b| / max(max|a|, tiny)` of each output.
 
+    `seed` must be an integer >= 0 and `tolerance` a positive finite number (else
+    `OnnxFoldError`, as for every problem below).
+
     Also runs `onnx.checker.check_model` on `folded` (with `full_check=True` unless the
     original fails that) and raises `OnnxFoldError` if it fails where the original passes,
     or if the models cannot be run or their inputs generated.
@@ -273,6 +283,9 @@ def verify_onnx_fold(
     for label, model in (("original", original), ("folded", folded)):
         if not isinstance(model, onnx.ModelProto):
             raise OnnxFoldError(f"{label}: expected an onnx.ModelProto, got {type(model).__name__}")
+    if tolerance is not None:
+        tolerance = positive_finite("tolerance", tolerance, OnnxFoldError)
+    seed = seed_value("seed", seed, OnnxFoldError)
     _check_model(folded, original)
     if dim_size < 1:
         raise OnnxFoldError(f"dim_size: expected a positive integer, got {dim_size!r}")

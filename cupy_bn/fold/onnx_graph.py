@@ -70,6 +70,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cupy_bn.fold.algebra import scale_output_channels
+from cupy_bn.jsonable import jsonable
 
 if TYPE_CHECKING:
     import onnx
@@ -103,6 +104,10 @@ class FoldedNode:
     channels: int
     """Number of channels (length of the batch-norm parameters)."""
 
+    def to_json(self) -> dict[str, Any]:
+        """`bn`, `layer`, `op`, `channels`."""
+        return jsonable(self)
+
 
 @dataclass(frozen=True)
 class KeptNode:
@@ -112,6 +117,10 @@ class KeptNode:
     """Batch-norm node name (its output tensor name if the node has no name)."""
     reason: str
     """Human-readable sentence, e.g. `its input has 2 consumers`."""
+
+    def to_json(self) -> dict[str, Any]:
+        """`bn`, `reason`."""
+        return jsonable(self)
 
 
 @dataclass
@@ -125,6 +134,15 @@ class OnnxFoldReport:
     weights, ConstantOfShape shapes)."""
     opset: int = 0
     """The model's default-domain (ai.onnx) opset version; 0 if it imports none."""
+
+    def to_json(self) -> dict[str, Any]:
+        """`opset`, `folded` and `kept` (their `to_json()`), `removed_initializers`."""
+        return {
+            "opset": self.opset,
+            "folded": [f.to_json() for f in self.folded],
+            "kept": [k.to_json() for k in self.kept],
+            "removed_initializers": self.removed_initializers,
+        }
 
 
 def import_onnx() -> Any:

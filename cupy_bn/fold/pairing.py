@@ -162,6 +162,10 @@ class Unresolved:
     """The layer it would fold into under the key-order assumption (`None`: no such layer)."""
     reason: str
 
+    def to_json(self) -> dict[str, str | None]:
+        """`bn`, `would_pair_with` (the candidate) and `reason`."""
+        return {"bn": self.bn, "would_pair_with": self.candidate, "reason": self.reason}
+
 
 @dataclass(frozen=True)
 class _Kind:

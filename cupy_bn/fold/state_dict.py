@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -27,6 +28,10 @@ from cupy_bn.fold.pairing import (
     join,
 )
 from cupy_bn.fold.record import FOLD_RECORD_KEY, read_fold_record
+from cupy_bn.jsonable import jsonable
+
+if TYPE_CHECKING:
+    from cupy_bn.fold.check import PairCheck
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 """State-dict entries of a PyTorch batch-norm module (all removed once it is folded)."""
@@ -55,6 +60,10 @@ class FoldedPair:
     assumption: str | None = None
     """What was assumed about the layer's kind (`None`: stated or certain)."""
 
+    def to_json(self) -> dict[str, Any]:
+        """The fields above under their names, as plain JSON values."""
+        return jsonable(self)
+
 
 @dataclass
 class FoldReport:
@@ -63,6 +72,24 @@ class FoldReport:
     pairs: list[FoldedPair] = field(default_factory=list)
     kept: list[Unresolved] = field(default_factory=list)
     """Batch norms left unfolded (`keep_unpaired=True`), with the reason and the proposal."""
+
+    def to_json(self, checks: Iterable[PairCheck] | None = None) -> dict[str, Any]:
+        """`pairs` (each `FoldedPair.to_json()`, with its algebra check from `checks` as
+        `algebra_max_abs_error`, `algebra_error_to_bound`, `algebra_ok`: None for a pair
+        without a check) and `kept` (each `Unresolved.to_json()`)."""
+        by_pair = {(c.layer, c.bn): c for c in checks or ()}
+        rows = []
+        for pair in self.pairs:
+            check = by_pair.get((pair.layer, pair.bn))
+            rows.append(
+                {
+                    **pair.to_json(),
+                    "algebra_max_abs_error": None if check is None else check.max_abs_error,
+                    "algebra_error_to_bound": None if check is None else check.error_to_bound,
+                    "algebra_ok": None if check is None else check.ok,
+                }
+            )
+        return jsonable({"pairs": rows, "kept": [u.to_json() for u in self.kept]})
 
 
 class UnresolvedPairsError(FoldError):

@@ -8,6 +8,15 @@ satisfies `|numeric - analytic| <= atol + rtol * |numeric|` (torch's defaults: `
 `atol = 1e-5`, `rtol = 1e-3`). The forward output is also compared, with the same tolerance,
 to the float64 formula `(x - mean) / sqrt(var + eps) * weight + bias`.
 
+The relative error reported is the quantity that criterion bounds: per entry
+`|numeric - analytic| / (|numeric| + atol / rtol)`, which is at most `rtol` exactly when the
+entry passes. So a comparison passes if and only if its `max_rel_error <= rtol`, and the
+summary's worst relative error is above `rtol` if and only if some comparison failed.
+
+The random data of a case (input, parameters, statistics, `g`, fast mode's directions) is a
+function of the seed and the case without its backend (`case_rng`): every backend is checked
+on the same numbers, whichever other cases or backends run beside it.
+
 Channels of batch norm are independent, so one forward evaluation perturbs one element in every
 channel at once and reads the loss channel by channel: `2 * (values per channel)` evaluations
 give the whole gradient of `x`, and two each give those of `weight` and `bias`. A forward that
@@ -25,7 +34,10 @@ from typing import Any
 
 import numpy as np
 
+import cupy_bn.backends as backend_registry
 from cupy_bn import functional
+from cupy_bn.jsonable import finite_or_none
+from cupy_bn.scalars import positive_finite, seed_value
 
 #: Default matrix: one small shape per rank (ranks 2 to 5).
 DEFAULT_SHAPES: tuple[tuple[int, ...], ...] = ((6, 3), (3, 4, 5), (2, 3, 3, 4), (2, 2, 3, 2, 3))
@@ -60,9 +72,26 @@ class Comparison:
     """Largest errors of one output (forward `y`) or gradient (`x`, `weight`, `bias`)."""
 
     max_abs_error: float
+    """Largest `|numeric - analytic|`."""
     max_rel_error: float
-    """Largest `|numeric - analytic| / max(|numeric|, atol)`."""
+    """Largest `|numeric - analytic| / (|numeric| + atol / rtol)`; passes when `<= rtol`."""
     passed: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """`max_abs_error`, `max_rel_error` (None when not finite) and `passed`."""
+        return {
+            "max_abs_error": finite_or_none(self.max_abs_error),
+            "max_rel_error": finite_or_none(self.max_rel_error),
+            "passed": self.passed,
+        }
+
+
+def _worst(values: Iterable[float], default: float) -> float:
+    """The largest value; NaN if any is NaN (unlike `max`, whatever the order)."""
+    values = list(values)
+    if any(np.isnan(v) for v in values):
+        return float("nan")
+    return max(values, default=default)
 
 
 @dataclass(frozen=True)
@@ -79,11 +108,28 @@ class CaseResult:
 
     @property
     def max_abs_error(self) -> float:
-        return max((c.max_abs_error for c in self.comparisons.values()), default=float("nan"))
+        return _worst((c.max_abs_error for c in self.comparisons.values()), float("nan"))
 
     @property
     def max_rel_error(self) -> float:
-        return max((c.max_rel_error for c in self.comparisons.values()), default=float("nan"))
+        return _worst((c.max_rel_error for c in self.comparisons.values()), float("nan"))
+
+    def to_json(self) -> dict[str, Any]:
+        """The case's fields, the outcome, and each comparison under `checks`."""
+        case = self.case
+        return {
+            "name": case.name,
+            "backend": case.backend,
+            "shape": list(case.shape),
+            "channel_axis": case.channel_axis,
+            "mode": case.mode,
+            "affine": case.affine,
+            "passed": self.passed,
+            "error": self.error,
+            "max_abs_error": finite_or_none(self.max_abs_error),
+            "max_rel_error": finite_or_none(self.max_rel_error),
+            "checks": {name: c.to_json() for name, c in self.comparisons.items()},
+        }
 
 
 @dataclass
@@ -94,6 +140,9 @@ class GradcheckResult:
     step: float = 1e-6
     atol: float = 1e-5
     rtol: float = 1e-3
+    eps: float = 1e-5
+    seed: int = 0
+    fast: bool = False
 
     @property
     def passed(self) -> bool:
@@ -103,18 +152,37 @@ class GradcheckResult:
     def failures(self) -> list[CaseResult]:
         return [c for c in self.cases if not c.passed]
 
+    @property
+    def max_rel_error(self) -> float:
+        """Worst relative error of the cases that ran (0 when none did): at most `rtol`
+        exactly when each of them passed."""
+        return _worst((c.max_rel_error for c in self.cases if c.error is None), 0.0)
+
     def __bool__(self) -> bool:
         return self.passed
 
     def summary(self) -> str:
         failed = len(self.failures)
-        worst = max((c.max_rel_error for c in self.cases if c.error is None), default=0.0)
         state = "passed" if self.passed else "FAILED"
         return (
             f"gradcheck {state}: {len(self.cases) - failed}/{len(self.cases)} cases passed, "
-            f"worst relative error {worst:.2e} (atol={self.atol:g}, rtol={self.rtol:g}, "
-            f"h={self.step:g})"
+            f"worst relative error {self.max_rel_error:.2e} (atol={self.atol:g}, "
+            f"rtol={self.rtol:g}, h={self.step:g})"
         )
+
+    def to_json(self) -> dict[str, Any]:
+        """`ok`, `summary`, the options of the run and every case (`CaseResult.to_json`)."""
+        return {
+            "ok": self.passed,
+            "summary": self.summary(),
+            "step": self.step,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "eps": self.eps,
+            "seed": self.seed,
+            "fast": self.fast,
+            "cases": [c.to_json() for c in self.cases],
+        }
 
 
 def _as_tuple(value: Any) -> tuple:
@@ -130,7 +198,10 @@ def build_cases(
     affine: bool | Iterable[bool] = (True, False),
     backends: str | Iterable[str] = ("numpy",),
 ) -> list[GradcheckCase]:
-    """The cross product of the options, validated (`ValueError` naming the option)."""
+    """The cross product of the options, validated (`ValueError` naming the option).
+
+    Every backend must be one that can run here (`cupy_bn.backends.available_backends()`).
+    """
     shape_list = [tuple(int(d) for d in s) for s in (DEFAULT_SHAPES if shapes is None else shapes)]
     axes, mode_list = _as_tuple(channel_axes), _as_tuple(modes)
     affine_list, backend_list = _as_tuple(affine), _as_tuple(backends)
@@ -146,6 +217,13 @@ def build_cases(
     for mode in mode_list:
         if mode not in MODES:
             raise ValueError(f"modes: expected 'train' or 'eval', got {mode!r}")
+    usable = backend_registry.available_backends()
+    for backend in backend_list:
+        if backend not in usable:
+            raise ValueError(
+                f"backends: {backend!r} cannot run on this machine "
+                f"(available: {', '.join(usable) or 'none'})"
+            )
     cases = []
     for shape, axis, mode in itertools.product(shape_list, axes, mode_list):
         if not 2 <= len(shape) <= 5 or min(shape) < 1:
@@ -167,6 +245,66 @@ def build_cases(
     return cases
 
 
+def case_rng(case: GradcheckCase, seed: int) -> np.random.Generator:
+    """The generator of `case`'s random data: a function of `seed` and of the case without
+    its backend (shape, channel axis, mode, affine), so every backend gets the same data."""
+    rank = len(case.shape)
+    key = [
+        seed,
+        rank,
+        *case.shape,
+        case.channel_axis % rank,
+        MODES.index(case.mode),
+        int(case.affine),
+    ]
+    return np.random.default_rng(key)
+
+
+def _check_options(step: float, atol: float, rtol: float, eps: float, seed: int) -> None:
+    for name, value in (("step", step), ("atol", atol), ("rtol", rtol), ("eps", eps)):
+        positive_finite(name, value)
+    seed_value("seed", seed)
+
+
+def run_cases(
+    cases: Iterable[GradcheckCase],
+    *,
+    step: float = 1e-6,
+    atol: float = 1e-5,
+    rtol: float = 1e-3,
+    eps: float = 1e-5,
+    seed: int = 0,
+    fast: bool = False,
+    progress: Callable[[CaseResult], None] | None = None,
+) -> GradcheckResult:
+    """Check each case (from `build_cases`) on its data from `case_rng(case, seed)`.
+
+    `step`, `atol`, `rtol`, `eps` must be positive finite numbers and `seed` a non-negative
+    integer (`ValueError` naming the option). `progress` is called after each case. An
+    exception raised by a backend is recorded as a failed case, not raised.
+    """
+    _check_options(step, atol, rtol, eps, seed)
+    result = GradcheckResult(
+        step=float(step),
+        atol=float(atol),
+        rtol=float(rtol),
+        eps=float(eps),
+        seed=int(seed),
+        fast=bool(fast),
+    )
+    for case in cases:
+        try:
+            outcome = check_case(
+                case, case_rng(case, seed), step=step, atol=atol, rtol=rtol, eps=eps, fast=fast
+            )
+        except Exception as e:  # a backend failing is a failed check, reported with its reason
+            outcome = CaseResult(case, {}, error=f"{type(e).__name__}: {e}")
+        result.cases.append(outcome)
+        if progress is not None:
+            progress(outcome)
+    return result
+
+
 def gradcheck(
     shapes: Iterable[Sequence[int]] | None = None,
     *,
@@ -186,31 +324,22 @@ def gradcheck(
 
     Runs the cross product of `shapes` (default: `DEFAULT_SHAPES`, ranks 2-5),
     `channel_axes` (1: channels-first, -1: channels-last), `modes` ("train", "eval"),
-    `affine` (with or without weight and bias) and `backends` (registered backend names; "cuda"
-    runs on CuPy arrays, the others on NumPy arrays). `fast=True` checks the gradient of `x`
-    along random directions instead of entry by entry (as torch's `fast_mode`): 4 forward
-    evaluations instead of `2 * (values per channel)`, for slow backends such as the simulator;
-    it catches errors that affect the whole gradient, but can miss a small error confined to
-    one entry, which the default entry-by-entry check cannot.
+    `affine` (with or without weight and bias) and `backends` (names of backends that can
+    run here; "cuda" runs on CuPy arrays, the others on NumPy arrays). `fast=True` checks the
+    gradient of `x` along random directions instead of entry by entry (as torch's
+    `fast_mode`): 4 forward evaluations instead of `2 * (values per channel)`, for slow
+    backends such as the simulator; it catches errors that affect the whole gradient, but can
+    miss a small error confined to one entry, which the default entry-by-entry check cannot.
+    Each case's data depends on `seed` and the case only (`case_rng`), not on the backend.
     `progress` is called after each case.
-    Returns a `GradcheckResult` (truthy when all passed); an exception raised by a backend is
+    Returns a `GradcheckResult` (truthy when all passed); invalid options raise `ValueError`
+    naming the option (`build_cases`, `run_cases`); an exception raised by a backend is
     recorded as a failed case, not raised.
     """
-    for name, value in (("step", step), ("atol", atol), ("rtol", rtol), ("eps", eps)):
-        if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
-            raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
     cases = build_cases(shapes, channel_axes, modes, affine, backends)
-    result = GradcheckResult(step=float(step), atol=float(atol), rtol=float(rtol))
-    for index, case in enumerate(cases):
-        rng = np.random.default_rng([seed, index])
-        try:
-            outcome = check_case(case, rng, step=step, atol=atol, rtol=rtol, eps=eps, fast=fast)
-        except Exception as e:  # a backend failing is a failed check, reported with its reason
-            outcome = CaseResult(case, {}, error=f"{type(e).__name__}: {e}")
-        result.cases.append(outcome)
-        if progress is not None:
-            progress(outcome)
-    return result
+    return run_cases(
+        cases, step=step, atol=atol, rtol=rtol, eps=eps, seed=seed, fast=fast, progress=progress
+    )
 
 
 class _Device:
@@ -234,9 +363,9 @@ def _compare(numeric: np.ndarray, analytic: Any, atol: float, rtol: float) -> Co
     diff = np.abs(numeric - analytic)
     if diff.size == 0:
         return Comparison(0.0, 0.0, True)
-    rel = diff / np.maximum(np.abs(numeric), atol)
-    passed = bool(np.all(diff <= atol + rtol * np.abs(numeric)))  # False for NaN
-    return Comparison(float(np.max(diff)), float(np.max(rel)), passed)
+    # diff <= atol + rtol * |numeric|  <=>  diff / (|numeric| + atol / rtol) <= rtol
+    rel = float(np.max(diff / (np.abs(numeric) + atol / rtol)))
+    return Comparison(float(np.max(diff)), rel, bool(rel <= rtol))  # False for NaN
 
 
 def reference_forward(
