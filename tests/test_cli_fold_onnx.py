@@ -110,6 +110,7 @@ def test_json_fields(tmp_path):
         "max_rel_error",
         "tolerance",
         "mismatches",
+        "compared",
         "ok",
     ]
     assert report["check"]["mismatches"] == []
