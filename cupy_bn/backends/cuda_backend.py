@@ -594,9 +594,7 @@ def traffic_bytes(phase: str, numel: int, itemsize: int) -> int:
 
 def simulator_usable() -> bool:
     """True when the simulator's toolchain (g++, CUDA headers) is found."""
-    from cupy_bn import sim
-
-    return sim.is_available()
+    return SimLoader.available()
 
 
 __all__ = [
