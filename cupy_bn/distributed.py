@@ -321,29 +321,10 @@ class SyncBatchNorm(_BatchNorm):
 
     ranks = (2, 3, 4, 5)
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        channel_axis: int = 1,
-        dtype: Any = np.float32,
-        backend: str | Backend = "auto",
-        *,
-        comm: Any,
-    ):
-        super().__init__(
-            num_features,
-            eps=eps,
-            momentum=momentum,
-            affine=affine,
-            track_running_stats=track_running_stats,
-            channel_axis=channel_axis,
-            dtype=dtype,
-            backend=backend,
-        )
+    def __init__(self, num_features: int, *options: Any, comm: Any, **named_options: Any):
+        """`SyncBatchNorm(num_features, eps, momentum, affine, ..., comm=comm)`: BatchNorm's
+        arguments, positional or named, and the communicator."""
+        super().__init__(num_features, *options, **named_options)
         self.reducer = SyncReducer(comm, self.num_features)
 
     @property

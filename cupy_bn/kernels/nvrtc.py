@@ -17,6 +17,7 @@ import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cupy_bn.kernels.toolchain import cuda_include_dirs
 
@@ -125,15 +126,7 @@ def compile_program(
     return NvrtcResult(ptx.rstrip("\0"), log, lowered)
 
 
-def compile_ptx(
-    source: str,
-    *,
-    arch: str = "compute_80",
-    options: Sequence[str] = (),
-    name_expressions: Sequence[str] = (),
-    name: str = "kernel.cu",
-) -> str:
-    """PTX of ``source`` for ``arch`` (see :func:`compile_program`)."""
-    return compile_program(
-        source, arch=arch, options=options, name_expressions=name_expressions, name=name
-    ).ptx
+def compile_ptx(source: str, **options: Any) -> str:
+    """PTX of ``source``; ``options`` are :func:`compile_program`'s (``arch``, ``options``,
+    ``name_expressions``, ``name``)."""
+    return compile_program(source, **options).ptx
