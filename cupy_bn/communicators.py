@@ -21,7 +21,7 @@ import os
 from functools import cache
 from typing import Any, Protocol, runtime_checkable
 
-from cupy_bn.layout import array_module
+from cupy_bn.arrays import is_cupy, to_host
 
 Array = Any
 
@@ -50,8 +50,12 @@ class Communicator(Protocol):
         """
 
 
-def _is_cupy(a: Array) -> bool:
-    return array_module(a).__name__ == "cupy"
+def _on_gpu(buffer: Array) -> tuple[Array, bool]:
+    """`buffer` as a contiguous float64 CuPy array (itself when it is one), and whether it was
+    in host memory (a NumPy buffer: the engines reduce on the GPU only)."""
+    import cupy
+
+    return cupy.ascontiguousarray(cupy.asarray(buffer, dtype=cupy.float64)), not is_cupy(buffer)
 
 
 @cache
@@ -93,7 +97,7 @@ class MPICommunicator:
         self.cuda_aware = mpi_cuda_aware() if cuda_aware is None else bool(cuda_aware)
 
     def allreduce_sum(self, buffer: Array) -> Array:
-        if not _is_cupy(buffer):
+        if not is_cupy(buffer):
             self.comm.Allreduce(self._MPI.IN_PLACE, buffer, op=self._MPI.SUM)
             return buffer
         import cupy
@@ -102,7 +106,7 @@ class MPICommunicator:
             cupy.cuda.get_current_stream().synchronize()  # MPI reads the memory right away
             self.comm.Allreduce(self._MPI.IN_PLACE, buffer, op=self._MPI.SUM)
             return buffer
-        host = cupy.asnumpy(buffer)
+        host = to_host(buffer)
         self.comm.Allreduce(self._MPI.IN_PLACE, host, op=self._MPI.SUM)
         return cupy.asarray(host)
 
@@ -127,13 +131,12 @@ class NCCLCommunicator:
         import cupy
         from cupy.cuda import nccl
 
-        on_host = not _is_cupy(buffer)
-        work = cupy.ascontiguousarray(cupy.asarray(buffer, dtype=cupy.float64))
+        work, on_host = _on_gpu(buffer)
         stream = cupy.cuda.get_current_stream()
         self.comm.allReduce(
             work.data.ptr, work.data.ptr, work.size, nccl.NCCL_FLOAT64, nccl.NCCL_SUM, stream.ptr
         )
-        return cupy.asnumpy(work) if on_host else work
+        return to_host(work) if on_host else work
 
     def __repr__(self) -> str:
         return f"NCCLCommunicator(rank={self.rank}, size={self.size})"
@@ -159,11 +162,10 @@ class CupyxCommunicator:
     def allreduce_sum(self, buffer: Array) -> Array:
         import cupy
 
-        on_host = not _is_cupy(buffer)
-        work = cupy.ascontiguousarray(cupy.asarray(buffer, dtype=cupy.float64))
+        work, on_host = _on_gpu(buffer)
         out = cupy.empty_like(work)
         self.backend.all_reduce(work, out, op="sum")
-        return cupy.asnumpy(out) if on_host else out
+        return to_host(out) if on_host else out
 
     def __repr__(self) -> str:
         return f"CupyxCommunicator(rank={self.rank}, size={self.size})"

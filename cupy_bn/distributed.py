@@ -38,11 +38,13 @@ from typing import Any, Literal
 
 import numpy as np
 
+from cupy_bn.arrays import array_module, to_host
 from cupy_bn.backends import Backend
 from cupy_bn.communicators import Communicator, as_communicator
 from cupy_bn.functional import SavedForBackward, batch_norm
+from cupy_bn.intmath import ceil_div
 from cupy_bn.layers import _BatchNorm
-from cupy_bn.layout import array_module, normalize_axis
+from cupy_bn.validation import check_num_features, check_vector_shape, normalize_axis
 
 Array = Any
 Phase = Literal["stats", "grads"]
@@ -90,7 +92,7 @@ class RemoteFailure(RuntimeError):
 
 def flag_slots(size: int) -> int:
     """Number of float64 slots holding the failure flags of `size` processes."""
-    return -(-size // FLAG_BITS)
+    return ceil_div(size, FLAG_BITS)
 
 
 def failure_flags(rank: int, size: int) -> np.ndarray:
@@ -151,14 +153,8 @@ class SyncReducer:
     """
 
     def __init__(self, comm: Any, num_features: int):
-        if (
-            isinstance(num_features, bool)
-            or not isinstance(num_features, (int, np.integer))
-            or num_features < 1
-        ):
-            raise ValueError(f"num_features must be an int >= 1, got {num_features!r}")
+        self.num_features = check_num_features(num_features)
         self.comm: Communicator = as_communicator(comm)
-        self.num_features = int(num_features)
         self._slots = flag_slots(self.comm.size)
         self._shift: Array | None = None
         self._depth = 0
@@ -198,26 +194,18 @@ class SyncReducer:
         if ranks:
             raise RemoteFailure(ranks, self.comm.size, phase)
 
-    def _check_vector(self, name: str, v: Array) -> None:
-        if tuple(v.shape) != (self.num_features,):
-            raise ValueError(
-                f"sync batch norm was set up for {self.num_features} channels, "
-                f"got {name} of shape {tuple(v.shape)}"
-            )
-
     def _shift_for(self, xp) -> Array:
         if self._shift is None:
             self._shift = xp.zeros(self.num_features, np.float64)
         elif array_module(self._shift) is not xp:  # the layer moved between NumPy and CuPy
-            host = self._shift.get() if hasattr(self._shift, "get") else self._shift
-            self._shift = xp.asarray(host)
+            self._shift = xp.asarray(to_host(self._shift))
         return self._shift
 
     # -- StatsReducer ---------------------------------------------------------------------
     def merge_stats(self, count: int, mean: Array, var: Array) -> tuple[int, Array, Array]:
         """Global `(count, mean, biased var)` from this process's; one all-reduce (rarely two)."""
-        self._check_vector("mean", mean)
-        self._check_vector("var", var)
+        check_vector_shape("mean", mean, self.num_features)
+        check_vector_shape("var", var, self.num_features)
         xp = array_module(mean)
         c, s = self.num_features, self._slots
         shift = self._shift_for(xp)
@@ -225,7 +213,7 @@ class SyncReducer:
         buffer[s] = count
         buffer[s + 1 : s + 1 + c], buffer[s + 1 + c :] = shifted_terms(count, mean, var, shift)
         out = self._allreduce(buffer)
-        head = np.asarray(out[: s + 1].get() if xp.__name__ == "cupy" else out[: s + 1])
+        head = to_host(out[: s + 1])
         self._raise_on_failures(head, "stats")
         total = int(head[s])
         if total == 0:
@@ -246,15 +234,15 @@ class SyncReducer:
 
     def sum_grads(self, sum_dy: Array, sum_dy_xmu: Array) -> tuple[Array, Array]:
         """`(sum_dy, sum_dy_xmu)` summed over all processes; one all-reduce."""
-        self._check_vector("sum_dy", sum_dy)
-        self._check_vector("sum_dy_xmu", sum_dy_xmu)
+        check_vector_shape("sum_dy", sum_dy, self.num_features)
+        check_vector_shape("sum_dy_xmu", sum_dy_xmu, self.num_features)
         xp = array_module(sum_dy)
         c, s = self.num_features, self._slots
         buffer = xp.zeros(self._buffer_length("grads"), np.float64)
         buffer[s : s + c] = sum_dy
         buffer[s + c :] = sum_dy_xmu
         out = self._allreduce(buffer)
-        head = np.asarray(out[:s].get() if xp.__name__ == "cupy" else out[:s])
+        head = to_host(out[:s])
         self._raise_on_failures(head, "grads")
         return out[s : s + c].astype(sum_dy.dtype), out[s + c :].astype(sum_dy_xmu.dtype)
 
@@ -333,29 +321,10 @@ class SyncBatchNorm(_BatchNorm):
 
     ranks = (2, 3, 4, 5)
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        channel_axis: int = 1,
-        dtype: Any = np.float32,
-        backend: str | Backend = "auto",
-        *,
-        comm: Any,
-    ):
-        super().__init__(
-            num_features,
-            eps=eps,
-            momentum=momentum,
-            affine=affine,
-            track_running_stats=track_running_stats,
-            channel_axis=channel_axis,
-            dtype=dtype,
-            backend=backend,
-        )
+    def __init__(self, num_features: int, *options: Any, comm: Any, **named_options: Any):
+        """`SyncBatchNorm(num_features, eps, momentum, affine, ..., comm=comm)`: BatchNorm's
+        arguments, positional or named, and the communicator."""
+        super().__init__(num_features, *options, **named_options)
         self.reducer = SyncReducer(comm, self.num_features)
 
     @property

@@ -22,15 +22,21 @@ forever.
 
 from __future__ import annotations
 
-import math
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from numbers import Real
 from typing import Any, Literal, Protocol
 
+from cupy_bn.arrays import array_module, to_host
 from cupy_bn.backends import Backend, FusedTrainStatistics, get_backend
-from cupy_bn.dtypes import accumulation_dtype, check_float_dtype
-from cupy_bn.layout import View, array_module, canonical
+from cupy_bn.dtypes import accumulation_dtype
+from cupy_bn.layout import View, canonical
+from cupy_bn.validation import (
+    check_array,
+    check_batch_count,
+    check_channel_vector,
+    check_eps,
+    check_momentum,
+)
 
 Array = Any
 
@@ -71,42 +77,6 @@ class SavedForBackward:
     reducer: StatsReducer | None = None
 
 
-def check_eps(eps: float) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, Real) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-    return float(eps)
-
-
-def check_momentum(momentum: float | None, allow_none: bool = False) -> float | None:
-    if momentum is None and allow_none:
-        return None
-    if isinstance(momentum, bool) or not isinstance(momentum, Real) or not 0 <= momentum <= 1:
-        what = "a number in [0, 1] or None" if allow_none else "a number in [0, 1]"
-        raise ValueError(f"momentum must be {what}, got {momentum!r}")
-    return float(momentum)
-
-
-def _check_vector(name: str, v: Array | None, channels: int, xp) -> None:
-    if v is None:
-        return
-    if array_module(v) is not xp:
-        raise TypeError(
-            f"{name} must be a {xp.__name__} array like x, "
-            f"got {type(v).__module__}.{type(v).__name__}"
-        )
-    check_float_dtype(name, v.dtype)
-    if tuple(v.shape) != (channels,):
-        raise ValueError(
-            f"{name} must have shape ({channels},) for {channels} channels, got {tuple(v.shape)}"
-        )
-
-
-def _as_array(x: Array) -> Array:
-    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
-        raise TypeError(f"x must be a NumPy or CuPy array, got {type(x).__name__}")
-    return x
-
-
 def _describe_channels(bad) -> str:
     shown = ", ".join(str(int(c)) for c in bad[:10])
     return shown + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
@@ -117,9 +87,7 @@ def check_finite_stats(mean: Array, var: Array) -> None:
     xp = array_module(mean)
     finite = xp.isfinite(mean) & xp.isfinite(var)
     if not bool(finite.all()):
-        import numpy
-
-        bad = numpy.flatnonzero(~numpy.asarray(finite.get() if xp.__name__ == "cupy" else finite))
+        bad = (~to_host(finite)).nonzero()[0]
         raise FloatingPointError(
             f"batch statistics are not finite in channel(s) {_describe_channels(bad)}; "
             "the input holds NaN or Inf (running statistics left unchanged)"
@@ -161,34 +129,21 @@ def batch_norm(
     (float64 for float64 input). With a `reducer`, training statistics are those of the
     batches of all processes together (sync batch norm).
     """
-    if reducer is not None and training:
-        with reducer.collective("stats"):
-            return _batch_norm(
-                x,
-                weight,
-                bias,
-                running_mean,
-                running_var,
-                training,
-                momentum,
-                eps,
-                channel_axis,
-                backend,
-                reducer,
-            )
-    return _batch_norm(
-        x,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        training,
-        momentum,
-        eps,
-        channel_axis,
-        backend,
-        reducer,
-    )
+    collective = reducer.collective("stats") if reducer is not None and training else nullcontext()
+    with collective:
+        return _batch_norm(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            training,
+            momentum,
+            eps,
+            channel_axis,
+            backend,
+            reducer,
+        )
 
 
 def _batch_norm(
@@ -204,32 +159,28 @@ def _batch_norm(
     backend,
     reducer,
 ) -> tuple[Array, SavedForBackward]:
-    x = _as_array(x)
-    view = canonical(x, channel_axis)
+    view = canonical(check_array("x", x), channel_axis)
     xp = array_module(x)
-    channels = view.num_channels
     for name, v in (
         ("weight", weight),
         ("bias", bias),
         ("running_mean", running_mean),
         ("running_var", running_var),
     ):
-        _check_vector(name, v, channels, xp)
+        if v is not None:
+            check_channel_vector(name, v, view.num_channels, xp)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
     eps = check_eps(eps)
     momentum = check_momentum(momentum)
     if not training and running_mean is None:
         raise ValueError("training=False needs running_mean and running_var")
+    if training and reducer is None:
+        check_batch_count(view.count, f" (input shape {view.shape})")
     be = get_backend(backend, x)
     acc = accumulation_dtype(x.dtype)
 
     if training:
-        if reducer is None and view.count < 2:
-            raise ValueError(
-                f"a training batch needs more than one value per channel, got "
-                f"input shape {view.shape} ({view.count} value(s) per channel)"
-            )
         if reducer is None and isinstance(be, FusedTrainStatistics):
             # one launch: statistics, scale/shift and the running update
             mean, var, invstd, scale, shift = be.train_statistics(
@@ -242,11 +193,7 @@ def _batch_norm(
             count = view.count
             if reducer is not None:
                 count, mean, var = reducer.merge_stats(count, mean, var)
-                if count < 2:
-                    raise ValueError(
-                        f"a training batch needs more than one value per channel "
-                        f"over all processes, got {count}"
-                    )
+                check_batch_count(count, " over all processes")
             check_finite_stats(mean, var)
             invstd = (1.0 / xp.sqrt(var.astype(acc) + acc.type(eps))).astype(acc)
             if running_mean is not None:
@@ -281,18 +228,21 @@ def batch_norm_backward(
     dweight/dbias are None without weight/bias. Under sync batch norm they are this process's
     share (sum them across processes, as data-parallel training does); dx is exact globally.
     """
-    if saved.reducer is not None and saved.batch_statistics:
-        with saved.reducer.collective("grads"):
-            return _batch_norm_backward(dy, saved)
-    return _batch_norm_backward(dy, saved)
+    reducer = saved.reducer
+    collective = (
+        reducer.collective("grads")
+        if reducer is not None and saved.batch_statistics
+        else nullcontext()
+    )
+    with collective:
+        return _batch_norm_backward(dy, saved)
 
 
 def _batch_norm_backward(
     dy: Array, saved: SavedForBackward
 ) -> tuple[Array, Array | None, Array | None]:
-    dy = _as_array(dy)
     view = saved.view
-    dyv = view.match(dy, "dy")
+    dyv = view.match(check_array("dy", dy), "dy")
     be = saved.backend
     acc = accumulation_dtype(view.data.dtype)
     xp = be.xp

@@ -18,16 +18,20 @@ from typing import Any
 
 import numpy as np
 
+from cupy_bn.arrays import array_module, to_host
 from cupy_bn.backends import Backend
 from cupy_bn.dtypes import check_float_dtype
-from cupy_bn.functional import (
-    SavedForBackward,
-    batch_norm,
-    batch_norm_backward,
+from cupy_bn.functional import SavedForBackward, batch_norm, batch_norm_backward
+from cupy_bn.validation import (
+    check_array,
+    check_array_module,
+    check_channel_axis,
     check_eps,
     check_momentum,
+    check_num_features,
+    normalize_axis,
+    ranks_text,
 )
-from cupy_bn.layout import array_module, normalize_axis
 
 Array = Any
 
@@ -48,25 +52,12 @@ class _BatchNorm:
         dtype: Any = np.float32,
         backend: str | Backend = "auto",
     ):
-        if (
-            isinstance(num_features, bool)
-            or not isinstance(num_features, (int, np.integer))
-            or num_features < 1
-        ):
-            raise ValueError(f"num_features must be an int >= 1, got {num_features!r}")
-        if not isinstance(channel_axis, int) or isinstance(channel_axis, bool):
-            raise TypeError(f"channel_axis must be an int, got {type(channel_axis).__name__}")
-        if not any(-r <= channel_axis < r for r in self.ranks):
-            raise ValueError(
-                f"channel_axis={channel_axis} is out of range for inputs of rank "
-                f"{' or '.join(map(str, self.ranks))}"
-            )
-        self.num_features = int(num_features)
+        self.num_features = check_num_features(num_features)
+        self.channel_axis = check_channel_axis(channel_axis, self.ranks)
         self.eps = check_eps(eps)
         self.momentum = check_momentum(momentum, allow_none=True)
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
-        self.channel_axis = channel_axis
         self.dtype = check_float_dtype("dtype", dtype)
         self.backend = backend
         self.training = True
@@ -122,8 +113,8 @@ class _BatchNorm:
         """Move parameters, gradients and buffers to array module `xp` (numpy or cupy)."""
 
         def move(d: dict[str, Array]) -> dict[str, Array]:
-            if xp.__name__ == "numpy":
-                return {k: np.asarray(v.get() if hasattr(v, "get") else v) for k, v in d.items()}
+            if xp is np:
+                return {k: to_host(v) for k, v in d.items()}
             return {k: xp.asarray(v) for k, v in d.items()}
 
         self.params, self.grads, self.buffers = (
@@ -136,12 +127,11 @@ class _BatchNorm:
 
     # -- forward / backward ---------------------------------------------------------------
     def _check_input(self, x: Array) -> None:
-        if not hasattr(x, "ndim"):
-            raise TypeError(f"x must be a NumPy or CuPy array, got {type(x).__name__}")
+        check_array("x", x)
         if x.ndim not in self.ranks:
             raise ValueError(
                 f"{type(self).__name__} expects input of rank "
-                f"{' or '.join(map(str, self.ranks))}, got shape {tuple(x.shape)}"
+                f"{ranks_text(self.ranks)}, got shape {tuple(x.shape)}"
             )
         axis = normalize_axis(self.channel_axis, x.ndim)
         if x.shape[axis] != self.num_features:
@@ -150,10 +140,10 @@ class _BatchNorm:
                 f"expected num_features={self.num_features}"
             )
         state = self.params.get("weight", self.buffers.get("running_mean"))
-        if state is not None and array_module(state) is not array_module(x):
-            raise TypeError(
-                f"x is a {array_module(x).__name__} array but the layer's state is "
-                f"{array_module(state).__name__}; call .to({array_module(x).__name__})"
+        if state is not None:
+            here = array_module(x).__name__
+            check_array_module(
+                "x", x, array_module(state), "like the layer's state", f"; call .to({here}) first"
             )
 
     def __call__(self, x: Array) -> Array:
@@ -230,7 +220,7 @@ class _BatchNorm:
         xp = array_module(next(iter(own.values()))) if own else np
         for k, target in own.items():
             value = state[k]
-            target[...] = xp.asarray(value.get() if hasattr(value, "get") and xp is np else value)
+            target[...] = to_host(value) if xp is np else xp.asarray(value)
 
     def __repr__(self) -> str:
         return (

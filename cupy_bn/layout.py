@@ -17,21 +17,12 @@ from dataclasses import dataclass
 from math import prod
 from typing import Any, Literal
 
+from cupy_bn.arrays import array_module
 from cupy_bn.dtypes import check_float_dtype
+from cupy_bn.validation import normalize_axis
 
 NCS: Literal["NCS"] = "NCS"
 MC: Literal["MC"] = "MC"
-
-
-def array_module(x: Any):
-    """`cupy` for CuPy arrays, `numpy` otherwise (never imports CuPy for NumPy input)."""
-    if type(x).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        return cupy
-    import numpy
-
-    return numpy
 
 
 @dataclass(frozen=True)
@@ -85,14 +76,6 @@ class View:
             self.channel_axis,
             self.channels_last_memory,
         )
-
-
-def normalize_axis(channel_axis: int, ndim: int) -> int:
-    if not isinstance(channel_axis, int) or isinstance(channel_axis, bool):
-        raise TypeError(f"channel_axis must be an int, got {type(channel_axis).__name__}")
-    if not -ndim <= channel_axis < ndim:
-        raise ValueError(f"channel_axis={channel_axis} is out of range for an input of rank {ndim}")
-    return channel_axis % ndim
 
 
 def canonical(x: Any, channel_axis: int = 1) -> View:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cupy_bn.arrays import to_host
 from cupy_bn.dtypes import BFLOAT16, accumulation_dtype
 from cupy_bn.layout import NCS, canonical
 
@@ -43,10 +44,6 @@ SHAPES = [
 ]
 
 
-def to_numpy(a) -> np.ndarray:
-    return a.get() if hasattr(a, "get") else np.asarray(a)
-
-
 def _axes(view) -> tuple[int, ...]:
     return (0, 2) if view.layout == NCS else (0,)
 
@@ -57,7 +54,7 @@ def _per_channel(view, v: np.ndarray) -> np.ndarray:
 
 def assert_close(actual, expected, tol: float, what: str) -> None:
     """max |actual - expected| <= tol * max(1, max |expected|), in float64."""
-    actual = to_numpy(actual).astype(np.float64)
+    actual = to_host(actual).astype(np.float64)
     expected = np.asarray(expected, np.float64)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     bound = tol * max(1.0, float(np.max(np.abs(expected), initial=0.0)))
@@ -81,8 +78,8 @@ def check_primitives(be, shape, channel_axis, dtype, seed=0) -> None:
     x_np, dy_np = make_inputs(shape, dtype, seed)
     view = canonical(xp.asarray(x_np), channel_axis)
     dview = view.match(xp.asarray(dy_np), "dy")
-    x64 = to_numpy(view.data).astype(np.float64)
-    dy64 = to_numpy(dview.data).astype(np.float64)
+    x64 = to_host(view.data).astype(np.float64)
+    dy64 = to_host(dview.data).astype(np.float64)
     axes, channels = _axes(view), view.num_channels
     rng = np.random.default_rng(seed + 1)
 
@@ -100,7 +97,7 @@ def check_primitives(be, shape, channel_axis, dtype, seed=0) -> None:
     )
     assert_close(y, expect_y, out_tol, "apply")
 
-    mean_np = to_numpy(mean).astype(np.float64)
+    mean_np = to_host(mean).astype(np.float64)
     sum_dy, sum_dy_xmu = be.backward_reduce(dview, view, mean)
     centred = x64 - _per_channel(view, mean_np)
     assert_close(
@@ -113,7 +110,7 @@ def check_primitives(be, shape, channel_axis, dtype, seed=0) -> None:
         "sum_dy_xmu",
     )
 
-    invstd = (1.0 / np.sqrt(to_numpy(var).astype(np.float64) + 1e-5)).astype(acc)
+    invstd = (1.0 / np.sqrt(to_host(var).astype(np.float64) + 1e-5)).astype(acc)
     gamma = rng.normal(1.0, 0.5, channels).astype(acc)
     count = view.count
     dx = be.backward_apply(
@@ -121,7 +118,7 @@ def check_primitives(be, shape, channel_axis, dtype, seed=0) -> None:
     )
     assert dx.dtype == dtype and dx.shape == view.data.shape
     i64, g64 = invstd.astype(np.float64), gamma.astype(np.float64)
-    s1, s2 = to_numpy(sum_dy).astype(np.float64), to_numpy(sum_dy_xmu).astype(np.float64)
+    s1, s2 = to_host(sum_dy).astype(np.float64), to_host(sum_dy_xmu).astype(np.float64)
     expect_dx = _per_channel(view, g64 * i64) * (
         dy64 - _per_channel(view, s1 / count) - centred * _per_channel(view, i64 * i64 * s2 / count)
     )
@@ -139,7 +136,7 @@ def check_running_update(be, mean, var, count, dtype) -> None:
     rv0 = np.linspace(0.5, 2.0, channels).astype(dtype)
     rm, rv = xp.array(rm0), xp.array(rv0)  # copies: rm0, rv0 stay the "before"
     be.update_running(rm, rv, mean, var, count, 0.25)
-    m64, v64 = to_numpy(mean).astype(np.float64), to_numpy(var).astype(np.float64)
+    m64, v64 = to_host(mean).astype(np.float64), to_host(var).astype(np.float64)
     tol = OUTPUT_TOL[np.dtype(dtype).name]
     assert_close(rm, 0.75 * rm0.astype(np.float64) + 0.25 * m64, tol, "running_mean")
     assert_close(

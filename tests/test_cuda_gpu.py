@@ -58,9 +58,9 @@ def test_float32_offset_data_statistics(cupy, cuda_backend, shape, channel_axis)
     view = canonical(cupy.asarray(x), channel_axis)
     mean, var = cuda_backend.batch_stats(view)
     axes = (0, 2) if view.layout == "NCS" else (0,)
-    x64 = cc.to_numpy(view.data).astype(np.float64)
-    np.testing.assert_allclose(cc.to_numpy(mean), x64.mean(axis=axes), rtol=1e-6)
-    np.testing.assert_allclose(cc.to_numpy(var), x64.var(axis=axes), rtol=1e-3)
+    x64 = cc.to_host(view.data).astype(np.float64)
+    np.testing.assert_allclose(cc.to_host(mean), x64.mean(axis=axes), rtol=1e-6)
+    np.testing.assert_allclose(cc.to_host(var), x64.var(axis=axes), rtol=1e-3)
 
 
 @pytest.mark.parametrize("shape,channel_axis", [((16, 2, 256, 256), 1), ((1 << 20, 2), -1)])
@@ -69,9 +69,9 @@ def test_float16_with_a_million_values_per_channel(cupy, cuda_backend, shape, ch
     view = canonical(cupy.asarray(x), channel_axis)
     mean, var = cuda_backend.batch_stats(view)
     axes = (0, 2) if view.layout == "NCS" else (0,)
-    x64 = cc.to_numpy(view.data).astype(np.float64)
-    np.testing.assert_allclose(cc.to_numpy(mean), x64.mean(axis=axes), rtol=1e-3)
-    np.testing.assert_allclose(cc.to_numpy(var), x64.var(axis=axes), rtol=1e-3)
+    x64 = cc.to_host(view.data).astype(np.float64)
+    np.testing.assert_allclose(cc.to_host(mean), x64.mean(axis=axes), rtol=1e-3)
+    np.testing.assert_allclose(cc.to_host(var), x64.var(axis=axes), rtol=1e-3)
 
 
 @pytest.mark.parametrize("shape,channel_axis", [((32, 64, 28, 28), 1), ((4096, 1024), -1)])
@@ -83,7 +83,7 @@ def test_bitwise_identical_run_to_run(cupy, cuda_backend, shape, channel_axis):
     for _ in range(3):
         mean, var = cuda_backend.batch_stats(view)
         sums = cuda_backend.backward_reduce(dview, view, mean)
-        bits = b"".join(cc.to_numpy(a).tobytes() for a in (mean, var, *sums))
+        bits = b"".join(cc.to_host(a).tobytes() for a in (mean, var, *sums))
         assert first is None or bits == first
         first = bits
 
@@ -99,7 +99,7 @@ def test_functional_auto_routes_cupy_arrays_to_cuda(cupy):
     assert gsaved.backend.name == "cuda"
     ggrads = cbn.batch_norm_backward(cupy.asarray(dy), gsaved)
     for want, got in zip((y, *grads, rm, rv), (gy, *ggrads, grm, grv), strict=True):
-        np.testing.assert_allclose(cc.to_numpy(got), want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(cc.to_host(got), want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -114,8 +114,8 @@ def test_more_than_2_to_the_31_elements(cupy, cuda_backend, shape, channel_axis)
     p = 512 / n
     view = canonical(x, channel_axis)
     mean, var = cuda_backend.batch_stats(view)
-    np.testing.assert_allclose(cc.to_numpy(mean), [1 + 2 * p], rtol=1e-6)
-    np.testing.assert_allclose(cc.to_numpy(var), [4 * p * (1 - p)], rtol=1e-3)
+    np.testing.assert_allclose(cc.to_host(mean), [1 + 2 * p], rtol=1e-6)
+    np.testing.assert_allclose(cc.to_host(var), [4 * p * (1 - p)], rtol=1e-3)
     y = cuda_backend.apply(view, cupy.full(1, 2, cupy.float32), cupy.zeros(1, cupy.float32))
-    tail = cc.to_numpy(y.reshape(-1)[-1024:]).astype(np.float64)
+    tail = cc.to_host(y.reshape(-1)[-1024:]).astype(np.float64)
     np.testing.assert_array_equal(tail, [2.0] * 512 + [6.0] * 512)

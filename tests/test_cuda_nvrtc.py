@@ -1,6 +1,6 @@
 """Every kernel file compiles with NVRTC for each target architecture, every instantiation.
 
-No GPU is needed: NVRTC compiles to PTX on the CPU (`cupy_bn.sim.nvrtc`). An architecture the
+No GPU is needed: NVRTC compiles to PTX on the CPU (`cupy_bn.kernels.nvrtc`). An architecture the
 installed NVRTC does not support (CUDA 13 dropped compute_70) is skipped with that reason.
 """
 
@@ -8,16 +8,15 @@ import re
 
 import pytest
 
+from cupy_bn.kernels import nvrtc
 from cupy_bn.kernels.loader import KERNEL_FILES
-from cupy_bn.sim import nvrtc
 
 ARCHS = ("compute_70", "compute_80", "compute_90", "compute_100")
 
 
 def _headers_missing() -> str:
     """Why the CUDA headers the kernels include cannot be found ("" when they can)."""
-    from cupy_bn.sim.errors import ToolchainError
-    from cupy_bn.sim.toolchain import find_cuda_headers
+    from cupy_bn.kernels.toolchain import ToolchainError, find_cuda_headers
 
     try:
         find_cuda_headers()

@@ -136,7 +136,7 @@ def test_reducer_rejects_statistics_of_the_wrong_channel_count_before_communicat
     def fn(comm):
         counting = Counting(comm)
         reducer = SyncReducer(counting, 3)
-        with pytest.raises(ValueError, match="set up for 3 channels"):
+        with pytest.raises(ValueError, match=r"mean must have shape \(3,\), one value per channel"):
             reducer.merge_stats(4, np.zeros(2), np.zeros(2))
         return counting.calls
 

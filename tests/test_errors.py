@@ -141,3 +141,115 @@ def test_load_state_dict_is_all_or_nothing():
     with pytest.raises(TypeError, match="num_batches_tracked"):
         bn.load_state_dict({**state, "num_batches_tracked": np.array(1.5)})
     assert_state_unchanged(bn, state)
+
+
+# -- one wording per error, wherever the check runs ---------------------------------------
+class FakeCupyArray:
+    """Looks like a CuPy array to the library's module checks (no GPU needed)."""
+
+    __module__ = "cupy._core.core"
+
+    def __init__(self, shape, dtype=np.float32):
+        self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: cbn.BatchNorm2d(3, channel_axis=4),
+        lambda: cbn.batch_norm(np.ones((2, 3, 4, 4), np.float32), channel_axis=4),
+    ],
+)
+def test_channel_axis_out_of_range_has_one_wording(make):
+    with pytest.raises(ValueError) as info:
+        make()
+    assert str(info.value) == "channel_axis must be in [-4, 4) for an input of rank 4, got 4"
+
+
+def test_channel_axis_messages_name_every_accepted_rank_and_the_type():
+    with pytest.raises(ValueError, match=r"in \[-3, 3\) for an input of rank 2 or 3, got -4$"):
+        cbn.BatchNorm1d(3, channel_axis=-4)
+    for make in (
+        lambda: cbn.BatchNorm1d(3, channel_axis=1.0),
+        lambda: cbn.batch_norm(np.ones((4, 3), np.float32), channel_axis=True),
+    ):
+        with pytest.raises(TypeError, match=r"^channel_axis must be an int, got (float|bool)$"):
+            make()
+
+
+def test_num_features_has_one_wording():
+    from cupy_bn.distributed import SyncReducer
+
+    class Solo:
+        rank, size = 0, 1
+
+        def allreduce_sum(self, buffer):
+            return buffer
+
+    messages = set()
+    for make in (lambda: cbn.BatchNorm2d(0), lambda: SyncReducer(Solo(), 0)):
+        with pytest.raises(ValueError) as info:
+            make()
+        messages.add(str(info.value))
+    assert messages == {"num_features must be an int >= 1, got 0"}
+
+
+def test_per_channel_vector_shape_has_one_wording():
+    from cupy_bn.backends.cuda_backend import CudaBackend
+    from cupy_bn.distributed import SyncReducer
+    from cupy_bn.layout import canonical
+
+    class Solo:
+        rank, size = 0, 1
+
+        def allreduce_sum(self, buffer):
+            return buffer
+
+    x = np.ones((4, 3), np.float32)
+    four = np.ones(4, np.float32)
+    expected = "{} must have shape (3,), one value per channel, got (4,)"
+    checks = {
+        "weight": lambda: cbn.batch_norm(x, four),
+        "running_var": lambda: cbn.batch_norm(x, None, None, np.zeros(3, np.float32), four),
+        "mean": lambda: SyncReducer(Solo(), 3).merge_stats(4, four, four),
+        "sum_dy": lambda: SyncReducer(Solo(), 3).sum_grads(four, four),
+        "scale": lambda: CudaBackend.for_simulator().apply(canonical(x, 1), four, four),
+    }
+    for name, call in checks.items():
+        with pytest.raises(ValueError) as info:
+            call()
+        assert str(info.value) == expected.format(name)
+
+
+def test_per_channel_vectors_must_be_arrays_of_the_module_of_x():
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(TypeError, match=r"^weight must be a NumPy or CuPy array, got list$"):
+        cbn.batch_norm(x, [1.0, 1.0, 1.0])
+    with pytest.raises(TypeError, match=r"^bias must be a numpy array like x, got a cupy array$"):
+        cbn.batch_norm(x, None, FakeCupyArray((3,)))
+
+
+def test_an_array_of_the_other_library_names_the_way_out():
+    bn = cbn.BatchNorm2d(3)
+    with pytest.raises(TypeError) as info:
+        bn(FakeCupyArray((2, 3, 4, 4)))
+    assert str(info.value) == (
+        "x must be a numpy array like the layer's state, got a cupy array; call .to(cupy) first"
+    )
+    with pytest.raises(TypeError) as info:
+        cbn.get_backend("numpy", FakeCupyArray((2, 3)))
+    assert str(info.value) == "x must be a numpy array for backend 'numpy', got a cupy array"
+
+
+def test_too_few_values_per_channel_has_one_wording():
+    from cupy_bn.backends.cuda_backend import CudaBackend
+
+    with pytest.raises(ValueError) as info:
+        cbn.batch_norm(np.ones((1, 3), np.float32))
+    assert str(info.value) == (
+        "a training batch needs more than one value per channel (input shape (1, 3)), got 1"
+    )
+    one = np.zeros(3, np.float32)
+    with pytest.raises(ValueError) as info:
+        CudaBackend.for_simulator().update_running(one, one.copy(), one, one, 1, 0.1)
+    assert str(info.value) == "a training batch needs more than one value per channel, got 1"

@@ -10,8 +10,9 @@ from collections.abc import Callable
 from functools import cache
 from typing import Any
 
+from cupy_bn.arrays import is_cupy
 from cupy_bn.backends.base import Backend, FusedTrainStatistics
-from cupy_bn.layout import array_module
+from cupy_bn.validation import check_array_module, type_name
 
 __all__ = [
     "Backend",
@@ -62,9 +63,9 @@ def get_backend(backend: str | Backend, x: Any) -> Backend:
     if not isinstance(backend, str):
         if isinstance(backend, Backend):
             return backend
-        raise TypeError(f"backend must be a name or a Backend object, got {type(backend).__name__}")
+        raise TypeError(f"backend must be a name or a Backend object, got {type_name(backend)}")
     if backend == "auto":
-        backend = "cuda" if array_module(x).__name__ == "cupy" else "numpy"
+        backend = "cuda" if is_cupy(x) else "numpy"
     if backend not in _FACTORIES:
         known = ", ".join(["auto", *_FACTORIES])
         raise ValueError(f"backend must be one of {known}; got {backend!r}")
@@ -74,11 +75,7 @@ def get_backend(backend: str | Backend, x: Any) -> Backend:
             f"(available: {', '.join(available_backends())})"
         )
     chosen = _instance(backend)
-    if array_module(x) is not chosen.xp:
-        raise TypeError(
-            f"backend {backend!r} takes {chosen.xp.__name__} arrays, "
-            f"got a {array_module(x).__name__} array"
-        )
+    check_array_module("x", x, chosen.xp, f"for backend {backend!r}")
     return chosen
 
 

@@ -37,9 +37,11 @@ import numpy as np
 
 from cupy_bn.backends.base import Array
 from cupy_bn.dtypes import accumulation_dtype
+from cupy_bn.intmath import ceil_div
 from cupy_bn.kernels.elementwise import UPDATE_RUNNING
 from cupy_bn.kernels.loader import CupyLoader, KernelLoader, SimLoader
 from cupy_bn.layout import NCS, View
+from cupy_bn.validation import check_batch_count, check_vector_shape
 
 #: Threads of the tensor kernels' blocks (the kernels' shared memory is sized for 256).
 BLOCK_THREADS = 256
@@ -102,7 +104,7 @@ class McGrid:
 
     @property
     def tiles(self) -> int:
-        return -(-self.channels // self.block_x)
+        return ceil_div(self.channels, self.block_x)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -118,7 +120,7 @@ class McGrid:
 
     @property
     def groups(self) -> int:
-        return -(-self.pieces // self.group)
+        return ceil_div(self.pieces, self.group)
 
     @property
     def counters(self) -> int:
@@ -138,14 +140,14 @@ def reduction_pieces(units: int, work_per_unit: int, resident_blocks: int, min_w
     """
     pieces = max(1, resident_blocks // max(units, 1))
     pieces = min(pieces, max(1, work_per_unit // max(min_work, 1)))
-    pieces = max(pieces, -(-work_per_unit // MAX_BLOCK_WORK))
+    pieces = max(pieces, ceil_div(work_per_unit, MAX_BLOCK_WORK))
     return _check_pieces(pieces)
 
 
 def elementwise_pieces(work_per_unit: int, work: int) -> int:
     """Blocks per unit of an elementwise grid: about `work` elements each."""
-    pieces = min(max(1, -(-work_per_unit // max(work, 1))), MAX_GRID_Y)
-    return _check_pieces(max(pieces, -(-work_per_unit // MAX_BLOCK_WORK)))
+    pieces = min(max(1, ceil_div(work_per_unit, max(work, 1))), MAX_GRID_Y)
+    return _check_pieces(max(pieces, ceil_div(work_per_unit, MAX_BLOCK_WORK)))
 
 
 def _check_pieces(pieces: int) -> int:
@@ -160,8 +162,8 @@ def _check_pieces(pieces: int) -> int:
 def ncs_grid(n: int, c: int, s: int, pieces: int) -> NcsGrid:
     """Split each channel's (N, S) plane into about `pieces` tiles: whole rows first."""
     row_pieces = min(n, pieces)
-    col_pieces = min(s, -(-pieces // row_pieces), MAX_GRID_Y // row_pieces)
-    tile = -(-n // row_pieces) * -(-s // col_pieces)
+    col_pieces = min(s, ceil_div(pieces, row_pieces), MAX_GRID_Y // row_pieces)
+    tile = ceil_div(n, row_pieces) * ceil_div(s, col_pieces)
     if tile + 8 * BLOCK_THREADS >= 1 << 30:  # the kernels' 32-bit per-block counters
         raise ValueError(f"a block tile of {tile} elements is too large for the kernels")
     return NcsGrid(c, row_pieces, col_pieces)
@@ -223,7 +225,7 @@ class CudaBackend:
     def _mc_reduction_grid(self, x: View, kernel: Any) -> McGrid:
         m, c = x.data.shape
         bx = mc_block_x(c)
-        units = -(-c // bx)
+        units = ceil_div(c, bx)
         pieces = reduction_pieces(
             units,
             m * bx,
@@ -242,8 +244,7 @@ class CudaBackend:
     def _vector(self, v: Array, dtype: np.dtype, channels: int, name: str) -> Array:
         """`v` as a contiguous (C,) array of `dtype` (no copy when it already is one)."""
         out = self.xp.ascontiguousarray(self.xp.asarray(v), dtype=dtype)
-        if out.shape != (channels,):
-            raise ValueError(f"{name} must have shape ({channels},), got {tuple(out.shape)}")
+        check_vector_shape(name, out, channels)
         return out
 
     def _ncs_shape_args(self, x: View, grid: NcsGrid) -> tuple:
@@ -540,8 +541,7 @@ class CudaBackend:
         count: int,
         momentum: float,
     ) -> None:
-        if count < 2:
-            raise ValueError(f"the unbiased variance needs count >= 2, got {count}")
+        check_batch_count(count)
         unbias = count / (count - 1)
         dtype = running_mean.dtype
         if (
@@ -571,9 +571,7 @@ class CudaBackend:
 
 def simulator_usable() -> bool:
     """True when the simulator's toolchain (g++, CUDA headers) is found."""
-    from cupy_bn import sim
-
-    return sim.is_available()
+    return SimLoader.available()
 
 
 __all__ = [

@@ -52,6 +52,7 @@ from functools import cache, lru_cache
 
 import numpy as np
 
+from cupy_bn.intmath import ceil_div, round_up
 from cupy_bn.layout import NCS, View
 
 #: Values per block: a float32 block and its scratch copies stay in a core's L2 cache.
@@ -87,7 +88,7 @@ def workspace(slot: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     nbytes = math.prod(shape) * dtype.itemsize
     buf = buffers.get(slot)
     if buf is None or nbytes > buf.nbytes:
-        raw = np.empty(-(-nbytes // PAGE) * PAGE + PAGE, np.uint8)
+        raw = np.empty(round_up(nbytes, PAGE) + PAGE, np.uint8)
         start = (-raw.ctypes.data + (2 * slot + 1) * PAGE // 16) % PAGE
         buf = buffers[slot] = raw[start:]
     return buf[:nbytes].view(dtype).reshape(shape)
@@ -185,8 +186,8 @@ class Plan:
         self.blocks: list[Block] = []
         if period <= (block_elements // 2 if coefficients else block_elements):
             self.kind, self.width = "periods", c
-            per_sum_row = -(-MIN_SUM_COLUMNS // period)  # periods per row, for column sums
-            per_row = per_sum_row * -(-MIN_COLUMNS // (per_sum_row * period))
+            per_sum_row = ceil_div(MIN_SUM_COLUMNS, period)  # periods per row, for column sums
+            per_row = per_sum_row * ceil_div(MIN_COLUMNS, per_sum_row * period)
             self.cols, self.sum_cols = per_row * period, per_sum_row * period
             rows = max(1, block_elements // self.cols)
             full_rows, tail = divmod(n, per_row)
@@ -200,8 +201,8 @@ class Plan:
             # an elementwise pass takes up to GROUP_SAMPLES samples of a narrower group per
             # call: as many calls, smaller tiles
             step = min(n, GROUP_SAMPLES) if coefficients else 1
-            groups = -(-period * step // block_elements)
-            self.width = -(-c // groups)
+            groups = ceil_div(period * step, block_elements)
+            self.width = ceil_div(c, groups)
             step = max(1, block_elements // (self.width * s)) if coefficients else 1
             for c0 in range(0, c, self.width):  # group by group, so a group's tile is reused
                 rows = min(self.width, c - c0)
@@ -211,7 +212,7 @@ class Plan:
                 )
         else:
             self.kind, self.width = "segments", 1
-            pieces = -(-s // block_elements)
+            pieces = ceil_div(s, block_elements)
             bounds = [s * k // pieces for k in range(pieces + 1)]
             for ch in range(c):
                 for i in range(n):

@@ -5,6 +5,9 @@ Both targets get the same source text and the same template name expressions:
 - `CupyLoader`: `cupy.RawModule` / `cupy.ElementwiseKernel` on the current GPU.
 - `SimLoader`: `cupy_bn.sim.RawModule` / `cupy_bn.sim.ElementwiseKernel`, which run the source
   on the CPU over NumPy arrays; launches take the loader's thread schedule, seed and race mode.
+  It is the library's one way into the simulator, imported when a `SimLoader` is made.
+
+The CUDA headers both targets compile against are found by `cupy_bn.kernels.toolchain`.
 
 A module holds every template instantiation of one `.cu` file (storage types float16,
 bfloat16, float32, float64) and compiles once per process and target; CuPy and the simulator
@@ -24,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from cupy_bn.kernels.elementwise import ElementwiseSpec
+from cupy_bn.kernels.toolchain import cuda_include_dirs
 
 KERNEL_DIR = Path(__file__).resolve().parent
 
@@ -246,12 +250,19 @@ class SimLoader(KernelLoader):
     target = "sim"
 
     def __init__(self, schedule: str = "forward", seed: int = 0, check_races: bool = False):
-        from cupy_bn import sim
+        from cupy_bn import sim  # the library's one way into the simulator (deferred)
 
         self._sim = sim
         self.schedule = schedule
         self.seed = seed
         self.check_races = check_races
+
+    @staticmethod
+    def available() -> bool:
+        """Whether the simulator can run here (g++ and the CUDA headers found)."""
+        from cupy_bn import sim
+
+        return sim.is_available()
 
     def _raw_module(self, code, name_expressions):
         return self._sim.RawModule(code=code, options=(), name_expressions=name_expressions)
@@ -274,18 +285,3 @@ class SimLoader(KernelLoader):
             seed=self.seed,
             check_races=self.check_races,
         )
-
-
-def cuda_include_dirs() -> tuple[str, ...]:
-    """Folders with the CUDA headers the kernels include (`cuda_fp16.h`, `cuda_bf16.h`).
-
-    The simulator's discovery (toolkit, else the nvidia-cuda-runtime wheels); empty when none
-    is found, leaving the search to CuPy.
-    """
-    from cupy_bn.sim.errors import ToolchainError
-    from cupy_bn.sim.toolchain import find_cuda_headers
-
-    try:
-        return tuple(str(d) for d in find_cuda_headers().include_dirs)
-    except ToolchainError:
-        return ()

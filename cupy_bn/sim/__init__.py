@@ -6,12 +6,14 @@ kernel source against ``emu.h``; every CUDA thread is a fiber, blocks run one af
 threads switch at ``__syncthreads`` and warp intrinsics in a chosen order (``schedule=``), and
 what CUDA leaves undefined (partial barriers, warp intrinsics waiting for absent threads,
 out-of-bounds accesses, data races with ``check_races=True``) raises :class:`SimulationError`.
-Also here: ``find_toolchain()``/``is_available()`` (g++ and the CUDA headers) and the NVRTC
-helper ``cupy_bn.sim.nvrtc`` (PTX for any architecture, no GPU needed). See
-docs/simulator.md. This package imports nothing else of cupy_bn.
+Also here: ``find_toolchain()``/``is_available()`` (g++ and the CUDA headers). See
+docs/simulator.md.
+
+Of cupy_bn, this package imports only the kernels package's toolchain discovery
+(``cupy_bn.kernels.toolchain``: the CUDA headers, and ``ToolchainError``); the library reaches
+the simulator only through ``cupy_bn.kernels.loader.SimLoader`` (docs/architecture.md).
 """
 
-from . import nvrtc
 from .args import Param, cupy_scalar_dtype
 from .build import cache_dir
 from .elementwise import ElementwiseKernel
@@ -34,6 +36,5 @@ __all__ = [
     "cupy_scalar_dtype",
     "find_toolchain",
     "is_available",
-    "nvrtc",
     "race_mode_support",
 ]

@@ -1,6 +1,14 @@
-"""Exceptions and warnings of the CUDA simulator."""
+"""Exceptions and warnings of the CUDA simulator.
+
+`ToolchainError` belongs to the kernels package (`cupy_bn.kernels.toolchain`); the simulator
+raises it too, when g++ is missing, and re-exports it.
+"""
 
 from __future__ import annotations
+
+from cupy_bn.kernels.toolchain import ToolchainError
+
+__all__ = ["ArgumentTypeWarning", "SimulationError", "SimulationWarning", "ToolchainError"]
 
 
 class SimulationError(RuntimeError):
@@ -11,10 +19,6 @@ class SimulationError(RuntimeError):
     never arrive, out-of-bounds accesses, shared memory overruns, stack overflows, data races
     (race mode), invalid launch configurations and arguments that cannot be passed.
     """
-
-
-class ToolchainError(RuntimeError):
-    """g++ or the CUDA headers are missing; the message says what to install."""
 
 
 class SimulationWarning(UserWarning):

@@ -1,38 +1,27 @@
-"""Where the simulator's compiler (g++) and the CUDA headers come from.
+"""The simulator's compiler (g++) and the CUDA headers it compiles the kernels against.
 
-The CUDA headers provide `vector_types.h` (dim3, float4, ...) and the host code of
-`cuda_fp16.h` / `cuda_bf16.h`; the simulator compiles the kernels as host C++ against them.
-They are looked up in this order:
-
-1. ``$CUPY_BN_CUDA_INCLUDE`` (a folder with ``cuda_fp16.h``);
-2. ``$CUDA_PATH/include``, ``$CUDA_HOME/include``, ``/usr/local/cuda/include`` (a toolkit);
-3. the include folders of the pip wheels ``nvidia-cuda-runtime`` + ``nvidia-cuda-crt``
-   (``site-packages/nvidia/cu*/include``), completed where needed with ``nv/target`` from
-   ``nvidia-cuda-cccl`` or from CuPy's bundled libcu++.
-
-The compiler is ``$CUPY_BN_SIM_CXX`` or ``g++`` on the PATH (GCC 9 or newer, C++17).
+The compiler is ``$CUPY_BN_SIM_CXX`` or ``g++`` on the PATH (GCC 9 or newer, C++17). The CUDA
+headers provide `vector_types.h` (dim3, float4, ...) and the host code of `cuda_fp16.h` /
+`cuda_bf16.h`; they are found by the kernels package (`cupy_bn.kernels.toolchain`, which
+documents the lookup order), the same headers NVRTC and CuPy get.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import os
 import platform
-import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ToolchainError
-
-_REQUIRED_HEADERS = ("vector_types.h", "crt/host_defines.h", "cuda_fp16.h", "cuda_bf16.h")
-_INSTALL_HINT = (
-    "install the CUDA toolkit (headers in /usr/local/cuda/include), or the header wheels "
-    "`pip install nvidia-cuda-runtime nvidia-cuda-crt nvidia-cuda-cccl`, or point "
-    "CUPY_BN_CUDA_INCLUDE at a folder containing cuda_fp16.h"
+from cupy_bn.kernels.toolchain import (
+    ToolchainError,
+    find_cuda_headers,
+    forget_cuda_headers,
+    format_cuda_version,
 )
 
 
@@ -73,80 +62,9 @@ class Toolchain:
         return {
             "compiler": f"{self.cxx} (GCC {self.cxx_version})",
             "cuda headers": f"{self.cuda_include} ({self.header_source})",
-            "cuda version": _format_cuda_version(self.cuda_version),
+            "cuda version": format_cuda_version(self.cuda_version),
             "platform": f"{platform.system()} {platform.machine()}",
         }
-
-
-def _format_cuda_version(v: int) -> str:
-    return f"{v // 1000}.{v % 1000 // 10}" if v else "unknown"
-
-
-def _has_headers(d: Path) -> bool:
-    return all((d / h).is_file() for h in _REQUIRED_HEADERS)
-
-
-def _has_nv_target(d: Path) -> bool:
-    return (d / "nv" / "target").is_file()
-
-
-def _module_dirs(name: str) -> list[Path]:
-    """Folders of an installed (namespace) package, found without importing it."""
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return []
-    if spec is None or spec.submodule_search_locations is None:
-        return []
-    return [Path(p) for p in spec.submodule_search_locations]
-
-
-def _wheel_include_dirs() -> list[Path]:
-    """Include folders of NVIDIA's pip wheels, newest CUDA major version first."""
-    found = []
-    for base in _module_dirs("nvidia"):
-        for d in sorted(base.glob("cu[0-9]*/include"), reverse=True):
-            found.append(d)
-        for sub in ("cuda_runtime", "cuda_nvcc", "cuda_cccl"):
-            d = base / sub / "include"
-            if d.is_dir():
-                found.append(d)
-    return found
-
-
-def _header_candidates() -> list[tuple[Path, str]]:
-    cands: list[tuple[Path, str]] = []
-    explicit = os.environ.get("CUPY_BN_CUDA_INCLUDE")
-    if explicit:
-        cands.append((Path(explicit), "CUPY_BN_CUDA_INCLUDE"))
-    for var in ("CUDA_PATH", "CUDA_HOME"):
-        root = os.environ.get(var)
-        if root:
-            cands.append((Path(root) / "include", f"${var}"))
-    cands.append((Path("/usr/local/cuda/include"), "CUDA toolkit"))
-    for d in _wheel_include_dirs():
-        cands.append((d, "pip wheels"))
-    return cands
-
-
-def _nv_target_dirs(include: Path) -> list[Path]:
-    """Folders that could provide <nv/target> next to the chosen CUDA include folder."""
-    dirs = [include, include / "cccl"]
-    for d in _wheel_include_dirs():
-        dirs += [d, d / "cccl"]
-    for base in _module_dirs("cupy"):
-        dirs.append(base / "_core" / "include" / "cupy" / "_cccl" / "libcudacxx")
-    return dirs
-
-
-def _cuda_version(include: Path) -> int:
-    for name in ("cuda_runtime_api.h", "cuda.h"):
-        p = include / name
-        if p.is_file():
-            m = re.search(r"#define\s+CUDA(?:RT)?_VERSION\s+(\d+)", p.read_text(errors="replace"))
-            if m:
-                return int(m.group(1))
-    return 0
 
 
 def _find_cxx() -> tuple[str, str]:
@@ -168,53 +86,6 @@ def _find_cxx() -> tuple[str, str]:
     if major < 9:
         raise ToolchainError(f"{path} is GCC {version}; the simulator needs GCC 9 or newer")
     return path, version
-
-
-@dataclass(frozen=True)
-class CudaHeaders:
-    """The CUDA include folder, plus a folder providing ``nv/target`` when it lacks one."""
-
-    include: str
-    include_dirs: tuple[str, ...]
-    source: str
-    cuda_version: int
-
-
-@functools.lru_cache(maxsize=1)
-def _find_headers_cached() -> CudaHeaders:
-    include, dirs, source = _find_headers()
-    return CudaHeaders(str(include), tuple(str(d) for d in dirs), source, _cuda_version(include))
-
-
-def find_cuda_headers(*, refresh: bool = False) -> CudaHeaders:
-    """The CUDA headers (used by the simulator and by the NVRTC helper).
-
-    Raises:
-        ToolchainError: naming what to install.
-    """
-    if refresh:
-        _find_headers_cached.cache_clear()
-    return _find_headers_cached()
-
-
-def _find_headers() -> tuple[Path, tuple[Path, ...], str]:
-    checked = []
-    for include, source in _header_candidates():
-        if not _has_headers(include):
-            checked.append(str(include))
-            continue
-        extra: tuple[Path, ...] = ()
-        if not _has_nv_target(include):
-            nv = next((d for d in _nv_target_dirs(include) if _has_nv_target(d)), None)
-            if nv is None:
-                checked.append(f"{include} (has cuda_fp16.h but no nv/target)")
-                continue
-            extra = (nv,)
-        return include, (include, *extra), source
-    raise ToolchainError(
-        "the CUDA simulator needs the CUDA headers (vector_types.h, crt/host_defines.h, "
-        f"cuda_fp16.h, cuda_bf16.h); none found in: {', '.join(checked)}. To fix: {_INSTALL_HINT}"
-    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -243,7 +114,7 @@ def find_toolchain(*, refresh: bool = False) -> Toolchain:
     """
     if refresh:
         _find_toolchain_cached.cache_clear()
-        _find_headers_cached.cache_clear()
+        forget_cuda_headers()
     return _find_toolchain_cached()
 
 

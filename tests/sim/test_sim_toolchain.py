@@ -14,6 +14,7 @@ import pytest
 from sim_helpers import needs_simulator
 
 from cupy_bn import sim
+from cupy_bn.kernels import toolchain as kernel_toolchain
 from cupy_bn.sim import build, toolchain
 
 
@@ -53,24 +54,30 @@ def test_missing_compiler_names_what_to_install(fresh_toolchain, monkeypatch):
     assert not sim.is_available()
 
 
-def test_missing_headers_name_what_to_install(fresh_toolchain, monkeypatch, tmp_path):
-    monkeypatch.setattr(toolchain, "_header_candidates", lambda: [(tmp_path, "test")])
-    forget()
-    with pytest.raises(
-        sim.ToolchainError,
-        match=r"none found in: .*nvidia-cuda-runtime "
-        r"nvidia-cuda-crt nvidia-cuda-cccl",
-    ):
-        toolchain.find_cuda_headers()
+@needs_simulator
+def test_simulator_takes_the_headers_the_kernels_package_finds(
+    fresh_toolchain, monkeypatch, tmp_path
+):
+    """No header search of its own: the folder cupy_bn.kernels.toolchain finds is the one the
+    simulator compiles with."""
+    for name in (*kernel_toolchain.REQUIRED_HEADERS, "nv/target"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    monkeypatch.setattr(kernel_toolchain, "_header_candidates", lambda: [(tmp_path, "fake")])
+    tc = sim.find_toolchain(refresh=True)
+    assert (tc.cuda_include, tc.include_dirs, tc.header_source) == (
+        str(tmp_path),
+        (str(tmp_path),),
+        "fake",
+    )
 
 
-def test_explicit_header_folder_wins(fresh_toolchain, monkeypatch):
-    tc = toolchain.find_toolchain() if sim.is_available() else None
-    if tc is None:
-        pytest.skip("no CUDA headers to point at")
-    monkeypatch.setenv("CUPY_BN_CUDA_INCLUDE", tc.cuda_include)
-    forget()
-    assert toolchain.find_cuda_headers().source == "CUPY_BN_CUDA_INCLUDE"
+@needs_simulator
+def test_refresh_looks_for_the_headers_again(fresh_toolchain, monkeypatch, tmp_path):
+    monkeypatch.setattr(kernel_toolchain, "_header_candidates", lambda: [(tmp_path, "test")])
+    with pytest.raises(sim.ToolchainError, match="CUDA headers"):
+        sim.find_toolchain(refresh=True)
+    assert not sim.is_available()
 
 
 def test_cache_folder_follows_environment(monkeypatch, tmp_path):

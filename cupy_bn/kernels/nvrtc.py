@@ -2,8 +2,8 @@
 
 NVRTC comes from the pip wheel ``nvidia-cuda-nvrtc`` through CuPy's binding
 ``cupy_backends.cuda.libs.nvrtc``; it compiles to PTX on any machine. The CUDA headers
-(``cuda_fp16.h`` and friends) are found as for the simulator
-(:func:`cupy_bn.sim.toolchain.find_cuda_headers`) and added with ``-I``.
+(``cuda_fp16.h`` and friends) are those of :func:`cupy_bn.kernels.toolchain.cuda_include_dirs`,
+added with ``-I``.
 
     ptx = compile_ptx(source, arch="compute_90", name_expressions=("bn_stats<float>",))
 
@@ -17,9 +17,9 @@ import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from .errors import ToolchainError
-from .toolchain import find_cuda_headers
+from cupy_bn.kernels.toolchain import cuda_include_dirs
 
 
 class NvrtcError(RuntimeError):
@@ -104,10 +104,8 @@ def compile_program(
             f"NVRTC {'.'.join(map(str, version()))} does not support {arch} "
             f"(supported: {', '.join(supported_archs())})"
         )
-    try:
-        includes = [f"-I{d}" for d in find_cuda_headers().include_dirs]
-    except ToolchainError:
-        includes = []  # sources that include CUDA headers will fail, naming the header
+    # without headers, a source that includes one fails naming it
+    includes = [f"-I{d}" for d in cuda_include_dirs()]
     opts = [f"-arch={arch}", *includes, *map(str, options)]
     prog = nv.createProgram(source, name, [], [])
     try:
@@ -128,15 +126,7 @@ def compile_program(
     return NvrtcResult(ptx.rstrip("\0"), log, lowered)
 
 
-def compile_ptx(
-    source: str,
-    *,
-    arch: str = "compute_80",
-    options: Sequence[str] = (),
-    name_expressions: Sequence[str] = (),
-    name: str = "kernel.cu",
-) -> str:
-    """PTX of ``source`` for ``arch`` (see :func:`compile_program`)."""
-    return compile_program(
-        source, arch=arch, options=options, name_expressions=name_expressions, name=name
-    ).ptx
+def compile_ptx(source: str, **options: Any) -> str:
+    """PTX of ``source``; ``options`` are :func:`compile_program`'s (``arch``, ``options``,
+    ``name_expressions``, ``name``)."""
+    return compile_program(source, **options).ptx
