@@ -49,6 +49,7 @@ from cupy_bn.machine import (
     machine_info,
     measure_copy_bandwidth,
 )
+from cupy_bn.validation import normalize_axis
 
 __all__ = [
     "DEFAULT_IMPLEMENTATIONS",
@@ -82,6 +83,13 @@ class BenchCase:
     shape: tuple[int, ...]
     channel_axis: int
     dtype: str
+
+    def __post_init__(self) -> None:
+        if len(self.shape) < 2 or normalize_axis(self.channel_axis, len(self.shape)) == 0:
+            raise ValueError(
+                f"channel_axis {self.channel_axis} is not a channel axis of shape {self.shape} "
+                "(axis 0 is the batch)"
+            )
 
     @property
     def numel(self) -> int:

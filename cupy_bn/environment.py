@@ -103,13 +103,11 @@ def _gpus() -> list[GpuFacts]:
 
 
 def _nvrtc() -> NvrtcFacts:
+    from cupy_bn.kernels import nvrtc
+
     try:
-        from cupy_backends.cuda.libs import nvrtc
-    except ImportError:
-        return NvrtcFacts(found=False, version=None, detail="CuPy is not installed")
-    try:
-        major, minor = nvrtc.getVersion()
-    except Exception as e:  # the shared library is missing or unloadable
+        major, minor = nvrtc.version()
+    except Exception as e:  # CuPy missing, or the shared library missing or unloadable
         return NvrtcFacts(found=False, version=None, detail=" ".join(str(e).split())[:200])
     return NvrtcFacts(found=True, version=f"{major}.{minor}", detail="cupy_backends.cuda.libs")
 

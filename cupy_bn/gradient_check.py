@@ -36,8 +36,9 @@ import numpy as np
 
 import cupy_bn.backends as backend_registry
 from cupy_bn import functional
+from cupy_bn.arrays import to_host
 from cupy_bn.jsonable import finite_or_none
-from cupy_bn.scalars import positive_finite, seed_value
+from cupy_bn.validation import check_positive_finite, check_seed
 
 #: Default matrix: one small shape per rank (ranks 2 to 5).
 DEFAULT_SHAPES: tuple[tuple[int, ...], ...] = ((6, 3), (3, 4, 5), (2, 3, 3, 4), (2, 2, 3, 2, 3))
@@ -262,8 +263,8 @@ def case_rng(case: GradcheckCase, seed: int) -> np.random.Generator:
 
 def _check_options(step: float, atol: float, rtol: float, eps: float, seed: int) -> None:
     for name, value in (("step", step), ("atol", atol), ("rtol", rtol), ("eps", eps)):
-        positive_finite(name, value)
-    seed_value("seed", seed)
+        check_positive_finite(name, value)
+    check_seed(seed)
 
 
 def run_cases(
@@ -350,10 +351,9 @@ class _Device:
             import cupy
 
             self.to = cupy.asarray
-            self.back = cupy.asnumpy
         else:
             self.to = np.asarray
-            self.back = np.asarray
+        self.back = to_host
 
 
 def _compare(numeric: np.ndarray, analytic: Any, atol: float, rtol: float) -> Comparison:

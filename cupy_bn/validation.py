@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,8 @@ __all__ = [
     "check_eps",
     "check_momentum",
     "check_num_features",
+    "check_positive_finite",
+    "check_seed",
     "check_vector_shape",
     "normalize_axis",
     "ranks_text",
@@ -109,11 +111,29 @@ def check_channel_vector(name: str, value: Any, channels: int, xp: Any) -> None:
     check_vector_shape(name, value, channels)
 
 
-def check_eps(eps: float) -> float:
+def check_positive_finite(name: str, value: object, error: type[ValueError] = ValueError) -> float:
+    """`value` as a float when it is a real number, finite and above 0 (eps, tolerances,
+    steps); else `error` (a `ValueError` subclass, so each package keeps its error type)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, Real)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise error(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def check_eps(eps: object, error: type[ValueError] = ValueError) -> float:
     """`eps` as a float: a finite number > 0."""
-    if isinstance(eps, bool) or not isinstance(eps, Real) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-    return float(eps)
+    return check_positive_finite("eps", eps, error)
+
+
+def check_seed(seed: object, error: type[ValueError] = ValueError) -> int:
+    """`seed` as an int >= 0 (what NumPy's generators take); else `error`."""
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise error(f"seed must be an integer >= 0, got {seed!r}")
+    return int(seed)
 
 
 def check_momentum(momentum: float | None, allow_none: bool = False) -> float | None:

@@ -365,3 +365,9 @@ def test_bare_kernel_runners_compute_batch_norm(case):
 def test_bare_kernel_runners_need_fused_statistics():
     with pytest.raises(TypeError, match="'numpy' has no fused train_statistics"):
         bench._kernels_setup("numpy", np.asarray)(TINY, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((4, 3), 0), ((4, 3), 2), ((5,), 0)])
+def test_a_case_needs_a_channel_axis_that_is_not_the_batch(shape, axis):
+    with pytest.raises(ValueError, match="channel_axis"):
+        bench.BenchCase("x", shape, axis, "float32")

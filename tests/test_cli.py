@@ -414,9 +414,9 @@ def test_fold_rejects_bad_statistics(tmp_path):
         (["--groups", "features.0=two"], "--groups: expected LAYER=G"),
         (["--transpose", "classifier"], "rank-2 weight"),
         (["--transpose", "nothing"], "'nothing'"),
-        (["--eps", "0"], "eps: expected a positive finite number, got 0.0"),
+        (["--eps", "0"], "eps must be a positive finite number, got 0.0"),
         (["--tolerance", "1e-3"], "--tolerance: applies to ONNX"),
-        (["--seed", "-1"], "seed: expected a non-negative integer, got -1"),
+        (["--seed", "-1"], "seed must be an integer >= 0, got -1"),
     ],
 )
 def test_fold_bad_options(tmp_path, args, fragment):
@@ -509,9 +509,9 @@ def test_gradcheck_catches_a_broken_backward(monkeypatch):
         (["--shape", "4,a"], "expected sizes"),
         (["--shape", "1,3", "--mode", "train"], "training needs two"),
         (["--shape", "4,3", "--channel-axis", "2"], "not an axis"),
-        (["--step", "0"], "step: expected a positive finite number, got 0.0"),
-        (["--rtol", "nan"], "rtol: expected a positive finite number"),
-        (["--seed", "-1"], "seed: expected a non-negative integer, got -1"),
+        (["--step", "0"], "step must be a positive finite number, got 0.0"),
+        (["--rtol", "nan"], "rtol must be a positive finite number"),
+        (["--seed", "-1"], "seed must be an integer >= 0, got -1"),
     ],
 )
 def test_gradcheck_bad_options(args, fragment):

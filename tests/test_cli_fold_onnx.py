@@ -121,9 +121,9 @@ def test_json_fields(tmp_path):
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["--tolerance", "-1"], "tolerance: expected a positive finite number, got -1.0"),
-        (["--tolerance", "nan"], "tolerance: expected a positive finite number, got nan"),
-        (["--seed", "-2"], "seed: expected a non-negative integer, got -2"),
+        (["--tolerance", "-1"], "tolerance must be a positive finite number, got -1.0"),
+        (["--tolerance", "nan"], "tolerance must be a positive finite number, got nan"),
+        (["--seed", "-2"], "seed must be an integer >= 0, got -2"),
     ],
 )
 def test_bad_check_options_exit_2(tmp_path, args, fragment):

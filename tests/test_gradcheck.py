@@ -177,9 +177,9 @@ def test_options_select_the_cases():
         ({"shapes": []}, "at least one"),
         ({"step": 0.0}, "step"),
         ({"atol": float("nan")}, "atol"),
-        ({"rtol": True}, "rtol: expected a positive finite number"),
-        ({"seed": -1}, "seed: expected a non-negative integer"),
-        ({"seed": 1.5}, "seed: expected a non-negative integer"),
+        ({"rtol": True}, "rtol must be a positive finite number"),
+        ({"seed": -1}, "seed must be an integer >= 0"),
+        ({"seed": 1.5}, "seed must be an integer >= 0"),
         ({"backends": "nope"}, "backends: 'nope' cannot run on this machine"),
     ],
 )

@@ -391,10 +391,8 @@ class CudaBackend:
         acc = accumulation_dtype(x.data.dtype)
         if x.count == 0 or channels == 0:
             raise ValueError(f"train_statistics needs a non-empty batch, got shape {x.shape}")
-        if running_mean is not None and x.count < 2:
-            raise ValueError(
-                f"updating running statistics needs more than one value per channel, got {x.count}"
-            )
+        if running_mean is not None:
+            check_batch_count(x.count, f" (input shape {x.shape})")
         flags = _AFFINE
         if weight is not None:
             weight = self._vector(weight, acc, channels, "weight")

@@ -137,10 +137,11 @@ def bench(
         cases = []
         for text in shapes:
             shape = parse_shape(text, "--shape")
-            if not -len(shape) <= channel_axis < len(shape) or channel_axis % len(shape) == 0:
-                raise UserError(f"--channel-axis {channel_axis} is not a channel axis of {shape}")
             name = "x".join(str(d) for d in shape) + ("" if channel_axis == 1 else "-last")
-            cases.append(b.BenchCase(name, shape, channel_axis, dtype))
+            try:
+                cases.append(b.BenchCase(name, shape, channel_axis, dtype))
+            except (TypeError, ValueError) as e:
+                raise UserError(str(e)) from None
     else:
         cases = b.SUITES[suite].cases(dtype)
     phase_list = list(dict.fromkeys(phases)) or list(b.PHASES)

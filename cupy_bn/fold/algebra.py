@@ -17,11 +17,12 @@ applied per (group, column), not along axis 1 alone.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+from cupy_bn.validation import check_eps
 
 
 class FoldError(ValueError):
@@ -37,16 +38,6 @@ def _float_array(name: str, value: ArrayLike) -> np.ndarray:
     if array.dtype.kind != "f":
         raise FoldDtypeError(f"{name}: expected a floating-point array, got dtype {array.dtype}")
     return array
-
-
-def check_eps(eps: float) -> float:
-    try:
-        eps = float(eps)
-    except (TypeError, ValueError):
-        raise FoldError(f"eps: expected a positive number, got {eps!r}") from None
-    if not (eps > 0 and math.isfinite(eps)):
-        raise FoldError(f"eps: expected a positive finite number, got {eps!r}")
-    return eps
 
 
 def _channel_vector(name: str, value: ArrayLike, channels: int) -> np.ndarray:
@@ -69,7 +60,7 @@ def _bn_scale_shift(
     names: Mapping[str, str],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Validate batch-norm statistics; return float64 (scale, mean, beta)."""
-    eps = check_eps(eps)
+    eps = check_eps(eps, FoldError)
     mean = _channel_vector(names["running_mean"], running_mean, channels).astype(np.float64)
     var = _channel_vector(names["running_var"], running_var, channels).astype(np.float64)
     if np.any(var < 0):

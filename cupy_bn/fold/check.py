@@ -25,7 +25,7 @@ import numpy as np
 from cupy_bn.fold.algebra import FoldError
 from cupy_bn.fold.state_dict import FoldReport
 from cupy_bn.jsonable import jsonable
-from cupy_bn.scalars import seed_value
+from cupy_bn.validation import check_seed
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ def verify_fold(
 
     `seed` (an integer >= 0) seeds the input; anything else raises `FoldError`.
     """
-    rng = np.random.default_rng(seed_value("seed", seed, FoldError))
+    rng = np.random.default_rng(check_seed(seed, FoldError))
     checks = []
     for pair in report.pairs:
         weight = original[f"{pair.layer}.weight" if pair.layer else "weight"]

@@ -24,7 +24,7 @@ import numpy as np
 
 from cupy_bn.fold.onnx_graph import OnnxFoldError, import_onnx, is_float_type, type_name
 from cupy_bn.jsonable import jsonable
-from cupy_bn.scalars import positive_finite, seed_value
+from cupy_bn.validation import check_positive_finite, check_seed
 
 if TYPE_CHECKING:
     import onnx
@@ -284,8 +284,8 @@ def verify_onnx_fold(
         if not isinstance(model, onnx.ModelProto):
             raise OnnxFoldError(f"{label}: expected an onnx.ModelProto, got {type(model).__name__}")
     if tolerance is not None:
-        tolerance = positive_finite("tolerance", tolerance, OnnxFoldError)
-    seed = seed_value("seed", seed, OnnxFoldError)
+        tolerance = check_positive_finite("tolerance", tolerance, OnnxFoldError)
+    seed = check_seed(seed, OnnxFoldError)
     _check_model(folded, original)
     if dim_size < 1:
         raise OnnxFoldError(f"dim_size: expected a positive integer, got {dim_size!r}")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from cupy_bn.fold.algebra import FoldError, check_eps, fold_named
+from cupy_bn.fold.algebra import FoldError, fold_named
 from cupy_bn.fold.pairing import (
     Pair,
     PairStatement,
@@ -29,6 +29,7 @@ from cupy_bn.fold.pairing import (
 )
 from cupy_bn.fold.record import FOLD_RECORD_KEY, read_fold_record
 from cupy_bn.jsonable import jsonable
+from cupy_bn.validation import check_eps
 
 if TYPE_CHECKING:
     from cupy_bn.fold.check import PairCheck
@@ -202,7 +203,7 @@ def fold_state_dict(
     `folded` keeps every key in order except the folded batch norms' and the record (a
     created bias follows its weight); the input is not modified.
     """
-    eps = check_eps(eps)
+    eps = check_eps(eps, FoldError)
     index = index_state_dict(state_dict, skip=(FOLD_RECORD_KEY,))
     recorded = (
         read_fold_record(np.asarray(state_dict[FOLD_RECORD_KEY]))
