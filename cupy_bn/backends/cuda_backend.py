@@ -247,6 +247,27 @@ class CudaBackend:
         check_vector_shape(name, out, channels)
         return out
 
+    def _mc_reduction_args(self, x: View, grid: McGrid, acc: Any, counts: bool) -> tuple:
+        """The MC reduce kernels' shape and scratch arguments: rows, channels, group, the two
+        per-piece partial sums (and, for Welford statistics, int32 counts), the two per-group
+        partials (and int64 counts), the merge counters."""
+        xp, channels = self.xp, x.num_channels
+        slots = channels * grid.pieces if grid.pieces > 1 else 1
+        group_slots = channels * grid.groups if grid.groups > 1 else 1
+        pieces = [xp.empty(slots, acc), xp.empty(slots, acc)]
+        groups = [xp.empty(group_slots, acc), xp.empty(group_slots, acc)]
+        if counts:
+            pieces.append(xp.empty(slots, np.int32))
+            groups.append(xp.empty(group_slots, np.int64))
+        return (
+            np.int64(x.data.shape[0]),
+            np.int32(channels),
+            np.int32(grid.group),
+            *pieces,
+            *groups,
+            self._sync_buffer(grid.counters),
+        )
+
     def _ncs_shape_args(self, x: View, grid: NcsGrid) -> tuple:
         n, c, s = x.data.shape
         return (np.int64(n), np.int32(c), np.int64(s), np.int32(grid.col_pieces))
@@ -315,20 +336,7 @@ class CudaBackend:
         else:
             kernel = self.loader.function("mc", "bn_mc_stats", data.dtype)
             grid = self._mc_reduction_grid(x, kernel)
-            slots = channels * grid.pieces if grid.pieces > 1 else 1
-            group_slots = channels * grid.groups if grid.groups > 1 else 1
-            layout_args = (
-                np.int64(data.shape[0]),
-                np.int32(channels),
-                np.int32(grid.group),
-                xp.empty(slots, acc),
-                xp.empty(slots, acc),
-                xp.empty(slots, np.int32),
-                xp.empty(group_slots, acc),
-                xp.empty(group_slots, acc),
-                xp.empty(group_slots, np.int64),
-                self._sync_buffer(grid.counters),
-            )
+            layout_args = self._mc_reduction_args(x, grid, acc, counts=True)
         mean, var = xp.empty(channels, acc), xp.empty(channels, acc)
         unused = xp.empty(1, acc)
         invstd, scale, shift = (
@@ -470,18 +478,7 @@ class CudaBackend:
         else:
             kernel = self.loader.function("mc", "bn_mc_reduce", dtype)
             grid = self._mc_reduction_grid(x, kernel)
-            slots = channels * grid.pieces if grid.pieces > 1 else 1
-            group_slots = channels * grid.groups if grid.groups > 1 else 1
-            layout_args = (
-                np.int64(data.shape[0]),
-                np.int32(channels),
-                np.int32(grid.group),
-                xp.empty(slots, acc),
-                xp.empty(slots, acc),
-                xp.empty(group_slots, acc),
-                xp.empty(group_slots, acc),
-                self._sync_buffer(grid.counters),
-            )
+            layout_args = self._mc_reduction_args(x, grid, acc, counts=False)
         sum_dy, sum_dy_xmu = xp.empty(channels, acc), xp.empty(channels, acc)
         self._launch_synced(
             kernel, grid.grid, grid.block, (g, data, mean, *layout_args, sum_dy, sum_dy_xmu)

@@ -210,17 +210,7 @@ def _fold_state_dict(
             raise UserError(str(e)) from None
 
     if as_json:
-        emit_json(
-            {
-                "input": str(model),
-                "format": "state_dict",
-                "output": str(output),
-                "written": not failed,
-                "verified": verify,
-                "ok": not failed,
-                **report.to_json(checks),
-            }
-        )
+        _emit_fold_json(model, "state_dict", output, not failed, verify, report.to_json(checks))
     else:
         _print_fold_table(report, checks if verify else None)
         console = stdout_console()
@@ -243,19 +233,30 @@ def _display_prefix(prefix: str) -> str:
     return prefix if prefix else "<top level>"
 
 
+def _emit_fold_json(
+    model: Path,
+    kind: str,
+    output: Path,
+    written: bool,
+    verified: bool | None,
+    details: dict[str, Any],
+) -> None:
+    """The JSON report: what was read and written, whether it was checked, then `details`.
+
+    `verified` is None where the command stopped before any check (refused pairs)."""
+    head: dict[str, Any] = {"input": str(model), "format": kind, "output": str(output)}
+    head["written"] = written
+    if verified is not None:
+        head["verified"] = verified
+    head["ok"] = written
+    emit_json({**head, **details})
+
+
 def _refuse_unresolved(model: Path, output: Path, unresolved: list, as_json: bool) -> None:
     """Exit 2 for batch norms without an established layer, listing the proposed pairs."""
     if as_json:
-        emit_json(
-            {
-                "input": str(model),
-                "format": "state_dict",
-                "output": str(output),
-                "written": False,
-                "ok": False,
-                "unresolved": [u.to_json() for u in unresolved],
-            }
-        )
+        details = {"unresolved": [u.to_json() for u in unresolved]}
+        _emit_fold_json(model, "state_dict", output, False, None, details)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     err.print(
         f"{model}: {len(unresolved)} batch norm(s) have no established layer; nothing written."
@@ -345,18 +346,8 @@ def _fold_onnx(
     except OnnxFoldError as e:
         raise UserError(str(e)) from None
     if as_json:
-        emit_json(
-            {
-                "input": str(model),
-                "format": "onnx",
-                "output": str(output),
-                "written": not failed,
-                "verified": verify,
-                "ok": not failed,
-                **report.to_json(),
-                "check": None if check is None else check.to_json(),
-            }
-        )
+        details = {**report.to_json(), "check": None if check is None else check.to_json()}
+        _emit_fold_json(model, "onnx", output, not failed, verify, details)
     else:
         _print_onnx_report(model, output, report, check)
     if failed:
