@@ -19,4 +19,5 @@ def test_gpu_benchmark_explains_missing_gpu():
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "GPU" in lines[0], result.stderr
+    # "no usable GPU", or "CuPy is not installed" under the light test extra
+    assert len(lines) == 1 and ("GPU" in lines[0] or "CuPy" in lines[0]), result.stderr
