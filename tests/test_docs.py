@@ -11,6 +11,8 @@ A document's blocks run as a reader pasting them into one session would:
 - the block right after `<!-- needs: NAME, ... -->` runs where every NAME is available, an
   importable module (`torch`, `mpi4py`) or one of `CAPABILITIES`; elsewhere it is reported as a
   skipped test naming what is missing. Later blocks must not depend on it;
+- README.md's first block, the set-up and test commands of a fresh machine, is not run here:
+  `.ci/run` runs the same two commands on a fresh machine (reported as a skipped test);
 - ```json, ```text and unlabelled fences show output and formats and are not run. A fence in any
   other language fails the test, so that no code escapes it by its label.
 
@@ -21,6 +23,7 @@ one document in such a child process, from a temporary folder).
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import os
 import re
@@ -151,6 +154,9 @@ def parse_blocks(document: str) -> list[Block]:
         index += 1
     if directive is not None:
         raise DocumentFormatError(f"{document}:{directive[2]}: a directive without a block")
+    if document == "README.md" and blocks and blocks[0].not_run is None:
+        reason = "the set-up and test commands of a fresh machine: .ci/run runs them"
+        blocks[0] = dataclasses.replace(blocks[0], not_run=reason)
     return blocks
 
 
