@@ -131,93 +131,65 @@ def batch_norm(
     """
     collective = reducer.collective("stats") if reducer is not None and training else nullcontext()
     with collective:
-        return _batch_norm(
-            x,
+        view = canonical(check_array("x", x), channel_axis)
+        xp = array_module(x)
+        for name, v in (
+            ("weight", weight),
+            ("bias", bias),
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+        ):
+            if v is not None:
+                check_channel_vector(name, v, view.num_channels, xp)
+        if (running_mean is None) != (running_var is None):
+            raise ValueError("running_mean and running_var must be given together")
+        eps = check_eps(eps)
+        momentum = check_momentum(momentum)
+        if not training and running_mean is None:
+            raise ValueError("training=False needs running_mean and running_var")
+        if training and reducer is None:
+            check_batch_count(view.count, f" (input shape {view.shape})")
+        be = get_backend(backend, x)
+        acc = accumulation_dtype(x.dtype)
+
+        if training:
+            if reducer is None and isinstance(be, FusedTrainStatistics):
+                # one launch: statistics, scale/shift and the running update
+                mean, var, invstd, scale, shift = be.train_statistics(
+                    view, weight, bias, running_mean, running_var, momentum, eps
+                )
+                check_finite_stats(mean, var)  # the fused update skips non-finite statistics
+                count = view.count
+            else:
+                mean, var = be.batch_stats(view)
+                count = view.count
+                if reducer is not None:
+                    count, mean, var = reducer.merge_stats(count, mean, var)
+                    check_batch_count(count, " over all processes")
+                check_finite_stats(mean, var)
+                invstd = (1.0 / xp.sqrt(var.astype(acc) + acc.type(eps))).astype(acc)
+                if running_mean is not None:
+                    be.update_running(running_mean, running_var, mean, var, count, momentum)
+                scale, shift = _scale_shift(mean, invstd, weight, bias, acc)
+        else:
+            count = view.count
+            mean = running_mean.astype(acc)
+            invstd = (1.0 / xp.sqrt(running_var.astype(acc) + acc.type(eps))).astype(acc)
+            scale, shift = _scale_shift(mean, invstd, weight, bias, acc)
+
+        y = view.restore(be.apply(view, scale, shift))
+        saved = SavedForBackward(
+            view,
+            mean,
+            invstd,
             weight,
-            bias,
-            running_mean,
-            running_var,
+            None if bias is None else bias.dtype,
             training,
-            momentum,
-            eps,
-            channel_axis,
-            backend,
+            count,
+            be,
             reducer,
         )
-
-
-def _batch_norm(
-    x,
-    weight,
-    bias,
-    running_mean,
-    running_var,
-    training,
-    momentum,
-    eps,
-    channel_axis,
-    backend,
-    reducer,
-) -> tuple[Array, SavedForBackward]:
-    view = canonical(check_array("x", x), channel_axis)
-    xp = array_module(x)
-    for name, v in (
-        ("weight", weight),
-        ("bias", bias),
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-    ):
-        if v is not None:
-            check_channel_vector(name, v, view.num_channels, xp)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together")
-    eps = check_eps(eps)
-    momentum = check_momentum(momentum)
-    if not training and running_mean is None:
-        raise ValueError("training=False needs running_mean and running_var")
-    if training and reducer is None:
-        check_batch_count(view.count, f" (input shape {view.shape})")
-    be = get_backend(backend, x)
-    acc = accumulation_dtype(x.dtype)
-
-    if training:
-        if reducer is None and isinstance(be, FusedTrainStatistics):
-            # one launch: statistics, scale/shift and the running update
-            mean, var, invstd, scale, shift = be.train_statistics(
-                view, weight, bias, running_mean, running_var, momentum, eps
-            )
-            check_finite_stats(mean, var)  # the fused update skips non-finite statistics
-            count = view.count
-        else:
-            mean, var = be.batch_stats(view)
-            count = view.count
-            if reducer is not None:
-                count, mean, var = reducer.merge_stats(count, mean, var)
-                check_batch_count(count, " over all processes")
-            check_finite_stats(mean, var)
-            invstd = (1.0 / xp.sqrt(var.astype(acc) + acc.type(eps))).astype(acc)
-            if running_mean is not None:
-                be.update_running(running_mean, running_var, mean, var, count, momentum)
-            scale, shift = _scale_shift(mean, invstd, weight, bias, acc)
-    else:
-        count = view.count
-        mean = running_mean.astype(acc)
-        invstd = (1.0 / xp.sqrt(running_var.astype(acc) + acc.type(eps))).astype(acc)
-        scale, shift = _scale_shift(mean, invstd, weight, bias, acc)
-
-    y = view.restore(be.apply(view, scale, shift))
-    saved = SavedForBackward(
-        view,
-        mean,
-        invstd,
-        weight,
-        None if bias is None else bias.dtype,
-        training,
-        count,
-        be,
-        reducer,
-    )
-    return y, saved
+        return y, saved
 
 
 def batch_norm_backward(
