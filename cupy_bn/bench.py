@@ -41,6 +41,7 @@ import numpy as np
 
 from cupy_bn import __version__, functional, traffic
 from cupy_bn.backends import FusedTrainStatistics, available_backends, cupy_usable, get_backend
+from cupy_bn.jsonable import finite_or_none
 from cupy_bn.layout import canonical
 from cupy_bn.machine import (
     commit_info,
@@ -85,7 +86,9 @@ class BenchCase:
     dtype: str
 
     def __post_init__(self) -> None:
-        if len(self.shape) < 2 or normalize_axis(self.channel_axis, len(self.shape)) == 0:
+        if not 2 <= len(self.shape) <= 5 or min(self.shape) < 1:
+            raise ValueError(f"shape must have rank 2 to 5 and positive sizes, got {self.shape}")
+        if normalize_axis(self.channel_axis, len(self.shape)) == 0:
             raise ValueError(
                 f"channel_axis {self.channel_axis} is not a channel axis of shape {self.shape} "
                 "(axis 0 is the batch)"
@@ -550,11 +553,6 @@ def _per_second(nbytes: int | None, seconds: float) -> float | None:
     return nbytes / seconds if nbytes is not None and seconds > 0 else None
 
 
-def _finite(value: float | None) -> float | None:
-    """A float JSON can carry: None for None, NaN and infinities."""
-    return float(value) if value is not None and math.isfinite(value) else None
-
-
 @dataclass
 class BenchRow:
     """Timings of one implementation on one case and phase.
@@ -634,20 +632,22 @@ class BenchRow:
                 "ours": self.ours,
                 "device": self.device,
                 "minimal_bytes": self.minimal_bytes,
-                "gbps": _finite(self.gbps),
-                "percent_of_bandwidth": _finite(self.percent_of_bandwidth),
+                "gbps": finite_or_none(self.gbps),
+                "percent_of_bandwidth": finite_or_none(self.percent_of_bandwidth),
                 "moved_bytes": self.moved_bytes,
-                "moved_gbps": _finite(self.moved_gbps),
-                "moved_percent_of_bandwidth": _finite(self.moved_percent_of_bandwidth),
-                "bandwidth_limit": _finite(self.bandwidth_limit),
-                "ratio_to_fastest_peer": _finite(self.ratio_to_fastest_peer),
+                "moved_gbps": finite_or_none(self.moved_gbps),
+                "moved_percent_of_bandwidth": finite_or_none(self.moved_percent_of_bandwidth),
+                "bandwidth_limit": finite_or_none(self.bandwidth_limit),
+                "ratio_to_fastest_peer": finite_or_none(self.ratio_to_fastest_peer),
             },
             "options": {
                 "timer": "cupyx.profiler.benchmark" if self.device == "gpu" else "perf_counter",
                 "warmup": warmup,
                 "rounds": self.stats["rounds"],
             },
-            "stats": {k: _finite(v) if isinstance(v, float) else v for k, v in self.stats.items()},
+            "stats": {
+                k: finite_or_none(v) if isinstance(v, float) else v for k, v in self.stats.items()
+            },
         }
 
 
@@ -667,7 +667,7 @@ class BenchReport:
         """pytest-benchmark's JSON shape (`machine_info`, `commit_info`, `benchmarks[].stats`),
         plus `notes` and `errors`, in plain JSON types (non-finite figures are None)."""
         return {
-            "machine_info": machine_info(_finite(self.cpu_bandwidth), self.gpus),
+            "machine_info": machine_info(finite_or_none(self.cpu_bandwidth), self.gpus),
             "commit_info": commit_info(),
             "benchmarks": [row.to_json(self.warmup) for row in self.rows],
             "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(),

@@ -367,7 +367,15 @@ def test_bare_kernel_runners_need_fused_statistics():
         bench._kernels_setup("numpy", np.asarray)(TINY, np.random.default_rng(0))
 
 
-@pytest.mark.parametrize(("shape", "axis"), [((4, 3), 0), ((4, 3), 2), ((5,), 0)])
-def test_a_case_needs_a_channel_axis_that_is_not_the_batch(shape, axis):
-    with pytest.raises(ValueError, match="channel_axis"):
+@pytest.mark.parametrize(
+    ("shape", "axis", "message"),
+    [
+        ((4, 3), 0, "not a channel axis"),
+        ((4, 3), 2, "channel_axis must be in"),
+        ((5,), 0, "rank 2 to 5"),
+        ((4, 0, 2), 1, "positive sizes"),
+    ],
+)
+def test_a_case_needs_a_valid_shape_and_a_channel_axis_that_is_not_the_batch(shape, axis, message):
+    with pytest.raises(ValueError, match=message):
         bench.BenchCase("x", shape, axis, "float32")

@@ -13,7 +13,7 @@ from cupy_bn.cli.common import (
     CheckFailed,
     UserError,
     emit_json,
-    parse_shape,
+    parse_sizes,
     progress_bar,
     stdout_console,
 )
@@ -136,7 +136,7 @@ def bench(
     if shapes:
         cases = []
         for text in shapes:
-            shape = parse_shape(text, "--shape")
+            shape = parse_sizes(text, "--shape")
             name = "x".join(str(d) for d in shape) + ("" if channel_axis == 1 else "-last")
             try:
                 cases.append(b.BenchCase(name, shape, channel_axis, dtype))

@@ -21,7 +21,6 @@ __all__ = [
     "UserError",
     "emit_json",
     "finite_or_none",
-    "parse_shape",
     "parse_sizes",
     "progress_bar",
     "stdout_console",
@@ -60,14 +59,6 @@ def parse_sizes(text: str, option: str) -> tuple[int, ...]:
         return tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
     except ValueError:
         raise UserError(f"{option}: expected sizes like 4,3,5,5, got {text!r}") from None
-
-
-def parse_shape(text: str, option: str) -> tuple[int, ...]:
-    """`parse_sizes`, then rank 2 to 5 with positive sizes (for a library that does not check)."""
-    shape = parse_sizes(text, option)
-    if not 2 <= len(shape) <= 5 or min(shape, default=0) < 1:
-        raise UserError(f"{option}: expected rank 2 to 5 with positive sizes, got {text!r}")
-    return shape
 
 
 def progress_bar(enabled: bool, total: int, description: str):
