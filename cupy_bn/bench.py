@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from cupy_bn import __version__, functional, traffic
-from cupy_bn.backends import FusedTrainStatistics, available_backends, cupy_usable, get_backend
+from cupy_bn.backends import available_backends, cupy_usable, get_backend, has_fused_statistics
 from cupy_bn.jsonable import finite_or_none
 from cupy_bn.layout import canonical
 from cupy_bn.machine import (
@@ -212,7 +212,7 @@ def _kernels_setup(backend: str, to_device: Callable[[np.ndarray], Any]):
     def setup(case: BenchCase, rng: np.random.Generator) -> dict[str, Runner]:
         a = {k: to_device(v) for k, v in _host_inputs(case, rng).items()}
         be = get_backend(backend, a["x"])
-        if not isinstance(be, FusedTrainStatistics):
+        if not has_fused_statistics(be):
             raise TypeError(f"backend {backend!r} has no fused train_statistics")
         x = canonical(a["x"], case.channel_axis)
         dy = x.match(a["dy"], "dy")

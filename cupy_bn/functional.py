@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from cupy_bn.arrays import array_module, to_host
-from cupy_bn.backends import Backend, FusedTrainStatistics, get_backend
+from cupy_bn.backends import Backend, get_backend, has_fused_statistics
 from cupy_bn.dtypes import accumulation_dtype
 from cupy_bn.layout import View, canonical
 from cupy_bn.validation import (
@@ -153,7 +153,7 @@ def batch_norm(
         acc = accumulation_dtype(x.dtype)
 
         if training:
-            if reducer is None and isinstance(be, FusedTrainStatistics):
+            if reducer is None and has_fused_statistics(be):
                 # one launch: statistics, scale/shift and the running update
                 mean, var, invstd, scale, shift = be.train_statistics(
                     view, weight, bias, running_mean, running_var, momentum, eps

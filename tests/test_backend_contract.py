@@ -7,7 +7,7 @@ import pytest
 
 import cupy_bn
 from cupy_bn import functional
-from cupy_bn.backends import Backend, FusedTrainStatistics
+from cupy_bn.backends import Backend, FusedTrainStatistics, has_fused_statistics
 from cupy_bn.backends.cuda_backend import CudaBackend, simulator_usable
 from cupy_bn.backends.numpy_backend import NumpyBackend
 from cupy_bn.layout import canonical
@@ -33,6 +33,7 @@ def test_backends_declare_what_they_implement():
     assert isinstance(numpy_backend, Backend) and isinstance(cuda_backend, Backend)
     assert isinstance(cuda_backend, FusedTrainStatistics)
     assert not isinstance(numpy_backend, FusedTrainStatistics)
+    assert has_fused_statistics(cuda_backend) and not has_fused_statistics(numpy_backend)
     for backend in (numpy_backend, cuda_backend):
         assert not hasattr(backend, "traffic")  # the traffic model is cupy_bn.traffic's
 

@@ -11,7 +11,7 @@ from functools import cache
 from typing import Any
 
 from cupy_bn.arrays import is_cupy
-from cupy_bn.backends.base import Backend, FusedTrainStatistics
+from cupy_bn.backends.base import Backend, FusedTrainStatistics, has_fused_statistics
 from cupy_bn.validation import check_array_module, type_name
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "available_backends",
     "cupy_usable",
     "get_backend",
+    "has_fused_statistics",
     "register_backend",
 ]
 

@@ -20,13 +20,14 @@ Conventions:
 
 `Backend` is exactly these five primitives (plus `name` and `xp`). A backend may also offer the
 fused training statistics of `FusedTrainStatistics`; `cupy_bn.functional` uses them when
-`isinstance(backend, FusedTrainStatistics)` (the CUDA backend), and composes `batch_stats`,
+`has_fused_statistics(backend)` (the CUDA backend), and composes `batch_stats`,
 per-channel array operations and `update_running` otherwise. What each backend moves and
 launches per phase is `cupy_bn.traffic`'s model, not part of this interface.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Protocol, runtime_checkable
 
 from cupy_bn.layout import View
@@ -109,3 +110,14 @@ class FusedTrainStatistics(Protocol):
         caller checks the returned statistics and reports non-finite channels. Needs
         `x.count >= 2` when running statistics are given.
         """
+
+
+@functools.cache
+def _class_has_fused_statistics(cls: type) -> bool:
+    return issubclass(cls, FusedTrainStatistics)
+
+
+def has_fused_statistics(backend: object) -> bool:
+    """Whether `backend` implements `FusedTrainStatistics`, decided once per backend class
+    (a protocol's `isinstance` check costs microseconds on every call)."""
+    return _class_has_fused_statistics(type(backend))
