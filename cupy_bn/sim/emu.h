@@ -567,9 +567,13 @@ EMU_INTERNAL inline void complete_group(Warp& W, int gi, size_t value_size) {
         const int j = shfl_source(g.op, uint32_t(l), f.src, f.width);
         if (in >> j & 1) {
           f.result = lanes[j].value;
+        } else if (!(W.exist >> j & 1)) {
+          // A lane past the end of a partial warp: PTX leaves the value undefined (not the
+          // program), and guarded code discards it. Poison shows up where it is used.
+          f.result = poison_bits(value_size);
         } else if (!(W.live >> j & 1)) {
-          // The value of a lane that does not exist or has exited is undefined: a wrong
-          // shuffle offset, a partial warp or an early return.
+          // The value of a lane that has exited is undefined: a wrong shuffle offset or an
+          // early return.
           fail_at(&f, "%s at %s:%d (mask 0x%08x) reads lane %d, which %s: its value is "
                   "undefined", op_names[g.op], g.file, g.line, g.mask, j, lane_state(W, j));
         } else {
@@ -1525,6 +1529,88 @@ EMU_INTERNAL inline void thread_fence() {
 }
 
 }  // namespace emu
+
+// ------------------------------------------------------- undefined behaviour
+// The module is compiled with -fsanitize=signed-integer-overflow,bounds (build.py): g++ calls
+// these handlers (the layouts of GCC's and LLVM's UBSan runtime) where an int expression
+// overflows or a subscript leaves an array of known size (static __shared__ arrays, local
+// arrays). The launch stops with the operation, the values and the source line. Unsigned
+// arithmetic wraps by definition and is not checked.
+namespace emu::ubsan {
+struct Location { const char* file; uint32_t line, column; };
+struct Type { uint16_t kind, info; char name[1]; };  // kind 0: integer, info: log2(bits) << 1 | signed
+struct Overflow { Location loc; const Type* type; };
+struct OutOfBounds { Location loc; const Type* array; const Type* index; };
+struct Shift { Location loc; const Type* lhs; const Type* rhs; };
+
+EMU_INTERNAL inline void format(const Type* t, uintptr_t v, char* buf, size_t cap) {
+  const unsigned bits = t->kind == 0 ? 1u << (t->info >> 1) : 64u;
+  if (bits > 64) { snprintf(buf, cap, "(a %u-bit value)", bits); return; }
+  uint64_t u = uint64_t(v);
+  if (bits < 64) u &= (uint64_t(1) << bits) - 1;
+  if (t->kind == 0 && (t->info & 1)) {
+    int64_t x = bits < 64 && (u >> (bits - 1) & 1) ? int64_t(u - (uint64_t(1) << bits)) : int64_t(u);
+    snprintf(buf, cap, "%lld", (long long)x);
+  } else {
+    snprintf(buf, cap, "%llu", (unsigned long long)u);
+  }
+}
+
+[[noreturn]] EMU_INTERNAL inline void overflow(const Overflow* d, const char* op, uintptr_t a, uintptr_t b) {
+  char x[32], y[32];
+  format(d->type, a, x, sizeof x);
+  format(d->type, b, y, sizeof y);
+  if (!op)
+    fail_at(cur, "signed integer overflow at %s:%u:%u: -(%s) cannot be represented in type '%s'",
+            d->loc.file, d->loc.line, d->loc.column, y, d->type->name);
+  fail_at(cur, "signed integer overflow at %s:%u:%u: %s %s %s cannot be represented in type '%s' "
+          "(compute indices in long long or size_t)", d->loc.file, d->loc.line, d->loc.column, x,
+          op, y, d->type->name);
+}
+}  // namespace emu::ubsan
+
+#define EMU_UBSAN_HANDLER(name, ...)                                                      \
+  extern "C" __attribute__((visibility("hidden"), noreturn)) EMU_INTERNAL void             \
+      __ubsan_handle_##name(__VA_ARGS__);                                                  \
+  extern "C" __attribute__((visibility("hidden"), noreturn)) EMU_INTERNAL void             \
+      __ubsan_handle_##name##_abort(__VA_ARGS__);
+EMU_UBSAN_HANDLER(add_overflow, emu::ubsan::Overflow*, uintptr_t, uintptr_t)
+EMU_UBSAN_HANDLER(sub_overflow, emu::ubsan::Overflow*, uintptr_t, uintptr_t)
+EMU_UBSAN_HANDLER(mul_overflow, emu::ubsan::Overflow*, uintptr_t, uintptr_t)
+EMU_UBSAN_HANDLER(negate_overflow, emu::ubsan::Overflow*, uintptr_t)
+EMU_UBSAN_HANDLER(divrem_overflow, emu::ubsan::Overflow*, uintptr_t, uintptr_t)
+EMU_UBSAN_HANDLER(out_of_bounds, emu::ubsan::OutOfBounds*, uintptr_t)
+#undef EMU_UBSAN_HANDLER
+
+#define EMU_UBSAN_BINARY(name, op)                                                        \
+  extern "C" void __ubsan_handle_##name(emu::ubsan::Overflow* d, uintptr_t a, uintptr_t b) { \
+    emu::ubsan::overflow(d, op, a, b);                                                     \
+  }                                                                                        \
+  extern "C" void __ubsan_handle_##name##_abort(emu::ubsan::Overflow* d, uintptr_t a,      \
+                                                uintptr_t b) {                             \
+    emu::ubsan::overflow(d, op, a, b);                                                     \
+  }
+EMU_UBSAN_BINARY(add_overflow, "+")
+EMU_UBSAN_BINARY(sub_overflow, "-")
+EMU_UBSAN_BINARY(mul_overflow, "*")
+EMU_UBSAN_BINARY(divrem_overflow, "/")
+#undef EMU_UBSAN_BINARY
+
+extern "C" void __ubsan_handle_negate_overflow(emu::ubsan::Overflow* d, uintptr_t a) {
+  emu::ubsan::overflow(d, nullptr, 0, a);
+}
+extern "C" void __ubsan_handle_negate_overflow_abort(emu::ubsan::Overflow* d, uintptr_t a) {
+  emu::ubsan::overflow(d, nullptr, 0, a);
+}
+extern "C" void __ubsan_handle_out_of_bounds(emu::ubsan::OutOfBounds* d, uintptr_t index) {
+  char i[32];
+  emu::ubsan::format(d->index, index, i, sizeof i);
+  emu::fail_at(emu::cur, "index %s out of bounds for type '%s' at %s:%u:%u", i, d->array->name,
+               d->loc.file, d->loc.line, d->loc.column);
+}
+extern "C" void __ubsan_handle_out_of_bounds_abort(emu::ubsan::OutOfBounds* d, uintptr_t index) {
+  __ubsan_handle_out_of_bounds(d, index);
+}
 
 // The device API (intrinsics, atomics, math) comes next; ElementwiseKernel's loops also
 // include emu_elementwise.h.
