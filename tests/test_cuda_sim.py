@@ -153,6 +153,36 @@ def test_bitwise_identical_across_schedules(shape, channel_axis, dtype):
             assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
+@pytest.mark.parametrize("shape,channel_axis", [((5, 3, 301), 1), ((700, 37), -1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_kernels_read_no_uninitialized_memory(monkeypatch, shape, channel_axis, dtype):
+    """Every raw kernel launch runs twice (check_memory): guards at the start, then the end of
+    every array, shared memory and the bytes around arrays filled with 0xFF, then 0x7F. The
+    outputs must be the same bits, and the same as without the check."""
+    from cupy_bn.kernels.loader import SimLoader
+
+    launches = []
+
+    def launch_checked(self, kernel, grid, block, args, shared_mem=0):
+        launches.append(kernel.name)
+        kernel(
+            grid,
+            block,
+            args,
+            shared_mem=shared_mem,
+            schedule=self.schedule,
+            seed=self.seed,
+            check_memory=True,
+        )
+
+    plain = _run_everything(sim("random", SPLIT, seed=1), shape, channel_axis, dtype)
+    monkeypatch.setattr(SimLoader, "launch", launch_checked)
+    checked = _run_everything(sim("random", SPLIT, seed=1), shape, channel_axis, dtype)
+    assert len(set(launches)) >= 4, launches
+    for a, b in zip(plain, checked, strict=True):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
 @pytest.mark.parametrize(
     "shape,channel_axis",
     [
