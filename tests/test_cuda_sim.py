@@ -157,6 +157,62 @@ def test_bitwise_identical_across_schedules(shape, channel_axis, dtype):
             assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
+MERGE_PARTIALS = r"""
+#include "bn_finalize.cuh"
+extern "C" __global__ void merge_in_order(const float* mean, const float* m2,
+                                          const long long* count, int p, float* out_mean,
+                                          float* out_m2, long long* out_n) {
+    const auto w = bn::merge_partials<4>(mean, m2, count, 0, 0, p, 1);
+    *out_mean = w.mean;
+    *out_m2 = w.m2;
+    *out_n = w.n;
+}
+"""
+
+
+def _chan_merge_float32(a, b):
+    """bn_common.cuh's chan_merge(a, b) in float32, operation by operation (no FMA)."""
+    f = np.float32
+    n = a[0] + b[0]
+    if n == 0:
+        return a
+    delta = f(b[1] - a[1])
+    ratio = f(f(b[0]) / f(n))
+    return (
+        n,
+        f(a[1] + f(delta * ratio)),
+        f(f(a[2] + b[2]) + f(f(f(delta * delta) * f(a[0])) * ratio)),
+    )
+
+
+def test_partials_are_merged_in_index_order():
+    """The cross-block merge folds partial 0, 1, 2, ... into the running triple, bit for bit
+    (what makes the statistics independent of the block that arrives last)."""
+    from cupy_bn import sim as simulator
+    from cupy_bn.kernels import loader
+
+    rng = np.random.default_rng(9)
+    p = 37
+    mean = rng.normal(5.0, 3.0, p).astype(np.float32)
+    m2 = rng.uniform(0.0, 50.0, p).astype(np.float32)
+    count = rng.integers(1, 1000, p).astype(np.int64)
+    out_mean, out_m2, out_n = (
+        np.zeros(1, np.float32),
+        np.zeros(1, np.float32),
+        np.zeros(1, np.int64),
+    )
+    module = simulator.RawModule(code=MERGE_PARTIALS, options=(f"-I{loader.KERNEL_DIR}",))
+    module.get_function("merge_in_order")(
+        1, 1, (mean, m2, count, np.int32(p), out_mean, out_m2, out_n)
+    )
+    expect = (np.int64(0), np.float32(0), np.float32(0))
+    for k in range(p):
+        expect = _chan_merge_float32(expect, (count[k], mean[k], m2[k]))
+    assert out_n[0] == expect[0] == count.sum()
+    assert out_mean[0].tobytes() == expect[1].tobytes(), (out_mean[0], expect[1])
+    assert out_m2[0].tobytes() == expect[2].tobytes(), (out_m2[0], expect[2])
+
+
 @pytest.mark.parametrize("shape,channel_axis", [((5, 3, 301), 1), ((700, 37), -1)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_kernels_read_no_uninitialized_memory(monkeypatch, shape, channel_axis, dtype):
