@@ -1009,7 +1009,7 @@ EMU_INTERNAL inline bool check_redzones(Launch* l) {
     l->fault_write = 1;
     log_append("ERROR: out-of-bounds write of global memory at byte offset %lld of region %d "
                "(%llu bytes) [found after the launch: the bytes next to the array changed; the "
-               "thread is not known, run with guard=\"start\" or \"end\" to stop at it]\n",
+               "thread is not known, check_memory=True stops at it]\n",
                (long long)(bad - s), i, (unsigned long long)r.nbytes);
     return true;
   }
