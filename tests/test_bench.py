@@ -263,9 +263,25 @@ def test_select_implementations_refuses_what_cannot_run(monkeypatch):
     assert bench.select_implementations(suite="gpu") == list(bench.SUITES["gpu"].implementations)
 
 
-def test_copy_bandwidth_is_measured():
-    bandwidth = machine.measure_copy_bandwidth(8 << 20, repeat=2)
-    assert 1e8 < bandwidth < 1e13  # between 0.1 GB/s and 10 TB/s
+@pytest.mark.parametrize("threads", [1, 3])
+def test_copy_bandwidth_is_bytes_moved_over_the_best_time(monkeypatch, threads):
+    # a clock under the test's control: each timed copy takes the next of these durations
+    durations = iter([0.004, 0.003, 0.0025, 0.005, 0.002, 0.006][: 3 * (1 + (threads > 1))])
+    now = [0.0]
+    started = [False]
+
+    def perf_counter():
+        if started[0]:
+            now[0] += next(durations)
+        started[0] = not started[0]
+        return now[0]
+
+    monkeypatch.setattr(machine, "cpu_threads", lambda: threads)
+    monkeypatch.setattr(machine, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    nbytes = 1 << 20
+    best = 0.002 if threads > 1 else 0.0025
+    assert machine.measure_copy_bandwidth(nbytes, repeat=3) == pytest.approx(2 * nbytes / best)
+    assert next(durations, None) is None  # every copy was timed, one per repeat and mode
 
 
 def _fake_cupy(monkeypatch, props, attributes):

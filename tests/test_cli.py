@@ -63,8 +63,19 @@ def test_info_json_reports_versions_toolchain_and_backends():
 def test_info_table_for_humans():
     result = run("info")
     assert result.exit_code == 0, result.output
-    for label in ("cupy-bn", "numpy", "cupy", "nvrtc", "simulator", "backends"):
-        assert label in result.stdout
+    rows = {}  # label -> value of every table row (cells are separated by U+2502)
+    for line in result.stdout.splitlines():
+        cells = [c.strip() for c in line.split("\u2502")]
+        if len(cells) == 4:
+            rows[cells[1]] = cells[2]
+    facts = json.loads(run("info", "--json").stdout)
+    assert rows["cupy-bn"] == cupy_bn.__version__
+    assert rows["numpy"] == np.__version__
+    assert rows["cupy"] == facts["cupy"]["state"]
+    assert rows["simulator"] == facts["simulator"]["detail"]
+    assert rows["backends"] == ", ".join(facts["backends"])
+    if facts["nvrtc"]["found"]:
+        assert rows["nvrtc"] == facts["nvrtc"]["version"]
 
 
 def test_info_without_the_simulator_package(monkeypatch):

@@ -17,12 +17,27 @@ def test_version():
     assert cupy_bn.__version__ in result.output
 
 
+def table_rows(output: str) -> dict[str, str]:
+    """The rows of `cupy-bn info`'s table: label -> value (the title line is no row)."""
+    rows = {}
+    for line in output.splitlines():
+        cells = [c.strip() for c in line.split("\u2502")]
+        if len(cells) == 4:
+            rows[cells[1]] = cells[2]
+    return rows
+
+
 def test_info_reports_versions_and_backends():
     result = CliRunner().invoke(main, ["info"])
     assert result.exit_code == 0, result.output
-    assert cupy_bn.__version__ in result.output
-    assert np.__version__ in result.output
-    assert "numpy" in result.output and "cupy" in result.output
+    rows = table_rows(result.output)
+    facts = json.loads(CliRunner().invoke(main, ["info", "--json"]).output)
+    assert rows["cupy-bn"] == cupy_bn.__version__
+    assert rows["numpy"] == np.__version__
+    assert rows["python"] == "{}.{}.{}".format(*sys.version_info[:3])
+    assert rows["cupy"] == facts["cupy"]["state"]
+    assert rows["backends"] == ", ".join(facts["backends"])
+    assert "numpy" in facts["backends"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,12 +31,17 @@ HEADER = Path(__file__).with_name("emu.h")  # includes emu_device.h; emu_element
 
 # -ffp-contract=off: g++ never fuses a*b+c (nvcc does by default; see docs/simulator.md).
 # -fstack-clash-protection: large stack frames touch every page, so overflows hit the guard.
+# -fsanitize=signed-integer-overflow,bounds: int overflow and subscripts past arrays of known
+# size call emu.h's own handlers, which stop the launch (g++ still links libubsan; its
+# handlers are never called).
 _COMMON_FLAGS = (
     "-std=c++17",
     "-fno-strict-aliasing",
     "-ffp-contract=off",
     "-fstack-clash-protection",
     "-fno-gnu-unique",
+    "-fsanitize=signed-integer-overflow,bounds",
+    "-fno-sanitize-recover=all",
     "-w",
 )
 # -g1 -gdwarf-4: line tables that binutils' addr2line reads with the #line file names.

@@ -68,8 +68,9 @@
 #define __managed__
 #define __grid_constant__
 #ifdef EMU_TSAN
-// Fresh (zeroed) memory for every block: blocks run on their own threads.
-#define __shared__ static thread_local
+// Fresh memory for every block (blocks run on their own threads), in a section of its own
+// that the block's thread fills with poison before its threads start.
+#define __shared__ static thread_local __attribute__((section("emu_tsmem")))
 #else
 // One instance per module, reused by the blocks that run one after another. The section
 // lets the runtime poison static shared memory before every block (template functions'
@@ -122,7 +123,8 @@ struct Launch {
   int32_t schedule;  // 0 forward, 1 reverse, 2 random
   uint32_t seed;
   int32_t stack_kb;
-  int32_t guard;     // 0: the kernel gets the host pointers themselves
+  int32_t guard;     // 0: the kernel gets the host pointers themselves; else bit 1: copies
+                     // start at a guard page (else: end at one), bits 8-15: poison byte
   double timeout_s;  // 0: none
   int32_t nargs;
   int32_t nregions;
@@ -176,6 +178,7 @@ struct Fiber {
 #ifdef EMU_TSAN
   void* tsan_fiber;
   void* tsan_sync;  // synchronization object of the __syncwarp this lane takes part in
+  bool fenced;      // has called __threadfence: its atomics release
 #endif
 };
 
@@ -232,6 +235,8 @@ inline EMU_PER_BLOCK unsigned char* g_dyn_smem = nullptr;  // what `extern __sha
 inline EMU_PER_BLOCK uint64_t switches = 0;
 
 inline int schedule = FORWARD;
+inline unsigned char poison_byte = 0xFF;  // fills shared memory and the bytes around arrays
+inline bool guard_at_start = false;       // array copies start (not end) at a guard page
 inline uint64_t rng_state = 0;
 inline uint64_t dyn_smem_bytes = 0;
 inline size_t stack_kb = 64;
@@ -252,7 +257,9 @@ inline EMU_PER_BLOCK char tsan_barrier[2];
 inline EMU_PER_BLOCK char* tsan_sync_pool = nullptr;  // fresh addresses for __syncwarp groups
 inline EMU_PER_BLOCK size_t tsan_sync_next = 0;
 inline char tsan_kernel_end;  // every thread releases it when it exits; the host acquires it
-inline char tsan_fence;       // __threadfence: release + acquire
+constexpr int kAtomicAddrs = 256;
+inline EMU_PER_BLOCK const void* atomic_addrs[kAtomicAddrs];  // touched by this block's atomics
+inline EMU_PER_BLOCK int n_atomic_addrs = 0;
 constexpr size_t kSyncPool = size_t(1) << 20;
 #endif
 
@@ -567,9 +574,13 @@ EMU_INTERNAL inline void complete_group(Warp& W, int gi, size_t value_size) {
         const int j = shfl_source(g.op, uint32_t(l), f.src, f.width);
         if (in >> j & 1) {
           f.result = lanes[j].value;
+        } else if (!(W.exist >> j & 1)) {
+          // A lane past the end of a partial warp: PTX leaves the value undefined (not the
+          // program), and guarded code discards it. Poison shows up where it is used.
+          f.result = poison_bits(value_size);
         } else if (!(W.live >> j & 1)) {
-          // The value of a lane that does not exist or has exited is undefined: a wrong
-          // shuffle offset, a partial warp or an early return.
+          // The value of a lane that has exited is undefined: a wrong shuffle offset or an
+          // early return.
           fail_at(&f, "%s at %s:%d (mask 0x%08x) reads lane %d, which %s: its value is "
                   "undefined", op_names[g.op], g.file, g.line, g.mask, j, lane_state(W, j));
         } else {
@@ -790,18 +801,35 @@ inline void* g_thunk_ctx = nullptr;
 extern "C" char __start_emu_smem[] __attribute__((visibility("hidden")));
 extern "C" char __stop_emu_smem[] __attribute__((visibility("hidden")));
 static char emu_smem_anchor __attribute__((section("emu_smem"), used));
+#else
+// Race mode: the bounds of the thread-local section's initialization image. A thread's own
+// copy has the same layout; the anchor (found in the image by its contents) locates it.
+extern "C" char __start_emu_tsmem[] __attribute__((visibility("hidden")));
+extern "C" char __stop_emu_tsmem[] __attribute__((visibility("hidden")));
+static thread_local uint64_t emu_tsmem_anchor[2] __attribute__((section("emu_tsmem"), used)) = {
+    0x454D555F534D454Dull, 0x414E43484F523432ull};
 #endif
 
 namespace emu {
 
 EMU_INTERNAL inline void poison_shared_memory() {
 #ifndef EMU_TSAN
-  memset(__start_emu_smem, 0xFF, size_t(__stop_emu_smem - __start_emu_smem));
+  memset(__start_emu_smem, poison_byte, size_t(__stop_emu_smem - __start_emu_smem));
   for (uint64_t i = 0; i < n_static_smem; ++i)
-    memset(reinterpret_cast<void*>(static_smem_base + static_smem[2 * i]), 0xFF,
+    memset(reinterpret_cast<void*>(static_smem_base + static_smem[2 * i]), poison_byte,
            static_smem[2 * i + 1]);
+#else
+  const size_t size = size_t(__stop_emu_tsmem - __start_emu_tsmem);
+  const void* image = memmem(__start_emu_tsmem, size, emu_tsmem_anchor, sizeof emu_tsmem_anchor);
+  if (image) {
+    const size_t at = size_t(static_cast<const char*>(image) - __start_emu_tsmem);
+    unsigned char* mine = reinterpret_cast<unsigned char*>(emu_tsmem_anchor) - at;
+    memset(mine, poison_byte, at);
+    memset(mine + at + sizeof emu_tsmem_anchor, poison_byte, size - at - sizeof emu_tsmem_anchor);
+  }
+  n_atomic_addrs = 0;
 #endif
-  if (dyn_smem_bytes) memset(g_dyn_smem, 0xFF, dyn_smem_bytes);
+  if (dyn_smem_bytes) memset(g_dyn_smem, poison_byte, dyn_smem_bytes);
 }
 
 EMU_INTERNAL inline void run_block(size_t nthreads) {
@@ -829,6 +857,9 @@ EMU_INTERNAL inline void run_block(size_t nthreads) {
     f.tid.z = uint32_t(i / (size_t(bx) * by));
     f.warp = uint32_t(i / 32);
     f.lane = uint32_t(i % 32);
+#ifdef EMU_TSAN
+    f.fenced = false;
+#endif
     init_fiber(f, i);
     warps[f.warp].exist |= 1u << f.lane;
     warps[f.warp].live |= 1u << f.lane;
@@ -870,10 +901,16 @@ EMU_INTERNAL inline uint32_t* random_block_order(uint64_t nblocks) {
 }
 
 // ---------------------------------------------------------- guarded memory
-// Every region gets its own copy whose last byte touches a PROT_NONE page, with another
-// guard page before it: [G] r0 [G][G] r1 [G] ... Reads and writes past either end fault.
-// The copies live in one mapping that is kept from launch to launch while the layout (the
-// regions' page spans) stays the same, so that repeated launches cost no mmap/mprotect.
+// Every region gets its own copy between two inaccessible gaps of kGap bytes:
+// [gap] r0 [gap][gap] r1 [gap] ... The copy ends exactly at its following gap (or, with
+// guard_at_start, starts exactly at its preceding one), so the first byte past that end
+// faults, and so does any access up to kGap bytes further. The bytes between the copy and
+// the other gap (less than a page) hold the poison byte: reads there return poison and
+// writes there are found after the launch (check_redzones). The copies live in one mapping
+// that is kept from launch to launch while the layout stays the same, so that repeated
+// launches cost no mmap/mprotect.
+constexpr size_t kGap = size_t(1) << 20;
+
 struct Arena {
   unsigned char* base = nullptr;
   size_t bytes = 0;
@@ -883,16 +920,24 @@ struct Arena {
 inline Arena arena;
 constexpr size_t kKeepArenaBytes = size_t(64) << 20;
 
-// Bytes between the copy's start and the guard page: 0 unless the start must move down to
-// keep the host pointer's alignment (phase) modulo r.align.
-EMU_INTERNAL inline size_t region_pad(const Region& r) {
-  const uint64_t a = r.align ? r.align : 1;
+EMU_INTERNAL inline uint64_t region_align(const Region& r) { return r.align ? r.align : 1; }
+
+// Bytes of the copy's page span, enough for either placement (see region_offset).
+EMU_INTERNAL inline size_t region_span(const Region& r) {
+  const uint64_t a = region_align(r);
   const uint64_t phase = reinterpret_cast<uintptr_t>(r.host) % a;
-  return size_t((a - (r.nbytes + phase) % a) % a);
+  const uint64_t pad = (a - (r.nbytes + phase) % a) % a;
+  return size_t((r.nbytes + (phase > pad ? phase : pad) + kPage - 1) / kPage * kPage);
 }
 
-EMU_INTERNAL inline size_t region_span(const Region& r) {
-  return (r.nbytes + region_pad(r) + kPage - 1) / kPage * kPage;
+// Offset of the copy in its span: it keeps the host pointer's alignment (phase) modulo
+// r.align, and touches the end of the span (or its start, with guard_at_start).
+EMU_INTERNAL inline size_t region_offset(const Region& r) {
+  const uint64_t a = region_align(r);
+  const uint64_t phase = reinterpret_cast<uintptr_t>(r.host) % a;
+  if (guard_at_start) return size_t(phase);
+  const size_t pad = size_t((a - (r.nbytes + phase) % a) % a);
+  return region_span(r) - size_t(r.nbytes) - pad;
 }
 
 EMU_INTERNAL inline void release_arena() {
@@ -914,36 +959,68 @@ EMU_INTERNAL inline void map_regions(Launch* l) {
   }
   if (!arena_fits(l)) {
     release_arena();
-    size_t total = 2 * kPage;
-    for (int i = 0; i < l->nregions; ++i) total += region_span(l->regions[i]) + 2 * kPage;
-    arena.base = static_cast<unsigned char*>(map_or_die(total));
+    size_t total = 0;
+    for (int i = 0; i < l->nregions; ++i) total += region_span(l->regions[i]) + 2 * kGap;
+    if (total == 0) total = kPage;
+    void* m = mmap(nullptr, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) {
+      perror("cupy_bn.sim: mmap");
+      abort();
+    }
+    arena.base = static_cast<unsigned char*>(m);
     arena.bytes = total;
     arena.n = l->nregions <= 64 ? l->nregions : -1;
     unsigned char* p = arena.base;
     for (int i = 0; i < l->nregions; ++i) {
-      mprotect(p, i == 0 ? kPage : 2 * kPage, PROT_NONE);
-      p += (i == 0 ? kPage : 2 * kPage) + region_span(l->regions[i]);
-      if (i < 64) arena.spans[i] = region_span(l->regions[i]);
+      const size_t span = region_span(l->regions[i]);
+      if (span) mprotect(p + kGap, span, PROT_READ | PROT_WRITE);
+      p += span + 2 * kGap;
+      if (i < 64) arena.spans[i] = span;
     }
-    mprotect(p, kPage, PROT_NONE);
   }
   unsigned char* p = arena.base;
   for (int i = 0; i < l->nregions; ++i) {
     Region& r = l->regions[i];
-    p += i == 0 ? kPage : 2 * kPage;
-    unsigned char* end = p + region_span(r);
-    const uintptr_t start = reinterpret_cast<uintptr_t>(end) - r.nbytes - region_pad(r);
-    r.sim = reinterpret_cast<void*>(start);
-    memset(p, 0xFF, size_t(start - reinterpret_cast<uintptr_t>(p)));  // poisoned slack
+    const size_t span = region_span(r);
+    unsigned char* lo = p + kGap;
+    r.sim = lo + region_offset(r);
+    memset(lo, poison_byte, span);
     if (r.nbytes) memcpy(r.sim, r.host, r.nbytes);
-    memset(static_cast<unsigned char*>(r.sim) + r.nbytes, 0xFF,
-           size_t(reinterpret_cast<uintptr_t>(end) - start - r.nbytes));
-    p = end;
+    p += span + 2 * kGap;
   }
 }
 
-EMU_INTERNAL inline void unmap_regions(Launch* l) {
-  if (!l->guard) return;
+// Writes into the poisoned bytes around a copy (the other side from the gap it touches):
+// out-of-bounds writes that did not fault. Reported as the first such byte.
+EMU_INTERNAL inline bool check_redzones(Launch* l) {
+  for (int i = 0; i < l->nregions; ++i) {
+    const Region& r = l->regions[i];
+    const unsigned char* s = static_cast<const unsigned char*>(r.sim);
+    const unsigned char* lo = s - region_offset(r);
+    const unsigned char* hi = lo + region_span(r);
+    const unsigned char* bad = nullptr;
+    for (const unsigned char* q = s - 1; q >= lo && !bad; --q)
+      if (*q != poison_byte) bad = q;
+    for (const unsigned char* q = s + r.nbytes; q < hi && !bad; ++q)
+      if (*q != poison_byte) bad = q;
+    if (!bad) continue;
+    l->fault_region = i;
+    l->fault_offset = int64_t(bad - s);
+    l->fault_write = 1;
+    log_append("ERROR: out-of-bounds write of global memory at byte offset %lld of region %d "
+               "(%llu bytes) [found after the launch: the bytes next to the array changed; the "
+               "thread is not known, check_memory=True stops at it]\n",
+               (long long)(bad - s), i, (unsigned long long)r.nbytes);
+    return true;
+  }
+  return false;
+}
+
+// Copies results back; false (with an error logged) if `check` and an out-of-bounds write
+// was found.
+EMU_INTERNAL inline bool unmap_regions(Launch* l, bool check) {
+  if (!l->guard) return true;
+  const bool clean = !check || !check_redzones(l);
   for (int i = 0; i < l->nregions; ++i) {
     Region& r = l->regions[i];
     if (!r.nbytes) continue;
@@ -951,17 +1028,18 @@ EMU_INTERNAL inline void unmap_regions(Launch* l) {
     else r.written = memcmp(r.host, r.sim, r.nbytes) != 0;
   }
   if (arena.bytes > kKeepArenaBytes || arena.n < 0) release_arena();
+  return clean;
 }
 
-// The guard page hit by a fault, as (region, byte offset from the region's start).
+// The gap hit by a fault, as (region, byte offset from the region's start).
 EMU_INTERNAL inline bool locate_guard_hit(Launch* l, uintptr_t a, int* region, int64_t* offset) {
   for (int i = 0; i < l->nregions; ++i) {
     const Region& r = l->regions[i];
     if (!r.sim) continue;
     const uintptr_t s = reinterpret_cast<uintptr_t>(r.sim);
-    const uintptr_t area_end = s + r.nbytes + region_pad(r);
-    const uintptr_t area_start = area_end - region_span(r);
-    if ((a >= area_end && a < area_end + kPage) || (a < area_start && a + kPage >= area_start)) {
+    const uintptr_t area_start = s - region_offset(r);
+    const uintptr_t area_end = area_start + region_span(r);
+    if ((a >= area_end && a < area_end + kGap) || (a < area_start && a + kGap >= area_start)) {
       *region = i;
       *offset = int64_t(a - s);
       return true;
@@ -1151,6 +1229,8 @@ EMU_INTERNAL inline void begin_launch(Launch* l) {
   if (log_cap) log_buf[0] = 0;
   schedule = l->schedule;
   rng_state = l->seed;
+  guard_at_start = (l->guard & 2) != 0;
+  poison_byte = (l->guard >> 8) & 0xFF ? (unsigned char)((l->guard >> 8) & 0xFF) : 0xFF;
   dyn_smem_bytes = l->shared_mem;
   stack_kb = size_t(l->stack_kb > 0 ? l->stack_kb : 64);
   switches = 0;
@@ -1217,7 +1297,7 @@ EMU_INTERNAL inline int run_grid(void (*thunk)(void*), void* ctx, Launch* l) {
   }
   cur = nullptr;
   free(order);
-  unmap_regions(l);
+  if (!unmap_regions(l, rc == OK)) rc = FAILED;
   l->switches = switches;
   return rc;
 }
@@ -1315,8 +1395,7 @@ EMU_INTERNAL inline int run_grid(void (*thunk)(void*), void* ctx, Launch* l) {
   }
   in_kernel = 0;
   __tsan_acquire(&tsan_kernel_end);  // the host sees every thread's writes after the launch
-  unmap_regions(l);
-  return OK;
+  return unmap_regions(l, true) ? OK : FAILED;
 }
 
 // The race-mode executable: reads one launch from stdin (layout in launch.py), maps the
@@ -1466,8 +1545,27 @@ EMU_INTERNAL inline int launch(void (*k)(A...), Launch* l) {
 }
 
 // ------------------------------------------------------------------ atomics
+// Race mode orders memory through fences as the GPU does: a fence followed (in the same
+// thread) by an atomic on address A releases at A (every later atomic of a thread that has
+// fenced releases), and a fence acquires at every address that an atomic of its block has
+// touched before it. So "write, fence, atomic ticket" in the writer and "atomic ticket, fence,
+// read" in the last block synchronize; the ticket before the writer's fence, or no fence after
+// the reader's ticket, does not. Outside race mode both are no-ops.
+EMU_INTERNAL inline void atomic_sync(const void* p) {
+#ifdef EMU_TSAN
+  if (!cur) return;
+  if (cur->fenced) __tsan_release(const_cast<void*>(p));
+  for (int i = 0; i < n_atomic_addrs; ++i)
+    if (atomic_addrs[i] == p) return;
+  if (n_atomic_addrs < kAtomicAddrs) atomic_addrs[n_atomic_addrs++] = p;
+#else
+  (void)p;
+#endif
+}
+
 template <class T>
 inline T atomic_add(T* p, T v) {
+  atomic_sync(p);
   if constexpr (std::is_integral<T>::value) {
     return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
   } else {
@@ -1480,6 +1578,7 @@ inline T atomic_add(T* p, T v) {
 
 template <class T, class F>
 inline T atomic_update(T* p, F fn) {
+  atomic_sync(p);
   T old, nv;
   __atomic_load(p, &old, __ATOMIC_RELAXED);
   do { nv = fn(old); } while (!__atomic_compare_exchange(p, &old, &nv, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
@@ -1513,8 +1612,8 @@ EMU_INTERNAL inline uint64_t switch_count() { return switches; }
 
 EMU_INTERNAL inline void thread_fence() {
 #ifdef EMU_TSAN
-  __tsan_release(&tsan_fence);
-  __tsan_acquire(&tsan_fence);
+  if (cur) cur->fenced = true;
+  for (int i = 0; i < n_atomic_addrs; ++i) __tsan_acquire(const_cast<void*>(atomic_addrs[i]));
 #else
   __atomic_thread_fence(__ATOMIC_SEQ_CST);
 #endif
@@ -1525,6 +1624,88 @@ EMU_INTERNAL inline void thread_fence() {
 }
 
 }  // namespace emu
+
+// ------------------------------------------------------- undefined behaviour
+// The module is compiled with -fsanitize=signed-integer-overflow,bounds (build.py): g++ calls
+// these handlers (the layouts of GCC's and LLVM's UBSan runtime) where an int expression
+// overflows or a subscript leaves an array of known size (static __shared__ arrays, local
+// arrays). The launch stops with the operation, the values and the source line. Unsigned
+// arithmetic wraps by definition and is not checked.
+namespace emu::ubsan {
+struct Location { const char* file; uint32_t line, column; };
+struct Type { uint16_t kind, info; char name[1]; };  // kind 0: integer, info: log2(bits) << 1 | signed
+struct Overflow { Location loc; const Type* type; };
+struct OutOfBounds { Location loc; const Type* array; const Type* index; };
+struct Shift { Location loc; const Type* lhs; const Type* rhs; };
+
+EMU_INTERNAL inline void format(const Type* t, uintptr_t v, char* buf, size_t cap) {
+  const unsigned bits = t->kind == 0 ? 1u << (t->info >> 1) : 64u;
+  if (bits > 64) { snprintf(buf, cap, "(a %u-bit value)", bits); return; }
+  uint64_t u = uint64_t(v);
+  if (bits < 64) u &= (uint64_t(1) << bits) - 1;
+  if (t->kind == 0 && (t->info & 1)) {
+    int64_t x = bits < 64 && (u >> (bits - 1) & 1) ? int64_t(u - (uint64_t(1) << bits)) : int64_t(u);
+    snprintf(buf, cap, "%lld", (long long)x);
+  } else {
+    snprintf(buf, cap, "%llu", (unsigned long long)u);
+  }
+}
+
+[[noreturn]] EMU_INTERNAL inline void overflow(const Overflow* d, const char* op, uintptr_t a, uintptr_t b) {
+  char x[32], y[32];
+  format(d->type, a, x, sizeof x);
+  format(d->type, b, y, sizeof y);
+  if (!op)
+    fail_at(cur, "signed integer overflow at %s:%u:%u: -(%s) cannot be represented in type %s",
+            d->loc.file, d->loc.line, d->loc.column, y, d->type->name);
+  fail_at(cur, "signed integer overflow at %s:%u:%u: %s %s %s cannot be represented in type %s "
+          "(compute indices in long long or size_t)", d->loc.file, d->loc.line, d->loc.column, x,
+          op, y, d->type->name);
+}
+}  // namespace emu::ubsan
+
+#define EMU_UBSAN_HANDLER(name, ...)                                                      \
+  extern "C" __attribute__((visibility("hidden"), noreturn)) EMU_INTERNAL void             \
+      __ubsan_handle_##name(__VA_ARGS__);                                                  \
+  extern "C" __attribute__((visibility("hidden"), noreturn)) EMU_INTERNAL void             \
+      __ubsan_handle_##name##_abort(__VA_ARGS__);
+EMU_UBSAN_HANDLER(add_overflow, emu::ubsan::Overflow*, uintptr_t, uintptr_t)
+EMU_UBSAN_HANDLER(sub_overflow, emu::ubsan::Overflow*, uintptr_t, uintptr_t)
+EMU_UBSAN_HANDLER(mul_overflow, emu::ubsan::Overflow*, uintptr_t, uintptr_t)
+EMU_UBSAN_HANDLER(negate_overflow, emu::ubsan::Overflow*, uintptr_t)
+EMU_UBSAN_HANDLER(divrem_overflow, emu::ubsan::Overflow*, uintptr_t, uintptr_t)
+EMU_UBSAN_HANDLER(out_of_bounds, emu::ubsan::OutOfBounds*, uintptr_t)
+#undef EMU_UBSAN_HANDLER
+
+#define EMU_UBSAN_BINARY(name, op)                                                        \
+  extern "C" void __ubsan_handle_##name(emu::ubsan::Overflow* d, uintptr_t a, uintptr_t b) { \
+    emu::ubsan::overflow(d, op, a, b);                                                     \
+  }                                                                                        \
+  extern "C" void __ubsan_handle_##name##_abort(emu::ubsan::Overflow* d, uintptr_t a,      \
+                                                uintptr_t b) {                             \
+    emu::ubsan::overflow(d, op, a, b);                                                     \
+  }
+EMU_UBSAN_BINARY(add_overflow, "+")
+EMU_UBSAN_BINARY(sub_overflow, "-")
+EMU_UBSAN_BINARY(mul_overflow, "*")
+EMU_UBSAN_BINARY(divrem_overflow, "/")
+#undef EMU_UBSAN_BINARY
+
+extern "C" void __ubsan_handle_negate_overflow(emu::ubsan::Overflow* d, uintptr_t a) {
+  emu::ubsan::overflow(d, nullptr, 0, a);
+}
+extern "C" void __ubsan_handle_negate_overflow_abort(emu::ubsan::Overflow* d, uintptr_t a) {
+  emu::ubsan::overflow(d, nullptr, 0, a);
+}
+extern "C" void __ubsan_handle_out_of_bounds(emu::ubsan::OutOfBounds* d, uintptr_t index) {
+  char i[32];
+  emu::ubsan::format(d->index, index, i, sizeof i);
+  emu::fail_at(emu::cur, "index %s out of bounds for type %s at %s:%u:%u", i, d->array->name,
+               d->loc.file, d->loc.line, d->loc.column);
+}
+extern "C" void __ubsan_handle_out_of_bounds_abort(emu::ubsan::OutOfBounds* d, uintptr_t index) {
+  __ubsan_handle_out_of_bounds(d, index);
+}
 
 // The device API (intrinsics, atomics, math) comes next; ElementwiseKernel's loops also
 // include emu_elementwise.h.

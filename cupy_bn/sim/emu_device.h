@@ -130,10 +130,11 @@ inline unsigned atomicSub(unsigned* p, unsigned v) { return emu::atomic_add(p, 0
   inline T atomicExch(T* p, T v) { return emu::atomic_update(p, [&](T) { return v; }); }      \
   inline T atomicMin(T* p, T v) { return emu::atomic_update(p, [&](T o) { return v < o ? v : o; }); } \
   inline T atomicMax(T* p, T v) { return emu::atomic_update(p, [&](T o) { return v > o ? v : o; }); } \
-  inline T atomicAnd(T* p, T v) { return __atomic_fetch_and(p, v, __ATOMIC_RELAXED); }        \
-  inline T atomicOr(T* p, T v) { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }          \
-  inline T atomicXor(T* p, T v) { return __atomic_fetch_xor(p, v, __ATOMIC_RELAXED); }        \
+  inline T atomicAnd(T* p, T v) { emu::atomic_sync(p); return __atomic_fetch_and(p, v, __ATOMIC_RELAXED); } \
+  inline T atomicOr(T* p, T v) { emu::atomic_sync(p); return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); } \
+  inline T atomicXor(T* p, T v) { emu::atomic_sync(p); return __atomic_fetch_xor(p, v, __ATOMIC_RELAXED); } \
   inline T atomicCAS(T* p, T compare, T v) {                                                  \
+    emu::atomic_sync(p);                                                                      \
     __atomic_compare_exchange(p, &compare, &v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);    \
     return compare;                                                                           \
   }
@@ -143,6 +144,7 @@ EMU_ATOMIC_INT_OPS(unsigned long long)
 EMU_ATOMIC_INT_OPS(long long)
 #undef EMU_ATOMIC_INT_OPS
 inline unsigned short atomicCAS(unsigned short* p, unsigned short compare, unsigned short v) {
+  emu::atomic_sync(p);
   __atomic_compare_exchange(p, &compare, &v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
   return compare;
 }

@@ -70,6 +70,8 @@ class LaunchConfig:
     guard: bool
     timeout: float
     check_races: bool = False
+    guard_start: bool = False  # array copies start at a guard page (else: end at one)
+    poison: int = 0xFF  # byte that fills shared memory and the bytes around array copies
 
     @property
     def threads_per_block(self) -> int:
@@ -189,7 +191,9 @@ def run_in_process(fn, cfg: LaunchConfig, packed: Packed) -> LaunchResult:
         schedule=SCHEDULES[cfg.schedule],
         seed=cfg.seed,
         stack_kb=cfg.stack_kb,
-        guard=int(cfg.guard),
+        guard=(int(cfg.guard) | (2 if cfg.guard_start else 0) | (cfg.poison & 0xFF) << 8)
+        if cfg.guard
+        else 0,
         timeout_s=cfg.timeout,
         nargs=nargs,
         nregions=nreg,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import re
 import threading
 import warnings
@@ -298,6 +299,7 @@ class RawKernel:
         seed: int = 0,
         check_races: bool = False,
         guard: bool = True,
+        check_memory: bool = False,
         stack_kb: int = 64,
         timeout: float = 60.0,
     ) -> None:
@@ -316,6 +318,11 @@ class RawKernel:
                 grids).
             guard: copy arrays next to guard pages so out-of-bounds accesses fault (default);
                 ``False`` passes NumPy's memory as is.
+            check_memory: run the launch twice on the same inputs, first with every array
+                copy starting at a guard page and shared memory filled with 0xFF bytes, then
+                with copies ending at a guard page and 0x7F bytes; the outputs must match
+                bit for bit (else the kernel read uninitialized memory). Not with
+                ``check_races``.
             stack_kb: stack of every simulated thread.
             timeout: seconds before a launch that does not finish is stopped (0: never).
 
@@ -347,12 +354,55 @@ class RawKernel:
         for msg in packed.warnings:
             warnings.warn(msg, ArgumentTypeWarning, stacklevel=2)
         assert self._mod is not None
+        if check_memory:
+            if check_races or not guard:
+                raise SimulationError(
+                    f"{self.name}: check_memory needs guard=True and check_races=False"
+                )
+            self._run_twice(cfg, packed)
+            return
         if check_races:
             result = races.run(self._mod.race_executable(), self._index, cfg, packed, self.params)
         else:
             result = launch.run_in_process(self._fn, cfg, packed)
         self.last_switches = result.switches
         self._report(result, packed, cfg)
+
+    def _run_twice(self, cfg: launch.LaunchConfig, packed: Packed) -> None:
+        """check_memory: two launches with the guards and the poison swapped, same outputs."""
+        spans = [(r.lo, r.hi - r.lo) for r in packed.regions if r.writeable]
+        inputs = [ctypes.string_at(lo, n) for lo, n in spans]
+        first_cfg = dataclasses.replace(cfg, guard_start=True, poison=0xFF)
+        result = launch.run_in_process(self._fn, first_cfg, packed)
+        self._report(result, packed, first_cfg)
+        first = [ctypes.string_at(lo, n) for lo, n in spans]
+        for (lo, n), data in zip(spans, inputs, strict=True):
+            ctypes.memmove(lo, data, n)
+        second_cfg = dataclasses.replace(cfg, guard_start=False, poison=0x7F)
+        result = launch.run_in_process(self._fn, second_cfg, packed)
+        self.last_switches = result.switches
+        self._report(result, packed, second_cfg)
+        regions = [i for i, r in enumerate(packed.regions) if r.writeable]
+        for k, ((lo, n), a) in enumerate(zip(spans, first, strict=True)):
+            b = ctypes.string_at(lo, n)
+            if a == b:
+                continue
+            byte = next(j for j in range(n) if a[j] != b[j])
+            spec = packed.regions[regions[k]]
+            i = min(
+                (j for j in spec.args if packed.arg_offset[j] <= byte),
+                key=lambda j: byte - packed.arg_offset[j],
+                default=min(spec.args),
+            )
+            arr = packed.arrays[i]
+            element = (byte - packed.arg_offset[i]) // max(1, arr.itemsize)
+            raise SimulationError(
+                f"{self.name} (grid {cfg.grid}, block {cfg.block}, schedule {cfg.schedule!r}): "
+                f"check_memory: the array passed as {self.params[i].describe()} differs between "
+                f"a run with shared memory and the bytes around arrays filled with 0xFF and a "
+                f"run with 0x7F (first at element {element}): the kernel reads uninitialized "
+                "shared memory or memory next to an array"
+            )
 
     def _report(
         self, result: launch.LaunchResult, packed: Packed, cfg: launch.LaunchConfig

@@ -79,14 +79,14 @@ def test_partial_warp_with_full_mask_is_an_error(bugs, schedule, seed):
         block_sum(bugs, "partial_warp_mask", x, 256, schedule=schedule, seed=seed)
 
 
-def test_shuffle_reading_a_lane_of_a_partial_warp_is_an_error(bugs):
+def test_shuffle_reading_a_lane_of_a_partial_warp_gives_poison(bugs):
+    # PTX leaves the value of a lane that does not exist undefined: the simulator returns
+    # NaN, which shows up in the partial warp's sum (a guarded shuffle is in test_sim_holes)
     x = np.ones(48, np.float32)
-    with pytest.raises(
-        sim.SimulationError,
-        match=r"__shfl_down_sync at kernel\.cu:\d+ .* reads lane 16, which does "
-        r"not exist.*block \(0,0,0\) thread \(32,0,0\)",
-    ):
-        bugs.get_function("partial_block_shuffle")(1, 48, (x, np.zeros(2, np.float32)))
+    out = np.zeros(2, np.float32)
+    bugs.get_function("partial_block_shuffle")(1, 48, (x, out))
+    assert out[0] == 32
+    assert np.isnan(out[1])
 
 
 @schedules

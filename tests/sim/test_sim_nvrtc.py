@@ -70,7 +70,9 @@ def test_compile_errors_carry_the_log():
 
 def test_options_reach_nvrtc():
     src = 'extern "C" __global__ void k(int* x) { *x = VALUE; }'
-    assert "mov.u32" in nvrtc.compile_ptx(src, options=("-DVALUE=42",))
+    for value in (123456789, 987654321):  # the constant itself is in the PTX
+        ptx = nvrtc.compile_ptx(src, options=(f"-DVALUE={value}",))
+        assert re.search(rf"\b{value}\b", ptx), ptx
     with pytest.raises(nvrtc.NvrtcError, match='"VALUE" is undefined'):
         nvrtc.compile_ptx(src)
 
