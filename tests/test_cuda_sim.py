@@ -215,32 +215,44 @@ def test_partials_are_merged_in_index_order():
 
 @pytest.mark.parametrize("shape,channel_axis", [((5, 3, 301), 1), ((700, 37), -1)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_kernels_read_no_uninitialized_memory(monkeypatch, shape, channel_axis, dtype):
+def test_kernels_read_no_uninitialized_memory(shape, channel_axis, dtype):
     """Every raw kernel launch runs twice (check_memory): guards at the start, then the end of
     every array, shared memory and the bytes around arrays filled with 0xFF, then 0x7F. The
     outputs must be the same bits, and the same as without the check."""
-    from cupy_bn.kernels.loader import SimLoader
-
-    launches = []
-
-    def launch_checked(self, kernel, grid, block, args, shared_mem=0):
-        launches.append(kernel.name)
-        kernel(
-            grid,
-            block,
-            args,
-            shared_mem=shared_mem,
-            schedule=self.schedule,
-            seed=self.seed,
-            check_memory=True,
-        )
-
     plain = _run_everything(sim("random", SPLIT, seed=1), shape, channel_axis, dtype)
-    monkeypatch.setattr(SimLoader, "launch", launch_checked)
-    checked = _run_everything(sim("random", SPLIT, seed=1), shape, channel_axis, dtype)
+    backend = sim("random", SPLIT, seed=1, check_memory=True)
+    launches = []
+    real_launch = backend.loader.launch
+
+    def counted(kernel, *args, **kwargs):
+        launches.append(kernel.name)
+        return real_launch(kernel, *args, **kwargs)
+
+    backend.loader.launch = counted
+    checked = _run_everything(backend, shape, channel_axis, dtype)
     assert len(set(launches)) >= 4, launches
     for a, b in zip(plain, checked, strict=True):
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def test_sim_loader_passes_its_checks_to_every_launch():
+    from cupy_bn.kernels.loader import SimLoader
+
+    seen = {}
+
+    def kernel(grid, block, args, **options):
+        seen.update(options)
+
+    SimLoader("reverse", 7, check_memory=True).launch(kernel, (1,), (32,), ())
+    assert seen == {
+        "shared_mem": 0,
+        "schedule": "reverse",
+        "seed": 7,
+        "check_races": False,
+        "check_memory": True,
+    }
+    with pytest.raises(ValueError, match="cannot be combined"):
+        SimLoader(check_races=True, check_memory=True)
 
 
 @pytest.mark.parametrize(

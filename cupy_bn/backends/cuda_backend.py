@@ -202,9 +202,10 @@ class CudaBackend:
         seed: int = 0,
         check_races: bool = False,
         tuning: Tuning | None = None,
+        check_memory: bool = False,
     ) -> CudaBackend:
         """The "sim" backend: NumPy arrays, kernels run by `cupy_bn.sim` on the CPU."""
-        return cls("sim", np, SimLoader(schedule, seed, check_races), tuning)
+        return cls("sim", np, SimLoader(schedule, seed, check_races, check_memory), tuning)
 
     # -- launch geometry ----------------------------------------------------------------------
     def _resident_blocks(self, kernel: Any, threads: int) -> int:

@@ -243,19 +243,30 @@ def _cupy_device(device_id: int) -> DeviceSpec:
 class SimLoader(KernelLoader):
     """Kernels run by the CUDA simulator on NumPy arrays.
 
-    `schedule` ("forward", "reverse", "random"), `seed` and `check_races` are passed to every
-    launch; loaders with different settings share the compiled modules.
+    `schedule` ("forward", "reverse", "random"), `seed`, `check_races` and `check_memory` (two
+    runs with the guards and the poison swapped, the same bits required; not together with
+    `check_races`) are passed to every raw kernel launch; loaders with different settings share
+    the compiled modules.
     """
 
     target = "sim"
 
-    def __init__(self, schedule: str = "forward", seed: int = 0, check_races: bool = False):
+    def __init__(
+        self,
+        schedule: str = "forward",
+        seed: int = 0,
+        check_races: bool = False,
+        check_memory: bool = False,
+    ):
         from cupy_bn import sim  # the library's one way into the simulator (deferred)
 
+        if check_races and check_memory:
+            raise ValueError("check_races and check_memory cannot be combined")
         self._sim = sim
         self.schedule = schedule
         self.seed = seed
         self.check_races = check_races
+        self.check_memory = check_memory
 
     @staticmethod
     def available() -> bool:
@@ -284,4 +295,5 @@ class SimLoader(KernelLoader):
             schedule=self.schedule,
             seed=self.seed,
             check_races=self.check_races,
+            check_memory=self.check_memory,
         )
