@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cupy_bn.cli.common import CheckFailed, UserError, emit_json, stdout_console
+from cupy_bn.fold.pairing import display
 
 
 def _parse_assignments(values: tuple[str, ...], option: str, what: str) -> list[tuple[str, str]]:
@@ -215,9 +216,7 @@ def _fold_state_dict(
         _print_fold_table(report, checks if verify else None)
         console = stdout_console()
         for item in report.kept:
-            console.print(
-                f"kept unfolded: {_display_prefix(item.bn)} ({item.reason})", markup=False
-            )
+            console.print(f"kept unfolded: {display(item.bn)} ({item.reason})", markup=False)
         if not failed:
             console.print(
                 f"Folded {len(report.pairs)} batch norm(s): {model} -> {output}"
@@ -227,10 +226,6 @@ def _fold_state_dict(
     if failed:
         names = ", ".join(f"{c.layer}+{c.bn}" for c in failed)
         raise CheckFailed(f"fold check failed for {names}; nothing written")
-
-
-def _display_prefix(prefix: str) -> str:
-    return prefix if prefix else "<top level>"
 
 
 def _emit_fold_json(
@@ -264,7 +259,7 @@ def _refuse_unresolved(model: Path, output: Path, unresolved: list, as_json: boo
     err.print("A state dict holds no graph (activations, adds and concats have no keys).")
     for u in unresolved:
         proposal = f"--pair {u.candidate}={u.bn}" if u.candidate is not None else "no proposal"
-        err.print(f"  {_display_prefix(u.bn)}: {u.reason} [{proposal}]", markup=False)
+        err.print(f"  {display(u.bn)}: {u.reason} [{proposal}]", markup=False)
     err.print(
         "Confirm with --pair LAYER=BN for each true pair (and --transpose LAYER for a "
         "ConvTranspose), or --assume-sequential if the key order is the data flow with nothing "
@@ -293,8 +288,8 @@ def _print_fold_table(report: Any, checks: list[Any] | None) -> None:
         table.add_column("algebra", no_wrap=True)
     for pair in report.pairs:
         cells = [
-            _display_prefix(pair.layer),
-            _display_prefix(pair.bn),
+            display(pair.layer),
+            display(pair.bn),
             pair.kind + (" (assumed)" if pair.assumption else ""),
             str(pair.channels),
             str(pair.groups),

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from cupy_bn.fold.algebra import FoldError
+from cupy_bn.fold.pairing import join
 from cupy_bn.fold.state_dict import FoldReport
 from cupy_bn.jsonable import jsonable
 from cupy_bn.validation import check_seed
@@ -124,7 +125,7 @@ def bn_eval_forward(
 
 
 def _leaf(state: Mapping[str, np.ndarray], prefix: str, leaf: str) -> np.ndarray | None:
-    return state.get(f"{prefix}.{leaf}" if prefix else leaf)
+    return state.get(join(prefix, leaf))
 
 
 def verify_fold(
@@ -142,8 +143,8 @@ def verify_fold(
     rng = np.random.default_rng(check_seed(seed, FoldError))
     checks = []
     for pair in report.pairs:
-        weight = original[f"{pair.layer}.weight" if pair.layer else "weight"]
-        new_weight = folded[f"{pair.layer}.weight" if pair.layer else "weight"]
+        weight = original[join(pair.layer, "weight")]
+        new_weight = folded[join(pair.layer, "weight")]
         new_bias = _leaf(folded, pair.layer, "bias")
         transpose = pair.kind.startswith("conv_transpose")
         kernel = weight.shape[2:]
