@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from cupy_bn.arrays import array_module, to_host
-from cupy_bn.backends import Backend, get_backend, has_fused_statistics
+from cupy_bn.backends import Backend, get_backend, has_fused_backward, has_fused_statistics
 from cupy_bn.dtypes import accumulation_dtype
 from cupy_bn.layout import View, canonical
 from cupy_bn.validation import (
@@ -210,6 +210,17 @@ def batch_norm_backward(
         return _batch_norm_backward(dy, saved)
 
 
+def _parameter_gradients(
+    saved: SavedForBackward, sum_dy: Array, sum_dy_xmu: Array
+) -> tuple[Array | None, Array | None]:
+    """`dweight = sum(dy * (x - mean)) * invstd` and `dbias = sum(dy)` (None without them)."""
+    dweight = (
+        None if saved.weight is None else (sum_dy_xmu * saved.invstd).astype(saved.weight.dtype)
+    )
+    dbias = None if saved.bias_dtype is None else sum_dy.astype(saved.bias_dtype)
+    return dweight, dbias
+
+
 def _batch_norm_backward(
     dy: Array, saved: SavedForBackward
 ) -> tuple[Array, Array | None, Array | None]:
@@ -219,13 +230,17 @@ def _batch_norm_backward(
     acc = accumulation_dtype(view.data.dtype)
     xp = be.xp
     gamma = xp.ones(view.num_channels, acc) if saved.weight is None else saved.weight.astype(acc)
+    if saved.batch_statistics and saved.reducer is None and has_fused_backward(be):
+        sum_dy, sum_dy_xmu, dx = be.backward(
+            dyv, view, saved.mean, saved.invstd, gamma, saved.count
+        )
+        return view.restore(dx), *_parameter_gradients(saved, sum_dy, sum_dy_xmu)
     need_sums = saved.batch_statistics or saved.weight is not None or saved.bias_dtype is not None
     if need_sums:
         sum_dy, sum_dy_xmu = be.backward_reduce(dyv, view, saved.mean, invstd=saved.invstd)
-    dweight = (
-        None if saved.weight is None else (sum_dy_xmu * saved.invstd).astype(saved.weight.dtype)
-    )
-    dbias = None if saved.bias_dtype is None else sum_dy.astype(saved.bias_dtype)
+        dweight, dbias = _parameter_gradients(saved, sum_dy, sum_dy_xmu)
+    else:
+        dweight = dbias = None
     if saved.batch_statistics:
         if saved.reducer is not None:
             sum_dy, sum_dy_xmu = saved.reducer.sum_grads(sum_dy, sum_dy_xmu)

@@ -10,6 +10,7 @@ from cupy_bn import functional
 from cupy_bn.backends import Backend, FusedTrainStatistics, has_fused_statistics
 from cupy_bn.backends.cuda_backend import CudaBackend, simulator_usable
 from cupy_bn.backends.numpy_backend import NumpyBackend
+from cupy_bn.backends.numpy_direct import DIRECT_MAX_ELEMENTS
 from cupy_bn.layout import canonical
 
 PRIMITIVES = {"batch_stats", "apply", "backward_reduce", "backward_apply", "update_running"}
@@ -115,9 +116,9 @@ def _backends():
     return backends
 
 
-def _reduce_case(offset: float):
+def _reduce_case(offset: float, shape=(16, 3, 16, 16)):
     rng = np.random.default_rng(1)
-    x = (rng.standard_normal((16, 3, 16, 16)) + offset).astype(np.float32)
+    x = (rng.standard_normal(shape) + offset).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
     return x, dy
 
@@ -160,9 +161,14 @@ def test_cuda_backend_ignores_invstd():
 
 
 def test_numpy_backend_chooses_its_sums_by_invstd():
-    """The hint is trusted: one claiming |mean| within a std on far-off data takes raw sums."""
+    """Above the direct path the hint is trusted: one claiming |mean| within a std on far-off
+    data takes raw sums. The direct path (small tensors) always centres."""
     be = NumpyBackend()
-    x, dy = _reduce_case(1e4)
     misleading = np.full(3, 1e-6, np.float32)  # var + eps = 1e12: |mean| = 1e4 looks small
+    x, dy = _reduce_case(1e4, shape=(16, 3, 64, 64))
+    assert x.size > DIRECT_MAX_ELEMENTS
     assert _sum_dy_xmu_error(be, x, dy, misleading) > 1e-6
     assert _sum_dy_xmu_error(be, x, dy, "forward") < 1e-7
+    x, dy = _reduce_case(1e4)
+    assert x.size <= DIRECT_MAX_ELEMENTS
+    assert _sum_dy_xmu_error(be, x, dy, misleading) < 1e-7

@@ -11,15 +11,23 @@ from functools import cache
 from typing import Any
 
 from cupy_bn.arrays import is_cupy
-from cupy_bn.backends.base import Backend, FusedTrainStatistics, has_fused_statistics
+from cupy_bn.backends.base import (
+    Backend,
+    FusedBackward,
+    FusedTrainStatistics,
+    has_fused_backward,
+    has_fused_statistics,
+)
 from cupy_bn.validation import check_array_module, type_name
 
 __all__ = [
     "Backend",
+    "FusedBackward",
     "FusedTrainStatistics",
     "available_backends",
     "cupy_usable",
     "get_backend",
+    "has_fused_backward",
     "has_fused_statistics",
     "register_backend",
 ]

@@ -21,8 +21,10 @@ Conventions:
 `Backend` is exactly these five primitives (plus `name` and `xp`). A backend may also offer the
 fused training statistics of `FusedTrainStatistics`; `cupy_bn.functional` uses them when
 `has_fused_statistics(backend)` (the CUDA backend), and composes `batch_stats`,
-per-channel array operations and `update_running` otherwise. What each backend moves and
-launches per phase is `cupy_bn.traffic`'s model, not part of this interface.
+per-channel array operations and `update_running` otherwise. Likewise `FusedBackward` (the
+NumPy backend): one call for the training backward when no all-reduce separates its halves.
+What each backend moves and launches per phase is `cupy_bn.traffic`'s model, not part of this
+interface.
 """
 
 from __future__ import annotations
@@ -112,12 +114,29 @@ class FusedTrainStatistics(Protocol):
         """
 
 
+@runtime_checkable
+class FusedBackward(Protocol):
+    """The optional capability of a backend: a training-mode backward in one step."""
+
+    def backward(
+        self, dy: View, x: View, mean: Array, invstd: Array, gamma: Array, count: int
+    ) -> tuple[Array, Array, Array]:
+        """`(sum_dy, sum_dy_xmu, dx)`: the values of `backward_reduce` and of
+        `backward_apply` given those sums, for a batch whose sums need no all-reduce in between
+        (`count` is `x.count`)."""
+
+
 @functools.cache
-def _class_has_fused_statistics(cls: type) -> bool:
-    return issubclass(cls, FusedTrainStatistics)
+def _class_implements(cls: type, capability: type) -> bool:
+    return issubclass(cls, capability)
 
 
 def has_fused_statistics(backend: object) -> bool:
     """Whether `backend` implements `FusedTrainStatistics`, decided once per backend class
     (a protocol's `isinstance` check costs microseconds on every call)."""
-    return _class_has_fused_statistics(type(backend))
+    return _class_implements(type(backend), FusedTrainStatistics)
+
+
+def has_fused_backward(backend: object) -> bool:
+    """Whether `backend` implements `FusedBackward`, decided once per backend class."""
+    return _class_implements(type(backend), FusedBackward)

@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 
+from cupy_bn.backends import numpy_direct as direct
 from cupy_bn.backends.base import Array
 from cupy_bn.backends.tiling import BLOCK_ELEMENTS, PAGE, Plan, plan_for, store, workspace
 from cupy_bn.dtypes import accumulation_dtype
@@ -69,6 +70,18 @@ def raw_sums_are_exact(mean: Array, var: Array) -> bool:
         )
 
 
+def dx_coefficients(
+    invstd: Array, gamma: Array, sum_dy: Array, sum_dy_xmu: Array, count: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Float64 `(p, q, r)` of `dx = p * dy + q * (x - mean) + r` (see `Backend.backward_apply`):
+    `p = gamma * invstd`, `q = -p * invstd^2 * sum_dy_xmu / count`, `r = -p * sum_dy / count`."""
+    invstd = np.asarray(invstd, np.float64)
+    p = np.asarray(gamma, np.float64) * invstd
+    q = p * invstd * invstd * np.asarray(sum_dy_xmu, np.float64) * (-1.0 / count)
+    r = p * np.asarray(sum_dy, np.float64) * (-1.0 / count)
+    return p, q, r
+
+
 def _effective_var(invstd: Array) -> np.ndarray:
     """`var + eps` from `invstd`: the spread that sets the gradients' scale."""
     with np.errstate(divide="ignore"):
@@ -86,6 +99,9 @@ class NumpyBackend:
         acc = accumulation_dtype(x.data.dtype)
         if x.count == 0:
             return np.zeros(x.num_channels, acc), np.zeros(x.num_channels, acc)
+        if direct.is_small(x):
+            mean, var = direct.batch_stats(x, acc)
+            return mean.astype(acc), var.astype(acc)
         plan = plan_for(x)
         mean, var = self._moments(x, plan, acc, None)
         if not raw_sums_are_exact(mean, var):
@@ -124,6 +140,8 @@ class NumpyBackend:
     def apply(self, x: View, scale: Array, shift: Array) -> Array:
         """`x * scale + shift`; one pass fewer when `shift` is all zeros (gradients in eval)."""
         acc = accumulation_dtype(x.data.dtype)
+        if direct.is_small(x):
+            return direct.apply(x, np.asarray(scale, acc), np.asarray(shift, acc))
         out = empty_unaliased(x.data.shape, x.data.dtype, x.data)
         if x.data.size == 0:
             return out
@@ -157,6 +175,9 @@ class NumpyBackend:
         acc = accumulation_dtype(x.data.dtype)
         if x.count == 0:
             return np.zeros(x.num_channels, acc), np.zeros(x.num_channels, acc)
+        if direct.is_small(x):
+            sum_dy, sum_dy_xmu = direct.gradient_sums(dy, direct.centred(x, mean, acc), acc)
+            return sum_dy.astype(acc), sum_dy_xmu.astype(acc)
         plan = plan_for(x)
         raw = invstd is not None and raw_sums_are_exact(mean, _effective_var(invstd))
         mu = None if raw else plan.coefficients(acc, mean)[0]
@@ -195,14 +216,14 @@ class NumpyBackend:
         which saves a pass: `dx = p * dy + q * x + (r - q * mean)`.
         """
         acc = accumulation_dtype(dy.data.dtype)
+        p, q, r = dx_coefficients(invstd, gamma, sum_dy, sum_dy_xmu, count)
+        if direct.is_small(x):
+            return direct.input_gradient(dy, direct.centred(x, mean, acc), p, q, r)
         out = empty_unaliased(dy.data.shape, dy.data.dtype, dy.data, x.data)
         if dy.data.size == 0:
             return out
         invstd64 = np.asarray(invstd, np.float64)
         mean64 = np.asarray(mean, np.float64)
-        p = np.asarray(gamma, np.float64) * invstd64
-        q = -p * invstd64 * invstd64 * np.asarray(sum_dy_xmu, np.float64) / count
-        r = -p * np.asarray(sum_dy, np.float64) / count
         raw = raw_sums_are_exact(mean64, _effective_var(invstd64))
         plan = plan_for(x, coefficients=True)
         pc, qc, rc, *mu = plan.coefficients(acc, p, q, *([r - q * mean64] if raw else [r, mean]))
@@ -223,6 +244,24 @@ class NumpyBackend:
 
         plan.run(block_dx)
         return out
+
+    def backward(
+        self, dy: View, x: View, mean: Array, invstd: Array, gamma: Array, count: int
+    ) -> tuple[Array, Array, Array]:
+        """`(sum_dy, sum_dy_xmu, dx)`: `backward_reduce`, then `backward_apply` with its sums.
+
+        A small tensor centres `x` once for both; a larger one runs the two primitives.
+        """
+        acc = accumulation_dtype(x.data.dtype)
+        if x.count and direct.is_small(x):
+            xmu = direct.centred(x, mean, acc)
+            sum_dy, sum_dy_xmu = direct.gradient_sums(dy, xmu, acc)
+            p, q, r = dx_coefficients(invstd, gamma, sum_dy, sum_dy_xmu, count)
+            dx = direct.input_gradient(dy, xmu, p, q, r)
+            return sum_dy.astype(acc), sum_dy_xmu.astype(acc), dx
+        sum_dy, sum_dy_xmu = self.backward_reduce(dy, x, mean, invstd)
+        dx = self.backward_apply(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xmu, count)
+        return sum_dy, sum_dy_xmu, dx
 
     # -- running statistics ---------------------------------------------------------------
     def update_running(
