@@ -20,6 +20,8 @@ def is_cupy(x: Any) -> bool:
 
 def array_module(x: Any):
     """`cupy` for CuPy arrays, `numpy` for everything else."""
+    if type(x) is np.ndarray:
+        return np
     if is_cupy(x):
         import cupy
 

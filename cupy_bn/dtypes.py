@@ -18,6 +18,8 @@ SUPPORTED = tuple(
 
 def check_float_dtype(name: str, dtype) -> np.dtype:
     """Return `dtype` as a numpy dtype, or raise TypeError naming `name` if it is not a float."""
+    if dtype in SUPPORTED:  # numpy dtypes and scalar types compare equal to their dtype
+        return np.dtype(dtype)
     dtype = np.dtype(dtype)
     if dtype not in SUPPORTED:
         names = ", ".join(str(d) for d in SUPPORTED)
@@ -25,6 +27,9 @@ def check_float_dtype(name: str, dtype) -> np.dtype:
     return dtype
 
 
+_FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
+
+
 def accumulation_dtype(dtype) -> np.dtype:
     """float64 for float64 data, float32 for everything narrower (float16, bfloat16, float32)."""
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+    return _FLOAT64 if dtype == _FLOAT64 else _FLOAT32

@@ -22,9 +22,12 @@ forever.
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
+
+import numpy as np
 
 from cupy_bn.arrays import array_module, to_host
 from cupy_bn.backends import Backend, get_backend, has_fused_backward, has_fused_statistics
@@ -57,9 +60,9 @@ class StatsReducer(Protocol):
         ...
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SavedForBackward:
-    """What `batch_norm` keeps for `batch_norm_backward`.
+    """What `batch_norm` keeps for `batch_norm_backward` (read-only by convention).
 
     `mean` and `invstd` are the statistics the forward normalized with (batch statistics, or
     the running ones in inference mode), in the accumulation dtype. `count` is the number of
@@ -85,6 +88,8 @@ def _describe_channels(bad) -> str:
 def check_finite_stats(mean: Array, var: Array) -> None:
     """Raise FloatingPointError naming the channels whose batch statistics are NaN or Inf."""
     xp = array_module(mean)
+    if xp is np and math.isfinite(np.dot(mean, var)):
+        return  # a NaN or Inf makes the dot product non-finite (an overflow: checked below)
     finite = xp.isfinite(mean) & xp.isfinite(var)
     if not bool(finite.all()):
         bad = (~to_host(finite)).nonzero()[0]
@@ -98,11 +103,19 @@ def _scale_shift(
     mean: Array, invstd: Array, weight: Array | None, bias: Array | None, acc
 ) -> tuple[Array, Array]:
     """`scale = gamma * invstd`, `shift = beta - mean * scale` (gamma 1 and beta 0 if absent)."""
-    scale = invstd if weight is None else weight.astype(acc) * invstd
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.astype(acc)
-    return scale, shift
+    scale = invstd if weight is None else weight.astype(acc, copy=False) * invstd
+    shift = mean * scale
+    if bias is None:
+        return scale, -shift
+    return scale, bias.astype(acc, copy=False) - shift
+
+
+def _invstd(var: Array, eps: float, acc) -> Array:
+    """`1 / sqrt(var + eps)` in the accumulation dtype."""
+    root = var.astype(acc, copy=False) + acc.type(eps)
+    xp = array_module(root)
+    xp.sqrt(root, out=root)
+    return xp.divide(1.0, root, out=root)
 
 
 def batch_norm(
@@ -129,67 +142,75 @@ def batch_norm(
     (float64 for float64 input). With a `reducer`, training statistics are those of the
     batches of all processes together (sync batch norm).
     """
-    collective = reducer.collective("stats") if reducer is not None and training else nullcontext()
-    with collective:
-        view = canonical(check_array("x", x), channel_axis)
-        xp = array_module(x)
-        for name, v in (
-            ("weight", weight),
-            ("bias", bias),
-            ("running_mean", running_mean),
-            ("running_var", running_var),
-        ):
-            if v is not None:
-                check_channel_vector(name, v, view.num_channels, xp)
-        if (running_mean is None) != (running_var is None):
-            raise ValueError("running_mean and running_var must be given together")
-        eps = check_eps(eps)
-        momentum = check_momentum(momentum)
-        if not training and running_mean is None:
-            raise ValueError("training=False needs running_mean and running_var")
-        if training and reducer is None:
-            check_batch_count(view.count, f" (input shape {view.shape})")
-        be = get_backend(backend, x)
-        acc = accumulation_dtype(x.dtype)
+    args = (x, weight, bias, running_mean, running_var, training, momentum, eps, channel_axis)
+    if reducer is not None and training:
+        with reducer.collective("stats"):
+            return _batch_norm(*args, backend, reducer)
+    return _batch_norm(*args, backend, reducer)
 
-        if training:
-            if reducer is None and has_fused_statistics(be):
-                # one launch: statistics, scale/shift and the running update
-                mean, var, invstd, scale, shift = be.train_statistics(
-                    view, weight, bias, running_mean, running_var, momentum, eps
-                )
-                check_finite_stats(mean, var)  # the fused update skips non-finite statistics
-                count = view.count
-            else:
-                mean, var = be.batch_stats(view)
-                count = view.count
-                if reducer is not None:
-                    count, mean, var = reducer.merge_stats(count, mean, var)
-                    check_batch_count(count, " over all processes")
-                check_finite_stats(mean, var)
-                invstd = (1.0 / xp.sqrt(var.astype(acc) + acc.type(eps))).astype(acc)
-                if running_mean is not None:
-                    be.update_running(running_mean, running_var, mean, var, count, momentum)
-                scale, shift = _scale_shift(mean, invstd, weight, bias, acc)
-        else:
-            count = view.count
-            mean = running_mean.astype(acc)
-            invstd = (1.0 / xp.sqrt(running_var.astype(acc) + acc.type(eps))).astype(acc)
-            scale, shift = _scale_shift(mean, invstd, weight, bias, acc)
 
-        y = view.restore(be.apply(view, scale, shift))
-        saved = SavedForBackward(
-            view,
-            mean,
-            invstd,
-            weight,
-            None if bias is None else bias.dtype,
-            training,
-            count,
-            be,
-            reducer,
+def _batch_norm(
+    x, weight, bias, running_mean, running_var, training, momentum, eps, channel_axis, backend,
+    reducer,
+) -> tuple[Array, SavedForBackward]:  # fmt: skip
+    """`batch_norm`'s work, inside the reducer's collective when there is one."""
+    view = canonical(check_array("x", x), channel_axis)
+    xp = array_module(x)
+    channels = view.data.shape[1]
+    for name, v in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
+        if v is not None:
+            check_channel_vector(name, v, channels, xp)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    eps = check_eps(eps)
+    momentum = check_momentum(momentum)
+    if not training and running_mean is None:
+        raise ValueError("training=False needs running_mean and running_var")
+    count = view.count
+    if training and reducer is None and count < 2:
+        check_batch_count(count, f" (input shape {view.shape})")
+    be = get_backend(backend, x)
+    acc = accumulation_dtype(x.dtype)
+
+    if not training:
+        mean = running_mean.astype(acc)
+        invstd = _invstd(running_var, eps, acc)
+        scale, shift = _scale_shift(mean, invstd, weight, bias, acc)
+    elif reducer is None and has_fused_statistics(be):
+        # one launch: statistics, scale/shift and the running update
+        mean, var, invstd, scale, shift = be.train_statistics(
+            view, weight, bias, running_mean, running_var, momentum, eps
         )
-        return y, saved
+        check_finite_stats(mean, var)  # the fused update skips non-finite statistics
+    else:
+        mean, var = be.batch_stats(view)
+        if reducer is not None:
+            count, mean, var = reducer.merge_stats(count, mean, var)
+            check_batch_count(count, " over all processes")
+        check_finite_stats(mean, var)
+        invstd = _invstd(var, eps, acc)
+        if running_mean is not None:
+            be.update_running(running_mean, running_var, mean, var, count, momentum)
+        scale, shift = _scale_shift(mean, invstd, weight, bias, acc)
+
+    y = view.restore(be.apply(view, scale, shift))
+    saved = SavedForBackward(
+        view,
+        mean,
+        invstd,
+        weight,
+        None if bias is None else bias.dtype,
+        training,
+        count,
+        be,
+        reducer,
+    )
+    return y, saved
 
 
 def batch_norm_backward(

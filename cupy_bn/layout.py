@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from math import prod
 from typing import Any, Literal
 
+import numpy as np
+
 from cupy_bn.arrays import array_module
 from cupy_bn.dtypes import check_float_dtype
 from cupy_bn.validation import normalize_axis
@@ -25,9 +27,10 @@ NCS: Literal["NCS"] = "NCS"
 MC: Literal["MC"] = "MC"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class View:
-    """An input seen in canonical layout.
+    """An input seen in canonical layout (read-only by convention: a plain slots class, since
+    it is built on every call and a frozen dataclass costs a microsecond to build).
 
     `data` is C-contiguous with shape `(N, C, S)` for NCS or `(M, C)` for MC. `shape` and
     `channel_axis` describe the caller's array; `channels_last_memory` says whether `data` is the
@@ -86,9 +89,17 @@ def canonical(x: Any, channel_axis: int = 1) -> View:
         )
     check_float_dtype("x", x.dtype)
     shape = tuple(int(d) for d in x.shape)
-    axis = normalize_axis(channel_axis, len(shape))
+    ndim = len(shape)
+    if type(channel_axis) is int and -ndim <= channel_axis < ndim:
+        axis = channel_axis % ndim
+    else:
+        axis = normalize_axis(channel_axis, ndim)  # raises the error
     channels = shape[axis]
     outer, inner = prod(shape[:axis]), prod(shape[axis + 1 :])
+    if type(x) is np.ndarray and x.flags.c_contiguous:  # the common case: no copy, no lookup
+        if inner == 1:
+            return View(MC, x.reshape(outer, channels), shape, axis, False)
+        return View(NCS, x.reshape(outer, channels, inner), shape, axis, False)
     xp = array_module(x)
     if inner == 1 or x.flags.c_contiguous:
         data = xp.ascontiguousarray(x)

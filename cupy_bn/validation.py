@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from cupy_bn.arrays import array_module
+from cupy_bn.dtypes import SUPPORTED as FLOAT_DTYPES
 from cupy_bn.dtypes import check_float_dtype
 
 __all__ = [
@@ -88,6 +89,8 @@ def check_array_module(name: str, value: Any, xp: Any, reason: str, hint: str = 
 
     `hint` is appended to the message: what to do about it.
     """
+    if xp is np and type(value) is np.ndarray:
+        return
     got = array_module(value)
     if got is not xp:
         raise TypeError(
@@ -105,6 +108,13 @@ def check_vector_shape(name: str, value: Any, channels: int) -> None:
 
 def check_channel_vector(name: str, value: Any, channels: int, xp: Any) -> None:
     """A per-channel vector given with an input `x`: an array of x's module, float, `(C,)`."""
+    if (
+        xp is np
+        and type(value) is np.ndarray
+        and value.shape == (channels,)
+        and value.dtype in FLOAT_DTYPES
+    ):
+        return  # the common case, checked in a fraction of the general path's time
     check_array(name, value)
     check_array_module(name, value, xp, "like x")
     check_float_dtype(name, value.dtype)
@@ -114,6 +124,8 @@ def check_channel_vector(name: str, value: Any, channels: int, xp: Any) -> None:
 def check_positive_finite(name: str, value: object, error: type[ValueError] = ValueError) -> float:
     """`value` as a float when it is a real number, finite and above 0 (eps, tolerances,
     steps); else `error` (a `ValueError` subclass, so each package keeps its error type)."""
+    if type(value) is float and 0 < value < math.inf:  # the common case, without ABC checks
+        return value
     if (
         isinstance(value, bool)
         or not isinstance(value, Real)
@@ -138,6 +150,8 @@ def check_seed(seed: object, error: type[ValueError] = ValueError) -> int:
 
 def check_momentum(momentum: float | None, allow_none: bool = False) -> float | None:
     """`momentum` as a float in [0, 1] (or None when `allow_none`: a cumulative average)."""
+    if type(momentum) is float and 0 <= momentum <= 1:  # the common case, without ABC checks
+        return momentum
     if momentum is None and allow_none:
         return None
     if isinstance(momentum, bool) or not isinstance(momentum, Real) or not 0 <= momentum <= 1:

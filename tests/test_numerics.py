@@ -88,7 +88,7 @@ def test_statistics_are_exact_at_every_mean_to_std_ratio(offset, dtype, rtol):
 
 
 def test_raw_sums_are_only_kept_within_one_standard_deviation(monkeypatch):
-    from cupy_bn.backends import numpy_backend
+    from cupy_bn.backends import numpy_direct
     from cupy_bn.backends.numpy_backend import NumpyBackend
 
     shifts = []
@@ -101,7 +101,7 @@ def test_raw_sums_are_only_kept_within_one_standard_deviation(monkeypatch):
     monkeypatch.setattr(NumpyBackend, "_moments", staticmethod(spy))
     z = np.random.default_rng(7).standard_normal((64, 2, 2048))  # above the direct path
     z = (z - z.mean(axis=(0, 2), keepdims=True)) / z.std(axis=(0, 2), keepdims=True)
-    limit = numpy_backend.RAW_SUMS_MAX_OFFSET
+    limit = numpy_direct.RAW_SUMS_MAX_OFFSET
     for offset, passes in [(0.9 * limit, 1), (1.1 * limit, 2)]:  # the mean is `offset` std
         shifts.clear()
         backend().batch_stats(canonical((z + offset).astype(np.float32), 1))

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from functools import cache
 from typing import Any
 
-from cupy_bn.arrays import is_cupy
+from cupy_bn.arrays import array_module, is_cupy
 from cupy_bn.backends.base import (
     Backend,
     FusedBackward,
@@ -84,7 +84,8 @@ def get_backend(backend: str | Backend, x: Any) -> Backend:
             f"(available: {', '.join(available_backends())})"
         )
     chosen = _instance(backend)
-    check_array_module("x", x, chosen.xp, f"for backend {backend!r}")
+    if array_module(x) is not chosen.xp:
+        check_array_module("x", x, chosen.xp, f"for backend {backend!r}")
     return chosen
 
 

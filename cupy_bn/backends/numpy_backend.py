@@ -22,12 +22,10 @@ import numpy as np
 
 from cupy_bn.backends import numpy_direct as direct
 from cupy_bn.backends.base import Array
+from cupy_bn.backends.numpy_direct import raw_sums_are_exact
 from cupy_bn.backends.tiling import BLOCK_ELEMENTS, PAGE, Plan, plan_for, store, workspace
 from cupy_bn.dtypes import accumulation_dtype
 from cupy_bn.layout import View
-
-#: Channels whose |mean| exceeds this many standard deviations are summed centred.
-RAW_SUMS_MAX_OFFSET = 1.0
 
 
 def empty_unaliased(shape: tuple[int, ...], dtype: np.dtype, *avoid: np.ndarray) -> np.ndarray:
@@ -61,25 +59,18 @@ def _in_acc(block: np.ndarray, acc: np.dtype, slot: int) -> np.ndarray:
     return buf
 
 
-def raw_sums_are_exact(mean: Array, var: Array) -> bool:
-    """Whether every channel has `|mean| <= RAW_SUMS_MAX_OFFSET * sqrt(var)`, `var` finite."""
-    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
-    with np.errstate(all="ignore"):
-        return bool(
-            np.all(mean * mean <= RAW_SUMS_MAX_OFFSET**2 * var) and np.all(np.isfinite(var))
-        )
-
-
 def dx_coefficients(
     invstd: Array, gamma: Array, sum_dy: Array, sum_dy_xmu: Array, count: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Float64 `(p, q, r)` of `dx = p * dy + q * (x - mean) + r` (see `Backend.backward_apply`):
-    `p = gamma * invstd`, `q = -p * invstd^2 * sum_dy_xmu / count`, `r = -p * sum_dy / count`."""
-    invstd = np.asarray(invstd, np.float64)
-    p = np.asarray(gamma, np.float64) * invstd
-    q = p * invstd * invstd * np.asarray(sum_dy_xmu, np.float64) * (-1.0 / count)
-    r = p * np.asarray(sum_dy, np.float64) * (-1.0 / count)
-    return p, q, r
+    """`(p, q, r)` of `dx = p * dy + q * (x - mean) + r` (see `Backend.backward_apply`):
+    `p = gamma * invstd`, `q = -p * invstd^2 * sum_dy_xmu / count`, `r = -p * sum_dy / count`,
+    in the dtype of the vectors given."""
+    p = gamma * invstd
+    k = p * (-1.0 / count)
+    q = k * invstd
+    q *= invstd
+    q *= sum_dy_xmu
+    return p, q, k * sum_dy
 
 
 def _effective_var(invstd: Array) -> np.ndarray:
@@ -100,8 +91,7 @@ class NumpyBackend:
         if x.count == 0:
             return np.zeros(x.num_channels, acc), np.zeros(x.num_channels, acc)
         if direct.is_small(x):
-            mean, var = direct.batch_stats(x, acc)
-            return mean.astype(acc), var.astype(acc)
+            return direct.batch_stats(x, acc)
         plan = plan_for(x)
         mean, var = self._moments(x, plan, acc, None)
         if not raw_sums_are_exact(mean, var):
@@ -176,8 +166,7 @@ class NumpyBackend:
         if x.count == 0:
             return np.zeros(x.num_channels, acc), np.zeros(x.num_channels, acc)
         if direct.is_small(x):
-            sum_dy, sum_dy_xmu = direct.gradient_sums(dy, direct.centred(x, mean, acc), acc)
-            return sum_dy.astype(acc), sum_dy_xmu.astype(acc)
+            return direct.gradient_sums(dy, direct.centred(x, np.asarray(mean, acc), acc))
         plan = plan_for(x)
         raw = invstd is not None and raw_sums_are_exact(mean, _effective_var(invstd))
         mu = None if raw else plan.coefficients(acc, mean)[0]
@@ -216,14 +205,23 @@ class NumpyBackend:
         which saves a pass: `dx = p * dy + q * x + (r - q * mean)`.
         """
         acc = accumulation_dtype(dy.data.dtype)
-        p, q, r = dx_coefficients(invstd, gamma, sum_dy, sum_dy_xmu, count)
         if direct.is_small(x):
-            return direct.input_gradient(dy, direct.centred(x, mean, acc), p, q, r)
+            vectors = (np.asarray(v, acc) for v in (invstd, gamma, sum_dy, sum_dy_xmu))
+            p, q, r = dx_coefficients(*vectors, count)
+            xmu = direct.centred(x, np.asarray(mean, acc), acc)
+            return direct.input_gradient(dy, xmu, p, q, r)
         out = empty_unaliased(dy.data.shape, dy.data.dtype, dy.data, x.data)
         if dy.data.size == 0:
             return out
         invstd64 = np.asarray(invstd, np.float64)
         mean64 = np.asarray(mean, np.float64)
+        p, q, r = dx_coefficients(
+            invstd64,
+            np.asarray(gamma, np.float64),
+            np.asarray(sum_dy, np.float64),
+            np.asarray(sum_dy_xmu, np.float64),
+            count,
+        )
         raw = raw_sums_are_exact(mean64, _effective_var(invstd64))
         plan = plan_for(x, coefficients=True)
         pc, qc, rc, *mu = plan.coefficients(acc, p, q, *([r - q * mean64] if raw else [r, mean]))
@@ -252,13 +250,11 @@ class NumpyBackend:
 
         A small tensor centres `x` once for both; a larger one runs the two primitives.
         """
-        acc = accumulation_dtype(x.data.dtype)
-        if x.count and direct.is_small(x):
-            xmu = direct.centred(x, mean, acc)
-            sum_dy, sum_dy_xmu = direct.gradient_sums(dy, xmu, acc)
+        if x.count and direct.is_small(x):  # mean, invstd and gamma come in the acc dtype
+            xmu = direct.centred(x, mean, invstd.dtype)
+            sum_dy, sum_dy_xmu = direct.gradient_sums(dy, xmu)
             p, q, r = dx_coefficients(invstd, gamma, sum_dy, sum_dy_xmu, count)
-            dx = direct.input_gradient(dy, xmu, p, q, r)
-            return sum_dy.astype(acc), sum_dy_xmu.astype(acc), dx
+            return sum_dy, sum_dy_xmu, direct.input_gradient(dy, xmu, p, q, r)
         sum_dy, sum_dy_xmu = self.backward_reduce(dy, x, mean, invstd)
         dx = self.backward_apply(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xmu, count)
         return sum_dy, sum_dy_xmu, dx
@@ -273,8 +269,9 @@ class NumpyBackend:
         count: int,
         momentum: float,
     ) -> None:
-        unbiased = np.asarray(var, np.float64) * (count / (count - 1))
-        running_mean[...] = (1.0 - momentum) * running_mean.astype(
-            np.float64
-        ) + momentum * np.asarray(mean, np.float64)
-        running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + momentum * unbiased
+        """In place, in the running statistics' dtype (as PyTorch does)."""
+        running_mean *= 1.0 - momentum
+        running_mean += np.multiply(mean, momentum, dtype=running_mean.dtype, casting="unsafe")
+        running_var *= 1.0 - momentum
+        unbiased_weight = momentum * count / (count - 1)
+        running_var += np.multiply(var, unbiased_weight, dtype=running_var.dtype, casting="unsafe")

@@ -4,15 +4,21 @@ Below `DIRECT_MAX_ELEMENTS` values, the NumPy backend's blocks, coefficient patt
 hand-offs cost more than the work they organize, so a tensor that small is processed here in
 one piece. The formulas are those of `cupy_bn.backends.base`; what makes them exact:
 
-- **Always centred.** Statistics are two-pass: a first mean `m0`, then the sums of `x - m0`
-  give `mean = m0 + mean(x - m0)` and `var = mean((x - m0)^2) - mean(x - m0)^2`, exact when
-  |mean| >> std. The gradient sums use `x - mean` likewise.
+- **Centred where it matters.** Statistics are first taken from the raw sums of `x` and
+  `x^2`, which are exact while every channel's |mean| is within `RAW_SUMS_MAX_OFFSET` standard
+  deviations (`raw_sums_are_exact`, shared with the blocked path); otherwise they are taken
+  again from the sums of `x - m0` (two-pass: `mean = m0 + mean(x - m0)`,
+  `var = mean((x - m0)^2) - mean(x - m0)^2`). The gradient sums always use `x - mean`.
 - **Short float32 accumulators.** `np.einsum` adds the values of one channel in sequence along
   the batch axis; a channels-last tensor of more than `MAX_SEQUENTIAL` rows is summed as rows
   of `k` samples, so no float32 accumulator adds more than `MAX_SEQUENTIAL` values in
-  sequence. Totals are float64.
-- float16/bfloat16 data are converted to float32 once, and every output is computed in the
-  accumulation dtype and cast back at the end.
+  sequence.
+- float16/bfloat16 data are converted to float32 once; sums, per-channel coefficients and
+  outputs are computed in the accumulation dtype (float32, or float64 for float64 data), and
+  outputs cast back at the end.
+
+Every NumPy call costs about a microsecond here whatever its size, so the functions below are
+written for few calls: per-channel arithmetic in place, no conversions that are not needed.
 
 Per-channel vectors broadcast as `(C,)` for MC and `(C, 1)` for NCS.
 """
@@ -26,6 +32,8 @@ from cupy_bn.layout import MC, View
 #: Tensors of at most this many values take this module's path (crossover measured on a
 #: 2-core Xeon against the blocked, threaded path; see benchmarks/README.md).
 DIRECT_MAX_ELEMENTS = 1 << 17
+#: Channels whose |mean| exceeds this many standard deviations are summed centred.
+RAW_SUMS_MAX_OFFSET = 1.0
 #: The most values a float32 accumulator of a channels-last sum adds in sequence.
 MAX_SEQUENTIAL = 512
 
@@ -46,61 +54,95 @@ def in_acc(a: np.ndarray, acc: np.dtype) -> np.ndarray:
 
 
 def channel_sums(a: np.ndarray, layout: str, b: np.ndarray | None = None) -> np.ndarray:
-    """Float64 per-channel sums of `a` (or of `a * b`) over canonical data of `layout`."""
-    operands = (a,) if b is None else (a, b)
+    """Per-channel sums of `a` (or of `a * b`) over canonical data of `layout`, in a's dtype."""
     if layout != MC:
-        spec = "ncs,ncs->c" if b is not None else "ncs->c"
-        return np.einsum(spec, *operands).astype(np.float64)
+        if b is None:
+            return np.einsum("ncs->c", a)
+        return np.einsum("ncs,ncs->c", a, b)
+    if a.shape[0] > MAX_SEQUENTIAL:
+        return _folded_sums(a, b)
+    if b is None:
+        return np.einsum("ij->j", a)
+    return np.einsum("ij,ij->j", a, b)
+
+
+def _folded_sums(a: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    """Channels-last sums with rows of `k` samples, at most MAX_SEQUENTIAL rows in sequence."""
+    operands = (a,) if b is None else (a, b)
+    spec = "ij->j" if b is None else "ij,ij->j"
     rows, channels = a.shape
-    spec = "ij,ij->j" if b is not None else "ij->j"
-    if rows <= MAX_SEQUENTIAL:
-        return np.einsum(spec, *operands).astype(np.float64)
-    k = -(-rows // MAX_SEQUENTIAL)  # samples per summed row
+    k = -(-rows // MAX_SEQUENTIAL)
     full = rows // k * k
     wide = [o[:full].reshape(full // k, k * channels) for o in operands]
     total = np.einsum(spec, *wide).reshape(k, channels).sum(axis=0, dtype=np.float64)
     if full < rows:
         total += np.einsum(spec, *(o[full:] for o in operands))
-    return total
+    return total.astype(a.dtype)
+
+
+def raw_sums_are_exact(mean: np.ndarray, var: np.ndarray) -> bool:
+    """Whether every channel has `|mean| <= RAW_SUMS_MAX_OFFSET * sqrt(var)`, `var` finite.
+
+    Sums of raw values lose accuracy in proportion to `sum(x^2) / sum((x - mean)^2) =
+    1 + mean^2 / var`: float32 rounding in the partial sums is amplified by that factor in the
+    variance (the E[x^2] - E[x]^2 cancellation); within one standard deviation it is at most 2.
+    """
+    spread = np.sqrt(np.maximum(var, 0.0))  # no warnings: sqrt(inf) = inf, NaN compares False
+    ok = np.abs(mean) <= RAW_SUMS_MAX_OFFSET * spread
+    return bool(ok.all()) and bool(spread.max() < np.inf)
 
 
 def batch_stats(x: View, acc: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel float64 `(mean, var)`, two-pass."""
+    """Per-channel `(mean, var)` in the accumulation dtype: raw sums where exact, else two-pass."""
     a, n = in_acc(x.data, acc), x.count
-    first = channel_sums(a, x.layout) / n
     with np.errstate(invalid="ignore", over="ignore"):  # Inf/NaN: reported by the caller
-        centred = a - per_channel(first.astype(acc), x.layout)
-        offset = channel_sums(centred, x.layout) / n
-        var = np.maximum(channel_sums(centred, x.layout, centred) / n - offset * offset, 0.0)
-    return first.astype(acc).astype(np.float64) + offset, var
+        mean = channel_sums(a, x.layout)
+        mean *= 1.0 / n
+        var = channel_sums(a, x.layout, a)
+        var *= 1.0 / n
+        squared_mean = mean * mean
+        var -= squared_mean
+        # raw_sums_are_exact in fewer calls (var >= mean^2 >= 0); a NaN compares False
+        if (squared_mean <= RAW_SUMS_MAX_OFFSET**2 * var).all() and var.max() < np.inf:
+            return mean, var
+        centred = a - per_channel(mean, x.layout)
+        offset = channel_sums(centred, x.layout)
+        offset *= 1.0 / n
+        var = channel_sums(centred, x.layout, centred)
+        var *= 1.0 / n
+        var -= offset * offset
+        np.maximum(var, 0.0, out=var)
+        mean += offset
+    return mean, var
 
 
-def apply(x: View, scale: np.ndarray, shift: np.ndarray | None) -> np.ndarray:
-    """`x * scale + shift` (`shift` None: `x * scale`) in `x`'s dtype; vectors in acc dtype."""
+def apply(x: View, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """`x * scale + shift` in `x`'s dtype; `scale` and `shift` in the accumulation dtype."""
     y = np.multiply(x.data, per_channel(scale, x.layout))
-    if shift is not None:
-        y += per_channel(shift, x.layout)
+    y += per_channel(shift, x.layout)
     return y if y.dtype == x.data.dtype else y.astype(x.data.dtype)
 
 
 def centred(x: View, mean: np.ndarray, acc: np.dtype) -> np.ndarray:
     """`x - mean` in the accumulation dtype (a new array)."""
-    return np.subtract(x.data, per_channel(np.asarray(mean, acc), x.layout), dtype=acc)
+    return np.subtract(x.data, per_channel(mean, x.layout), dtype=acc)
 
 
-def gradient_sums(dy: View, xmu: np.ndarray, acc: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Float64 `sum(dy)` and `sum(dy * (x - mean))` from `xmu = x - mean`."""
-    g = in_acc(dy.data, acc)
+def gradient_sums(dy: View, xmu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`sum(dy)` and `sum(dy * (x - mean))` from `xmu = x - mean`, in xmu's dtype."""
+    g = in_acc(dy.data, xmu.dtype)
     return channel_sums(g, dy.layout), channel_sums(g, dy.layout, xmu)
 
 
 def input_gradient(
     dy: View, xmu: np.ndarray, p: np.ndarray, q: np.ndarray, r: np.ndarray
 ) -> np.ndarray:
-    """`dx = p * dy + q * (x - mean) + r` in `dy`'s dtype; overwrites `xmu`."""
-    layout, acc = dy.layout, xmu.dtype
-    dx = np.multiply(dy.data, per_channel(np.asarray(p, acc), layout), dtype=acc)
-    np.multiply(xmu, per_channel(np.asarray(q, acc), layout), out=xmu)
+    """`dx = p * dy + q * (x - mean) + r` in `dy`'s dtype; overwrites `xmu`.
+
+    `p`, `q`, `r` in the accumulation dtype, xmu's."""
+    layout = dy.layout
+    dx = np.multiply(dy.data, per_channel(p, layout), dtype=xmu.dtype)
+    np.multiply(xmu, per_channel(q, layout), out=xmu)
     dx += xmu
-    dx += per_channel(np.asarray(r, acc), layout)
+    dx += per_channel(r, layout)
     return dx if dx.dtype == dy.data.dtype else dx.astype(dy.data.dtype)
