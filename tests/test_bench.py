@@ -118,7 +118,7 @@ def _first(value):
 
 
 @pytest.mark.parametrize("case", [TINY, TINY_LAST], ids=lambda c: c.name)
-@pytest.mark.parametrize("name", ["cupy_bn.numpy", "numpy.textbook"])
+@pytest.mark.parametrize("name", ["cupy_bn.numpy", "numpy.textbook", "numpy.einsum"])
 def test_cpu_implementations_compute_batch_norm(name, case):
     _runners_agree_with_reference(name, case)
 
