@@ -7,8 +7,9 @@ from 2^13 to 2^20 values, channels-first `(N, 16, 32, 32)`-like and channels-las
 float32, once with every tensor on the direct path (`numpy_direct`: whole-array calls on the
 calling thread) and once with every tensor on the blocked path (`tiling`: cache-sized blocks on
 a thread pool). Each path runs in its own process, `--runs` times; the figure is the median
-per-call time in microseconds, best of the runs. `cupy_bn.backends.numpy_direct.
-DIRECT_MAX_ELEMENTS` should sit where the blocked path starts to win.
+per-call time in microseconds, best of the runs. `DIRECT_MAX_ELEMENTS` (forward) and
+`DIRECT_BACKWARD_MAX_ELEMENTS` in `cupy_bn.backends.numpy_direct` should sit where the
+blocked path starts to win.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def child(path: str, layout: str, size: int) -> None:
     import cupy_bn as cbn
     from cupy_bn.backends import numpy_direct
 
-    numpy_direct.DIRECT_MAX_ELEMENTS = 1 << 40 if path == "direct" else -1
+    limit = 1 << 40 if path == "direct" else -1
+    numpy_direct.DIRECT_MAX_ELEMENTS = numpy_direct.DIRECT_BACKWARD_MAX_ELEMENTS = limit
     shape = shape_for(layout, size)
     axis = 1 if layout == "NCS" else -1
     rng = np.random.default_rng(0)

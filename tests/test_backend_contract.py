@@ -7,10 +7,16 @@ import pytest
 
 import cupy_bn
 from cupy_bn import functional
-from cupy_bn.backends import Backend, FusedTrainStatistics, has_fused_statistics
+from cupy_bn.backends import (
+    Backend,
+    FusedBackward,
+    FusedTrainStatistics,
+    has_fused_backward,
+    has_fused_statistics,
+)
 from cupy_bn.backends.cuda_backend import CudaBackend, simulator_usable
 from cupy_bn.backends.numpy_backend import NumpyBackend
-from cupy_bn.backends.numpy_direct import DIRECT_MAX_ELEMENTS
+from cupy_bn.backends.numpy_direct import DIRECT_BACKWARD_MAX_ELEMENTS
 from cupy_bn.layout import canonical
 
 PRIMITIVES = {"batch_stats", "apply", "backward_reduce", "backward_apply", "update_running"}
@@ -25,6 +31,7 @@ def _members(protocol) -> set[str]:
 def test_backend_is_exactly_the_five_primitives_and_fused_statistics_is_separate():
     assert _members(Backend) == PRIMITIVES | {"name", "xp"}
     assert _members(FusedTrainStatistics) == {"train_statistics"}
+    assert _members(FusedBackward) == {"backward"}
     assert cupy_bn.Backend is Backend
 
 
@@ -35,6 +42,7 @@ def test_backends_declare_what_they_implement():
     assert isinstance(cuda_backend, FusedTrainStatistics)
     assert not isinstance(numpy_backend, FusedTrainStatistics)
     assert has_fused_statistics(cuda_backend) and not has_fused_statistics(numpy_backend)
+    assert has_fused_backward(numpy_backend) and not has_fused_backward(cuda_backend)
     for backend in (numpy_backend, cuda_backend):
         assert not hasattr(backend, "traffic")  # the traffic model is cupy_bn.traffic's
 
@@ -106,6 +114,50 @@ def test_functional_uses_fused_statistics_only_where_declared(backend_type, call
     np.testing.assert_allclose(running[1], want_running[1], rtol=1e-12)
 
 
+class BackwardRecorder(Recorder):
+    """A Recorder that also offers the fused backward, delegating to the NumPy backend's."""
+
+    def backward(self, *args):
+        return self._call("backward", *args)
+
+
+class SumReducer:
+    """A one-process reducer: the sums pass through, and the calls are recorded."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def merge_stats(self, count, mean, var):
+        return count, mean, var
+
+    def sum_grads(self, sum_dy, sum_dy_xmu):
+        self.calls.append("sum_grads")
+        return sum_dy, sum_dy_xmu
+
+    def collective(self, phase):
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["local", "reducer"])
+def test_functional_uses_the_fused_backward_only_without_a_reducer(sync):
+    rng = np.random.default_rng(1)
+    x, dy = rng.standard_normal((6, 3, 4)) + 2, rng.standard_normal((6, 3, 4))
+    weight = rng.uniform(0.5, 1.5, 3)
+    be = BackwardRecorder()
+    assert isinstance(be, FusedBackward)
+    reducer = SumReducer(be.calls) if sync else None
+    _, saved = functional.batch_norm(x, weight, weight, backend=be, reducer=reducer)
+    be.calls.clear()
+    grads = functional.batch_norm_backward(dy, saved)
+    want = ["backward_reduce", "sum_grads", "backward_apply"] if sync else ["backward"]
+    assert be.calls == want
+    _, plain = functional.batch_norm(x, weight, weight, backend="numpy")
+    for got, expect in zip(grads, functional.batch_norm_backward(dy, plain), strict=True):
+        np.testing.assert_allclose(got, expect, rtol=1e-12, atol=1e-12)
+
+
 def _backends():
     backends = [pytest.param(NumpyBackend(), id="numpy")]
     backends.append(
@@ -166,9 +218,9 @@ def test_numpy_backend_chooses_its_sums_by_invstd():
     be = NumpyBackend()
     misleading = np.full(3, 1e-6, np.float32)  # var + eps = 1e12: |mean| = 1e4 looks small
     x, dy = _reduce_case(1e4, shape=(16, 3, 64, 64))
-    assert x.size > DIRECT_MAX_ELEMENTS
+    assert x.size > DIRECT_BACKWARD_MAX_ELEMENTS
     assert _sum_dy_xmu_error(be, x, dy, misleading) > 1e-6
     assert _sum_dy_xmu_error(be, x, dy, "forward") < 1e-7
     x, dy = _reduce_case(1e4)
-    assert x.size <= DIRECT_MAX_ELEMENTS
+    assert x.size <= DIRECT_BACKWARD_MAX_ELEMENTS
     assert _sum_dy_xmu_error(be, x, dy, misleading) < 1e-7

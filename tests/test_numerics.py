@@ -99,7 +99,7 @@ def test_raw_sums_are_only_kept_within_one_standard_deviation(monkeypatch):
         return original(x, plan, acc, shift)
 
     monkeypatch.setattr(NumpyBackend, "_moments", staticmethod(spy))
-    z = np.random.default_rng(7).standard_normal((64, 2, 2048))  # above the direct path
+    z = np.random.default_rng(7).standard_normal((64, 2, 4096))  # above the direct path
     z = (z - z.mean(axis=(0, 2), keepdims=True)) / z.std(axis=(0, 2), keepdims=True)
     limit = numpy_direct.RAW_SUMS_MAX_OFFSET
     for offset, passes in [(0.9 * limit, 1), (1.1 * limit, 2)]:  # the mean is `offset` std
@@ -161,3 +161,17 @@ def test_forked_child_runs_blocks_in_parallel_again():
 
 def _normalize(x):
     return cbn.batch_norm(x)[0]
+
+
+@pytest.mark.parametrize("offset", [0.0, 3.0, 1e4])
+def test_direct_path_sums_few_channels_with_short_accumulators(offset):
+    """(65536, 2) channels-last takes the direct path: its float32 column sums are folded so no
+    accumulator adds more than MAX_SEQUENTIAL values in sequence."""
+    from cupy_bn.backends import numpy_direct
+
+    x = (offset + np.random.default_rng(11).standard_normal((65536, 2))).astype(np.float32)
+    assert x.size <= numpy_direct.DIRECT_MAX_ELEMENTS
+    mean, var = backend().batch_stats(canonical(x, -1))
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(mean, x64.mean(axis=0), rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(var, x64.var(axis=0), rtol=2e-6)

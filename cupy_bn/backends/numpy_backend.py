@@ -165,7 +165,7 @@ class NumpyBackend:
         acc = accumulation_dtype(x.data.dtype)
         if x.count == 0:
             return np.zeros(x.num_channels, acc), np.zeros(x.num_channels, acc)
-        if direct.is_small(x):
+        if direct.is_small_backward(x):
             return direct.gradient_sums(dy, direct.centred(x, np.asarray(mean, acc), acc))
         plan = plan_for(x)
         raw = invstd is not None and raw_sums_are_exact(mean, _effective_var(invstd))
@@ -205,7 +205,7 @@ class NumpyBackend:
         which saves a pass: `dx = p * dy + q * x + (r - q * mean)`.
         """
         acc = accumulation_dtype(dy.data.dtype)
-        if direct.is_small(x):
+        if direct.is_small_backward(x):
             vectors = (np.asarray(v, acc) for v in (invstd, gamma, sum_dy, sum_dy_xmu))
             p, q, r = dx_coefficients(*vectors, count)
             xmu = direct.centred(x, np.asarray(mean, acc), acc)
@@ -250,7 +250,7 @@ class NumpyBackend:
 
         A small tensor centres `x` once for both; a larger one runs the two primitives.
         """
-        if x.count and direct.is_small(x):  # mean, invstd and gamma come in the acc dtype
+        if x.count and direct.is_small_backward(x):  # mean, invstd and gamma come in the acc dtype
             xmu = direct.centred(x, mean, invstd.dtype)
             sum_dy, sum_dy_xmu = direct.gradient_sums(dy, xmu)
             p, q, r = dx_coefficients(invstd, gamma, sum_dy, sum_dy_xmu, count)

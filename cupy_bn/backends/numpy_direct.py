@@ -1,8 +1,10 @@
 """Small tensors: each primitive as a handful of whole-array NumPy calls on the calling thread.
 
-Below `DIRECT_MAX_ELEMENTS` values, the NumPy backend's blocks, coefficient patterns and thread
-hand-offs cost more than the work they organize, so a tensor that small is processed here in
-one piece. The formulas are those of `cupy_bn.backends.base`; what makes them exact:
+Up to `DIRECT_MAX_ELEMENTS` values (forward primitives) or `DIRECT_BACKWARD_MAX_ELEMENTS`
+(backward primitives), the NumPy backend's blocks, coefficient patterns and thread hand-offs
+cost more than the work they organize, so a tensor that small is processed here in one piece.
+The backward has more elementwise work per value, so the blocked path's second core pays off
+at a smaller size. The formulas are those of `cupy_bn.backends.base`; what makes them exact:
 
 - **Centred where it matters.** Statistics are first taken from the raw sums of `x` and
   `x^2`, which are exact while every channel's |mean| is within `RAW_SUMS_MAX_OFFSET` standard
@@ -20,7 +22,8 @@ one piece. The formulas are those of `cupy_bn.backends.base`; what makes them ex
 Every NumPy call costs about a microsecond here whatever its size, so the functions below are
 written for few calls: per-channel arithmetic in place, no conversions that are not needed.
 
-Per-channel vectors broadcast as `(C,)` for MC and `(C, 1)` for NCS.
+Per-channel vectors broadcast as `(C,)` for MC, and as `(C, 1)` columns or `(C, S)` patterns
+for NCS (`per_channel`).
 """
 
 from __future__ import annotations
@@ -29,23 +32,42 @@ import numpy as np
 
 from cupy_bn.layout import MC, View
 
-#: Tensors of at most this many values take this module's path (crossover measured on a
-#: 2-core Xeon against the blocked, threaded path; see benchmarks/README.md).
-DIRECT_MAX_ELEMENTS = 1 << 17
+#: Tensors of at most this many values take this module's path in the forward primitives
+#: (`batch_stats`, `apply`), and the backward ones; crossovers measured on a 2-core Xeon
+#: against the blocked, threaded path by `benchmarks/crossover.py` (benchmarks/README.md).
+DIRECT_MAX_ELEMENTS = 1 << 18
+DIRECT_BACKWARD_MAX_ELEMENTS = 1 << 16
 #: Channels whose |mean| exceeds this many standard deviations are summed centred.
 RAW_SUMS_MAX_OFFSET = 1.0
+#: Rows of a channels-first tensor at least this long broadcast per-channel vectors as columns.
+LONG_ROWS = 512
 #: The most values a float32 accumulator of a channels-last sum adds in sequence.
 MAX_SEQUENTIAL = 512
 
 
 def is_small(view: View) -> bool:
-    """Whether `view` takes the direct path."""
+    """Whether `view` takes the direct path in the forward primitives."""
     return view.data.size <= DIRECT_MAX_ELEMENTS
 
 
-def per_channel(vector: np.ndarray, layout: str) -> np.ndarray:
-    """A `(C,)` vector shaped to broadcast against canonical data of `layout`."""
-    return vector if layout == MC else vector[:, None]
+def is_small_backward(view: View) -> bool:
+    """Whether `view` takes the direct path in the backward primitives."""
+    return view.data.size <= DIRECT_BACKWARD_MAX_ELEMENTS
+
+
+def per_channel(vector: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """A `(C,)` vector as an operand that broadcasts against canonical `data`.
+
+    MC: the vector itself. NCS: a `(C, 1)` column when rows are long; below `LONG_ROWS` values
+    per row, the `(C, S)` pattern, so that elementwise calls run one inner loop per sample
+    instead of one per row (a short broadcast inner loop costs several times more per value).
+    """
+    if data.ndim == 2:
+        return vector
+    channels, spatial = data.shape[1:]
+    if spatial >= LONG_ROWS:
+        return vector[:, None]
+    return np.repeat(vector, spatial).reshape(channels, spatial)
 
 
 def in_acc(a: np.ndarray, acc: np.dtype) -> np.ndarray:
@@ -105,7 +127,7 @@ def batch_stats(x: View, acc: np.dtype) -> tuple[np.ndarray, np.ndarray]:
         # raw_sums_are_exact in fewer calls (var >= mean^2 >= 0); a NaN compares False
         if (squared_mean <= RAW_SUMS_MAX_OFFSET**2 * var).all() and var.max() < np.inf:
             return mean, var
-        centred = a - per_channel(mean, x.layout)
+        centred = a - per_channel(mean, a)
         offset = channel_sums(centred, x.layout)
         offset *= 1.0 / n
         var = channel_sums(centred, x.layout, centred)
@@ -118,14 +140,14 @@ def batch_stats(x: View, acc: np.dtype) -> tuple[np.ndarray, np.ndarray]:
 
 def apply(x: View, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """`x * scale + shift` in `x`'s dtype; `scale` and `shift` in the accumulation dtype."""
-    y = np.multiply(x.data, per_channel(scale, x.layout))
-    y += per_channel(shift, x.layout)
+    y = np.multiply(x.data, per_channel(scale, x.data))
+    y += per_channel(shift, x.data)
     return y if y.dtype == x.data.dtype else y.astype(x.data.dtype)
 
 
 def centred(x: View, mean: np.ndarray, acc: np.dtype) -> np.ndarray:
     """`x - mean` in the accumulation dtype (a new array)."""
-    return np.subtract(x.data, per_channel(mean, x.layout), dtype=acc)
+    return np.subtract(x.data, per_channel(mean, x.data), dtype=acc)
 
 
 def gradient_sums(dy: View, xmu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -140,9 +162,8 @@ def input_gradient(
     """`dx = p * dy + q * (x - mean) + r` in `dy`'s dtype; overwrites `xmu`.
 
     `p`, `q`, `r` in the accumulation dtype, xmu's."""
-    layout = dy.layout
-    dx = np.multiply(dy.data, per_channel(p, layout), dtype=xmu.dtype)
-    np.multiply(xmu, per_channel(q, layout), out=xmu)
+    dx = np.multiply(dy.data, per_channel(p, xmu), dtype=xmu.dtype)
+    np.multiply(xmu, per_channel(q, xmu), out=xmu)
     dx += xmu
-    dx += per_channel(r, layout)
+    dx += per_channel(r, xmu)
     return dx if dx.dtype == dy.data.dtype else dx.astype(dy.data.dtype)
