@@ -1,15 +1,22 @@
 """The CPU backend: the five primitives in NumPy, one memory pass per tensor read or written.
 
-Every primitive streams its tensors once, block by block (`tiling.py`); a block's extra
-per-element passes (casting fp16/bf16 to fp32, centring) run while it is in cache. Per-channel
-sums go through BLAS (`np.dot` with a vector of ones) and `np.einsum`, several times faster
-than `np.sum`, and blocks' partial sums are added in float64.
+Two paths, chosen by size. Small tensors (`numpy_direct.is_small`: up to 2^18 values forward,
+2^16 backward, the crossovers measured by `benchmarks/crossover.py`) run as a handful of
+whole-array calls on the calling thread, where a call's fixed cost is what counts. Larger ones
+take the blocked path below. The training backward is also one call (`backward`, the
+`FusedBackward` capability) when no all-reduce separates its two halves.
+
+On the blocked path every primitive streams its tensors once, block by block (`tiling.py`); a
+block's extra per-element passes (casting fp16/bf16 to fp32, centring) run while it is in
+cache. Per-channel sums go through BLAS (`np.dot` with a vector of ones) and `np.einsum`,
+several times faster than `np.sum`, and blocks' partial sums are added in float64.
 
 Exactness when |mean| >> std. Sums of raw values lose accuracy in proportion to
 `sum(x^2) / sum((x - mean)^2) = 1 + mean^2 / var`: float32 rounding in the partial sums is
 amplified by that factor in the variance (the E[x^2] - E[x]^2 cancellation). So raw sums are
-only kept while every channel has `|mean| <= RAW_SUMS_MAX_OFFSET` standard deviations (the
-amplification is then at most 2, and a block's float32 partials add at most a few hundred
+only kept while every channel has `|mean| <= RAW_SUMS_MAX_OFFSET` standard deviations
+(`numpy_direct.raw_sums_are_exact`, the rule both paths share; the amplification is then at
+most 2, and a block's float32 partials add at most a few hundred
 values in sequence per accumulator). Otherwise the data are centred first: the statistics are
 taken again as sums of `x - mean` (two-pass), and the gradient sums and `dx` use `x - mean`.
 """

@@ -1,5 +1,8 @@
 """Cache-sized blocks of a canonical view, processed in parallel by a small thread pool.
 
+The NumPy backend's path for tensors above the direct path's sizes (`numpy_direct`): below
+them, planning blocks and waking threads costs more than it saves.
+
 The NumPy backend streams each tensor once, block by block; a block's extra per-element passes
 (casting fp16/bf16 to fp32, centring, the second operand of a sum) run while it is in cache.
 NumPy's ufuncs and BLAS release the GIL, so blocks run in parallel on the CPU's cores.
