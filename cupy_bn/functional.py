@@ -103,16 +103,21 @@ def _scale_shift(
     mean: Array, invstd: Array, weight: Array | None, bias: Array | None, acc
 ) -> tuple[Array, Array]:
     """`scale = gamma * invstd`, `shift = beta - mean * scale` (gamma 1 and beta 0 if absent)."""
-    scale = invstd if weight is None else weight.astype(acc, copy=False) * invstd
+    scale = invstd if weight is None else _in_dtype(weight, acc) * invstd
     shift = mean * scale
     if bias is None:
         return scale, -shift
-    return scale, bias.astype(acc, copy=False) - shift
+    return scale, _in_dtype(bias, acc) - shift
+
+
+def _in_dtype(a: Array, dtype) -> Array:
+    """`a` itself when it has `dtype`, else a converted copy (no call in the common case)."""
+    return a if a.dtype == dtype else a.astype(dtype)
 
 
 def _invstd(var: Array, eps: float, acc) -> Array:
     """`1 / sqrt(var + eps)` in the accumulation dtype."""
-    root = var.astype(acc, copy=False) + acc.type(eps)
+    root = _in_dtype(var, acc) + eps  # a Python float keeps the array's dtype
     xp = array_module(root)
     xp.sqrt(root, out=root)
     return xp.divide(1.0, root, out=root)

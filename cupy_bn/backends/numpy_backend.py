@@ -136,9 +136,9 @@ class NumpyBackend:
     # -- forward apply --------------------------------------------------------------------
     def apply(self, x: View, scale: Array, shift: Array) -> Array:
         """`x * scale + shift`; one pass fewer when `shift` is all zeros (gradients in eval)."""
-        acc = accumulation_dtype(x.data.dtype)
         if direct.is_small(x):
-            return direct.apply(x, np.asarray(scale, acc), np.asarray(shift, acc))
+            return direct.apply(x, scale, shift)
+        acc = accumulation_dtype(x.data.dtype)
         out = empty_unaliased(x.data.shape, x.data.dtype, x.data)
         if x.data.size == 0:
             return out
@@ -278,7 +278,6 @@ class NumpyBackend:
     ) -> None:
         """In place, in the running statistics' dtype (as PyTorch does)."""
         running_mean *= 1.0 - momentum
-        running_mean += np.multiply(mean, momentum, dtype=running_mean.dtype, casting="unsafe")
+        running_mean += mean * momentum
         running_var *= 1.0 - momentum
-        unbiased_weight = momentum * count / (count - 1)
-        running_var += np.multiply(var, unbiased_weight, dtype=running_var.dtype, casting="unsafe")
+        running_var += var * (momentum * count / (count - 1))

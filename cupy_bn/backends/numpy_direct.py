@@ -28,6 +28,9 @@ for NCS (`per_channel`).
 
 from __future__ import annotations
 
+import functools
+import math
+
 import numpy as np
 
 from cupy_bn.layout import MC, View
@@ -76,16 +79,26 @@ def in_acc(a: np.ndarray, acc: np.dtype) -> np.ndarray:
 
 
 def channel_sums(a: np.ndarray, layout: str, b: np.ndarray | None = None) -> np.ndarray:
-    """Per-channel sums of `a` (or of `a * b`) over canonical data of `layout`, in a's dtype."""
+    """Per-channel sums of `a` (or of `a * b`) over canonical data of `layout`, in a's dtype.
+
+    Plain sums are BLAS matrix-vector products with a vector of ones (no Python-level
+    wrapper, unlike `np.einsum`); sums of products are einsums."""
     if layout != MC:
         if b is None:
-            return np.einsum("ncs->c", a)
+            return _ones(a.shape[0], a.dtype) @ (a @ _ones(a.shape[2], a.dtype))
         return np.einsum("ncs,ncs->c", a, b)
     if a.shape[0] > MAX_SEQUENTIAL:
         return _folded_sums(a, b)
     if b is None:
-        return np.einsum("ij->j", a)
+        return _ones(a.shape[0], a.dtype) @ a
     return np.einsum("ij,ij->j", a, b)
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(n: int, dtype: np.dtype) -> np.ndarray:
+    ones = np.ones(n, dtype)
+    ones.flags.writeable = False
+    return ones
 
 
 def _folded_sums(a: np.ndarray, b: np.ndarray | None) -> np.ndarray:
@@ -117,20 +130,30 @@ def raw_sums_are_exact(mean: np.ndarray, var: np.ndarray) -> bool:
 def batch_stats(x: View, acc: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel `(mean, var)` in the accumulation dtype: raw sums where exact, else two-pass."""
     a, n = in_acc(x.data, acc), x.count
+    mean = channel_sums(a, x.layout)
+    mean *= 1.0 / n
+    var = channel_sums(a, x.layout, a)  # the mean square, until the subtraction below
+    var *= 1.0 / n
+    if not math.isfinite(mean @ var):  # NaN or Inf in x, or squares that overflow
+        return _centred_stats(a, x.layout, n)
+    squared_mean = mean * mean
+    var -= squared_mean
+    # raw_sums_are_exact, in fewer calls: var is finite here and >= mean^2 >= 0 where exact
+    limit = var if RAW_SUMS_MAX_OFFSET == 1 else RAW_SUMS_MAX_OFFSET**2 * var
+    if np.logical_and.reduce(np.less_equal(squared_mean, limit)):
+        return mean, var
+    return _centred_stats(a, x.layout, n)
+
+
+def _centred_stats(a: np.ndarray, layout: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two-pass `(mean, var)`: a first mean, then the sums of `a - mean`."""
     with np.errstate(invalid="ignore", over="ignore"):  # Inf/NaN: reported by the caller
-        mean = channel_sums(a, x.layout)
+        mean = channel_sums(a, layout)
         mean *= 1.0 / n
-        var = channel_sums(a, x.layout, a)
-        var *= 1.0 / n
-        squared_mean = mean * mean
-        var -= squared_mean
-        # raw_sums_are_exact in fewer calls (var >= mean^2 >= 0); a NaN compares False
-        if (squared_mean <= RAW_SUMS_MAX_OFFSET**2 * var).all() and var.max() < np.inf:
-            return mean, var
         centred = a - per_channel(mean, a)
-        offset = channel_sums(centred, x.layout)
+        offset = channel_sums(centred, layout)
         offset *= 1.0 / n
-        var = channel_sums(centred, x.layout, centred)
+        var = channel_sums(centred, layout, centred)
         var *= 1.0 / n
         var -= offset * offset
         np.maximum(var, 0.0, out=var)
@@ -139,7 +162,8 @@ def batch_stats(x: View, acc: np.dtype) -> tuple[np.ndarray, np.ndarray]:
 
 
 def apply(x: View, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    """`x * scale + shift` in `x`'s dtype; `scale` and `shift` in the accumulation dtype."""
+    """`x * scale + shift` in `x`'s dtype; `scale` and `shift` in the accumulation dtype (the
+    result takes the wider of the two dtypes before the cast back)."""
     y = np.multiply(x.data, per_channel(scale, x.data))
     y += per_channel(shift, x.data)
     return y if y.dtype == x.data.dtype else y.astype(x.data.dtype)
