@@ -1,4 +1,4 @@
-"""The CUDA backend: the five primitives as CUDA kernels, for CuPy arrays or the simulator.
+"""The CUDA backend: the seven primitives as CUDA kernels, for CuPy arrays or the simulator.
 
 The launch code is written once against an array module and a kernel loader
 (`cupy_bn.kernels.loader`): `CudaBackend.for_cupy()` runs on CuPy arrays on the current GPU
@@ -14,9 +14,11 @@ One launch per primitive (R = a full read of a tensor, W = a full write; docs/ke
 | `backward_reduce` | `bn_{ncs,mc}_reduce`: partial sums merged by the last block per channel | R2 |
 | `backward_apply` | `bn_{ncs,mc}_backward` | R2 W1 |
 | `update_running` | one ElementwiseKernel over C values | none |
+| `double_backward_reduce` | `bn_{ncs,mc}_double_backward_reduce`: five sums, merged as above | R3 |
+| `double_backward_apply` | `bn_{ncs,mc}_double_backward_apply`: `gx` and `gdy` | R3 W2 |
 
-Training forward is 3 tensor passes in 2 launches, backward 5 in 2, eval 2 in 1
-(`cupy_bn.traffic` is this model). `train_statistics` (the optional
+Training forward is 3 tensor passes in 2 launches, backward 5 in 2, eval 2 in 1, double
+backward 8 in 2 (`cupy_bn.traffic` is this model). `train_statistics` (the optional
 `cupy_bn.backends.base.FusedTrainStatistics`, which `cupy_bn.functional` uses) also computes
 invstd, scale and shift and updates the running statistics inside the stats launch.
 
