@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from cupy_bn.backends.base import double_backward_coefficients, double_backward_weight_grad
-from cupy_bn.functional import SavedForBackward
+from cupy_bn.functional import SavedForBackward, StatsReducer
 from cupy_bn.layout import View
 from cupy_bn.validation import check_array, check_array_module, check_channel_vector, type_name
 
@@ -115,32 +115,17 @@ def _double_backward(
     invstd = saved.invstd.astype(np.float64)
     gamma = vector(saved.weight, 1.0)
     ddgamma, ddbeta = vector(ddweight, 0.0), vector(ddbias, 0.0)
-    zero = xp.zeros(channels, np.float64)
 
+    synced = training and reducer is not None
     needs_sums = (
-        reducer is not None or ddx is not None or ddweight is not None
+        synced or ddx is not None or ddweight is not None
         if training
         else ddx is not None and saved.weight is not None
     )
-    local = (zero,) * 5
-    if needs_sums:
-        if ddx is not None:
-            found = be.double_backward_reduce(dy, view, ddx, saved.mean)
-        else:
-            found = (
-                *be.backward_reduce(dy, view, saved.mean, invstd=saved.invstd),
-                zero,
-                zero,
-                zero,
-            )
-        local = tuple(v.astype(np.float64) for v in found)
+    local = _local_sums(saved, dy, ddx) if needs_sums else (vector(None, 0.0),) * 5
     totals, ddgamma_sums = local, (ddgamma * local[0], ddgamma * local[1])
-    if training and reducer is not None:
-        b1, b2 = reducer.sum_grads(local[0], local[1])
-        a1, a2 = reducer.sum_grads(local[2], local[3])
-        d, _ = reducer.sum_grads(local[4], zero)
-        ddgamma_sums = reducer.sum_grads(*ddgamma_sums)
-        totals = (b1, b2, a1, a2, d)
+    if synced:
+        totals, ddgamma_sums = _summed_over_processes(reducer, local, ddgamma_sums)
 
     coefficients = double_backward_coefficients(
         invstd, gamma, ddgamma, ddbeta, totals, ddgamma_sums, saved.count, training
@@ -151,3 +136,27 @@ def _double_backward(
         grad = double_backward_weight_grad(invstd, local, totals, saved.count, training)
         gweight = grad.astype(saved.weight.dtype)
     return view.restore(gx), gweight, view.restore(gdy)
+
+
+def _local_sums(saved: SavedForBackward, dy: View, ddx: View | None) -> tuple[Array, ...]:
+    """This process's `(B1, B2, A1, A2, D)` in float64: one `double_backward_reduce`, or
+    `backward_reduce` (R2) and zeros without `ddx`."""
+    be, view = saved.backend, saved.view
+    if ddx is not None:
+        found = be.double_backward_reduce(dy, view, ddx, saved.mean)
+    else:
+        sum_dy, sum_dy_xmu = be.backward_reduce(dy, view, saved.mean, invstd=saved.invstd)
+        zero = sum_dy * 0
+        found = (sum_dy, sum_dy_xmu, zero, zero, zero)
+    return tuple(v.astype(np.float64) for v in found)
+
+
+def _summed_over_processes(
+    reducer: StatsReducer, local: tuple[Array, ...], ddgamma_sums: tuple[Array, Array]
+) -> tuple[tuple[Array, ...], tuple[Array, Array]]:
+    """The global `(B1, B2, A1, A2, D)` and `(E1, E2)`: four all-reduces of two vectors each."""
+    b1, b2 = reducer.sum_grads(local[0], local[1])
+    a1, a2 = reducer.sum_grads(local[2], local[3])
+    e1, e2 = reducer.sum_grads(*ddgamma_sums)
+    d, _ = reducer.sum_grads(local[4], local[4] * 0)
+    return (b1, b2, a1, a2, d), (e1, e2)
