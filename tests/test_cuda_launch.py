@@ -193,6 +193,15 @@ def test_sources_inline_the_common_header_once():
     assert read_source("bn_mc.cu").count("namespace bn {") >= 2
 
 
+def test_every_kernel_source_is_compiled():
+    """Each `.cu` file is in KERNEL_FILES, so the loader, NVRTC and simulator tests see it."""
+    from cupy_bn.kernels.loader import KERNEL_DIR
+
+    listed = {spec.filename for spec in KERNEL_FILES.values()}
+    assert listed == {path.name for path in KERNEL_DIR.glob("*.cu")}
+    assert "bn_double_backward.cu" in listed
+
+
 def test_name_expressions_cover_every_storage_type():
     names = KERNEL_FILES["ncs"].name_expressions()
     for t in ("__half", "__nv_bfloat16", "float", "double"):
