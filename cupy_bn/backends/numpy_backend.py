@@ -1,4 +1,4 @@
-"""The CPU backend: the five primitives in NumPy, one memory pass per tensor read or written.
+"""The CPU backend: the seven primitives in NumPy, one memory pass per tensor read or written.
 
 Two paths, chosen by size. Small tensors (`numpy_direct.is_small`: up to 2^18 values forward,
 2^16 backward, the crossovers measured by `benchmarks/crossover.py`) run as a handful of
@@ -28,7 +28,8 @@ import math
 import numpy as np
 
 from cupy_bn.backends import numpy_direct as direct
-from cupy_bn.backends.base import Array
+from cupy_bn.backends import numpy_double_backward
+from cupy_bn.backends.base import Array, DoubleBackwardCoefficients
 from cupy_bn.backends.numpy_direct import raw_sums_are_exact
 from cupy_bn.backends.tiling import BLOCK_ELEMENTS, PAGE, Plan, plan_for, store, workspace
 from cupy_bn.dtypes import accumulation_dtype
@@ -265,6 +266,22 @@ class NumpyBackend:
         sum_dy, sum_dy_xmu = self.backward_reduce(dy, x, mean, invstd)
         dx = self.backward_apply(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xmu, count)
         return sum_dy, sum_dy_xmu, dx
+
+    # -- double backward (whole-array NumPy: numpy_double_backward.py) ---------------------
+    def double_backward_reduce(
+        self, dy: View, x: View, ddx: View, mean: Array
+    ) -> tuple[Array, Array, Array, Array, Array]:
+        return numpy_double_backward.double_backward_reduce(dy, x, ddx, mean)
+
+    def double_backward_apply(
+        self,
+        dy: View,
+        x: View,
+        ddx: View | None,
+        mean: Array,
+        coefficients: DoubleBackwardCoefficients,
+    ) -> tuple[Array, Array]:
+        return numpy_double_backward.double_backward_apply(dy, x, ddx, mean, coefficients)
 
     # -- running statistics ---------------------------------------------------------------
     def update_running(
