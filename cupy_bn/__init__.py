@@ -5,6 +5,7 @@
     y = bn(x); dx = bn.backward(dy)
     y, saved = cbn.batch_norm(x, weight, bias, running_mean, running_var, training=True)
     dx, dweight, dbias = cbn.batch_norm_backward(dy, saved)
+    gx, gweight, gdy = cbn.batch_norm_double_backward(ddx, ddweight, ddbias, dy, saved)
 
 Momentum follows PyTorch: the weight of the new batch in the running averages.
 """
@@ -16,6 +17,7 @@ from cupy_bn.distributed import (
     convert_sync_batchnorm,
     sync_batch_norm,
 )
+from cupy_bn.double_backward import batch_norm_double_backward
 from cupy_bn.fold import FoldError, fold_conv_bn, fold_linear_bn, fold_state_dict
 from cupy_bn.functional import SavedForBackward, batch_norm, batch_norm_backward
 from cupy_bn.gradient_check import gradcheck
@@ -36,6 +38,7 @@ __all__ = [
     "available_backends",
     "batch_norm",
     "batch_norm_backward",
+    "batch_norm_double_backward",
     "convert_sync_batchnorm",
     "fold_conv_bn",
     "fold_linear_bn",

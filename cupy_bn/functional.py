@@ -1,6 +1,7 @@
 """Batch normalization as functions: training and inference forward, and backward.
 
-Composed from the five primitives of the backend (`cupy_bn.backends.base`):
+Composed from the first five primitives of the backend (`cupy_bn.backends.base`; the other
+two make the double backward, `cupy_bn.double_backward`):
 
 - training: `batch_stats` -> `update_running` -> `apply` (scale = gamma * invstd,
   shift = beta - mean * scale);

@@ -23,6 +23,15 @@ give the whole gradient of `x`, and two each give those of `weight` and `bias`. 
 leaked between channels would show up as a mismatch here and in the forward comparison.
 Fast mode compares, per channel, derivatives along two random directions `u` with
 `sum(dx * u)`, as `torch.autograd.gradcheck(fast_mode=True)` does.
+
+Second order (`order=2`, `GradcheckCase.order`): the same central differences, of
+`batch_norm_backward` instead of `batch_norm`, check `batch_norm_double_backward`. For fixed
+random cotangents `ddx`, `ddweight`, `ddbias` the loss is
+`L2 = sum(ddx * dx) + sum(ddweight * dweight) + sum(ddbias * dbias)` of the backward at
+`(x, weight, dy)`, and the double backward's `(gx, gweight, gdy)` are compared with its
+numeric derivatives with respect to `x` (`"x"`), `weight` (`"weight"`, affine cases) and `dy`
+(`"dy"`). `L2` is a sum over channels of per-channel terms too, so the same one-value-per-channel
+perturbations apply: `2 * (values per channel)` backward evaluations for each of `x` and `dy`.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from typing import Any
 import numpy as np
 
 import cupy_bn.backends as backend_registry
-from cupy_bn import functional
+from cupy_bn import double_backward, functional
 from cupy_bn.arrays import to_host
 from cupy_bn.jsonable import finite_or_none
 from cupy_bn.validation import check_positive_finite, check_seed
@@ -46,6 +55,8 @@ CHANNEL_AXES: tuple[int, ...] = (1, -1)
 #: Random directions per case in fast mode.
 FAST_DIRECTIONS = 2
 MODES: tuple[str, ...] = ("train", "eval")
+#: Derivative orders checked: 1 (`batch_norm_backward`), 2 (`batch_norm_double_backward`).
+ORDERS: tuple[int, ...] = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,9 @@ class GradcheckCase:
     """"train" (batch statistics) or "eval" (fixed running statistics)."""
     affine: bool
     backend: str
+    order: int = 1
+    """1: `batch_norm_backward` against `batch_norm`; 2: `batch_norm_double_backward` against
+    `batch_norm_backward`."""
 
     @property
     def name(self) -> str:
@@ -65,6 +79,7 @@ class GradcheckCase:
         return (
             f"{self.backend} {self.mode} {dims} axis={self.channel_axis} "
             f"{'affine' if self.affine else 'no-affine'}"
+            + (f" order={self.order}" if self.order != 1 else "")
         )
 
 
@@ -125,6 +140,7 @@ class CaseResult:
             "channel_axis": case.channel_axis,
             "mode": case.mode,
             "affine": case.affine,
+            "order": case.order,
             "passed": self.passed,
             "error": self.error,
             "max_abs_error": finite_or_none(self.max_abs_error),
@@ -198,26 +214,33 @@ def build_cases(
     modes: str | Iterable[str] = MODES,
     affine: bool | Iterable[bool] = (True, False),
     backends: str | Iterable[str] = ("numpy",),
+    order: int | Iterable[int] = 1,
 ) -> list[GradcheckCase]:
     """The cross product of the options, validated (`ValueError` naming the option).
 
-    Every backend must be one that can run here (`cupy_bn.backends.available_backends()`).
+    Every backend must be one that can run here (`cupy_bn.backends.available_backends()`);
+    `order` is 1, 2 or several of them.
     """
     shape_list = [tuple(int(d) for d in s) for s in (DEFAULT_SHAPES if shapes is None else shapes)]
     axes, mode_list = _as_tuple(channel_axes), _as_tuple(modes)
     affine_list, backend_list = _as_tuple(affine), _as_tuple(backends)
+    order_list = _as_tuple(order)
     for name, values in (
         ("shapes", shape_list),
         ("channel_axes", axes),
         ("modes", mode_list),
         ("affine", affine_list),
         ("backends", backend_list),
+        ("order", order_list),
     ):
         if not values:
             raise ValueError(f"{name}: expected at least one value")
     for mode in mode_list:
         if mode not in MODES:
             raise ValueError(f"modes: expected 'train' or 'eval', got {mode!r}")
+    for value in order_list:
+        if isinstance(value, bool) or value not in ORDERS:
+            raise ValueError(f"order: expected 1 or 2, got {value!r}")
     usable = backend_registry.available_backends()
     for backend in backend_list:
         if backend not in usable:
@@ -239,16 +262,17 @@ def build_cases(
             raise ValueError(
                 f"shapes: {shape} has one value per channel (axis {axis}); training needs two"
             )
-    for shape, axis, mode, aff, backend in itertools.product(
-        shape_list, axes, mode_list, affine_list, backend_list
+    for value, shape, axis, mode, aff, backend in itertools.product(
+        order_list, shape_list, axes, mode_list, affine_list, backend_list
     ):
-        cases.append(GradcheckCase(shape, axis, mode, bool(aff), str(backend)))
+        cases.append(GradcheckCase(shape, axis, mode, bool(aff), str(backend), int(value)))
     return cases
 
 
 def case_rng(case: GradcheckCase, seed: int) -> np.random.Generator:
     """The generator of `case`'s random data: a function of `seed` and of the case without
-    its backend (shape, channel axis, mode, affine), so every backend gets the same data."""
+    its backend (shape, channel axis, mode, affine, order), so every backend gets the same
+    data."""
     rank = len(case.shape)
     key = [
         seed,
@@ -257,6 +281,7 @@ def case_rng(case: GradcheckCase, seed: int) -> np.random.Generator:
         case.channel_axis % rank,
         MODES.index(case.mode),
         int(case.affine),
+        *([case.order] if case.order != 1 else []),
     ]
     return np.random.default_rng(key)
 
@@ -319,11 +344,14 @@ def gradcheck(
     eps: float = 1e-5,
     seed: int = 0,
     fast: bool = False,
+    order: int | Iterable[int] = 1,
     progress: Callable[[CaseResult], None] | None = None,
 ) -> GradcheckResult:
-    """Check `batch_norm_backward` against central differences of `batch_norm`.
+    """Check `batch_norm_backward` against central differences of `batch_norm` (`order=1`),
+    and `batch_norm_double_backward` against central differences of `batch_norm_backward`
+    (`order=2`; `order=(1, 2)` for both).
 
-    Runs the cross product of `shapes` (default: `DEFAULT_SHAPES`, ranks 2-5),
+    Runs the cross product of `order`, `shapes` (default: `DEFAULT_SHAPES`, ranks 2-5),
     `channel_axes` (1: channels-first, -1: channels-last), `modes` ("train", "eval"),
     `affine` (with or without weight and bias) and `backends` (names of backends that can
     run here; "cuda" runs on CuPy arrays, the others on NumPy arrays). `fast=True` checks the
@@ -337,7 +365,7 @@ def gradcheck(
     naming the option (`build_cases`, `run_cases`); an exception raised by a backend is
     recorded as a failed case, not raised.
     """
-    cases = build_cases(shapes, channel_axes, modes, affine, backends)
+    cases = build_cases(shapes, channel_axes, modes, affine, backends, order)
     return run_cases(
         cases, step=step, atol=atol, rtol=rtol, eps=eps, seed=seed, fast=fast, progress=progress
     )
@@ -468,6 +496,10 @@ def check_case(
         y = np.asarray(device.back(forward(x_, w_, b_)[0]), dtype=np.float64)
         return np.moveaxis(y * grad_out, axis, -1).reshape(-1, channels).sum(axis=0)
 
+    if case.order == 2:
+        checks = (case, device, forward, x, weight, bias, grad_out, step, atol, rtol)
+        return CaseResult(case, _second_order_comparisons(*checks, rng, fast))
+
     y, saved = forward(x, weight, bias)
     dx, dweight, dbias = functional.batch_norm_backward(device.to(grad_out), saved)
     comparisons = {
@@ -510,3 +542,68 @@ def check_case(
     elif dweight is not None or dbias is not None:
         raise ValueError("batch_norm_backward returned weight/bias gradients without affine")
     return CaseResult(case, comparisons)
+
+
+def _second_order_comparisons(
+    case: GradcheckCase,
+    device: _Device,
+    forward: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[Any, Any]],
+    x: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    grad_out: np.ndarray,
+    step: float,
+    atol: float,
+    rtol: float,
+    rng: np.random.Generator,
+    fast: bool,
+) -> dict[str, Comparison]:
+    """`batch_norm_double_backward` against central differences of `batch_norm_backward`
+    (module docstring): comparisons "x", "weight" (affine) and "dy"."""
+    axis = case.channel_axis % len(case.shape)
+    channels = case.shape[axis]
+    ddx = rng.standard_normal(x.shape)
+    ddweight = rng.standard_normal(channels)
+    ddbias = rng.standard_normal(channels)
+
+    def channel_loss(x_: np.ndarray, w_: np.ndarray, dy_: np.ndarray) -> np.ndarray:
+        """Per channel, `sum(ddx * dx) + ddweight * dweight + ddbias * dbias`."""
+        _, saved = forward(x_, w_, bias)
+        dx, dweight, dbias = functional.batch_norm_backward(device.to(dy_), saved)
+        dx = np.asarray(device.back(dx), dtype=np.float64)
+        terms = np.moveaxis(dx * ddx, axis, -1).reshape(-1, channels).sum(axis=0)
+        if case.affine:
+            terms = terms + ddweight * device.back(dweight) + ddbias * device.back(dbias)
+        return terms
+
+    _, saved = forward(x, weight, bias)
+    gx, gweight, gdy = double_backward.batch_norm_double_backward(
+        device.to(ddx),
+        device.to(ddweight) if case.affine else None,
+        device.to(ddbias) if case.affine else None,
+        device.to(grad_out),
+        saved,
+    )
+    losses = {
+        "x": (x, gx, lambda x_, w_, _: channel_loss(x_, w_, grad_out)),
+        "dy": (grad_out, gdy, lambda dy_, w_, _: channel_loss(x, w_, dy_)),
+    }
+    comparisons = {}
+    for name, (at, analytic, loss) in losses.items():
+        analytic = device.back(analytic)
+        if fast:
+            checks = (at, analytic, axis, channels, loss, weight, bias, rng, step, atol, rtol)
+            comparisons[name] = _directional_check(*checks)
+        else:
+            checks = (at, analytic, axis, channels, loss, weight, bias, step, atol, rtol)
+            comparisons[name] = _elementwise_check(*checks)
+    if case.affine:
+        if gweight is None:
+            raise ValueError("batch_norm_double_backward returned no gradient for weight")
+        numeric = (
+            channel_loss(x, weight + step, grad_out) - channel_loss(x, weight - step, grad_out)
+        ) / (2 * step)
+        comparisons["weight"] = _compare(numeric, device.back(gweight), atol, rtol)
+    elif gweight is not None:
+        raise ValueError("batch_norm_double_backward returned a weight gradient without affine")
+    return comparisons

@@ -9,6 +9,7 @@ partials (a few KB) are left out. Two figures per phase:
 | `forward_train` | R1 W1 (x; y) | `batch_stats` R1 + `apply` R1 W1 = R2 W1 | 2 |
 | `backward` | R2 W1 (x, dy; dx) | `backward_reduce` R2 + `backward_apply` R2 W1 = R4 W1 | 2 |
 | `eval` | R1 W1 (x; y) | `apply` R1 W1 | 1 |
+| `double_backward` | R3 W2 (x, dy, ddx; gx, gdy) | `double_backward_{reduce,apply}` R6 W2 | 2 |
 
 - **minimal**: the least any implementation must move (a persistent kernel that keeps a channel
   on chip would get there). `cupy-bn bench` divides these bytes by every implementation's time,
@@ -21,8 +22,14 @@ partials (a few KB) are left out. Two figures per phase:
   (the fused `train_statistics` does them inside the statistics launch). The NumPy backend
   makes one blocked pass per primitive; where a channel's |mean| exceeds one standard
   deviation its `batch_stats` reads `x` a second time (centred sums), one read more than the
-  model. `cupy-bn bench`'s "moved" GB/s divide these bytes by our implementations' times: the
+  model; its double backward is whole-array NumPy with temporaries, which the model does not
+  count. `cupy-bn bench`'s "moved" GB/s divide these bytes by our implementations' times: the
   bandwidth our code actually draws, to set against the device's peak.
+
+`PHASES` are the phases `cupy-bn bench` times; `ALL_PHASES` adds `double_backward`, modelled
+for training mode with `ddx` given (without `ddx` the reduction is `backward_reduce`'s R2 and
+the apply reads two tensors; in inference mode the reduction runs only for a weight's
+gradient).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "ALL_PHASES",
     "MINIMAL_PASSES",
     "PHASES",
     "PHASE_PRIMITIVES",
@@ -43,6 +51,7 @@ __all__ = [
 ]
 
 PHASES: tuple[str, ...] = ("forward_train", "backward", "eval")
+ALL_PHASES: tuple[str, ...] = (*PHASES, "double_backward")
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,7 @@ MINIMAL_PASSES: dict[str, Passes] = {
     "forward_train": Passes(1, 1),
     "backward": Passes(2, 1),
     "eval": Passes(1, 1),
+    "double_backward": Passes(3, 2),
 }
 
 #: Passes of each primitive that streams a tensor, as both backends implement it.
@@ -80,6 +90,8 @@ PRIMITIVE_PASSES: dict[str, Passes] = {
     "apply": Passes(1, 1),
     "backward_reduce": Passes(2, 0),
     "backward_apply": Passes(2, 1),
+    "double_backward_reduce": Passes(3, 0),
+    "double_backward_apply": Passes(3, 2),
 }
 
 #: The tensor-streaming primitives a phase runs, in order (one CUDA launch each).
@@ -87,12 +99,13 @@ PHASE_PRIMITIVES: dict[str, tuple[str, ...]] = {
     "forward_train": ("batch_stats", "apply"),
     "backward": ("backward_reduce", "backward_apply"),
     "eval": ("apply",),
+    "double_backward": ("double_backward_reduce", "double_backward_apply"),
 }
 
 
 def _check_phase(phase: str) -> None:
-    if phase not in PHASES:
-        raise ValueError(f"phase must be one of {', '.join(PHASES)}; got {phase!r}")
+    if phase not in ALL_PHASES:
+        raise ValueError(f"phase must be one of {', '.join(ALL_PHASES)}; got {phase!r}")
 
 
 def minimal_passes(phase: str) -> Passes:

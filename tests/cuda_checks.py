@@ -171,3 +171,44 @@ def check_train_statistics(be, view, x64, acc, acc_tol) -> None:
     ):
         assert got.dtype == acc, what
         assert_close(got, want, acc_tol, what)
+
+
+def check_double_backward(be, shape, channel_axis, dtype, seed=0) -> None:
+    """The two double-backward primitives of `be` against float64 formulas: the five sums, and
+    `gx`, `gdy` for random coefficients, with and without `ddx`."""
+    from cupy_bn.backends.base import DoubleBackwardCoefficients
+
+    xp = be.xp
+    dtype = np.dtype(dtype)
+    acc = accumulation_dtype(dtype)
+    out_tol, acc_tol = OUTPUT_TOL[dtype.name], ACC_TOL[acc.name]
+    x_np, dy_np = make_inputs(shape, dtype, seed)
+    ddx_np = np.random.default_rng(seed + 2).normal(0.0, 1.0, shape).astype(dtype)
+    view = canonical(xp.asarray(x_np), channel_axis)
+    dview = view.match(xp.asarray(dy_np), "dy")
+    ddview = view.match(xp.asarray(ddx_np), "ddx")
+    x64, dy64, ddx64 = (to_host(v.data).astype(np.float64) for v in (view, dview, ddview))
+    axes, channels = _axes(view), view.num_channels
+    rng = np.random.default_rng(seed + 3)
+    mean = rng.normal(2.0, 0.5, channels).astype(acc)  # near, not at, the batch mean
+    xmu = x64 - _per_channel(view, mean.astype(np.float64))
+
+    sums = be.double_backward_reduce(dview, view, ddview, xp.asarray(mean))
+    expected = (dy64, dy64 * xmu, ddx64, ddx64 * xmu, ddx64 * dy64)
+    names = ("sum_dy", "sum_dy_xmu", "sum_ddx", "sum_ddx_xmu", "sum_ddx_dy")
+    assert len(sums) == 5
+    for got, terms, name in zip(sums, expected, names, strict=True):
+        assert got.dtype == acc and got.shape == (channels,), name
+        scale = max(1.0, np.abs(terms).sum() / max(channels, 1))
+        assert_close(got, terms.sum(axis=axes), acc_tol * scale, name)
+
+    k = DoubleBackwardCoefficients(*(rng.normal(0.0, 1.0, channels) for _ in range(6)))
+    kc = DoubleBackwardCoefficients(*(_per_channel(view, v) for v in k.vectors()))
+    for ddx, h in ((ddview, ddx64), (None, np.zeros_like(ddx64))):
+        gx, gdy = be.double_backward_apply(dview, view, ddx, xp.asarray(mean), k)
+        assert gx.dtype == dtype and gdy.dtype == dtype and gx.shape == view.data.shape
+        want_gx = kc.gx_dy * dy64 + kc.gx_ddx * h + kc.gx_xmu * xmu + kc.gx_one
+        want_gdy = kc.gdy_ddx * h + kc.gx_dy * xmu + kc.gdy_one
+        what = "with ddx" if ddx is not None else "without ddx"
+        assert_close(gx, want_gx, 4 * out_tol, f"gx {what}")
+        assert_close(gdy, want_gdy, 4 * out_tol, f"gdy {what}")

@@ -1,4 +1,4 @@
-"""The backend contract: exactly five primitives, the optional fused statistics, `invstd`."""
+"""The backend contract: exactly seven primitives, the optional fused statistics, `invstd`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,15 @@ from cupy_bn.backends.cuda_backend import CudaBackend, simulator_usable
 from cupy_bn.backends.numpy_backend import NumpyBackend
 from cupy_bn.layout import canonical
 
-PRIMITIVES = {"batch_stats", "apply", "backward_reduce", "backward_apply", "update_running"}
+PRIMITIVES = {
+    "batch_stats",
+    "apply",
+    "backward_reduce",
+    "backward_apply",
+    "update_running",
+    "double_backward_reduce",
+    "double_backward_apply",
+}
 needs_sim = pytest.mark.skipif(not simulator_usable(), reason="CUDA simulator not found")
 
 
@@ -21,7 +29,7 @@ def _members(protocol) -> set[str]:
     return methods | set(getattr(protocol, "__annotations__", {}))
 
 
-def test_backend_is_exactly_the_five_primitives_and_fused_statistics_is_separate():
+def test_backend_is_exactly_the_seven_primitives_and_fused_statistics_is_separate():
     assert _members(Backend) == PRIMITIVES | {"name", "xp"}
     assert _members(FusedTrainStatistics) == {"train_statistics"}
     assert cupy_bn.Backend is Backend
@@ -66,6 +74,12 @@ class Recorder:
 
     def update_running(self, *args):
         return self._call("update_running", *args)
+
+    def double_backward_reduce(self, *args):
+        return self._call("double_backward_reduce", *args)
+
+    def double_backward_apply(self, *args):
+        return self._call("double_backward_apply", *args)
 
 
 class FusedRecorder(Recorder):
@@ -166,3 +180,32 @@ def test_numpy_backend_chooses_its_sums_by_invstd():
     misleading = np.full(3, 1e-6, np.float32)  # var + eps = 1e12: |mean| = 1e4 looks small
     assert _sum_dy_xmu_error(be, x, dy, misleading) > 1e-6
     assert _sum_dy_xmu_error(be, x, dy, "forward") < 1e-7
+
+
+@pytest.mark.parametrize(
+    ("training", "given", "calls"),
+    [
+        (True, ("ddx", "ddweight", "ddbias"), ["double_backward_reduce", "double_backward_apply"]),
+        (True, ("ddweight",), ["backward_reduce", "double_backward_apply"]),
+        (True, ("ddbias",), ["double_backward_apply"]),
+        (False, ("ddx", "ddweight"), ["double_backward_reduce", "double_backward_apply"]),
+        (False, ("ddweight", "ddbias"), ["double_backward_apply"]),
+    ],
+)
+def test_double_backward_composes_the_primitives(training, given, calls):
+    """One reduction (the sums the formulas need, skipped when none is) and one apply."""
+    rng = np.random.default_rng(2)
+    x, dy, ddx = (rng.standard_normal((5, 3, 4)) for _ in range(3))
+    weight, bias = rng.uniform(0.5, 1.5, 3), rng.standard_normal(3)
+    running = (rng.standard_normal(3), rng.uniform(0.5, 2.0, 3))
+    cotangents = {"ddx": ddx, "ddweight": rng.standard_normal(3), "ddbias": rng.standard_normal(3)}
+    args = [cotangents[n] if n in given else None for n in ("ddx", "ddweight", "ddbias")]
+    be = Recorder()
+    _, saved = functional.batch_norm(x, weight, bias, *running, training=training, backend=be)
+    be.calls.clear()
+    got = cupy_bn.batch_norm_double_backward(*args, dy, saved)
+    assert be.calls == calls
+    _, plain = functional.batch_norm(x, weight, bias, *running, training=training)
+    want = cupy_bn.batch_norm_double_backward(*args, dy, plain)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -513,6 +513,38 @@ def test_gradcheck_catches_a_broken_backward(monkeypatch):
     assert all(not c["checks"]["x"]["passed"] for c in cases if c["mode"] == "train")
 
 
+def test_gradcheck_second_order():
+    result = run("gradcheck", "--order", "2", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] and len(report["cases"]) == 32
+    for case in report["cases"]:
+        assert case["order"] == 2 and case["name"].endswith(" order=2")
+        assert set(case["checks"]) == ({"x", "weight", "dy"} if case["affine"] else {"x", "dy"})
+    both = run("gradcheck", "--order", "both", "--shape", "4,3", "--fast")
+    assert both.exit_code == 0, both.output
+    assert "gradcheck passed: 16/16 cases" in both.stdout and "order" in both.stdout
+    refused = run("gradcheck", "--order", "3")
+    assert refused.exit_code == 2 and "'3' is not one of '1', '2', 'both'" in refused.stderr
+
+
+def test_gradcheck_second_order_catches_a_broken_double_backward(monkeypatch):
+    from cupy_bn.backends.numpy_backend import NumpyBackend
+
+    real = NumpyBackend.double_backward_apply
+
+    def wrong_gdy(self, dy, x, ddx, mean, coefficients):
+        gx, gdy = real(self, dy, x, ddx, mean, coefficients)
+        return gx, gdy + 1e-2
+
+    monkeypatch.setattr(NumpyBackend, "double_backward_apply", wrong_gdy)
+    assert run("gradcheck", "--json").exit_code == 0  # first order does not use it
+    result = run("gradcheck", "--order", "2", "--json")
+    assert_user_error(result, "32 of 32 gradient checks failed", code=1)
+    cases = json.loads(result.stdout)["cases"]
+    assert all(not c["checks"]["dy"]["passed"] and c["checks"]["x"]["passed"] for c in cases)
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [

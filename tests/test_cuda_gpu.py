@@ -45,6 +45,15 @@ def test_primitives_match_float64(cuda_backend, split_backend, shape, channel_ax
     cc.check_primitives(split_backend, shape, channel_axis, dtype)
 
 
+@pytest.mark.parametrize("dtype", cc.DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("shape,channel_axis", cc.SHAPES, ids=lambda v: str(v))
+def test_double_backward_primitives_match_float64(
+    cuda_backend, split_backend, shape, channel_axis, dtype
+):
+    cc.check_double_backward(cuda_backend, shape, channel_axis, dtype)
+    cc.check_double_backward(split_backend, shape, channel_axis, dtype)
+
+
 @pytest.mark.parametrize(
     "shape,channel_axis", [((32, 64, 56, 56), 1), ((32, 56, 56, 64), -1), ((64, 2048, 7, 7), 1)]
 )
@@ -100,6 +109,23 @@ def test_functional_auto_routes_cupy_arrays_to_cuda(cupy):
     ggrads = cbn.batch_norm_backward(cupy.asarray(dy), gsaved)
     for want, got in zip((y, *grads, rm, rv), (gy, *ggrads, grm, grv), strict=True):
         np.testing.assert_allclose(cc.to_host(got), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_double_backward_on_cupy_matches_numpy(cupy, training):
+    x, dy = cc.make_inputs((8, 3, 5, 5), np.float32, seed=4)
+    ddx = np.random.default_rng(5).normal(size=x.shape).astype(np.float32)
+    w, b = np.linspace(0.5, 2, 3).astype(np.float32), np.linspace(-1, 1, 3).astype(np.float32)
+    ddw, ddb = np.linspace(-1, 1, 3).astype(np.float32), np.ones(3, np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    _, saved = cbn.batch_norm(x, w, b, rm.copy(), rv.copy(), training=training)
+    want = cbn.batch_norm_double_backward(ddx, ddw, ddb, dy, saved)
+    on_gpu = [cupy.asarray(a) for a in (x, w, b, rm, rv, ddx, ddw, ddb, dy)]
+    gx, gw, gb, grm, grv, gddx, gddw, gddb, gdy = on_gpu
+    _, gsaved = cbn.batch_norm(gx, gw, gb, grm, grv, training=training)
+    got = cbn.batch_norm_double_backward(gddx, gddw, gddb, gdy, gsaved)
+    for a, b_ in zip(want, got, strict=True):
+        np.testing.assert_allclose(cc.to_host(b_), a, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -104,8 +104,14 @@ def test_traffic_model_counts_passes():
     assert traffic.minimal_bytes("eval", 10, 8) == 2 * 80
     assert [traffic.launches(p) for p in traffic.PHASES] == [2, 2, 1]
     assert str(traffic.moved_passes("backward")) == "R4 W1"
+    assert traffic.ALL_PHASES == (*traffic.PHASES, "double_backward")
+    assert str(traffic.minimal_passes("double_backward")) == "R3 W2"
+    assert str(traffic.moved_passes("double_backward")) == "R6 W2"
+    assert traffic.launches("double_backward") == 2
     for phase in ("inference", "forward"):
-        with pytest.raises(ValueError, match="phase must be one of forward_train, backward, eval"):
+        with pytest.raises(
+            ValueError, match="phase must be one of forward_train, backward, eval, double_backward"
+        ):
             traffic.moved_bytes(phase, 10, 4)
         with pytest.raises(ValueError, match="phase must be one of"):
             traffic.launches(phase)
@@ -152,6 +158,7 @@ def test_cuda_backend_moves_and_launches_what_the_traffic_model_says(shape, chan
     c = shape[channel_axis]
     weight, bias = np.ones(c, np.float32), np.zeros(c, np.float32)
     running = np.zeros(c, np.float32), np.ones(c, np.float32)
+    ddx = rng.standard_normal(shape).astype(np.float32)
 
     def phase(name):
         recorder.launches.clear()
@@ -161,6 +168,8 @@ def test_cuda_backend_moves_and_launches_what_the_traffic_model_says(shape, chan
             )
         elif name == "backward":
             out = cupy_bn.batch_norm_backward(dy, saved)
+        elif name == "double_backward":
+            out = cupy_bn.batch_norm_double_backward(ddx, weight, bias, dy, saved)
         else:
             out = cupy_bn.batch_norm(
                 x, weight, bias, *running, training=False, channel_axis=channel_axis, backend=be
@@ -168,10 +177,10 @@ def test_cuda_backend_moves_and_launches_what_the_traffic_model_says(shape, chan
         return out, list(recorder.launches)
 
     (_, saved), _ = phase("forward_train")
-    for name in traffic.PHASES:
+    for name in traffic.ALL_PHASES:
         _, launches = phase(name)
         assert len(launches) == traffic.launches(name), name
-        assert _passes(launches, x.size, (x, dy)) == traffic.moved_passes(name), name
+        assert _passes(launches, x.size, (x, dy, ddx)) == traffic.moved_passes(name), name
 
 
 def test_sources_inline_the_common_header_once():
@@ -182,6 +191,15 @@ def test_sources_inline_the_common_header_once():
         assert text.count("bool arrive_last(") == 1  # bn_finalize.cuh, once
         assert '#line 1 "bn_common.cuh"' in text
     assert read_source("bn_mc.cu").count("namespace bn {") >= 2
+
+
+def test_every_kernel_source_is_compiled():
+    """Each `.cu` file is in KERNEL_FILES, so the loader, NVRTC and simulator tests see it."""
+    from cupy_bn.kernels.loader import KERNEL_DIR
+
+    listed = {spec.filename for spec in KERNEL_FILES.values()}
+    assert listed == {path.name for path in KERNEL_DIR.glob("*.cu")}
+    assert "bn_double_backward.cu" in listed
 
 
 def test_name_expressions_cover_every_storage_type():

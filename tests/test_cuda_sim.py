@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import cupy_bn as cbn
+from cupy_bn.backends.base import DoubleBackwardCoefficients
 from cupy_bn.backends.cuda_backend import CudaBackend, Tuning, simulator_usable
 from cupy_bn.backends.numpy_backend import NumpyBackend
 from cupy_bn.layout import canonical
@@ -44,6 +45,14 @@ def sim(schedule="forward", tuning=None, **kw) -> CudaBackend:
 @pytest.mark.parametrize("shape,channel_axis", cc.SHAPES, ids=lambda v: str(v))
 def test_primitives_match_float64(shape, channel_axis, dtype, tuning, schedule):
     cc.check_primitives(sim(schedule, TUNINGS[tuning]), shape, channel_axis, dtype)
+
+
+@pytest.mark.parametrize("schedule", ["forward", "reverse"])
+@pytest.mark.parametrize("tuning", sorted(TUNINGS))
+@pytest.mark.parametrize("dtype", cc.DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("shape,channel_axis", cc.SHAPES, ids=lambda v: str(v))
+def test_double_backward_primitives_match_float64(shape, channel_axis, dtype, tuning, schedule):
+    cc.check_double_backward(sim(schedule, TUNINGS[tuning]), shape, channel_axis, dtype)
 
 
 def test_split_tuning_really_splits():
@@ -141,7 +150,12 @@ def _run_everything(be, shape, channel_axis, dtype):
     dx = be.backward_apply(
         dview, view, mean, fused[2], np.ones(channels, mean.dtype), *sums, view.count
     )
-    return (mean, var, *fused, rm, rv, y, *sums, dx)
+    ddview = view.match(np.random.default_rng(6).normal(size=x.shape).astype(dtype), "ddx")
+    second = be.double_backward_reduce(dview, view, ddview, mean)
+    coefficients = DoubleBackwardCoefficients(*(np.linspace(-1, 1, channels) + k for k in range(6)))
+    grads = be.double_backward_apply(dview, view, ddview, mean, coefficients)
+    grads_no_ddx = be.double_backward_apply(dview, view, None, mean, coefficients)
+    return (mean, var, *fused, rm, rv, y, *sums, dx, *second, *grads, *grads_no_ddx)
 
 
 @pytest.mark.parametrize("shape,channel_axis", [((5, 3, 301), 1), ((700, 37), -1)])
@@ -264,8 +278,8 @@ def test_sim_loader_passes_its_checks_to_every_launch():
 )
 def test_reduction_kernels_are_race_free(shape, channel_axis):
     """The stats kernel (plain, and fused with the running-stat update) and the gradient-sum
-    kernel under the simulator's race detector, with channels split over several blocks: the
-    workspace, the last-block merge and the counters."""
+    kernels (backward and double backward) under the simulator's race detector, with channels
+    split over several blocks: the workspace, the last-block merge and the counters."""
     from cupy_bn import sim as simulator
 
     supported, why = simulator.race_mode_support()
@@ -291,6 +305,8 @@ def test_reduction_kernels_are_race_free(shape, channel_axis):
     cc.assert_close(fused[2], 1 / np.sqrt(x64.var(axis=axes) + 1e-5), 1e-5, "invstd")
     sum_dy, _ = be.backward_reduce(dview, view, mean)
     cc.assert_close(sum_dy, dview.data.astype(np.float64).sum(axis=axes), 1e-5, "sum_dy")
+    second = be.double_backward_reduce(dview, view, view.match(2 * dy, "ddx"), mean)
+    cc.assert_close(second[2], 2 * dview.data.astype(np.float64).sum(axis=axes), 1e-5, "sum_ddx")
 
 
 # -- through the functional API and the layers ------------------------------------------------

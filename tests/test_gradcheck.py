@@ -335,3 +335,85 @@ def test_result_serializes_itself_as_plain_json(monkeypatch):
     assert broken["error"] == "RuntimeError: no kernel" and broken["passed"] is False
     assert broken["max_abs_error"] is None and broken["max_rel_error"] is None
     assert broken["checks"] == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Second order: batch_norm_double_backward against differences of batch_norm_backward
+
+
+def test_second_order_default_matrix_passes():
+    result = gradcheck(order=2)
+    assert result.passed and len(result.cases) == 32
+    for outcome in result.cases:
+        assert outcome.case.order == 2 and outcome.case.name.endswith(" order=2")
+        expected = {"x", "weight", "dy"} if outcome.case.affine else {"x", "dy"}
+        assert set(outcome.comparisons) == expected
+        assert outcome.max_rel_error < 1e-4
+    document = result.to_json()
+    assert {c["order"] for c in document["cases"]} == {2}
+    assert set(document["cases"][0]["checks"]) == {"x", "weight", "dy"}
+
+
+def test_both_orders_run_on_their_own_data():
+    cases = build_cases([(4, 3)], channel_axes=1, modes="train", affine=True, order=(1, 2))
+    assert [c.order for c in cases] == [1, 2]
+    first, second = (case_rng(c, 0).standard_normal(4) for c in cases)
+    assert not np.array_equal(first, second)
+    assert gradcheck([(4, 3)], order=[1, 2], fast=True).passed
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["elementwise", "fast"])
+def test_second_order_catches_a_wrong_double_backward_apply(monkeypatch, fast):
+    real = NumpyBackend.double_backward_apply
+
+    def wrong(self, dy, x, ddx, mean, coefficients):
+        gx, gdy = real(self, dy, x, ddx, mean, coefficients)
+        return gx * 1.01, gdy
+
+    monkeypatch.setattr(NumpyBackend, "double_backward_apply", wrong)
+    result = gradcheck(order=2, fast=fast)
+    # gx is zero, so unchanged, only in eval mode without weight (gx = ddweight * invstd * dy)
+    failed = {c.case for c in result.failures}
+    assert failed == {c.case for c in result.cases if c.case.mode == "train" or c.case.affine}
+    for outcome in result.failures:
+        assert not outcome.comparisons["x"].passed and outcome.comparisons["dy"].passed
+
+
+def test_second_order_catches_a_dropped_term_and_a_wrong_weight_gradient(monkeypatch):
+    import dataclasses as dc
+
+    from cupy_bn import double_backward
+
+    real = double_backward.double_backward_coefficients
+
+    def no_xmu_term(*args):
+        k = real(*args)
+        return dc.replace(k, gx_xmu=k.gx_xmu * 0)
+
+    monkeypatch.setattr(double_backward, "double_backward_coefficients", no_xmu_term)
+    result = gradcheck(order=2, modes="train")
+    assert not result.passed
+    assert all(not c.comparisons["x"].passed for c in result.failures)
+    monkeypatch.undo()
+
+    real_weight = double_backward.double_backward_weight_grad
+    monkeypatch.setattr(
+        double_backward, "double_backward_weight_grad", lambda *a: real_weight(*a) * 1.01
+    )
+    result = gradcheck(order=2, affine=True)
+    assert len(result.failures) == len(result.cases) == 16
+    assert all(not c.comparisons["weight"].passed for c in result.failures)
+
+
+@pytest.mark.parametrize("order", [3, 0, True, "2"])
+def test_bad_order(order):
+    with pytest.raises(ValueError, match="order: expected 1 or 2, got"):
+        gradcheck(order=order)
+
+
+@pytest.mark.skipif(
+    "sim" not in backend_registry.available_backends(), reason="needs the CUDA simulator"
+)
+def test_second_order_on_the_simulator():
+    result = gradcheck(shapes=[(4, 3), (2, 3, 5)], backends="sim", order=2, fast=True)
+    assert result.passed and len(result.cases) == 16

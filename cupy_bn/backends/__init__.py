@@ -1,4 +1,4 @@
-"""Backends: objects implementing the five primitives of `cupy_bn.backends.base.Backend`.
+"""Backends: objects implementing the seven primitives of `cupy_bn.backends.base.Backend`.
 
 `backend="auto"` sends CuPy arrays to the CUDA backend and NumPy arrays to the NumPy backend.
 Backends register a factory by name; `get_backend` builds each one once.

@@ -1,4 +1,4 @@
-"""The CUDA backend: the five primitives as CUDA kernels, for CuPy arrays or the simulator.
+"""The CUDA backend: the seven primitives as CUDA kernels, for CuPy arrays or the simulator.
 
 The launch code is written once against an array module and a kernel loader
 (`cupy_bn.kernels.loader`): `CudaBackend.for_cupy()` runs on CuPy arrays on the current GPU
@@ -14,9 +14,11 @@ One launch per primitive (R = a full read of a tensor, W = a full write; docs/ke
 | `backward_reduce` | `bn_{ncs,mc}_reduce`: partial sums merged by the last block per channel | R2 |
 | `backward_apply` | `bn_{ncs,mc}_backward` | R2 W1 |
 | `update_running` | one ElementwiseKernel over C values | none |
+| `double_backward_reduce` | `bn_{ncs,mc}_double_backward_reduce`: five sums, merged as above | R3 |
+| `double_backward_apply` | `bn_{ncs,mc}_double_backward_apply`: `gx` and `gdy` | R3 W2 |
 
-Training forward is 3 tensor passes in 2 launches, backward 5 in 2, eval 2 in 1
-(`cupy_bn.traffic` is this model). `train_statistics` (the optional
+Training forward is 3 tensor passes in 2 launches, backward 5 in 2, eval 2 in 1, double
+backward 8 in 2 (`cupy_bn.traffic` is this model). `train_statistics` (the optional
 `cupy_bn.backends.base.FusedTrainStatistics`, which `cupy_bn.functional` uses) also computes
 invstd, scale and shift and updates the running statistics inside the stats launch.
 
@@ -30,12 +32,12 @@ device (a device with another SM count may split differently).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 
-from cupy_bn.backends.base import Array
+from cupy_bn.backends.base import Array, DoubleBackwardCoefficients
 from cupy_bn.dtypes import accumulation_dtype
 from cupy_bn.intmath import ceil_div
 from cupy_bn.kernels.elementwise import UPDATE_RUNNING
@@ -53,6 +55,8 @@ SYNC_CAPACITY = 1024
 
 # flags of the statistics kernels (bn_finalize.cuh)
 _AFFINE, _WEIGHT, _BIAS, _RUNNING = 1, 2, 4, 8
+#: The rows of the double-backward coefficient array, in the kernels' order.
+_COEFFICIENT_NAMES = tuple(f.name for f in fields(DoubleBackwardCoefficients))
 
 
 @dataclass(frozen=True)
@@ -297,14 +301,14 @@ class CudaBackend:
             self._sync.pop(self._stream_key(), None)  # a failed launch may leave counters set
             raise
 
-    def _common(self, dy: View, x: View) -> tuple[Array, Array, np.dtype]:
-        """dy and x data in one storage dtype (the wider one when they differ)."""
-        a, b = np.dtype(dy.data.dtype), np.dtype(x.data.dtype)
-        if a == b:
-            dtype = a
+    def _common(self, *views: View) -> tuple[Any, ...]:
+        """The views' data in one storage dtype (the wider one when they differ), then it."""
+        dtypes = {np.dtype(v.data.dtype) for v in views}
+        if len(dtypes) == 1:
+            dtype = dtypes.pop()
         else:  # float16 and bfloat16 have no common 16-bit type: meet in float32 (or float64)
-            dtype = np.dtype(np.float64 if np.float64 in (a, b) else np.float32)
-        return dy.data.astype(dtype, copy=False), x.data.astype(dtype, copy=False), dtype
+            dtype = np.dtype(np.float64 if np.dtype(np.float64) in dtypes else np.float32)
+        return (*(v.data.astype(dtype, copy=False) for v in views), dtype)
 
     # -- statistics ---------------------------------------------------------------------------
     def _stats(
@@ -526,6 +530,82 @@ class CudaBackend:
             kernel, grid.grid, grid.block, (g, data, *vectors, np.int64(count), *shape_args, out)
         )
         return out.astype(dy.data.dtype, copy=False)
+
+    # -- double backward ----------------------------------------------------------------------
+    def double_backward_reduce(
+        self, dy: View, x: View, ddx: View, mean: Array
+    ) -> tuple[Array, Array, Array, Array, Array]:
+        """The five sums in one launch (R3); `x` is centred in registers before the products."""
+        xp = self.xp
+        g, data, h, dtype = self._common(dy, x, ddx)
+        acc = accumulation_dtype(dtype)
+        channels = x.num_channels
+        if x.count == 0 or channels == 0:
+            return tuple(xp.zeros(channels, acc) for _ in range(5))
+        mean = self._vector(mean, acc, channels, "mean")
+        if x.layout == NCS:
+            kernel = self.loader.function("double_backward", "bn_ncs_double_backward_reduce", dtype)
+            grid = self._ncs_reduction_grid(x, kernel)
+            slots = channels * grid.pieces if grid.pieces > 1 else 1
+            layout_args = (
+                *self._ncs_shape_args(x, grid),
+                xp.empty(5 * slots, acc),
+                self._sync_buffer(channels + 2),
+            )
+        else:
+            kernel = self.loader.function("double_backward", "bn_mc_double_backward_reduce", dtype)
+            grid = self._mc_reduction_grid(x, kernel)
+            slots = channels * grid.pieces if grid.pieces > 1 else 1
+            group_slots = channels * grid.groups if grid.groups > 1 else 1
+            layout_args = (
+                np.int64(data.shape[0]),
+                np.int32(channels),
+                np.int32(grid.group),
+                xp.empty(5 * slots, acc),
+                xp.empty(5 * group_slots, acc),
+                self._sync_buffer(grid.counters),
+            )
+        sums = xp.empty((5, channels), acc)
+        self._launch_synced(kernel, grid.grid, grid.block, (g, data, h, mean, *layout_args, sums))
+        return tuple(sums[k] for k in range(5))
+
+    def double_backward_apply(
+        self,
+        dy: View,
+        x: View,
+        ddx: View | None,
+        mean: Array,
+        coefficients: DoubleBackwardCoefficients,
+    ) -> tuple[Array, Array]:
+        """`gx` and `gdy` in one launch (R3 W2; R2 W2 without `ddx`), coefficients in `Acc`."""
+        xp = self.xp
+        g, data, *h, dtype = self._common(dy, x, *([] if ddx is None else [ddx]))
+        acc = accumulation_dtype(dtype)
+        channels = x.num_channels
+        gx, gdy = xp.empty(data.shape, dtype), xp.empty(data.shape, dtype)
+        if data.size:
+            mean = self._vector(mean, acc, channels, "mean")
+            rows = [
+                self._vector(v, acc, channels, f"coefficients.{f}")
+                for v, f in zip(coefficients.vectors(), _COEFFICIENT_NAMES, strict=True)
+            ]
+            coef = xp.ascontiguousarray(xp.stack(rows))
+            ddx_data = h[0] if h else xp.empty(1, dtype)
+            if x.layout == NCS:
+                grid = self._ncs_elementwise_grid(x)
+                kernel = self.loader.function(
+                    "double_backward", "bn_ncs_double_backward_apply", dtype
+                )
+                shape_args = self._ncs_shape_args(x, grid)
+            else:
+                grid = self._mc_elementwise_grid(x)
+                kernel = self.loader.function(
+                    "double_backward", "bn_mc_double_backward_apply", dtype
+                )
+                shape_args = (np.int64(data.shape[0]), np.int32(channels))
+            args = (g, data, ddx_data, np.int32(bool(h)), mean, coef, *shape_args, gx, gdy)
+            self.loader.launch(kernel, grid.grid, grid.block, args)
+        return gx.astype(x.data.dtype, copy=False), gdy.astype(dy.data.dtype, copy=False)
 
     # -- running statistics -------------------------------------------------------------------
     def update_running(

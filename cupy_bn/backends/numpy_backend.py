@@ -1,4 +1,4 @@
-"""The CPU backend: the five primitives in NumPy, one memory pass per tensor read or written.
+"""The CPU backend: the seven primitives in NumPy, one memory pass per tensor read or written.
 
 Every primitive streams its tensors once, block by block (`tiling.py`); a block's extra
 per-element passes (casting fp16/bf16 to fp32, centring) run while it is in cache. Per-channel
@@ -20,7 +20,8 @@ import math
 
 import numpy as np
 
-from cupy_bn.backends.base import Array
+from cupy_bn.backends import numpy_double_backward
+from cupy_bn.backends.base import Array, DoubleBackwardCoefficients
 from cupy_bn.backends.tiling import BLOCK_ELEMENTS, PAGE, Plan, plan_for, store, workspace
 from cupy_bn.dtypes import accumulation_dtype
 from cupy_bn.layout import View
@@ -239,3 +240,19 @@ class NumpyBackend:
             np.float64
         ) + momentum * np.asarray(mean, np.float64)
         running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + momentum * unbiased
+
+    # -- double backward (whole-array NumPy: numpy_double_backward.py) ---------------------
+    def double_backward_reduce(
+        self, dy: View, x: View, ddx: View, mean: Array
+    ) -> tuple[Array, Array, Array, Array, Array]:
+        return numpy_double_backward.double_backward_reduce(dy, x, ddx, mean)
+
+    def double_backward_apply(
+        self,
+        dy: View,
+        x: View,
+        ddx: View | None,
+        mean: Array,
+        coefficients: DoubleBackwardCoefficients,
+    ) -> tuple[Array, Array]:
+        return numpy_double_backward.double_backward_apply(dy, x, ddx, mean, coefficients)

@@ -1,4 +1,4 @@
-"""`cupy-bn gradcheck`: finite differences against the analytic backward."""
+"""`cupy-bn gradcheck`: finite differences against the analytic backward and double backward."""
 
 from __future__ import annotations
 
@@ -60,6 +60,14 @@ from cupy_bn.cli.common import (
     is_flag=True,
     help="Check dx along random directions instead of entry by entry (for slow backends).",
 )
+@click.option(
+    "--order",
+    type=click.Choice(["1", "2", "both"]),
+    default="1",
+    show_default=True,
+    help="1: the backward against differences of the forward; 2: the double backward against "
+    "differences of the backward; both.",
+)
 @click.option("--step", type=float, default=1e-6, show_default=True, help="Difference step h.")
 @click.option("--atol", type=float, default=1e-5, show_default=True)
 @click.option("--rtol", type=float, default=1e-3, show_default=True)
@@ -73,6 +81,7 @@ def gradcheck(
     affine: str,
     backends: tuple[str, ...],
     fast: bool,
+    order: str,
     step: float,
     atol: float,
     rtol: float,
@@ -80,7 +89,8 @@ def gradcheck(
     seed: int,
     as_json: bool,
 ) -> None:
-    """Check batch norm's gradients (x, weight, bias) against central differences in float64.
+    """Check batch norm's gradients (x, weight, bias) against central differences in float64;
+    with --order 2, the double backward's (x, weight, dy) against differences of the backward.
 
     Exit status 0 when every case passes, 1 when one fails, 2 for options the library refuses
     or a backend that cannot run here.
@@ -95,6 +105,7 @@ def gradcheck(
             modes=MODES if mode == "both" else (mode,),
             affine={"both": (True, False), "on": (True,), "off": (False,)}[affine],
             backends=available_backends() if "all" in backends else tuple(dict.fromkeys(backends)),
+            order=(1, 2) if order == "both" else (int(order),),
         )
         progress, task = progress_bar(not as_json, len(cases), "gradcheck")
         with progress:
@@ -121,7 +132,7 @@ def gradcheck(
 
 def _print_gradcheck(result: Any) -> None:
     table = Table(title="Gradient check (central differences, float64)")
-    for column in ("backend", "mode", "shape", "axis", "affine"):
+    for column in ("backend", "order", "mode", "shape", "axis", "affine"):
         table.add_column(column, no_wrap=True)
     table.add_column("abs err", justify="right", no_wrap=True)
     table.add_column("rel err", justify="right", no_wrap=True)
@@ -137,6 +148,7 @@ def _print_gradcheck(result: Any) -> None:
             errors = (f"{outcome.max_abs_error:.1e}", f"{outcome.max_rel_error:.1e}")
         table.add_row(
             case.backend,
+            str(case.order),
             case.mode,
             "x".join(str(d) for d in case.shape),
             str(case.channel_axis),

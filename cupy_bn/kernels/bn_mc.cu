@@ -22,46 +22,7 @@
 //   bn_mc_backward   R2 W1   dx = p[c] * dy + q[c] * (x - mean[c]) + r[c]
 #include "bn_common.cuh"
 #include "bn_finalize.cuh"
-
-namespace bn {
-
-// Rows of block row range blockIdx.y.
-struct McRows {
-  long long first, end;
-};
-
-__device__ __forceinline__ McRows mc_rows(long long M) {
-  McRows r;
-  r.first = M * blockIdx.y / gridDim.y + threadIdx.y;
-  r.end = M * (blockIdx.y + 1) / gridDim.y;
-  return r;
-}
-
-// The counters of block (blockIdx.x, blockIdx.y) in the two-level merge.
-struct McSync {
-  int groups;      // G
-  int first, end;  // row ranges [first, end) of this block's group
-  int* group_counter;
-  int* tile_counter;
-  int* done;       // done, bad: the fused running-stat update
-  int* bad;
-};
-
-__device__ __forceinline__ McSync mc_sync(int* sync, int group) {
-  McSync s;
-  const int P = gridDim.y, tiles = gridDim.x;
-  s.groups = (P + group - 1) / group;
-  const int g = blockIdx.y / group;
-  s.first = g * group;
-  s.end = s.first + group < P ? s.first + group : P;
-  s.group_counter = sync + blockIdx.x * s.groups + g;
-  s.tile_counter = sync + tiles * s.groups + blockIdx.x;
-  s.done = sync + tiles * s.groups + tiles;
-  s.bad = s.done + 1;
-  return s;
-}
-
-}  // namespace bn
+#include "bn_mc_layout.cuh"
 
 // Statistics: each thread folds its channel's values U rows at a time into a Welford triple
 // (U loads in flight), the block merges its rows with a fixed shared-memory tree, then the

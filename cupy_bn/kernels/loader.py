@@ -66,6 +66,15 @@ KERNEL_FILES: dict[str, KernelFile] = {
         "bn_ncs.cu", ("bn_ncs_stats", "bn_ncs_apply", "bn_ncs_reduce", "bn_ncs_backward")
     ),
     "mc": KernelFile("bn_mc.cu", ("bn_mc_stats", "bn_mc_apply", "bn_mc_reduce", "bn_mc_backward")),
+    "double_backward": KernelFile(
+        "bn_double_backward.cu",
+        (
+            "bn_ncs_double_backward_reduce",
+            "bn_ncs_double_backward_apply",
+            "bn_mc_double_backward_reduce",
+            "bn_mc_double_backward_apply",
+        ),
+    ),
 }
 
 _LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.MULTILINE)

@@ -91,6 +91,20 @@ MUTANTS = (
         "if (p + k * stride <= end) v[k] = load_partial(",
         "the cross-block merge loads one partial past the last",
     ),
+    Mutant(
+        "double-backward-uncentred",
+        "bn_double_backward.cu",
+        "      group[3] += h[k] * xmu;",
+        "      group[3] += h[k] * v[k];",
+        "the double backward sums ddx * x instead of ddx * (x - mean)",
+    ),
+    Mutant(
+        "double-backward-no-block-barrier",
+        "bn_double_backward.cu",
+        "    for (int k = 0; k < K; ++k) s_v[k][warp] = v[k];\n  }\n  __syncthreads();\n",
+        "    for (int k = 0; k < K; ++k) s_v[k][warp] = v[k];\n  }\n",
+        "warp 0 reads the other warps' double-backward sums without a barrier",
+    ),
 )
 
 
