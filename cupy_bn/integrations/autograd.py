@@ -28,13 +28,15 @@ from __future__ import annotations
 from typing import Any
 
 import autograd.numpy as anp
+from autograd import make_vjp
 from autograd.builtins import tuple as boxed_tuple
 from autograd.extend import Box, defvjp_argnums, primitive
 
+from cupy_bn.double_backward import batch_norm_double_backward
 from cupy_bn.dtypes import accumulation_dtype
 from cupy_bn.functional import SavedForBackward, batch_norm_backward
 from cupy_bn.functional import batch_norm as _batch_norm
-from cupy_bn.validation import normalize_axis, type_name
+from cupy_bn.validation import type_name
 
 __all__ = ["batch_norm", "double_backward_formula"]
 
@@ -132,13 +134,58 @@ def _backward(dy, x, weight, call: _Call) -> tuple:
     return _present(*batch_norm_backward(dy, call.saved))
 
 
+def _backward_vjp(argnums, grads, args, kwargs):
+    dy, x, weight, call = args
+
+    def vjp(g):
+        ddx, ddweight, ddbias = call.grads(g)
+        gx, gweight, gdy = call.second_grads(
+            _double_backward(ddx, ddweight, ddbias, dy, x, weight, call)
+        )
+        by_argnum = (gdy, gx, gweight)
+        return tuple(by_argnum[i] for i in argnums)
+
+    return vjp
+
+
+@primitive
+def _double_backward(ddx, ddweight, ddbias, dy, x, weight, call: _Call) -> tuple:
+    """`(gx, gweight, gdy)` of the core, without gweight when there is no weight."""
+    return _present(*batch_norm_double_backward(ddx, ddweight, ddbias, dy, call.saved))
+
+
+def _double_backward_vjp(argnums, ans, args, kwargs):
+    """The vjp of the double backward: autograd's own, of `double_backward_formula`."""
+    arrays, call = list(args[:-1]), args[-1]
+
+    def vjp(g):
+        def formula(varying):
+            values = list(arrays)
+            for i, v in zip(argnums, varying, strict=True):
+                values[i] = v
+            return double_backward_formula(*values, call.saved, call.eps)
+
+        formula_vjp, _ = make_vjp(formula)(tuple(arrays[i] for i in argnums))
+        return formula_vjp(g)
+
+    return vjp
+
+
 defvjp_argnums(_forward, _forward_vjp)
+defvjp_argnums(_backward, _backward_vjp)
+defvjp_argnums(_double_backward, _double_backward_vjp)
 
 
-def double_backward_formula(ddx, ddweight, ddbias, dy, x, weight, call: _Call) -> tuple:
+def double_backward_formula(
+    ddx, ddweight, ddbias, dy, x, weight, saved: SavedForBackward, eps: float
+) -> tuple:
     """`(gx, gweight, gdy)` of the backward `(dy, x, weight) -> (dx, dweight, dbias)` against
     the cotangents `(ddx, ddweight, ddbias)`, in `autograd.numpy` so that autograd can
     differentiate it (gweight left out without weight; a None cotangent counts as zero).
+
+    `saved` is the forward's (its mode, channel axis, and in inference mode its statistics);
+    in training mode the batch mean and variance are recomputed from `x` with `eps`, so that
+    autograd differentiates through them.
 
     Per channel, with `<a>` the mean over the batch, `xhat = (x - mean) * invstd`,
     `dyc = dy - <dy>`, `ddxc = ddx - <ddx>`, `A = <ddx xhat>`, `B = <dy xhat>`, `N` the
@@ -152,9 +199,9 @@ def double_backward_formula(ddx, ddweight, ddbias, dy, x, weight, call: _Call) -
     and inference mode (statistics constant): `gdy = gamma invstd ddx + ddweight xhat +
     ddbias`, `gweight = invstd sum(ddx dy)`, `gx = ddweight invstd dy`.
     """
-    saved = call.saved
+    training = saved.batch_statistics
     ndim = len(x.shape)
-    axis = normalize_axis(call.channel_axis, ndim)
+    axis = saved.view.channel_axis
     over = tuple(a for a in range(ndim) if a != axis)
     shape = tuple(-1 if a == axis else 1 for a in range(ndim))
     count = saved.count
@@ -168,9 +215,9 @@ def double_backward_formula(ddx, ddweight, ddbias, dy, x, weight, call: _Call) -
 
     xa = x if x.dtype == acc else x.astype(acc)
     dya = dy if dy.dtype == acc else dy.astype(acc)
-    if call.training:
+    if training:
         centred = xa - mean(xa)
-        invstd = 1.0 / anp.sqrt(mean(centred * centred) + call.eps)
+        invstd = 1.0 / anp.sqrt(mean(centred * centred) + eps)
         xhat = centred * invstd
     else:
         invstd = anp.reshape(saved.invstd, shape)
@@ -179,7 +226,7 @@ def double_backward_formula(ddx, ddweight, ddbias, dy, x, weight, call: _Call) -
     gdy = 0.0 * dya
     gx = 0.0 * xa
     gweight = None
-    if call.training:
+    if training:
         dyc = dya - mean(dya)
         b = mean(dya * xhat)
         if ddx is not None:
