@@ -13,6 +13,7 @@ from torch_reference import (
     assert_matches,
     case,
     torch,
+    torch_batch_norm,
     torch_first_order,
 )
 
@@ -89,6 +90,61 @@ def test_gradcheck(channel_axis):
     )
 
 
+@pytest.mark.parametrize("channel_axis", [1, -1])
+def test_gradgradcheck(channel_axis):
+    inputs, (rm, rv) = gradcheck_inputs((4, 3, 5), channel_axis)
+    assert torch.autograd.gradgradcheck(
+        lambda x, w, b: batch_norm(x, w, b, channel_axis=channel_axis), inputs
+    )
+    assert torch.autograd.gradgradcheck(
+        lambda x, w, b: batch_norm(x, w, b, rm, rv, False, channel_axis=channel_axis), inputs
+    )
+    x = inputs[0]
+    assert torch.autograd.gradgradcheck(lambda x: batch_norm(x, channel_axis=channel_axis), (x,))
+
+
+def gradient_penalty(bn, c, training: bool) -> list[np.ndarray]:
+    """Gradients in (x, weight, bias) of `|d sum(y * dy) / d(x, weight)|^2` for `bn`, a
+    batch norm with F.batch_norm's arguments and channel_axis."""
+    x, w, b = (torch.tensor(a, requires_grad=True) for a in (c.x, c.weight, c.bias))
+    rm, rv = (torch.tensor(a) for a in c.running())
+    y = bn(x, w, b, rm, rv, training, MOMENTUM, 1e-5, c.channel_axis)
+    gx, gw = torch.autograd.grad((y * torch.tensor(c.dy)).sum(), (x, w), create_graph=True)
+    grads = torch.autograd.grad((gx**2).sum() + (gw**2).sum(), (x, w, b), allow_unused=True)
+    return [np.zeros_like(c.bias) if g is None else g.numpy() for g in grads]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
+@pytest.mark.parametrize("channel_axis,shape", LAYOUTS, ids=["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+def test_second_order_matches_pytorchs_double_backward(dtype, channel_axis, shape, training):
+    c = case(dtype, channel_axis, shape)
+    ours = gradient_penalty(batch_norm, c, training)
+    theirs = gradient_penalty(torch_batch_norm, c, training)
+    for name, a, b in zip(("x", "weight", "bias"), ours, theirs, strict=True):
+        assert_close(a, b, f"d penalty / d {name}")
+
+
+def test_third_derivatives_raise_and_say_so():
+    x = torch.tensor(case(np.float64, 1, (4, 3, 5)).x, requires_grad=True)
+    (gx,) = torch.autograd.grad(batch_norm(x).pow(3).sum(), x, create_graph=True)
+    (hv,) = torch.autograd.grad(gx.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="first and second derivatives only"):
+        hv.sum().backward()
+
+
+def test_modules_second_order_matches_torch_nn():
+    c = case(np.float64, 1, (6, 3, 4, 5))
+    grads = []
+    for module in (BatchNorm2d(3).double(), torch.nn.BatchNorm2d(3).double()):
+        x = torch.tensor(c.x, requires_grad=True)
+        (gx,) = torch.autograd.grad(module(x).pow(3).sum(), x, create_graph=True)
+        gx.pow(2).sum().backward()
+        grads.append((x.grad.numpy(), module.weight.grad.numpy(), module.bias.grad.numpy()))
+    for name, a, b in zip(("x", "weight", "bias"), *grads, strict=True):
+        assert_close(a, b, name)
+
+
 @pytest.mark.parametrize("mode", ["real", "fake", "symbolic"])
 def test_the_op_shows_in_make_fx_traces(mode):
     c = case(np.float32, 1, (4, 3, 5, 2))
@@ -107,6 +163,30 @@ def test_the_op_shows_in_make_fx_traces(mode):
     assert code.count("torch.ops.aten.copy_.default") == 2  # the running statistics
 
 
+def test_the_double_backward_shows_in_make_fx_traces():
+    c = case(np.float32, -1, (4, 5, 3))
+
+    def penalty_step(x, w, b):
+        y = batch_norm(x, w, b, channel_axis=-1)
+        (gx,) = torch.autograd.grad(y.pow(3).sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum(), (x, w))
+
+    args = [torch.tensor(a, requires_grad=True) for a in (c.x, c.weight, c.bias)]
+    code = make_fx(penalty_step, tracing_mode="fake")(*args).code
+    assert "torch.ops.cupy_bn.batch_norm_double_backward.default" in code
+
+
+def test_torch_export_keeps_the_op():
+    c = case(np.float32, 1, (4, 3, 5, 2))
+    module, x = BatchNorm2d(3), torch.tensor(c.x)
+    module(x * 2 + 1)  # running statistics away from their start
+    module.eval()
+    exported = torch.export.export(module, (x,))
+    targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+    assert "cupy_bn.batch_norm.default" in targets
+    torch.testing.assert_close(exported.module()(x), module(x), rtol=0, atol=0)
+
+
 def test_opcheck():
     c = case(np.float64, 1, (4, 3, 5))
     x, w, b, rm, rv = (torch.tensor(a) for a in (c.x, c.weight, c.bias, *c.running()))
@@ -122,12 +202,41 @@ def test_opcheck():
         (channels_last, None, None, None, None, True, 0.1, 1e-5, 1),
     ]:
         torch.library.opcheck(torch.ops.cupy_bn.batch_norm.default, args)
-    dy = torch.tensor(c.dy)
-    x, w = x.detach(), w.detach()
-    mean, invstd = x.mean((0, 2)), torch.rsqrt(x.var((0, 2), unbiased=False) + 1e-5)
-    torch.library.opcheck(
-        torch.ops.cupy_bn.batch_norm_backward.default, (dy, x, w, b, mean, invstd, True, 1)
-    )
+    dy = torch.tensor(c.dy, requires_grad=True)
+    mean = x.detach().mean((0, 2))
+    invstd = torch.rsqrt(x.detach().var((0, 2), unbiased=False) + 1e-5)
+    for training in (True, False):
+        torch.library.opcheck(
+            torch.ops.cupy_bn.batch_norm_backward.default,
+            (dy, x, w, b, mean, invstd, training, 1),
+        )
+    ddx, ddw = torch.randn_like(x.detach()), torch.randn_like(w.detach())
+    for args in [
+        (ddx, ddw, torch.randn_like(b), dy.detach(), x.detach(), w.detach(), b),
+        (ddx, None, None, dy.detach(), x.detach(), None, None),
+        (None, ddw, None, dy.detach(), x.detach(), w.detach(), None),
+    ]:
+        torch.library.opcheck(
+            torch.ops.cupy_bn.batch_norm_double_backward.default, (*args, mean, invstd, True, 1)
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_keeps_its_dtype(dtype):
+    if dtype == torch.bfloat16:
+        pytest.importorskip("ml_dtypes")
+    c = case(np.float32, 1, (8, 3, 4))
+    x = torch.tensor(c.x).to(dtype).requires_grad_()
+    w = torch.tensor(c.weight).to(dtype).requires_grad_()
+    y = batch_norm(x, w, None)
+    y.backward(torch.tensor(c.dy).to(dtype))
+    assert y.dtype == x.grad.dtype == w.grad.dtype == dtype
+    xf, wf = (t.detach().float().requires_grad_() for t in (x, w))
+    expected = torch.nn.functional.batch_norm(xf, None, None, wf, None, True)
+    expected.backward(torch.tensor(c.dy).to(dtype).float())
+    tol = 2**-7 if dtype == torch.bfloat16 else 2**-10  # one unit in the last place
+    torch.testing.assert_close(y.float(), expected, rtol=tol, atol=4 * tol)
+    torch.testing.assert_close(x.grad.float(), xf.grad, rtol=tol, atol=4 * tol)
 
 
 def test_channels_last_memory_is_kept():

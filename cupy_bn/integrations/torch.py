@@ -7,7 +7,7 @@
     y = bn(x)                     # same parameters, buffers and state_dict as PyTorch's
 
 Three ops in the namespace `cupy_bn`, each with a fake implementation (shapes, dtypes and
-strides for tracing: `make_fx`, `torch.compile`, `torch.export`):
+strides for tracing: `make_fx`, `torch.export`, `torch.compile`):
 
 - `cupy_bn::batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps,
   channel_axis) -> (y, mean, invstd, new_running_mean, new_running_var)`: functional (it
@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cupy_bn.double_backward import batch_norm_double_backward
 from cupy_bn.dtypes import BFLOAT16
 from cupy_bn.functional import batch_norm as _batch_norm
 from cupy_bn.functional import batch_norm_backward, restore_saved
@@ -65,7 +66,10 @@ def _array(t: Tensor | None, name: str) -> Array | None:
         raise TypeError(f"{name} must be a CPU or CUDA tensor, got device {t.device}")
     if t.dtype == torch.bfloat16:
         if BFLOAT16 is None:
-            raise TypeError(f"{name} is bfloat16, which needs ml_dtypes on the CPU")
+            raise TypeError(
+                f"{name} must be float16, float32 or float64 on the CPU without ml_dtypes "
+                "(pip install ml_dtypes for bfloat16), got bfloat16"
+            )
         return t.view(torch.int16).numpy().view(BFLOAT16)
     return t.numpy()
 
@@ -242,8 +246,86 @@ def _backward_fake(dy, x, weight, bias, mean, invstd, training, channel_axis):
     )
 
 
+def _backward_setup(ctx, inputs, output) -> None:
+    dy, x, weight, bias, mean, invstd, training, channel_axis = inputs
+    ctx.save_for_backward(dy, x, weight, bias, mean, invstd)
+    ctx.training = training
+    ctx.channel_axis = channel_axis
+
+
+def _backward_grad(ctx, ddx, ddweight, ddbias):
+    dy, x, weight, bias, mean, invstd = ctx.saved_tensors
+    gx, gweight, gdy = _double_backward_op(
+        ddx,
+        None if weight is None else ddweight,
+        None if bias is None else ddbias,
+        dy,
+        x,
+        weight,
+        bias,
+        mean,
+        invstd,
+        ctx.training,
+        ctx.channel_axis,
+    )
+    return gdy, gx, None if weight is None else gweight, None, None, None, None, None
+
+
+# -- the double backward -------------------------------------------------------------------
+@torch.library.custom_op("cupy_bn::batch_norm_double_backward", mutates_args=())
+def _double_backward_op(
+    ddx: Tensor | None,
+    ddweight: Tensor | None,
+    ddbias: Tensor | None,
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    training: bool,
+    channel_axis: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    with _device_of(x):
+        saved = _saved(x, weight, bias, mean, invstd, training, channel_axis)
+        gx, gweight, gdy = batch_norm_double_backward(
+            _array(ddx, "ddx"),
+            _array(ddweight, "ddweight"),
+            _array(ddbias, "ddbias"),
+            _array(dy, "dy"),
+            saved,
+        )
+        return _tensor(gx), _or_empty(gweight, x), _tensor(gdy)
+
+
+@_double_backward_op.register_fake
+def _double_backward_fake(
+    ddx, ddweight, ddbias, dy, x, weight, bias, mean, invstd, training, channel_axis
+):
+    return (
+        _like_input(x, channel_axis),
+        _vector_or_empty(weight, _channels(x, channel_axis), x),
+        _like_input(x, channel_axis, dy.dtype),
+    )
+
+
+def _double_backward_grad(ctx, *_):
+    raise RuntimeError(
+        "cupy_bn's PyTorch op has first and second derivatives only; for a third, use "
+        "cupy_bn.integrations.autograd (any order) or batch norm written in torch operations"
+    )
+
+
 torch.library.register_autograd(
     "cupy_bn::batch_norm", _batch_norm_grad, setup_context=_batch_norm_setup
+)
+torch.library.register_autograd(
+    "cupy_bn::batch_norm_backward", _backward_grad, setup_context=_backward_setup
+)
+torch.library.register_autograd(
+    "cupy_bn::batch_norm_double_backward",
+    _double_backward_grad,
+    setup_context=lambda ctx, inputs, output: None,
 )
 
 
