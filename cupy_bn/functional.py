@@ -32,7 +32,7 @@ import numpy as np
 
 from cupy_bn.arrays import array_module, to_host
 from cupy_bn.backends import Backend, get_backend, has_fused_backward, has_fused_statistics
-from cupy_bn.dtypes import accumulation_dtype
+from cupy_bn.dtypes import accumulation_dtype, check_float_dtype
 from cupy_bn.layout import View, canonical
 from cupy_bn.validation import (
     check_array,
@@ -79,6 +79,49 @@ class SavedForBackward:
     count: int
     backend: Backend
     reducer: StatsReducer | None = None
+
+
+def restore_saved(
+    x: Array,
+    mean: Array,
+    invstd: Array,
+    weight: Array | None = None,
+    bias_dtype: Any = None,
+    *,
+    batch_statistics: bool = True,
+    channel_axis: int = 1,
+    backend: str | Backend = "auto",
+) -> SavedForBackward:
+    """The `SavedForBackward` of a forward of `x` that normalized with `mean` and `invstd`.
+
+    For callers that keep arrays, not Python objects, between a forward and its backward
+    (PyTorch's custom ops pass tensors only): `mean` and `invstd` are that forward's
+    `saved.mean` and `saved.invstd`, in the accumulation dtype of `x`; `bias_dtype` is the
+    bias's dtype (None without bias); `batch_statistics` is the forward's `training`. The
+    result feeds `batch_norm_backward` as the forward's own `saved` does (no reducer).
+    """
+    view = canonical(check_array("x", x), channel_axis)
+    xp = array_module(x)
+    acc = accumulation_dtype(x.dtype)
+    for name, v in (("mean", mean), ("invstd", invstd)):
+        check_channel_vector(name, v, view.num_channels, xp)
+        if v.dtype != acc:
+            raise TypeError(
+                f"{name} must have dtype {acc}, the accumulation dtype of {x.dtype} input, "
+                f"got {v.dtype}"
+            )
+    if weight is not None:
+        check_channel_vector("weight", weight, view.num_channels, xp)
+    return SavedForBackward(
+        view,
+        mean,
+        invstd,
+        weight,
+        None if bias_dtype is None else check_float_dtype("bias_dtype", bias_dtype),
+        bool(batch_statistics),
+        view.count,
+        get_backend(backend, x),
+    )
 
 
 def _describe_channels(bad) -> str:

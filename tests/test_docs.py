@@ -300,6 +300,15 @@ ARCHITECTURE = REPO / "docs" / "architecture.md"
 #: Packages every module may import at module level; the others load on use.
 BASE_PACKAGES = {"numpy"}
 CLI_PACKAGES = {"click", "rich"}
+#: Each framework integration imports its framework at module level (importing it is using
+#: it), with the framework's own serialization library for Thinc.
+INTEGRATION_PACKAGES = {
+    "cupy_bn.integrations.autograd": {"autograd"},
+    "cupy_bn.integrations.mygrad": {"mygrad"},
+    "cupy_bn.integrations.thinc": {"thinc", "srsly"},
+    "cupy_bn.integrations.torch": {"torch"},
+}
+FRAMEWORKS = {"autograd", "mygrad", "thinc", "torch"}
 
 
 @dataclass(frozen=True)
@@ -445,7 +454,9 @@ def test_root_imports_only_version_from_the_package_itself():
 def test_optional_packages_load_on_use():
     stdlib = set(sys.stdlib_module_names)
     for path in package_modules():
-        allowed = BASE_PACKAGES | (CLI_PACKAGES if part_of(module_name(path)) == "cli" else set())
+        module = module_name(path)
+        allowed = BASE_PACKAGES | (CLI_PACKAGES if part_of(module) == "cli" else set())
+        allowed |= INTEGRATION_PACKAGES.get(module, set())
         for imp in imports_of(path):
             top = imp.target.split(".")[0]
             if top in stdlib or top == "cupy_bn" or top in allowed or imp.guarded:
@@ -473,8 +484,27 @@ def test_importing_the_library_loads_neither_simulator_nor_cli():
         ).stdout.split()
     )
     assert {"cupy_bn.layers", "cupy_bn.functional", "numpy"} <= loaded  # the probe sees them
-    unwanted = {"cupy_bn.sim", "cupy_bn.cli", "cupy", "torch", "onnx", "mpi4py", "matplotlib"}
-    assert not unwanted & loaded
+    unwanted = {"cupy_bn.sim", "cupy_bn.cli", "cupy", "onnx", "mpi4py", "matplotlib"}
+    assert not (unwanted | FRAMEWORKS) & loaded
+
+
+def test_integrations_name_their_frameworks_and_load_none_on_their_own():
+    modules = {
+        module_name(path)
+        for path in (PACKAGE / "integrations").glob("*.py")
+        if path.name != "__init__.py"
+    }
+    assert modules == set(INTEGRATION_PACKAGES)
+    code = "import sys, cupy_bn.integrations; print(' '.join(sorted(sys.modules)))"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    loaded = set(
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+        ).stdout.split()
+    )
+    assert "cupy_bn.integrations" in loaded
+    assert not FRAMEWORKS & loaded
+    assert not {m for m in loaded if m.startswith("cupy_bn.integrations.")}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The examples: their network pieces against finite differences, and each example end to end.
 
 The unit tests check examples/nn.py in float64 against central finite differences and
-independent loop formulas. The smoke tests run each example with `--quick` in a subprocess
+independent loop formulas. The smoke tests run each example (the Thinc and autograd ones where
+those are installed) with `--quick` in a subprocess
 (on Fashion-MNIST when installed, and on the scikit-learn digits fallback) and check the
 results it writes: accuracy far above chance, and each experiment's claim.
 """
@@ -370,6 +371,26 @@ def test_fold_inference_quick(tmp_path, dataset):
     with np.load(tmp_path / "model.folded.npz", allow_pickle=False) as folded:
         assert not any("running_mean" in k for k in folded.files)
         assert "features.0.bias" in folded.files
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_thinc_mlp_quick(tmp_path, dataset):
+    pytest.importorskip("thinc")
+    r = run_quick("thinc_mlp", dataset, tmp_path)
+    for run in r["runs"].values():
+        assert run["test_accuracy"] > 0.6 and run["train_accuracy"] > 0.6
+        assert run["seconds"] > 0
+    assert set(r["runs"]) == {"with BatchNorm", "without"}
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_autograd_mlp_quick(tmp_path, dataset):
+    pytest.importorskip("autograd")
+    r = run_quick("autograd_mlp", dataset, tmp_path)
+    for run in r["runs"].values():
+        assert run["test_accuracy"] > 0.6 and run["train_accuracy"] > 0.6
+        assert run["seconds"] > 0
+    assert set(r["runs"]) == {"with batch_norm", "without"}
 
 
 def test_gpu_without_a_usable_device_is_a_clear_usage_error(tmp_path):

@@ -156,3 +156,36 @@ def test_bfloat16_when_available():
     )
     dx, _, _ = cbn.batch_norm_backward(dy.astype(ml_dtypes.bfloat16), saved)
     assert dx.dtype == ml_dtypes.bfloat16
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_restore_saved_gives_the_forwards_backward(training, dtype):
+    from cupy_bn.functional import restore_saved
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 3, 2, 5)).astype(dtype)
+    x = x.transpose(0, 2, 3, 1).copy().transpose(0, 3, 1, 2)  # channels-last memory
+    weight, bias = rng.uniform(0.5, 1.5, 3).astype(dtype), rng.standard_normal(3).astype(dtype)
+    running = np.zeros(3, dtype), np.ones(3, dtype)
+    _, saved = cbn.batch_norm(x, weight, bias, *running, training=training)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    restored = restore_saved(
+        x, saved.mean, saved.invstd, weight, bias.dtype, batch_statistics=training
+    )
+    for got, expected in zip(
+        cbn.batch_norm_backward(dy, restored), cbn.batch_norm_backward(dy, saved), strict=True
+    ):
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_restore_saved_checks_the_statistics():
+    from cupy_bn.functional import restore_saved
+
+    x = np.zeros((4, 3), np.float16)
+    stats = np.zeros(3, np.float32)
+    with pytest.raises(TypeError, match="mean must have dtype float32, the accumulation dtype"):
+        restore_saved(x, stats.astype(np.float16), stats)
+    with pytest.raises(ValueError, match="invstd must have shape \\(3,\\)"):
+        restore_saved(x, stats, np.zeros(4, np.float32))
