@@ -164,14 +164,18 @@ def _normalize(x):
 
 
 @pytest.mark.parametrize("offset", [0.0, 3.0, 1e4])
-def test_direct_path_sums_few_channels_with_short_accumulators(offset):
-    """(65536, 2) channels-last takes the direct path: its float32 column sums are folded so no
-    accumulator adds more than MAX_SEQUENTIAL values in sequence."""
+@pytest.mark.parametrize(
+    "shape,channel_axis", [((65536, 2), -1), ((32768, 2, 2), 1)], ids=["MC", "NCS"]
+)
+def test_direct_path_sums_many_samples_with_short_accumulators(offset, shape, channel_axis):
+    """Small tensors with many samples take the direct path: their float32 sums are folded so
+    that no accumulator adds more than MAX_SEQUENTIAL values in sequence."""
     from cupy_bn.backends import numpy_direct
 
-    x = (offset + np.random.default_rng(11).standard_normal((65536, 2))).astype(np.float32)
+    x = (offset + np.random.default_rng(11).standard_normal(shape)).astype(np.float32)
     assert x.size <= numpy_direct.DIRECT_MAX_ELEMENTS
-    mean, var = backend().batch_stats(canonical(x, -1))
+    mean, var = backend().batch_stats(canonical(x, channel_axis))
+    axes = tuple(a for a in range(x.ndim) if a != channel_axis % x.ndim)
     x64 = x.astype(np.float64)
-    np.testing.assert_allclose(mean, x64.mean(axis=0), rtol=2e-6, atol=2e-6)
-    np.testing.assert_allclose(var, x64.var(axis=0), rtol=2e-6)
+    np.testing.assert_allclose(mean, x64.mean(axis=axes), rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(var, x64.var(axis=axes), rtol=2e-6)

@@ -11,10 +11,10 @@ at a smaller size. The formulas are those of `cupy_bn.backends.base`; what makes
   deviations (`raw_sums_are_exact`, shared with the blocked path); otherwise they are taken
   again from the sums of `x - m0` (two-pass: `mean = m0 + mean(x - m0)`,
   `var = mean((x - m0)^2) - mean(x - m0)^2`). The gradient sums always use `x - mean`.
-- **Short float32 accumulators.** `np.einsum` adds the values of one channel in sequence along
-  the batch axis; a channels-last tensor of more than `MAX_SEQUENTIAL` rows is summed as rows
-  of `k` samples, so no float32 accumulator adds more than `MAX_SEQUENTIAL` values in
-  sequence.
+- **Short float32 accumulators.** The per-channel sums (BLAS products with a vector of ones,
+  `np.einsum`) add one channel's samples in sequence; a tensor of more than `MAX_SEQUENTIAL`
+  samples is summed as rows of `k` samples, so no float32 accumulator adds more than
+  `MAX_SEQUENTIAL` values in sequence.
 - float16/bfloat16 data are converted to float32 once; sums, per-channel coefficients and
   outputs are computed in the accumulation dtype (float32, or float64 for float64 data), and
   outputs cast back at the end.
@@ -82,15 +82,23 @@ def channel_sums(a: np.ndarray, layout: str, b: np.ndarray | None = None) -> np.
     """Per-channel sums of `a` (or of `a * b`) over canonical data of `layout`, in a's dtype.
 
     Plain sums are BLAS matrix-vector products with a vector of ones (no Python-level
-    wrapper, unlike `np.einsum`); sums of products are einsums."""
+    wrapper, unlike `np.einsum`); sums of products are einsums. Both add the samples (rows)
+    of a channel in sequence, so more than MAX_SEQUENTIAL of them are folded (`_folded_sums`).
+    """
+    rows = a.shape[0]
     if layout != MC:
+        if rows > MAX_SEQUENTIAL:  # as channels-last data with C*S columns, then per channel
+            _, channels, spatial = a.shape
+            flat = [o.reshape(rows, channels * spatial) for o in (a, b) if o is not None]
+            columns = _folded_sums(*flat).reshape(channels, spatial)
+            return columns.sum(axis=1).astype(a.dtype)
         if b is None:
-            return _ones(a.shape[0], a.dtype) @ (a @ _ones(a.shape[2], a.dtype))
+            return _ones(rows, a.dtype) @ (a @ _ones(a.shape[2], a.dtype))
         return np.einsum("ncs,ncs->c", a, b)
-    if a.shape[0] > MAX_SEQUENTIAL:
-        return _folded_sums(a, b)
+    if rows > MAX_SEQUENTIAL:
+        return _folded_sums(a, b).astype(a.dtype)
     if b is None:
-        return _ones(a.shape[0], a.dtype) @ a
+        return _ones(rows, a.dtype) @ a
     return np.einsum("ij,ij->j", a, b)
 
 
@@ -101,18 +109,20 @@ def _ones(n: int, dtype: np.dtype) -> np.ndarray:
     return ones
 
 
-def _folded_sums(a: np.ndarray, b: np.ndarray | None) -> np.ndarray:
-    """Channels-last sums with rows of `k` samples, at most MAX_SEQUENTIAL rows in sequence."""
+def _folded_sums(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """Float64 column sums of `(rows, columns)` data (of `a * b`), adding rows `k` at a time:
+    the data are seen as `rows / k` rows of `k * columns` values, so that each float32
+    accumulator adds at most MAX_SEQUENTIAL values in sequence."""
     operands = (a,) if b is None else (a, b)
     spec = "ij->j" if b is None else "ij,ij->j"
-    rows, channels = a.shape
+    rows, columns = a.shape
     k = -(-rows // MAX_SEQUENTIAL)
     full = rows // k * k
-    wide = [o[:full].reshape(full // k, k * channels) for o in operands]
-    total = np.einsum(spec, *wide).reshape(k, channels).sum(axis=0, dtype=np.float64)
+    wide = [o[:full].reshape(full // k, k * columns) for o in operands]
+    total = np.einsum(spec, *wide).reshape(k, columns).sum(axis=0, dtype=np.float64)
     if full < rows:
         total += np.einsum(spec, *(o[full:] for o in operands))
-    return total.astype(a.dtype)
+    return total
 
 
 def raw_sums_are_exact(mean: np.ndarray, var: np.ndarray) -> bool:
