@@ -99,7 +99,7 @@ def test_raw_sums_are_only_kept_within_one_standard_deviation(monkeypatch):
         return original(x, plan, acc, shift)
 
     monkeypatch.setattr(NumpyBackend, "_moments", staticmethod(spy))
-    z = np.random.default_rng(7).standard_normal((64, 2, 4096))  # above the direct path
+    z = np.random.default_rng(7).standard_normal((64, 2, 8192))  # above the direct path
     z = (z - z.mean(axis=(0, 2), keepdims=True)) / z.std(axis=(0, 2), keepdims=True)
     limit = numpy_direct.RAW_SUMS_MAX_OFFSET
     for offset, passes in [(0.9 * limit, 1), (1.1 * limit, 2)]:  # the mean is `offset` std

@@ -1,7 +1,7 @@
 """The CPU backend: the seven primitives in NumPy, one memory pass per tensor read or written.
 
-Two paths, chosen by size. Small tensors (`numpy_direct.is_small`: up to 2^18 values forward,
-2^16 backward, the crossovers measured by `benchmarks/crossover.py`) run as a handful of
+Two paths, chosen by size. Small tensors (`numpy_direct.is_small`: up to 2^19 values forward,
+2^15 backward, the crossovers measured by `benchmarks/crossover.py`) run as a handful of
 whole-array calls on the calling thread, where a call's fixed cost is what counts. Larger ones
 take the blocked path below. The training backward is also one call (`backward`, the
 `FusedBackward` capability) when no all-reduce separates its two halves.

@@ -38,8 +38,8 @@ from cupy_bn.layout import MC, View
 #: Tensors of at most this many values take this module's path in the forward primitives
 #: (`batch_stats`, `apply`), and the backward ones; crossovers measured on a 2-core Xeon
 #: against the blocked, threaded path by `benchmarks/crossover.py` (benchmarks/README.md).
-DIRECT_MAX_ELEMENTS = 1 << 18
-DIRECT_BACKWARD_MAX_ELEMENTS = 1 << 16
+DIRECT_MAX_ELEMENTS = 1 << 19
+DIRECT_BACKWARD_MAX_ELEMENTS = 1 << 15
 #: Channels whose |mean| exceeds this many standard deviations are summed centred.
 RAW_SUMS_MAX_OFFSET = 1.0
 #: Rows of a channels-first tensor at least this long broadcast per-channel vectors as columns.
