@@ -186,18 +186,20 @@ def child(impl: str, shape: tuple[int, ...], threads: int) -> None:
     print(json.dumps({phase: median_us(phases[phase], numel) for phase in PHASES}))
 
 
-def measure(impl: str, shape, threads: int) -> dict:
-    env = dict(
+def child_env(threads: int) -> dict:
+    """The environment of a timed child process: its thread counts, and this checkout first on
+    the import path."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return dict(
         os.environ,
         OMP_NUM_THREADS=str(threads),
         OPENBLAS_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join(
-            [
-                os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                os.environ.get("PYTHONPATH", ""),
-            ]
-        ),
+        PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
     )
+
+
+def measure(impl: str, shape, threads: int) -> dict:
+    env = child_env(threads)
     command = [sys.executable, __file__, "--child", impl, ",".join(map(str, shape)), str(threads)]
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

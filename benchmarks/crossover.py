@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import time
 
 import numpy as np
+from cpu_vs_torch import child_env, median_us  # this folder's script
 
 SIZES = [1 << k for k in range(13, 21)]
 PHASES = ("forward_train", "backward", "eval")
@@ -34,18 +33,6 @@ def shape_for(layout: str, size: int) -> tuple[int, ...]:
         return (max(2, size // (channels * spatial)), channels, spatial)
     (channels,) = LAYOUTS["MC"]
     return (max(2, size // channels), channels)
-
-
-def median_us(fn, numel: int) -> float:
-    repeat = max(20, min(2000, int(3e7 / numel)))
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e6 * float(np.median(times))
 
 
 def child(path: str, layout: str, size: int) -> None:
@@ -75,9 +62,7 @@ def child(path: str, layout: str, size: int) -> None:
 
 
 def measure(path: str, layout: str, size: int, threads: int, runs: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    env = child_env(threads)
     command = [sys.executable, __file__, "--child", path, layout, str(size)]
     results = []
     for _ in range(runs):
