@@ -14,11 +14,14 @@ except ImportError:  # pragma: no cover - depends on the environment
 SUPPORTED = tuple(
     d for d in (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32), np.dtype(np.float64)) if d
 )
+_SUPPORTED_SET = frozenset(SUPPORTED)  # a hash lookup for the common case
 
 
 def check_float_dtype(name: str, dtype) -> np.dtype:
     """Return `dtype` as a numpy dtype, or raise TypeError naming `name` if it is not a float."""
-    if dtype in SUPPORTED:  # numpy dtypes and scalar types compare equal to their dtype
+    if dtype in _SUPPORTED_SET:  # a dtype object, the common case
+        return dtype
+    if dtype in SUPPORTED:  # scalar types and names compare equal to their dtype
         return np.dtype(dtype)
     dtype = np.dtype(dtype)
     if dtype not in SUPPORTED:

@@ -88,7 +88,7 @@ def canonical(x: Any, channel_axis: int = 1) -> View:
             f"x must have rank >= 2 (batch and channel axes), got shape {getattr(x, 'shape', None)}"
         )
     check_float_dtype("x", x.dtype)
-    shape = tuple(int(d) for d in x.shape)
+    shape = x.shape if type(x) is np.ndarray else tuple(int(d) for d in x.shape)
     ndim = len(shape)
     if type(channel_axis) is int and -ndim <= channel_axis < ndim:
         axis = channel_axis % ndim

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from functools import cache
 from typing import Any
 
+import numpy as np
+
 from cupy_bn.arrays import array_module, is_cupy
 from cupy_bn.backends.base import (
     Backend,
@@ -69,6 +71,8 @@ def available_backends() -> list[str]:
 
 def get_backend(backend: str | Backend, x: Any) -> Backend:
     """The backend object for `backend` ("auto", a registered name, or a Backend instance)."""
+    if backend == "auto" and type(x) is np.ndarray:  # the common case, without the checks below
+        return _instance("numpy")
     if not isinstance(backend, str):
         if isinstance(backend, Backend):
             return backend
