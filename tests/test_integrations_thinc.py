@@ -117,6 +117,7 @@ def test_disk_round_trip_and_uninitialized_serialization(tmp_path):
 def test_in_a_network_with_an_optimizer():
     """Linear -> BatchNorm -> Relu -> Softmax learns; the optimizer sees G and b, never the
     running statistics (an attr, not a param)."""
+    thinc_api.fix_random_seed(0)  # Thinc's initializers draw from NumPy's global generator
     rng = np.random.default_rng(0)
     x = rng.standard_normal((64, 10)).astype(np.float32)
     labels = (x[:, 0] + x[:, 1] > 0).astype(int)
@@ -125,11 +126,11 @@ def test_in_a_network_with_an_optimizer():
     model = thinc_api.chain(thinc_api.Linear(8), bn, thinc_api.Relu(), thinc_api.Softmax())
     model.initialize(X=x, Y=truth)
     optimizer = thinc_api.SGD(0.1)
-    for _ in range(100):
+    for _ in range(300):  # 0.95-1.0 over seeds 0-7 (0.84 at an unlucky unseeded draw in 100)
         probs, backprop = model.begin_update(x)
         backprop((probs - truth) / len(x))
         model.finish_update(optimizer)
-    assert bn.attrs["running_stats"].num_batches_tracked == 100
+    assert bn.attrs["running_stats"].num_batches_tracked == 300
     assert bn.param_names == ("G", "b")
     assert not np.array_equal(bn.get_param("G"), np.ones(8, np.float32))
     assert (model.predict(x).argmax(axis=1) == labels).mean() > 0.9
