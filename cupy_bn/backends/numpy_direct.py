@@ -28,7 +28,6 @@ for NCS (`per_channel`).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -102,11 +101,18 @@ def channel_sums(a: np.ndarray, layout: str, b: np.ndarray | None = None) -> np.
     return np.einsum("ij,ij->j", a, b)
 
 
-@functools.lru_cache(maxsize=64)
+_ONES: dict[np.dtype, np.ndarray] = {}
+
+
 def _ones(n: int, dtype: np.dtype) -> np.ndarray:
-    ones = np.ones(n, dtype)
-    ones.flags.writeable = False
-    return ones
+    """A read-only vector of `n` ones: a view of one shared vector per dtype, grown to the next
+    power of two when a longer one is asked for (so memory stays bounded by the largest)."""
+    ones = _ONES.get(dtype)
+    if ones is None or ones.shape[0] < n:
+        ones = np.ones(1 << max(n - 1, 1).bit_length(), dtype)
+        ones.flags.writeable = False
+        _ONES[dtype] = ones
+    return ones[:n]
 
 
 def _folded_sums(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
