@@ -334,13 +334,13 @@ class SyncBatchNorm(_BatchNorm):
     def _reducer(self) -> SyncReducer:
         return self.reducer
 
-    def forward(self, x: Array) -> Array:
+    def forward(self, x: Array, residual: Array | None = None) -> Array:
         if self.training or not self.track_running_stats:
             with self.reducer.collective("stats"):
-                return super().forward(x)
-        return super().forward(x)
+                return super().forward(x, residual)
+        return super().forward(x, residual)
 
-    def backward(self, dy: Array) -> Array:
+    def backward(self, dy: Array) -> Array | tuple[Array, Array]:
         if self._saved is not None and self._saved.batch_statistics:
             with self.reducer.collective("grads"):
                 return super().backward(dy)
