@@ -8,6 +8,7 @@ import cuda_checks as cc
 import numpy as np
 import pytest
 
+from cupy_bn import traffic
 from cupy_bn.backends.cuda_backend import CudaBackend, Tuning, simulator_usable
 from cupy_bn.backends.numpy_backend import NumpyBackend
 from cupy_bn.functional import batch_norm, batch_norm_backward
@@ -93,3 +94,58 @@ def test_batch_norm_on_the_simulator_matches_the_numpy_backend(shape, channel_ax
         results.append((y, *batch_norm_backward(dy, saved), *running))
     for got, want in zip(*results, strict=True):
         cc.assert_close(got, want, 1e-5, "batch_norm")
+
+
+class RecordingLoader:
+    """A loader that keeps the arguments of every launch (the simulator's, wrapped)."""
+
+    def __init__(self, loader):
+        self._loader, self.launches = loader, []
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+    def launch(self, kernel, grid, block, args):
+        self.launches.append(args)
+        return self._loader.launch(kernel, grid, block, args)
+
+
+def _passes(launches, numel: int, inputs) -> traffic.Passes:
+    """Tensor-sized arguments of the launches: a buffer is written by the first launch that
+    takes it unless it is one of `inputs`, and read by every other launch that takes it."""
+    reads = writes = 0
+    seen = list(inputs)
+    for args in launches:
+        for arg in args:
+            if isinstance(arg, np.ndarray) and arg.size == numel:
+                if any(np.shares_memory(arg, s) for s in seen):
+                    reads += 1
+                else:
+                    writes += 1
+                    seen.append(arg)
+    return traffic.Passes(reads, writes)
+
+
+@pytest.mark.parametrize(("shape", "channel_axis"), [((4, 3, 16, 16), 1), ((2048, 3), -1)])
+def test_fused_phases_move_and_launch_what_the_traffic_model_says(shape, channel_axis):
+    be = CudaBackend.for_simulator()
+    be.loader = recorder = RecordingLoader(be.loader)
+    x, dy = cc.make_inputs(shape, np.float32, seed=1)
+    z, _ = cc.make_inputs(shape, np.float32, seed=2)
+    c = shape[channel_axis]
+    weight, bias = np.ones(c, np.float32), np.zeros(c, np.float32)
+    running = np.zeros(c, np.float32), np.ones(c, np.float32)
+    fused = dict(channel_axis=channel_axis, backend=be, activation="relu", residual=z)
+    recorder.launches.clear()
+    y, saved = batch_norm(x, weight, bias, *running, **fused)
+    recorded = {"forward_train_fused": (list(recorder.launches), (x, z))}
+    recorder.launches.clear()
+    batch_norm_backward(dy, saved)
+    recorded["backward_fused"] = (list(recorder.launches), (x, dy, y))
+    recorder.launches.clear()
+    batch_norm(x, weight, bias, *running, training=False, **fused)
+    recorded["eval_fused"] = (list(recorder.launches), (x, z))
+    assert sorted(recorded) == sorted(traffic.FUSED_PHASES)
+    for name, (launches, inputs) in recorded.items():
+        assert len(launches) == traffic.launches(name), name
+        assert _passes(launches, x.size, inputs) == traffic.moved_passes(name), name
