@@ -284,3 +284,48 @@ def test_backend_without_the_capability_composes_the_primitives(channel_axis, fo
     np.testing.assert_allclose(got[0], expected[0], rtol=1e-12, atol=1e-12)
     for a, b in zip(got[1], expected[1], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_sync_batch_norm_with_activation_and_residual_matches_the_global_batch():
+    """Two fake processes, half the batch each: their outputs and input gradients are the
+    slices of one layer's on the whole batch, their weight gradients its shares."""
+    from fake_comm import run_group
+
+    from cupy_bn.distributed import SyncBatchNorm
+
+    c = case(np.float64, 1, (6, 3, 4, 5))
+    z = residual_for(c)
+
+    def step(comm):
+        part = slice(3 * comm.rank, 3 * comm.rank + 3)
+        bn = SyncBatchNorm(3, dtype=np.float64, comm=comm, activation="relu")
+        y = bn(c.x[part], residual=z[part])
+        dx, dz = bn.backward(c.dy[part])
+        return y, dx, dz, bn.grads["weight"].copy(), bn.running_var.copy()
+
+    parts = run_group(2, step)
+    bn = cbn.BatchNorm2d(3, dtype=np.float64, activation="relu")
+    y = bn(c.x, residual=z)
+    dx, dz = bn.backward(c.dy)
+    for i, got in enumerate((y, dx, dz)):
+        np.testing.assert_allclose(np.concatenate([p[i] for p in parts]), got, atol=1e-12)
+    np.testing.assert_allclose(parts[0][3] + parts[1][3], bn.grads["weight"], atol=1e-12)
+    np.testing.assert_allclose(parts[0][4], bn.running_var, atol=1e-12)
+    np.testing.assert_allclose(parts[1][4], bn.running_var, atol=1e-12)
+
+
+def test_channels_last_memory_and_a_residual_in_another_memory_order():
+    """x in NHWC memory seen as NCHW (channel_axis=1), the residual a plain NCHW array: the
+    output keeps x's memory order and the gradients have x's shape."""
+    c = case(np.float64, 1, (6, 3, 4, 5))
+    z = residual_for(c)
+    x_cl = np.ascontiguousarray(c.x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    expected, saved = batch_norm(c.x, c.weight, c.bias, activation="relu", residual=z)
+    y, saved_cl = batch_norm(x_cl, c.weight, c.bias, activation="relu", residual=z)
+    assert y.transpose(0, 2, 3, 1).flags.c_contiguous
+    np.testing.assert_allclose(y, expected, atol=1e-12)
+    for got, want in zip(
+        batch_norm_backward(c.dy, saved_cl), batch_norm_backward(c.dy, saved), strict=True
+    ):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=1e-12)
