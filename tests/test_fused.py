@@ -329,3 +329,29 @@ def test_channels_last_memory_and_a_residual_in_another_memory_order():
     ):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+def test_sync_forms_keep_the_activation():
+    """`convert_sync_batchnorm` keeps a layer's activation; `sync_batch_norm` takes the fused
+    arguments (one fake process: plain batch norm's results)."""
+    from fake_comm import run_group
+
+    from cupy_bn.distributed import convert_sync_batchnorm, sync_batch_norm
+
+    c = case(np.float64, 1, (6, 3, 4, 5))
+    z = residual_for(c)
+
+    def step(comm):
+        (layer,) = convert_sync_batchnorm([cbn.BatchNorm2d(3, activation="relu")], comm)
+        y, saved = sync_batch_norm(c.x, activation="relu", residual=z, comm=comm)
+        return layer.activation, y, batch_norm_backward(c.dy, saved)
+
+    ((activation, y, grads),) = run_group(1, step)
+    expected, saved = batch_norm(c.x, activation="relu", residual=z)
+    assert activation == "relu"
+    np.testing.assert_allclose(y, expected, atol=1e-12)
+    expected_grads = batch_norm_backward(c.dy, saved)
+    assert [g is None for g in grads] == [False, True, True, False]
+    for got, want in zip(grads, expected_grads, strict=True):
+        if want is not None:
+            np.testing.assert_allclose(got, want, atol=1e-12)
