@@ -279,10 +279,13 @@ def sync_batch_norm(
     backend: str | Backend = "auto",
     *,
     comm: Any,
+    activation: str | None = None,
+    residual: Array | None = None,
 ) -> tuple[Array, SavedForBackward]:
     """`batch_norm` with statistics over the batches of all processes of `comm`.
 
-    Same arguments and result as `cupy_bn.functional.batch_norm`; `batch_norm_backward(dy,
+    Same arguments (the fused `activation` and `residual` included) and result as
+    `cupy_bn.functional.batch_norm`; `batch_norm_backward(dy,
     saved)` gives the gradients (dx over the global batch, one all-reduce).
     `comm`: an mpi4py / NCCL / cupyx.distributed communicator, or a `SyncReducer` kept across
     steps (its shift saves the rare second all-reduce; it also fixes the channel count, so a
@@ -305,6 +308,8 @@ def sync_batch_norm(
         channel_axis=channel_axis,
         backend=backend,
         reducer=reducer,
+        activation=activation,
+        residual=residual,
     )
 
 
@@ -334,13 +339,13 @@ class SyncBatchNorm(_BatchNorm):
     def _reducer(self) -> SyncReducer:
         return self.reducer
 
-    def forward(self, x: Array) -> Array:
+    def forward(self, x: Array, residual: Array | None = None) -> Array:
         if self.training or not self.track_running_stats:
             with self.reducer.collective("stats"):
-                return super().forward(x)
-        return super().forward(x)
+                return super().forward(x, residual)
+        return super().forward(x, residual)
 
-    def backward(self, dy: Array) -> Array:
+    def backward(self, dy: Array) -> Array | tuple[Array, Array]:
         if self._saved is not None and self._saved.batch_statistics:
             with self.reducer.collective("grads"):
                 return super().backward(dy)
@@ -360,6 +365,7 @@ def _to_sync(layer: _BatchNorm, comm: Any) -> SyncBatchNorm:
         channel_axis=layer.channel_axis,
         dtype=layer.dtype,
         backend=layer.backend,
+        activation=layer.activation,
         comm=comm,
     )
     sync.params, sync.grads, sync.buffers = (

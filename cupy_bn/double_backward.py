@@ -11,7 +11,8 @@ variance depend on `x`. In inference mode the statistics are constants. Composed
 primitives of the backend (`cupy_bn.backends.base`, where the formulas are):
 `double_backward_reduce` (five per-channel sums in one pass over `dy`, `x`, `ddx`) and
 `double_backward_apply` (`gx` and `gdy` in one pass, with per-channel coefficients from
-`double_backward_coefficients` in float64).
+`double_backward_coefficients` in float64). The backward of a `batch_norm` with a fused
+activation or residual is refused with a ValueError before any work.
 
 Sync batch norm (`saved.reducer`): the result is exact for the global batch. The per-channel
 sums are summed over processes in the "grads" collective (four all-reduces of two per-channel
@@ -57,6 +58,11 @@ def batch_norm_double_backward(
     if not isinstance(saved, SavedForBackward):
         raise TypeError(
             f"saved must be the SavedForBackward that batch_norm returned, got {type_name(saved)}"
+        )
+    if saved.activation is not None or saved.residual_dtype is not None:
+        raise ValueError(
+            "double backward of a fused activation is not supported "
+            "(a batch_norm with activation or residual)"
         )
     reducer = saved.reducer
     collective = (

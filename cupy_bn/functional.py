@@ -9,6 +9,14 @@ two make the double backward, `cupy_bn.double_backward`):
 - backward: `backward_reduce` -> `backward_apply` (through the batch statistics), or `apply`
   on `dy` alone when the statistics were fixed (inference mode).
 
+Fused activation and residual (`activation="relu"`, `residual=z`): `y = act(bn(x) + z)`,
+ResNet's BN + add + ReLU, as one `apply_activation` pass where the backend has the
+`FusedActivation` capability (both built-in backends). The backward masks `dy` with the saved
+output `y` (`relu_gradient`: `dy` where `y > 0`), which is also the residual's gradient, and
+runs the usual backward on it. Saving `y` rather than a boolean mask costs the forward
+nothing (no extra pass or buffer: `y` is the output the caller holds anyway); the backward
+reads it once. `y` must therefore not be modified in place before the backward.
+
 Conventions follow PyTorch: `momentum` is the weight of the new batch,
 `running = (1 - momentum) * running + momentum * batch` (Keras, Chainer and Flax use the
 opposite convention), and the running variance is updated with the unbiased batch variance.
@@ -31,11 +39,19 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from cupy_bn.arrays import array_module, to_host
-from cupy_bn.backends import Backend, get_backend, has_fused_backward, has_fused_statistics
+from cupy_bn.backends import (
+    Backend,
+    get_backend,
+    has_fused_activation,
+    has_fused_backward,
+    has_fused_statistics,
+)
 from cupy_bn.dtypes import accumulation_dtype, check_float_dtype
 from cupy_bn.layout import View, canonical
 from cupy_bn.validation import (
+    check_activation,
     check_array,
+    check_array_module,
     check_batch_count,
     check_channel_vector,
     check_eps,
@@ -68,6 +84,10 @@ class SavedForBackward:
     `mean` and `invstd` are the statistics the forward normalized with (batch statistics, or
     the running ones in inference mode), in the accumulation dtype. `count` is the number of
     values per channel they were computed over (global under sync BN).
+
+    Fused forms: `activation` is the forward's (None or "relu"), `output` the canonical view
+    of its `y` (kept for the ReLU's backward; None without activation), `residual_dtype` the
+    residual's dtype (None without residual: the backward then returns three gradients).
     """
 
     view: View
@@ -79,6 +99,9 @@ class SavedForBackward:
     count: int
     backend: Backend
     reducer: StatsReducer | None = None
+    activation: str | None = None
+    output: View | None = None
+    residual_dtype: Any = None
 
 
 def restore_saved(
@@ -180,6 +203,8 @@ def batch_norm(
     backend: str | Backend = "auto",
     *,
     reducer: StatsReducer | None = None,
+    activation: str | None = None,
+    residual: Array | None = None,
 ) -> tuple[Array, SavedForBackward]:
     """Normalize `x` per channel; return `(y, saved)` where `saved` feeds the backward.
 
@@ -190,21 +215,30 @@ def batch_norm(
     `y` has the dtype, shape and memory order of `x`; statistics accumulate in float32
     (float64 for float64 input). With a `reducer`, training statistics are those of the
     batches of all processes together (sync batch norm).
+
+    Fused forms: `y = act(bn(x) + residual)`, with `residual` (None: none) an array of x's
+    shape, module and a float dtype (converted to x's dtype when it differs), added before the
+    activation, and `activation` None or "relu". The sum and the ReLU are taken in the
+    accumulation dtype and rounded once. The backward then also returns the residual's
+    gradient; the ReLU's backward reads `y`, which must not be modified in place before it.
     """
     args = (x, weight, bias, running_mean, running_var, training, momentum, eps, channel_axis)
+    fused = (activation, residual)
     if reducer is not None and training:
         with reducer.collective("stats"):
-            return _batch_norm(*args, backend, reducer)
-    return _batch_norm(*args, backend, reducer)
+            return _batch_norm(*args, backend, reducer, *fused)
+    return _batch_norm(*args, backend, reducer, *fused)
 
 
 def _batch_norm(
     x, weight, bias, running_mean, running_var, training, momentum, eps, channel_axis, backend,
-    reducer,
+    reducer, activation=None, residual=None,
 ) -> tuple[Array, SavedForBackward]:  # fmt: skip
     """`batch_norm`'s work, inside the reducer's collective when there is one."""
     view = canonical(check_array("x", x), channel_axis)
     xp = array_module(x)
+    activation = check_activation(activation)
+    residual_view = None if residual is None else _residual_view(view, residual, xp)
     channels = view.data.shape[1]
     for name, v in (
         ("weight", weight),
@@ -247,7 +281,10 @@ def _batch_norm(
             be.update_running(running_mean, running_var, mean, var, count, momentum)
         scale, shift = _scale_shift(mean, invstd, weight, bias, acc)
 
-    y = view.restore(be.apply(view, scale, shift))
+    if activation is None and residual_view is None:
+        out = be.apply(view, scale, shift)
+    else:
+        out = _apply_activation(be, view, scale, shift, residual_view, activation == "relu")
     saved = SavedForBackward(
         view,
         mean,
@@ -258,17 +295,56 @@ def _batch_norm(
         count,
         be,
         reducer,
+        activation,
+        None if activation is None else _like(view, out),
+        None if residual is None else residual.dtype,
     )
-    return y, saved
+    return view.restore(out), saved
 
 
-def batch_norm_backward(
-    dy: Array, saved: SavedForBackward
-) -> tuple[Array, Array | None, Array | None]:
-    """Gradients `(dx, dweight, dbias)` of the forward that produced `saved`.
+def _like(view: View, data: Array) -> View:
+    """A view of canonical `data` in `view`'s layout and caller's shape."""
+    return View(view.layout, data, view.shape, view.channel_axis, view.channels_last_memory)
+
+
+def _residual_view(view: View, residual: Array, xp) -> View:
+    """The canonical view of `residual` in x's layout and dtype; raises before any work."""
+    check_array("residual", residual)
+    check_array_module("residual", residual, xp, "like x")
+    r = view.match(residual, "residual")
+    dtype = view.data.dtype
+    return r if r.data.dtype == dtype else _like(view, r.data.astype(dtype))
+
+
+def _apply_activation(
+    be: Backend, view: View, scale: Array, shift: Array, residual: View | None, relu: bool
+) -> Array:
+    """`act(x * scale + shift + residual)` in canonical shape: the backend's fused pass, or
+    `apply` and array operations in the accumulation dtype (one rounding more for 16-bit)."""
+    if has_fused_activation(be):
+        return be.apply_activation(view, scale, shift, residual, relu)
+    out = be.apply(view, scale, shift)
+    if residual is None and not relu:
+        return out
+    xp, acc = be.xp, accumulation_dtype(view.data.dtype)
+    total = out.astype(acc)
+    if residual is not None:
+        total += residual.data
+    if relu:
+        xp.maximum(total, 0, out=total)
+    return total.astype(out.dtype, copy=False)
+
+
+def batch_norm_backward(dy: Array, saved: SavedForBackward) -> tuple[Array | None, ...]:
+    """Gradients `(dx, dweight, dbias)` of the forward that produced `saved`, and
+    `(dx, dweight, dbias, dresidual)` when that forward had a residual.
 
     dweight/dbias are None without weight/bias. Under sync batch norm they are this process's
     share (sum them across processes, as data-parallel training does); dx is exact globally.
+    With `activation="relu"` the gradient entering the normalization is `dy` where `y > 0`
+    (zero at the kink, as PyTorch's ReLU); `dresidual` is that gradient in the residual's
+    dtype, with `dy`'s shape (without activation it may share memory with `dy`, as the
+    gradient of an addition does).
     """
     reducer = saved.reducer
     collective = (
@@ -291,11 +367,31 @@ def _parameter_gradients(
     return dweight, dbias
 
 
-def _batch_norm_backward(
-    dy: Array, saved: SavedForBackward
-) -> tuple[Array, Array | None, Array | None]:
+def _batch_norm_backward(dy: Array, saved: SavedForBackward) -> tuple[Array | None, ...]:
     view = saved.view
     dyv = view.match(check_array("dy", dy), "dy")
+    be = saved.backend
+    if saved.activation is not None:
+        dyv = _like(view, _relu_gradient(be, dyv, saved.output))
+    grads = _normalization_backward(dyv, saved)
+    if saved.residual_dtype is None:
+        return grads
+    dresidual = view.restore(dyv.data.astype(saved.residual_dtype, copy=False))
+    return *grads, dresidual
+
+
+def _relu_gradient(be: Backend, dy: View, y: View) -> Array:
+    """`dy` where `y > 0`, else zero (canonical shape, dy's dtype)."""
+    if has_fused_activation(be):
+        return be.relu_gradient(dy, y)
+    return be.xp.where(y.data > 0, dy.data, be.xp.zeros((), dy.data.dtype))
+
+
+def _normalization_backward(
+    dyv: View, saved: SavedForBackward
+) -> tuple[Array, Array | None, Array | None]:
+    """`(dx, dweight, dbias)` of the normalization alone, for its gradient `dyv`."""
+    view = saved.view
     be = saved.backend
     acc = accumulation_dtype(view.data.dtype)
     xp = be.xp

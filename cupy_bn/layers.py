@@ -6,10 +6,18 @@
     for k in bn.params: bn.params[k] -= lr * bn.grads[k]
     bn.eval(); y = bn(x)            # inference: running statistics
 
+    block = BatchNorm2d(64, activation="relu")
+    y = block(x, residual=z)        # relu(bn(x) + z), ResNet's BN + add + ReLU
+    dx, dz = block.backward(dy)     # (dx, dresidual) after a forward with a residual
+
 `momentum` is the weight of the new batch (PyTorch's convention; Keras/Chainer/Flax use
 `1 - momentum`); `momentum=None` keeps a cumulative average over all batches seen. `grads`
 hold the gradients of the last `backward` (overwritten, not accumulated). `state_dict` uses
 PyTorch's key names, so weights move between the two with `np.savez`/`torch.from_numpy`.
+
+`activation="relu"` fuses a ReLU after the normalization, and `forward(x, residual=z)` adds
+`z` before it (`cupy_bn.functional.batch_norm`'s fused forms). `backward(dy)` returns `dx`
+alone after a forward without residual and the pair `(dx, dresidual)` after one with a residual.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from cupy_bn.backends import Backend
 from cupy_bn.dtypes import check_float_dtype
 from cupy_bn.functional import SavedForBackward, batch_norm, batch_norm_backward
 from cupy_bn.validation import (
+    check_activation,
     check_array,
     check_array_module,
     check_channel_axis,
@@ -51,6 +60,7 @@ class _BatchNorm:
         channel_axis: int = 1,
         dtype: Any = np.float32,
         backend: str | Backend = "auto",
+        activation: str | None = None,
     ):
         self.num_features = check_num_features(num_features)
         self.channel_axis = check_channel_axis(channel_axis, self.ranks)
@@ -60,6 +70,7 @@ class _BatchNorm:
         self.track_running_stats = bool(track_running_stats)
         self.dtype = check_float_dtype("dtype", dtype)
         self.backend = backend
+        self.activation = check_activation(activation)
         self.training = True
         self._saved: SavedForBackward | None = None
         self.params: dict[str, Array] = {}
@@ -146,11 +157,12 @@ class _BatchNorm:
                 "x", x, array_module(state), "like the layer's state", f"; call .to({here}) first"
             )
 
-    def __call__(self, x: Array) -> Array:
-        return self.forward(x)
+    def __call__(self, x: Array, residual: Array | None = None) -> Array:
+        return self.forward(x, residual)
 
-    def forward(self, x: Array) -> Array:
-        """Normalize `x` (batch statistics when training or not tracking running stats)."""
+    def forward(self, x: Array, residual: Array | None = None) -> Array:
+        """Normalize `x` (batch statistics when training or not tracking running stats), add
+        `residual` (None: nothing) and apply the layer's activation."""
         self._check_input(x)
         use_batch_stats = self.training or not self.track_running_stats
         update = self.training and self.track_running_stats
@@ -173,6 +185,8 @@ class _BatchNorm:
             channel_axis=self.channel_axis,
             backend=self.backend,
             reducer=self._reducer(),
+            activation=self.activation,
+            residual=residual,
         )
         if update:
             self.buffers["num_batches_tracked"] += 1
@@ -183,15 +197,16 @@ class _BatchNorm:
         """Cross-process statistics reducer; None for a local layer (SyncBatchNorm overrides)."""
         return None
 
-    def backward(self, dy: Array) -> Array:
-        """Gradient w.r.t. the last forward's input; stores weight/bias gradients in `grads`."""
+    def backward(self, dy: Array) -> Array | tuple[Array, Array]:
+        """Gradient w.r.t. the last forward's input, and `(dx, dresidual)` when that forward
+        had a residual; stores weight/bias gradients in `grads`."""
         if self._saved is None:
             raise RuntimeError("backward called before any forward")
-        dx, dweight, dbias = batch_norm_backward(dy, self._saved)
+        dx, dweight, dbias, *dresidual = batch_norm_backward(dy, self._saved)
         if self.affine:
             self.grads["weight"][...] = dweight
             self.grads["bias"][...] = dbias
-        return dx
+        return (dx, *dresidual) if dresidual else dx
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Array]:
@@ -227,7 +242,9 @@ class _BatchNorm:
             f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
             f"momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}, "
-            f"channel_axis={self.channel_axis})"
+            f"channel_axis={self.channel_axis}"
+            + ("" if self.activation is None else f", activation={self.activation!r}")
+            + ")"
         )
 
 

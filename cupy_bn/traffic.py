@@ -26,6 +26,23 @@ partials (a few KB) are left out. Two figures per phase:
   count. `cupy-bn bench`'s "moved" GB/s divide these bytes by our implementations' times: the
   bandwidth our code actually draws, to set against the device's peak.
 
+The fused forms (`batch_norm(..., activation="relu", residual=z)`, `FUSED_PHASES`, not timed
+by `cupy-bn bench`) replace `apply` with `apply_activation`, which also reads the residual,
+and start the backward with `relu_gradient`, which reads `dy` and the saved output `y` and
+writes the masked gradient: the residual's gradient, and the `dy` of the two backward
+primitives. Modelled with both a residual and the ReLU:
+
+| phase | minimal | moved by cupy-bn's backends | CUDA launches |
+|---|---|---|---|
+| `forward_train_fused` | R2 W1 (x, z; y) | `batch_stats` R1 + `apply_activation` R2 W1 | 2 |
+| `backward_fused` | R3 W2 (x, dy, y; dx, dz) | `relu_gradient` R2 W1 + R4 W1 = R6 W2 | 3 |
+| `eval_fused` | R2 W1 (x, z; y) | `apply_activation` R2 W1 | 1 |
+
+Without a residual `apply_activation` reads `x` alone (R1 W1, as `apply`); without the ReLU
+the backward is the plain one (the residual's gradient is `dy` itself). A residual of another
+dtype than `x` is converted first, one pass more. The NumPy backend's fused backward
+(`FusedBackward`) runs on the masked gradient as it does on `dy`.
+
 `PHASES` are the phases `cupy-bn bench` times; `ALL_PHASES` adds `double_backward`, modelled
 for training mode with `ddx` given (without `ddx` the reduction is `backward_reduce`'s R2 and
 the apply reads two tensors; in inference mode the reduction runs only for a weight's
@@ -38,6 +55,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "ALL_PHASES",
+    "FUSED_PHASES",
     "MINIMAL_PASSES",
     "PHASES",
     "PHASE_PRIMITIVES",
@@ -52,6 +70,7 @@ __all__ = [
 
 PHASES: tuple[str, ...] = ("forward_train", "backward", "eval")
 ALL_PHASES: tuple[str, ...] = (*PHASES, "double_backward")
+FUSED_PHASES: tuple[str, ...] = ("forward_train_fused", "backward_fused", "eval_fused")
 
 
 @dataclass(frozen=True)
@@ -82,6 +101,9 @@ MINIMAL_PASSES: dict[str, Passes] = {
     "backward": Passes(2, 1),
     "eval": Passes(1, 1),
     "double_backward": Passes(3, 2),
+    "forward_train_fused": Passes(2, 1),
+    "backward_fused": Passes(3, 2),
+    "eval_fused": Passes(2, 1),
 }
 
 #: Passes of each primitive that streams a tensor, as both backends implement it.
@@ -92,6 +114,8 @@ PRIMITIVE_PASSES: dict[str, Passes] = {
     "backward_apply": Passes(2, 1),
     "double_backward_reduce": Passes(3, 0),
     "double_backward_apply": Passes(3, 2),
+    "apply_activation": Passes(2, 1),  # with a residual; R1 W1 without
+    "relu_gradient": Passes(2, 1),
 }
 
 #: The tensor-streaming primitives a phase runs, in order (one CUDA launch each).
@@ -100,12 +124,16 @@ PHASE_PRIMITIVES: dict[str, tuple[str, ...]] = {
     "backward": ("backward_reduce", "backward_apply"),
     "eval": ("apply",),
     "double_backward": ("double_backward_reduce", "double_backward_apply"),
+    "forward_train_fused": ("batch_stats", "apply_activation"),
+    "backward_fused": ("relu_gradient", "backward_reduce", "backward_apply"),
+    "eval_fused": ("apply_activation",),
 }
 
 
 def _check_phase(phase: str) -> None:
-    if phase not in ALL_PHASES:
-        raise ValueError(f"phase must be one of {', '.join(ALL_PHASES)}; got {phase!r}")
+    if phase not in ALL_PHASES and phase not in FUSED_PHASES:
+        known = ", ".join((*ALL_PHASES, *FUSED_PHASES))
+        raise ValueError(f"phase must be one of {known}; got {phase!r}")
 
 
 def minimal_passes(phase: str) -> Passes:

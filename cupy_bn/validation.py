@@ -167,3 +167,16 @@ def check_batch_count(count: int, where: str = "") -> None:
         raise ValueError(
             f"a training batch needs more than one value per channel{where}, got {count}"
         )
+
+
+#: The activations `batch_norm` and the layers fuse after the normalization (and residual).
+ACTIVATIONS = (None, "relu")
+
+
+def check_activation(activation: object) -> str | None:
+    """`activation` when it is one of ACTIVATIONS: None or "relu"."""
+    if activation is None or (type(activation) is str and activation == "relu"):
+        return activation
+    if not isinstance(activation, str):
+        raise TypeError(f"activation must be None or 'relu', got {type_name(activation)}")
+    raise ValueError(f"activation must be None or 'relu', got {activation!r}")

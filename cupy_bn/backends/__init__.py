@@ -15,8 +15,10 @@ import numpy as np
 from cupy_bn.arrays import array_module, is_cupy
 from cupy_bn.backends.base import (
     Backend,
+    FusedActivation,
     FusedBackward,
     FusedTrainStatistics,
+    has_fused_activation,
     has_fused_backward,
     has_fused_statistics,
 )
@@ -24,11 +26,13 @@ from cupy_bn.validation import check_array_module, type_name
 
 __all__ = [
     "Backend",
+    "FusedActivation",
     "FusedBackward",
     "FusedTrainStatistics",
     "available_backends",
     "cupy_usable",
     "get_backend",
+    "has_fused_activation",
     "has_fused_backward",
     "has_fused_statistics",
     "register_backend",

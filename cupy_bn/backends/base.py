@@ -54,6 +54,12 @@ fused training statistics of `FusedTrainStatistics`; `cupy_bn.functional` uses t
 `has_fused_statistics(backend)` (the CUDA backend), and composes `batch_stats`,
 per-channel array operations and `update_running` otherwise. Likewise `FusedBackward` (the
 NumPy backend): one call for the training backward when no all-reduce separates its halves.
+`FusedActivation` (both built-in backends) takes the fused forms of `batch_norm`'s
+`activation="relu"` and `residual`: `apply_activation` is `apply` with the residual added and
+the ReLU taken before the single rounding to the output dtype, and `relu_gradient` masks `dy`
+with the saved output (`dy` where `y > 0`). The backward of a fused form is `relu_gradient`
+followed by the usual primitives on the masked gradient; without the capability
+`cupy_bn.functional` composes `apply` with array operations (two roundings for 16-bit data).
 What each backend moves and launches per phase is `cupy_bn.traffic`'s model, not part of this
 interface.
 """
@@ -266,6 +272,22 @@ class FusedBackward(Protocol):
         (`count` is `x.count`)."""
 
 
+@runtime_checkable
+class FusedActivation(Protocol):
+    """The optional capability of a backend: `apply` with a residual and a ReLU fused in."""
+
+    def apply_activation(
+        self, x: View, scale: Array, shift: Array, residual: View | None, relu: bool
+    ) -> Array:
+        """`act(x * scale[c] + shift[c] + residual)` in canonical shape and `x`'s dtype, with
+        `act` the ReLU (`max(v, 0)`) when `relu`, else the identity; `residual` (None: zero) has
+        `x`'s layout, shape and dtype. Computed in the accumulation dtype, rounded once."""
+
+    def relu_gradient(self, dy: View, y: View) -> Array:
+        """`dy` where `y > 0`, else zero, in canonical shape and `dy`'s dtype (`y` is the
+        forward's output, in `dy`'s layout; `dy`'s NaNs where `y > 0` pass through)."""
+
+
 @functools.cache
 def _class_implements(cls: type, capability: type) -> bool:
     return issubclass(cls, capability)
@@ -280,3 +302,8 @@ def has_fused_statistics(backend: object) -> bool:
 def has_fused_backward(backend: object) -> bool:
     """Whether `backend` implements `FusedBackward`, decided once per backend class."""
     return _class_implements(type(backend), FusedBackward)
+
+
+def has_fused_activation(backend: object) -> bool:
+    """Whether `backend` implements `FusedActivation`, decided once per backend class."""
+    return _class_implements(type(backend), FusedActivation)

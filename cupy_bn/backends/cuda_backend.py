@@ -55,6 +55,8 @@ SYNC_CAPACITY = 1024
 
 # flags of the statistics kernels (bn_finalize.cuh)
 _AFFINE, _WEIGHT, _BIAS, _RUNNING = 1, 2, 4, 8
+# flags of the fused apply kernels (bn_fused.cu)
+_FUSED_RESIDUAL, _FUSED_RELU = 1, 2
 #: The rows of the double-backward coefficient array, in the kernels' order.
 _COEFFICIENT_NAMES = tuple(f.name for f in fields(DoubleBackwardCoefficients))
 
@@ -457,6 +459,44 @@ class CudaBackend:
             args = (data, scale, shift, np.int64(data.shape[0]), np.int32(data.shape[1]), out)
         self.loader.launch(kernel, grid.grid, grid.block, args)
         return out
+
+    def apply_activation(
+        self, x: View, scale: Array, shift: Array, residual: View | None, relu: bool
+    ) -> Array:
+        """`FusedActivation.apply_activation`: `bn_{ncs,mc}_apply_fused`, `apply`'s launch
+        geometry with the residual read alongside `x` (R1 W1, R2 W1 with a residual)."""
+        xp, data = self.xp, x.data
+        acc = accumulation_dtype(data.dtype)
+        out = xp.empty(data.shape, data.dtype)
+        if data.size == 0:
+            return out
+        scale = self._vector(scale, acc, x.num_channels, "scale")
+        shift = self._vector(shift, acc, x.num_channels, "shift")
+        flags = (0 if residual is None else _FUSED_RESIDUAL) | (_FUSED_RELU if relu else 0)
+        z = data if residual is None else residual.data.astype(data.dtype, copy=False)
+        operands = (data, z, scale, shift, np.int32(flags))
+        if x.layout == NCS:
+            grid = self._ncs_elementwise_grid(x)
+            kernel = self.loader.function("fused", "bn_ncs_apply_fused", data.dtype)
+            args = (*operands, *self._ncs_shape_args(x, grid), out)
+        else:
+            grid = self._mc_elementwise_grid(x)
+            kernel = self.loader.function("fused", "bn_mc_apply_fused", data.dtype)
+            args = (*operands, np.int64(data.shape[0]), np.int32(data.shape[1]), out)
+        self.loader.launch(kernel, grid.grid, grid.block, args)
+        return out
+
+    def relu_gradient(self, dy: View, y: View) -> Array:
+        """`FusedActivation.relu_gradient`: `bn_relu_gradient`, a flat pass (R2 W1); `dy` and
+        `y` of different dtypes meet in the wider one (exact for `dy`'s values)."""
+        g, out_y, dtype = self._common(dy, y)
+        out = self.xp.empty(g.shape, dtype)
+        if g.size:
+            blocks = ceil_div(g.size, self.tuning.elementwise_work)
+            kernel = self.loader.function("fused", "bn_relu_gradient", dtype)
+            args = (g, out_y, np.int64(g.size), out)
+            self.loader.launch(kernel, (blocks,), (BLOCK_THREADS,), args)
+        return out.astype(dy.data.dtype, copy=False)
 
     # -- backward -----------------------------------------------------------------------------
     def backward_reduce(

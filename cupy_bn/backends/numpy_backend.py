@@ -159,6 +159,55 @@ class NumpyBackend:
         plan.run(block_apply)
         return out
 
+    def apply_activation(
+        self, x: View, scale: Array, shift: Array, residual: View | None, relu: bool
+    ) -> Array:
+        """`act(x * scale + shift + residual)` (`FusedActivation`): each block is summed in
+        the accumulation dtype while in cache, the ReLU taken there, and rounded once."""
+        if direct.is_small(x):
+            return direct.apply_activation(x, scale, shift, residual, relu)
+        acc = accumulation_dtype(x.data.dtype)
+        operands = (x.data,) if residual is None else (x.data, residual.data)
+        out = empty_unaliased(x.data.shape, x.data.dtype, *operands)
+        if x.data.size == 0:
+            return out
+        plan = plan_for(x, coefficients=True)
+        sc, sh = plan.coefficients(acc, scale, shift)
+
+        def block_apply(i, block) -> None:
+            target = plan.block(out, block)
+            work = target if target.dtype == acc else workspace(0, target.shape, acc)
+            np.multiply(plan.block(x.data, block), sc(block), out=work)
+            np.add(work, sh(block), out=work)
+            if residual is not None:
+                np.add(work, plan.block(residual.data, block), out=work)
+            if relu:
+                np.maximum(work, 0.0, out=work)
+            if work is not target:
+                np.copyto(target, work, casting="unsafe")
+
+        plan.run(block_apply)
+        return out
+
+    def relu_gradient(self, dy: View, y: View) -> Array:
+        """`dy` where `y > 0`, else zero (`FusedActivation`): one pass over `dy` and `y`."""
+        if direct.is_small(dy):
+            return direct.relu_gradient(dy, y)
+        out = empty_unaliased(dy.data.shape, dy.data.dtype, dy.data, y.data)
+        if dy.data.size == 0:
+            return out
+        plan = plan_for(dy)
+        zero = np.zeros((), dy.data.dtype)
+
+        def block_mask(i, block) -> None:
+            positive = workspace(0, plan.block(y.data, block).shape, np.bool_)
+            np.greater(plan.block(y.data, block), 0, out=positive)
+            np.copyto(plan.block(out, block), zero)
+            np.copyto(plan.block(out, block), plan.block(dy.data, block), where=positive)
+
+        plan.run(block_mask)
+        return out
+
     # -- backward -------------------------------------------------------------------------
     def backward_reduce(
         self, dy: View, x: View, mean: Array, invstd: Array | None = None

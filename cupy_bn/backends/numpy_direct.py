@@ -185,6 +185,25 @@ def apply(x: View, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
     return y if y.dtype == x.data.dtype else y.astype(x.data.dtype)
 
 
+def apply_activation(
+    x: View, scale: np.ndarray, shift: np.ndarray, residual: View | None, relu: bool
+) -> np.ndarray:
+    """`act(x * scale + shift + residual)` in `x`'s dtype, summed in the accumulation dtype
+    (`scale`'s) and rounded once; `act` is the ReLU when `relu`, else the identity."""
+    y = np.multiply(x.data, per_channel(scale, x.data))
+    y += per_channel(shift, x.data)
+    if residual is not None:
+        y += residual.data
+    if relu:
+        np.maximum(y, 0.0, out=y)
+    return y if y.dtype == x.data.dtype else y.astype(x.data.dtype)
+
+
+def relu_gradient(dy: View, y: View) -> np.ndarray:
+    """`dy` where `y > 0`, else zero, in `dy`'s dtype (a new array)."""
+    return np.where(y.data > 0, dy.data, np.zeros((), dy.data.dtype))
+
+
 def centred(x: View, mean: np.ndarray, acc: np.dtype) -> np.ndarray:
     """`x - mean` in the accumulation dtype (a new array)."""
     return np.subtract(x.data, per_channel(mean, x.data), dtype=acc)

@@ -75,6 +75,9 @@ KERNEL_FILES: dict[str, KernelFile] = {
             "bn_mc_double_backward_apply",
         ),
     ),
+    "fused": KernelFile(
+        "bn_fused.cu", ("bn_ncs_apply_fused", "bn_mc_apply_fused", "bn_relu_gradient")
+    ),
 }
 
 _LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.MULTILINE)
