@@ -125,9 +125,10 @@ bn_mc_apply(const T* __restrict__ x, const Acc* __restrict__ scale,
 }
 
 // sum(dy) and sum(dy * (x - mean[c])) per channel, both in one pass over dy and x, merged
-// across blocks in the statistics' two levels.
+// across blocks in the statistics' two levels. Four resident blocks asked of ptxas (64
+// registers): left to itself, ptxas 13.5 spills the __half instantiation on sm_80.
 template <typename T, typename Acc>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, 4)
 bn_mc_reduce(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __restrict__ mean,
              long long M, int C, int group, Acc* __restrict__ part_dy,
              Acc* __restrict__ part_dy_xmu, Acc* __restrict__ group_dy,
