@@ -55,6 +55,59 @@ def test_double_backward_primitives_match_float64(shape, channel_axis, dtype, tu
     cc.check_double_backward(sim(schedule, TUNINGS[tuning]), shape, channel_axis, dtype)
 
 
+#: NCS shapes of the 16-byte pack paths of apply and backward_apply: S a multiple of every
+#: pack (8 elements), S = 6 (packs of 2 doubles only), S odd and C * S not a multiple of 4
+#: (never packable).
+PACK_SHAPES = [(3, 2, 8), (2, 3, 24), (2, 3, 6), (3, 5, 7)]
+
+
+def _placed(a: np.ndarray, offset: int) -> np.ndarray:
+    """A copy of `a` starting `offset` elements past a 16-byte boundary (a view into a larger
+    buffer, as a slice from element 1 would be)."""
+    raw = np.empty(a.nbytes + 32, np.uint8)
+    start = (-raw.ctypes.data) % 16 + offset * a.itemsize
+    out = raw[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    assert out.ctypes.data % 16 == offset * a.itemsize % 16
+    return out
+
+
+@pytest.mark.parametrize("schedule,tuning", [("forward", "default"), ("reverse", "split")])
+@pytest.mark.parametrize("misaligned", ["none", "x", "dy"])
+@pytest.mark.parametrize("dtype", cc.DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("shape", PACK_SHAPES, ids=str)
+def test_elementwise_packs_and_misaligned_views(shape, dtype, misaligned, schedule, tuning):
+    be = sim(schedule, TUNINGS[tuning])
+    acc = np.dtype(np.float64 if dtype == np.float64 else np.float32)
+    x_np, dy_np = cc.make_inputs(shape, dtype)
+    x = _placed(x_np, 1 if misaligned == "x" else 0)
+    dy = _placed(dy_np, 1 if misaligned == "dy" else 0)
+    view = canonical(x, 1)
+    dview = view.match(dy, "dy")
+    assert view.data.ctypes.data == x.ctypes.data  # no copy: the kernels see the offset
+    x64, dy64 = x_np.astype(np.float64), dy_np.astype(np.float64)
+    rng = np.random.default_rng(3)
+    scale, shift, mean, gamma, sum_dy, sum_dy_xmu = (
+        rng.normal(1.0, 0.5, shape[1]).astype(acc) for _ in range(6)
+    )
+    invstd = rng.uniform(0.5, 2.0, shape[1]).astype(acc)
+    tol = cc.OUTPUT_TOL[dtype.name]
+
+    def per_channel(v):
+        return v.astype(np.float64)[None, :, None]
+
+    y = be.apply(view, scale, shift)
+    cc.assert_close(y, x64 * per_channel(scale) + per_channel(shift), tol, "apply")
+
+    count = shape[0] * shape[2]
+    dx = be.backward_apply(dview, view, mean, invstd, gamma, sum_dy, sum_dy_xmu, count)
+    p = per_channel(gamma) * per_channel(invstd)
+    q = -p * per_channel(invstd) ** 2 * per_channel(sum_dy_xmu) / count
+    r = -p * per_channel(sum_dy) / count
+    expect = p * dy64 + q * (x64 - per_channel(mean)) + r
+    cc.assert_close(dx, expect, 4 * tol, "backward_apply")
+
+
 def test_split_tuning_really_splits():
     be = sim(tuning=SPLIT)
     ncs = canonical(np.zeros((3, 2, 300), np.float32), 1)

@@ -62,12 +62,21 @@ def _skip_unsupported(arch: str) -> None:
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("key", sorted(KERNEL_FILES))
-def test_kernels_use_no_local_memory(key, arch):
+def test_kernels_use_no_local_memory_and_pack_where_they_should(key, arch):
     _skip_without_nvrtc()
     _skip_unsupported(arch)
     facts = _facts(key, arch, False)
     assert len(facts) == len(KERNEL_FILES[key].kernels) * 4
     assert [f.expression for f in facts if f.local_memory] == []
+    # the 16-byte pack paths of the NCS apply and backward: 128-bit loads and stores
+    assert ptx_checks.check_facts(list(facts)) == []
+    packed = [f for f in facts if f.kernel in ptx_checks.PACKED_KERNELS]
+    assert len(packed) == (8 if key == "ncs" else 0)
+    for f in packed:
+        if "double" in f.expression:
+            assert f.v2_loads >= 2 and f.v4_loads == 0, f  # two doubles per load
+        else:
+            assert f.v4_loads >= 1, f
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -139,6 +148,8 @@ def test_ptx_facts_count_vector_accesses_and_local_memory_per_entry():
         "v2_loads": 1,
         "v4_stores": 1,
         "v2_stores": 1,
+        "wide_loads": 3,  # v4 of 32-bit lanes and v2 of 64-bit lanes
+        "wide_stores": 1,  # v2.b32 is 64 bits
     }
     second = ptx_checks.ptx_facts(entries["second"])
     assert second == dict.fromkeys(first, 0) | {"local_memory": False}
@@ -173,6 +184,8 @@ def _fact(kernel="bn_ncs_apply", **changes) -> KernelFacts:
         "v2_loads": 0,
         "v4_stores": 0,
         "v2_stores": 0,
+        "wide_loads": 1,
+        "wide_stores": 1,
         "registers": 40,
         "spill_stores": 0,
         "spill_loads": 0,
@@ -199,6 +212,15 @@ def test_check_facts_names_each_broken_rule():
     assert "local memory" in problems[1]
     assert "spills (0 bytes stored, 4 loaded)" in problems[2]
     assert "bn_mc_reduce<float, float> on compute_90: 72 registers, budget 64" in problems[3]
+    unpacked = ptx_checks.check_facts(
+        [_fact(wide_loads=0), _fact(wide_stores=0), _fact("bn_mc_apply", wide_loads=0)]
+    )
+    assert unpacked == [
+        "bn_ncs_apply<float, float> on compute_90: no 128-bit global loads or stores "
+        "(0 loads, 1 stores)",
+        "bn_ncs_apply<float, float> on compute_90: no 128-bit global loads or stores "
+        "(1 loads, 0 stores)",
+    ]
 
 
 def test_summary_rows_cover_the_dtypes_of_each_kernel():
@@ -243,6 +265,6 @@ def test_local_memory_and_spills_of_a_real_kernel_are_found():
     assert report["spill"]["registers"] <= 32  # 1024 threads x 2 blocks
     assert report["spill"]["spill_stores"] > 0 and report["spill"]["spill_loads"] > 0
     problems = ptx_checks.check_facts(
-        [_fact(**ptx_checks.ptx_facts(entry), **report["spill"])]  # type: ignore[arg-type]
+        [_fact("spill", **ptx_checks.ptx_facts(entry), **report["spill"])]  # type: ignore[arg-type]
     )
     assert len(problems) == 2 and "local memory" in problems[0] and "spills" in problems[1]

@@ -257,6 +257,37 @@ struct NcsCursor {
   }
 };
 
+// ------------------------------------------------------------------ 16-byte packs
+
+// 16 bytes of T, the unit of a 128-bit load or store: 8 __half / __nv_bfloat16, 4 float,
+// 2 double.
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int size = 16 / sizeof(T);
+  T v[size];
+};
+
+// Packs each thread moves before it uses any: the elements of Unroll<T> scalar loads.
+template <typename T>
+struct PackUnroll {
+  static constexpr int value =
+      Unroll<T>::value / Pack<T>::size > 0 ? Unroll<T>::value / Pack<T>::size : 1;
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
+}
+
+// Whether an NCS kernel may move whole packs of the (N, C, S) tensors at `a`, `b`, `c`: every
+// pointer 16-byte aligned (a view may start anywhere) and S a multiple of the pack, so that
+// no pack straddles two rows. The tile of a block is then the tile of the (N, C, S / size)
+// tensor of packs: same rows, columns in packs. `c` may be null.
+template <typename T>
+__device__ __forceinline__ bool ncs_packable(long long S, const void* a, const void* b,
+                                             const void* c = nullptr) {
+  return S % Pack<T>::size == 0 && aligned16(a) && aligned16(b) && (c == nullptr || aligned16(c));
+}
+
 // ------------------------------------------------------------------ backward pieces
 
 // Loads an unrolled group of U (dy, x) pairs into registers, the MC way: rows m, m + step,

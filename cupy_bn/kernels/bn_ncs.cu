@@ -69,7 +69,44 @@ bn_ncs_stats(const T* __restrict__ x, long long N, int C, long long S, int col_p
     bn::update_running_if_last(out, &sync[C], &sync[C + 1], C, bad, C);
 }
 
-// y = x * scale[c] + shift[c], computed in Acc and rounded once to T.
+// bn_ncs_apply on 16-byte packs (bn::ncs_packable): each thread moves PackUnroll<T> packs
+// (the elements of U scalar loads) per step with 128-bit loads and stores.
+template <typename T, typename Acc>
+__device__ __forceinline__ void ncs_apply_packs(const T* __restrict__ x, Acc a, Acc b,
+                                                long long N, int C, long long S, int col_pieces,
+                                                T* __restrict__ y) {
+  using P = bn::Pack<T>;
+  constexpr int K = bn::PackUnroll<T>::value;
+  const int step = blockDim.x;
+  const bn::NcsTile tile = bn::ncs_tile(N, C, S / P::size, col_pieces);
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x);
+  P* __restrict__ yp = reinterpret_cast<P*>(y);
+  bn::NcsCursor cur(tile, threadIdx.x, step);
+  for (int i = threadIdx.x; i < tile.count; i += K * step) {
+    bn::NcsCursor out = cur;
+    P v[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (i + k * step < tile.count) {
+        v[k] = xp[cur.off];
+        cur.advance();
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (i + k * step < tile.count) {
+        P r;
+#pragma unroll
+        for (int j = 0; j < P::size; ++j) bn::store(&r.v[j], bn::widen(v[k].v[j]) * a + b);
+        yp[out.off] = r;
+        out.advance();
+      }
+    }
+  }
+}
+
+// y = x * scale[c] + shift[c], computed in Acc and rounded once to T; on 16-byte packs where
+// the pointers and S allow (bn::ncs_packable), element by element otherwise.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(256)
 bn_ncs_apply(const T* __restrict__ x, const Acc* __restrict__ scale,
@@ -77,8 +114,12 @@ bn_ncs_apply(const T* __restrict__ x, const Acc* __restrict__ scale,
              T* __restrict__ y) {
   constexpr int U = bn::Unroll<T>::value;
   const int step = blockDim.x;
-  const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
   const Acc a = scale[blockIdx.x], b = shift[blockIdx.x];
+  if (bn::ncs_packable<T>(S, x, y)) {
+    ncs_apply_packs<T, Acc>(x, a, b, N, C, S, col_pieces, y);
+    return;
+  }
+  const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
   bn::NcsCursor cur(tile, threadIdx.x, step);
   for (int i = threadIdx.x; i < tile.count; i += U * step) {
     bn::NcsCursor out = cur;
@@ -139,8 +180,50 @@ bn_ncs_reduce(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __re
   }
 }
 
+// bn_ncs_backward on 16-byte packs of dy, x and dx (bn::ncs_packable), as ncs_apply_packs.
+template <typename T, typename Acc>
+__device__ __forceinline__ void ncs_backward_packs(const T* __restrict__ dy,
+                                                   const T* __restrict__ x, Acc p, Acc q, Acc r,
+                                                   Acc mu, long long N, int C, long long S,
+                                                   int col_pieces, T* __restrict__ dx) {
+  using P = bn::Pack<T>;
+  // one pack of each tensor in flight for double: two would take sm_80 past 48 registers
+  constexpr int K = sizeof(T) >= 8 ? 1 : bn::PackUnroll<T>::value;
+  const int step = blockDim.x;
+  const bn::NcsTile tile = bn::ncs_tile(N, C, S / P::size, col_pieces);
+  const P* __restrict__ gp = reinterpret_cast<const P*>(dy);
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x);
+  P* __restrict__ dxp = reinterpret_cast<P*>(dx);
+  bn::NcsCursor cur(tile, threadIdx.x, step);
+  for (int i = threadIdx.x; i < tile.count; i += K * step) {
+    bn::NcsCursor out = cur;
+    P g[K], v[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (i + k * step < tile.count) {
+        g[k] = gp[cur.off];
+        v[k] = xp[cur.off];
+        cur.advance();
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (i + k * step < tile.count) {
+        P o;
+#pragma unroll
+        for (int j = 0; j < P::size; ++j)
+          bn::store(&o.v[j],
+                    (bn::widen(g[k].v[j]) * p + (bn::widen(v[k].v[j]) - mu) * q) + r);
+        dxp[out.off] = o;
+        out.advance();
+      }
+    }
+  }
+}
+
 // dx of training-mode batch norm: with p = gamma * invstd, q = -p * invstd^2 * sum_dy_xmu / M
-// and r = -p * sum_dy / M (computed per block in double), dx = p * dy + q * (x - mean) + r.
+// and r = -p * sum_dy / M (computed per block in double), dx = p * dy + q * (x - mean) + r;
+// on 16-byte packs where the pointers and S allow (bn::ncs_packable).
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(256)
 bn_ncs_backward(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __restrict__ mean,
@@ -156,6 +239,10 @@ bn_ncs_backward(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __
       bn::dx_coefficients(invstd, gamma, sum_dy, sum_dy_xmu, count, c);
   const Acc p = k_dx.p, q = k_dx.q, r = k_dx.r;
   const Acc mu = mean[c];
+  if (bn::ncs_packable<T>(S, dy, x, dx)) {
+    ncs_backward_packs<T, Acc>(dy, x, p, q, r, mu, N, C, S, col_pieces, dx);
+    return;
+  }
   bn::NcsCursor cur(tile, threadIdx.x, step);
   for (int i = threadIdx.x; i < tile.count; i += U * step) {
     bn::NcsCursor out = cur;

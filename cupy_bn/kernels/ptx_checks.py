@@ -43,6 +43,7 @@ __all__ = [
     "REGISTERS_PER_SM",
     "REGISTER_BUDGETS",
     "TARGET_BLOCKS",
+    "PACKED_KERNELS",
     "KernelFacts",
     "Ptxas",
     "budget_for_blocks",
@@ -121,6 +122,8 @@ class KernelFacts:
         local_memory: whether the PTX entry declares or touches ``.local`` memory.
         v4_loads, v2_loads: 128-bit and 64-bit global loads (``ld.global[.nc].v4`` / ``.v2``).
         v4_stores, v2_stores: the same for ``st.global``.
+        wide_loads, wide_stores: the 128-bit ones among them (``.v4`` of 32-bit lanes,
+            ``.v2`` of 64-bit lanes).
         registers, spill_stores, spill_loads, stack_frame: from ``ptxas -v`` (bytes for the
             last three); ``None`` without a ptxas.
     """
@@ -133,6 +136,8 @@ class KernelFacts:
     v2_loads: int
     v4_stores: int
     v2_stores: int
+    wide_loads: int = 0
+    wide_stores: int = 0
     registers: int | None = None
     spill_stores: int | None = None
     spill_loads: int | None = None
@@ -222,14 +227,22 @@ def _count(pattern: str, text: str) -> int:
     return len(re.findall(pattern, text))
 
 
+_LD = r"\bld\.global(?:\.nc)?(?:\.L\w+::\w+)*"
+_ST = r"\bst\.global(?:\.L\w+::\w+)*"
+#: 128 bits: four 32-bit or two 64-bit lanes.
+_WIDE = r"\.(?:v4\.[bfsu]32|v2\.[bfsu]64)\b"
+
+
 def ptx_facts(entry: str) -> dict[str, int | bool]:
     """Local memory and vector global accesses of one PTX entry's text."""
     return {
         "local_memory": bool(re.search(r"\.local\b", entry)),
-        "v4_loads": _count(r"\bld\.global(?:\.nc)?(?:\.L\w+::\w+)*\.v4\.", entry),
-        "v2_loads": _count(r"\bld\.global(?:\.nc)?(?:\.L\w+::\w+)*\.v2\.", entry),
-        "v4_stores": _count(r"\bst\.global(?:\.L\w+::\w+)*\.v4\.", entry),
-        "v2_stores": _count(r"\bst\.global(?:\.L\w+::\w+)*\.v2\.", entry),
+        "v4_loads": _count(_LD + r"\.v4\.", entry),
+        "v2_loads": _count(_LD + r"\.v2\.", entry),
+        "v4_stores": _count(_ST + r"\.v4\.", entry),
+        "v2_stores": _count(_ST + r"\.v2\.", entry),
+        "wide_loads": _count(_LD + _WIDE, entry),
+        "wide_stores": _count(_ST + _WIDE, entry),
     }
 
 
@@ -328,12 +341,23 @@ def kernel_facts(key: str, arch: str, *, use_ptxas: bool = True) -> list[KernelF
     return facts
 
 
+#: Kernels that move 16-byte packs where alignment allows: their PTX must hold 128-bit global
+#: loads and stores, in every instantiation.
+PACKED_KERNELS = ("bn_ncs_apply", "bn_ncs_backward")
+
+
 def check_facts(facts: list[KernelFacts]) -> list[str]:
     """Every broken rule, one line each: local memory in the PTX, spills, registers above the
-    kernel's `REGISTER_BUDGETS` entry. Register facts absent (no ptxas) are not checked."""
+    kernel's `REGISTER_BUDGETS` entry, a `PACKED_KERNELS` instantiation without 128-bit loads
+    or stores. Register facts absent (no ptxas) are not checked."""
     problems = []
     for f in facts:
         where = f"{f.expression} on {f.arch}"
+        if f.kernel in PACKED_KERNELS and not (f.wide_loads and f.wide_stores):
+            problems.append(
+                f"{where}: no 128-bit global loads or stores ({f.wide_loads} loads, "
+                f"{f.wide_stores} stores)"
+            )
         if f.local_memory:
             problems.append(f"{where}: the PTX uses local memory")
         if f.spill_stores or f.spill_loads:

@@ -1083,7 +1083,7 @@ EMU_INTERNAL inline void describe_fault() {
                access, (long long)offset, region, (unsigned long long)L->regions[region].nbytes);
   } else if (fault_sig == SIGSEGV && fault_code == SI_KERNEL) {
     log_append("general protection fault: a misaligned vector access or a wild pointer "
-               "(arrays are aligned to their element size only)");
+               "(a copy keeps its host array's address modulo 16)");
   } else {
     log_append("illegal memory %s at address %p", access, (void*)fault_addr);
   }
