@@ -402,6 +402,35 @@ def test_non_finite_batch_leaves_running_stats_untouched(running_dtype):
     np.testing.assert_allclose(rm, 0.1 * x.astype(np.float64).mean(axis=(0, 2)), rtol=1e-6)
 
 
+@pytest.mark.parametrize("schedule", ["forward", "reverse"])
+@pytest.mark.parametrize("shape,channel_axis", [((4, 3, 50), 1), ((300, 40), -1)], ids=str)
+def test_fused_running_update_is_per_channel_and_all_or_nothing(shape, channel_axis, schedule):
+    """Each channel's finalizing block updates its running statistics; a non-finite channel
+    anywhere makes the last block restore every channel, with split tiles and either order."""
+    be = sim(schedule, SPLIT)
+    x = np.random.default_rng(11).normal(2.0, 3.0, shape).astype(np.float32)
+    view = canonical(x, channel_axis)
+    channels = view.num_channels
+    rm0 = np.linspace(-1.0, 1.0, channels).astype(np.float32)
+    rv0 = np.linspace(0.5, 2.0, channels).astype(np.float32)
+    rm, rv = rm0.copy(), rv0.copy()
+    be.train_statistics(view, None, None, rm, rv, 0.25, 1e-5)
+    x64 = view.data.astype(np.float64)
+    axes = (0, 2) if x64.ndim == 3 else (0,)
+    count = view.count
+    expect_rm = 0.75 * rm0.astype(np.float64) + 0.25 * x64.mean(axis=axes)
+    expect_rv = 0.75 * rv0.astype(np.float64) + 0.25 * x64.var(axis=axes) * count / (count - 1)
+    cc.assert_close(rm, expect_rm, 1e-5, "running_mean")
+    cc.assert_close(rv, expect_rv, 1e-5, "running_var")
+
+    bad = x.copy()
+    bad.reshape(-1)[-1] = np.nan  # the last channel, in the last block of its channel
+    rm_after, rv_after = rm.copy(), rv.copy()
+    mean, *_ = be.train_statistics(canonical(bad, channel_axis), None, None, rm, rv, 0.25, 1e-5)
+    assert np.isnan(mean).sum() == 1
+    assert rm.tobytes() == rm_after.tobytes() and rv.tobytes() == rv_after.tobytes()
+
+
 def test_layer_step_on_sim_matches_numpy():
     rng = np.random.default_rng(10)
     x = rng.normal(1, 2, (4, 3, 6, 5)).astype(np.float32)

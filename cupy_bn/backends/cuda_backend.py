@@ -373,6 +373,7 @@ class CudaBackend:
                 shift,
                 running_mean,
                 running_var,
+                xp.empty(2 * channels, acc) if running is not None else unused,
             ),
         )
         return mean, var, invstd, scale, shift
@@ -396,10 +397,10 @@ class CudaBackend:
     ) -> tuple[Array, Array, Array, Array, Array]:
         """`cupy_bn.backends.base.FusedTrainStatistics.train_statistics` in one launch (R1).
 
-        The last block to finish derives invstd, scale and shift and updates the running
-        statistics (when given as contiguous vectors of the accumulation dtype; other running
-        buffers are updated by `update_running` after the launch, under the same finiteness
-        condition).
+        The block finalizing each channel derives its invstd, scale and shift and updates its
+        running statistics, all channels or none (when given as contiguous vectors of the
+        accumulation dtype; other running buffers are updated by `update_running` after the
+        launch, under the same finiteness condition).
         """
         xp = self.xp
         channels = x.num_channels

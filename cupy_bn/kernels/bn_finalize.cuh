@@ -28,6 +28,7 @@ namespace bn {
 template <typename Acc>
 struct StatsOutputs {
   int flags;
+  int C;
   const Acc* weight;
   const Acc* bias;
   Acc eps;
@@ -40,6 +41,7 @@ struct StatsOutputs {
   Acc* shift;
   Acc* running_mean;
   Acc* running_var;
+  Acc* running_backup;  // 2 * C: the running mean, then variance, before this launch
 };
 
 // True in every thread of the block that arrives last at `counter` (of `arrivals` blocks).
@@ -137,39 +139,45 @@ __device__ __forceinline__ int write_channel_stats(const StatsOutputs<Acc>& o, i
     o.scale[c] = sc;
     o.shift[c] = sh;
   }
+  if (o.flags & BN_RUNNING) {  // keep the old values for update_running_if_last
+    const Acc rm = o.running_mean[c], rv = o.running_var[c];
+    o.running_backup[c] = rm;
+    o.running_backup[o.C + c] = rv;
+    o.running_mean[c] = static_cast<Acc>((1.0 - o.momentum) * static_cast<double>(rm) +
+                                         o.momentum * static_cast<double>(m));
+    o.running_var[c] = static_cast<Acc>((1.0 - o.momentum) * static_cast<double>(rv) +
+                                        o.momentum * (static_cast<double>(v) * o.unbias));
+  }
   return !(isfinite(m) && isfinite(v));
 }
 
 // Called by every block that finalized a unit (`units` of them), `bad` nonzero in threads
-// that found a non-finite channel. The last of them updates the running statistics of all C
-// channels in place, in double, if no channel was bad, and leaves them untouched otherwise;
-// then it resets `done` and `bad_flag`.
+// that found a non-finite channel, after write_channel_stats updated the running statistics
+// of the unit's channels (in parallel over channels, old values kept in running_backup). The
+// last of them restores all C channels from the backup when any channel was bad, so the
+// update is all or nothing; then it resets `done` and `bad_flag`.
 template <typename Acc>
 __device__ __forceinline__ void update_running_if_last(const StatsOutputs<Acc>& o, int* done,
                                                        int* bad_flag, int units, int bad, int C) {
-  __shared__ int s_state;  // 0: not the last, 1: last and all finite, 2: last, a channel bad
+  __shared__ int s_state;  // 0: not the last or all finite, 2: last and a channel bad
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   if (bad) atomicOr(bad_flag, 1);
-  __threadfence();  // release this unit's mean / var
+  __threadfence();  // release this unit's running statistics and their backup
   __syncthreads();
   if (tid == 0) {
     s_state = 0;
     if (atomicAdd(done, 1) == units - 1) {
-      s_state = atomicOr(bad_flag, 0) ? 2 : 1;
+      s_state = atomicOr(bad_flag, 0) ? 2 : 0;
       atomicExch(done, 0);
       atomicExch(bad_flag, 0);
     }
   }
   __syncthreads();
-  if (s_state != 1) return;
-  __threadfence();  // acquire the other units' mean / var
+  if (s_state != 2) return;
+  __threadfence();  // acquire the other units' backups
   for (int c = tid; c < C; c += blockDim.x * blockDim.y) {
-    const double m = static_cast<double>(__ldcg(o.mean + c));
-    const double v = static_cast<double>(__ldcg(o.var + c));
-    const double rm = static_cast<double>(o.running_mean[c]);
-    const double rv = static_cast<double>(o.running_var[c]);
-    o.running_mean[c] = static_cast<Acc>((1.0 - o.momentum) * rm + o.momentum * m);
-    o.running_var[c] = static_cast<Acc>((1.0 - o.momentum) * rv + o.momentum * (v * o.unbias));
+    o.running_mean[c] = __ldcg(o.running_backup + c);
+    o.running_var[c] = __ldcg(o.running_backup + C + c);
   }
 }
 

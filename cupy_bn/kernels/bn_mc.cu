@@ -38,7 +38,8 @@ bn_mc_stats(const T* __restrict__ x, long long M, int C, int group,
             const Acc* __restrict__ weight, const Acc* __restrict__ bias, Acc eps,
             double momentum, double unbias, Acc* __restrict__ mean, Acc* __restrict__ var,
             Acc* __restrict__ invstd, Acc* __restrict__ scale, Acc* __restrict__ shift,
-            Acc* __restrict__ running_mean, Acc* __restrict__ running_var) {
+            Acc* __restrict__ running_mean, Acc* __restrict__ running_var,
+            Acc* __restrict__ running_backup) {
   constexpr int U = bn::Unroll<T>::value;
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   const bn::McRows rows = bn::mc_rows(M);
@@ -93,8 +94,10 @@ bn_mc_stats(const T* __restrict__ x, long long M, int C, int group,
       total = bn::block_merge_rows(total);
     }
   }
-  const bn::StatsOutputs<Acc> out = {flags, weight, bias, eps, momentum, unbias, mean, var,
-                                     invstd, scale, shift, running_mean, running_var};
+  const bn::StatsOutputs<Acc> out = {flags,  C,      weight, bias,   eps,
+                                     momentum, unbias, mean, var, invstd,
+                                     scale,  shift,  running_mean, running_var,
+                                     running_backup};
   const int bad = threadIdx.y == 0 && c < C ? bn::write_channel_stats(out, c, total) : 0;
   if (flags & BN_RUNNING) bn::update_running_if_last(out, sy.done, sy.bad, gridDim.x, bad, C);
 }

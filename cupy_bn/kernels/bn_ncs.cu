@@ -27,7 +27,8 @@ bn_ncs_stats(const T* __restrict__ x, long long N, int C, long long S, int col_p
              const Acc* __restrict__ weight, const Acc* __restrict__ bias, Acc eps,
              double momentum, double unbias, Acc* __restrict__ mean, Acc* __restrict__ var,
              Acc* __restrict__ invstd, Acc* __restrict__ scale, Acc* __restrict__ shift,
-             Acc* __restrict__ running_mean, Acc* __restrict__ running_var) {
+             Acc* __restrict__ running_mean, Acc* __restrict__ running_var,
+             Acc* __restrict__ running_backup) {
   constexpr int U = bn::Unroll<T>::value;
   const int step = blockDim.x;
   const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
@@ -62,8 +63,10 @@ bn_ncs_stats(const T* __restrict__ x, long long N, int C, long long S, int col_p
     total = bn::merge_partials<4>(part_mean, part_m2, part_count, base, threadIdx.x, P, step);
     total = bn::block_merge(total);
   }
-  const bn::StatsOutputs<Acc> out = {flags, weight, bias, eps, momentum, unbias, mean, var,
-                                     invstd, scale, shift, running_mean, running_var};
+  const bn::StatsOutputs<Acc> out = {flags,  C,      weight, bias,   eps,
+                                     momentum, unbias, mean, var, invstd,
+                                     scale,  shift,  running_mean, running_var,
+                                     running_backup};
   const int bad = threadIdx.x == 0 ? bn::write_channel_stats(out, c, total) : 0;
   if (flags & BN_RUNNING)  // done, bad follow the C channel counters
     bn::update_running_if_last(out, &sync[C], &sync[C + 1], C, bad, C);
