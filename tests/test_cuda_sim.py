@@ -4,6 +4,7 @@ Every case runs under two thread schedules; "split" tuning makes even small tens
 channel over several blocks, so the workspace merges run as they do on a GPU.
 """
 
+import copy
 import warnings
 
 import cuda_checks as cc
@@ -211,14 +212,65 @@ def _run_everything(be, shape, channel_axis, dtype):
     return (mean, var, *fused, rm, rv, y, *sums, dx, *second, *grads, *grads_no_ddx)
 
 
+def _record_counters(be: CudaBackend) -> list:
+    """Every counter buffer `be` hands to a launch, from now on, in launch order."""
+    buffers, make = [], be._counters
+
+    def recording(counters):
+        buffer = make(counters)
+        buffers.append(buffer)
+        return buffer
+
+    be._counters = recording
+    return buffers
+
+
+def _assert_disjoint(buffers) -> None:
+    for i, a in enumerate(buffers):
+        for b in buffers[i + 1 :]:
+            assert not np.shares_memory(a, b), "two launches share counters"
+
+
+def test_each_launch_gets_its_own_zeroed_counters():
+    """Launches interleaved as if on two streams (or two replays of a graph) never share a
+    counter: each reduction launch has its own buffer, all zeros when it starts."""
+    be = sim(tuning=SPLIT)
+    buffers = _record_counters(be)
+    started = []
+    launch = be.loader.launch
+
+    def check_start(kernel, grid, block, args, shared_mem=0):
+        started.extend(bool((a == 0).all()) for a in args if _is_counter(a, buffers))
+        launch(kernel, grid, block, args, shared_mem)
+
+    be.loader = copy.copy(be.loader)
+    be.loader.launch = check_start
+    x = np.random.default_rng(12).normal(size=(4, 3, 50)).astype(np.float32)
+    views = [canonical(x, 1), canonical(x[:2].copy(), 1), canonical(x.reshape(-1, 3), -1)]
+    for view in views + views:  # the same shapes again: a reused buffer would show here
+        be.batch_stats(view)
+        mean, _ = be.batch_stats(view)
+        be.backward_reduce(view, view, mean)
+    assert len(buffers) == 18 and started == [True] * 18
+    _assert_disjoint(buffers)
+    assert [b.size for b in buffers[:6]] == [3 + 2] * 6  # NCS: C channel counters, done, bad
+
+
+def _is_counter(a, buffers) -> bool:
+    return isinstance(a, np.ndarray) and any(a is b for b in buffers)
+
+
 @pytest.mark.parametrize("shape,channel_axis", [((5, 3, 301), 1), ((700, 37), -1)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_bitwise_identical_across_schedules(shape, channel_axis, dtype):
     schedules = (("forward", 0), ("reverse", 0), ("random", 1), ("random", 2))
     backends = [sim(schedule, SPLIT, seed=seed) for schedule, seed in schedules]
+    counters = [_record_counters(be) for be in backends]
     runs = [_run_everything(be, shape, channel_axis, dtype) for be in backends]
-    for be in backends:  # every last-block counter was reset for the next launch
-        assert be._sync and all((buffer == 0).all() for buffer in be._sync.values())
+    for buffers in counters:
+        assert len(buffers) == 4  # batch_stats, train_statistics, the two reductions
+        assert all((buffer == 0).all() for buffer in buffers)  # the kernels reset them
+        _assert_disjoint(buffers)
     for other in runs[1:]:
         for a, b in zip(runs[0], other, strict=True):
             assert a.dtype == b.dtype and a.tobytes() == b.tobytes()

@@ -50,9 +50,6 @@ BLOCK_THREADS = 256
 #: Elements one block may own: the kernels count a block's elements in 32-bit integers.
 MAX_BLOCK_WORK = 1 << 28
 MAX_GRID_Y = 65535
-#: Initial size of a stream's counter buffer for the last-block merges (grows as needed).
-SYNC_CAPACITY = 1024
-
 # flags of the statistics kernels (bn_finalize.cuh)
 _AFFINE, _WEIGHT, _BIAS, _RUNNING = 1, 2, 4, 8
 # flags of the fused apply kernels (bn_fused.cu)
@@ -192,7 +189,6 @@ class CudaBackend:
         self.xp = xp
         self.loader = loader
         self.tuning = tuning or Tuning()
-        self._sync: dict[Any, Array] = {}
 
     @classmethod
     def for_cupy(cls, tuning: Tuning | None = None) -> CudaBackend:
@@ -272,36 +268,22 @@ class CudaBackend:
             np.int32(grid.group),
             *pieces,
             *groups,
-            self._sync_buffer(grid.counters),
+            self._counters(grid.counters),
         )
 
     def _ncs_shape_args(self, x: View, grid: NcsGrid) -> tuple:
         n, c, s = x.data.shape
         return (np.int64(n), np.int32(c), np.int64(s), np.int32(grid.col_pieces))
 
-    def _stream_key(self) -> Any:
-        if self.xp is np:
-            return None
-        return (self.xp.cuda.Device().id, self.xp.cuda.get_current_stream().ptr)
+    def _counters(self, counters: int) -> Array:
+        """`counters` int32 zeros for the last-block merges of one launch.
 
-    def _sync_buffer(self, counters: int) -> Array:
-        """At least `counters` int32 zeros for the last-block merges, kept per stream.
-
-        The kernels leave every counter they use at zero again, so a stream reuses its buffer;
-        launches on one stream run in order, so they never share counters concurrently.
+        Every launch gets its own buffer, zeroed on the launching stream before the kernel
+        (one memset): launches from several host threads, on several streams or replayed from
+        CUDA graphs on several streams never share counters. The kernels leave the counters
+        at zero again, but nothing relies on it.
         """
-        key = self._stream_key()
-        buffer = self._sync.get(key)
-        if buffer is None or buffer.size < counters:
-            buffer = self._sync[key] = self.xp.zeros(max(counters, SYNC_CAPACITY), np.int32)
-        return buffer
-
-    def _launch_synced(self, kernel: Any, grid: tuple, block: tuple, args: tuple) -> None:
-        try:
-            self.loader.launch(kernel, grid, block, args)
-        except BaseException:
-            self._sync.pop(self._stream_key(), None)  # a failed launch may leave counters set
-            raise
+        return self.xp.zeros(counters, np.int32)
 
     def _common(self, *views: View) -> tuple[Any, ...]:
         """The views' data in one storage dtype (the wider one when they differ), then it."""
@@ -338,7 +320,7 @@ class CudaBackend:
                 part_mean,
                 part_m2,
                 part_count,
-                self._sync_buffer(channels + 2),
+                self._counters(channels + 2),
             )
         else:
             kernel = self.loader.function("mc", "bn_mc_stats", data.dtype)
@@ -353,7 +335,7 @@ class CudaBackend:
         )
         running_mean, running_var = running if running is not None else (unused, unused)
         unbias = count / (count - 1) if count > 1 else 1.0
-        self._launch_synced(
+        self.loader.launch(
             kernel,
             grid.grid,
             grid.block,
@@ -519,14 +501,14 @@ class CudaBackend:
                 *self._ncs_shape_args(x, grid),
                 xp.empty(slots, acc),
                 xp.empty(slots, acc),
-                self._sync_buffer(channels + 2),
+                self._counters(channels + 2),
             )
         else:
             kernel = self.loader.function("mc", "bn_mc_reduce", dtype)
             grid = self._mc_reduction_grid(x, kernel)
             layout_args = self._mc_reduction_args(x, grid, acc, counts=False)
         sum_dy, sum_dy_xmu = xp.empty(channels, acc), xp.empty(channels, acc)
-        self._launch_synced(
+        self.loader.launch(
             kernel, grid.grid, grid.block, (g, data, mean, *layout_args, sum_dy, sum_dy_xmu)
         )
         return sum_dy, sum_dy_xmu
@@ -591,7 +573,7 @@ class CudaBackend:
             layout_args = (
                 *self._ncs_shape_args(x, grid),
                 xp.empty(5 * slots, acc),
-                self._sync_buffer(channels + 2),
+                self._counters(channels + 2),
             )
         else:
             kernel = self.loader.function("double_backward", "bn_mc_double_backward_reduce", dtype)
@@ -604,10 +586,10 @@ class CudaBackend:
                 np.int32(grid.group),
                 xp.empty(5 * slots, acc),
                 xp.empty(5 * group_slots, acc),
-                self._sync_buffer(grid.counters),
+                self._counters(grid.counters),
             )
         sums = xp.empty((5, channels), acc)
-        self._launch_synced(kernel, grid.grid, grid.block, (g, data, h, mean, *layout_args, sums))
+        self.loader.launch(kernel, grid.grid, grid.block, (g, data, h, mean, *layout_args, sums))
         return tuple(sums[k] for k in range(5))
 
     def double_backward_apply(

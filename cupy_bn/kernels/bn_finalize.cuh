@@ -8,8 +8,8 @@
 // merge in two levels, fixed groups of row ranges first: see bn_mc.cu.)
 //
 // `sync` holds the counters, then `done` and `bad` for the fused running-stat update: int32
-// zeros before the launch, and zeros again after it (each counter is reset by the block that
-// drew its last ticket), so one buffer serves launch after launch on a stream.
+// zeros before the launch (each launch gets its own buffer), and zeros again after it (each
+// counter is reset by the block that drew its last ticket).
 //
 // Memory ordering: writers release their partials with __threadfence before the atomicAdd;
 // the last block fences again (acquire) and reads the partials with __ldcg (L2, not the
