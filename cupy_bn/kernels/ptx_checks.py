@@ -79,8 +79,10 @@ def budget_for_blocks(blocks: int, threads: int = BLOCK_THREADS) -> int:
 #: `bn_mc_reduce`, which asks ptxas for 4 with `__launch_bounds__(256, 4)` (64 registers:
 #: without the bound, ptxas 13.5 spills it on sm_80 for __half); the double backward's apply
 #: writes two tensors from six coefficients and targets 4 (64), its reductions carry five sums
-#: and target 3. A reduction's grid is one wave sized by the occupancy API, so a kernel over
-#: budget runs fewer blocks at once, not a different result.
+#: and target 3. The fused apply kernels read `x` and a residual and target 4 (64); the ReLU's
+#: gradient, a flat pass, targets full occupancy, 8 (32). A reduction's grid is one wave
+#: sized by the occupancy API, so a kernel over budget runs fewer blocks at once, not a
+#: different result.
 TARGET_BLOCKS: dict[str, int] = {
     "bn_ncs_stats": 3,
     "bn_ncs_apply": 5,
@@ -94,6 +96,9 @@ TARGET_BLOCKS: dict[str, int] = {
     "bn_ncs_double_backward_apply": 4,
     "bn_mc_double_backward_reduce": 3,
     "bn_mc_double_backward_apply": 4,
+    "bn_ncs_apply_fused": 4,
+    "bn_mc_apply_fused": 4,
+    "bn_relu_gradient": 8,
 }
 
 #: Registers per thread each kernel may use (from `TARGET_BLOCKS`).
