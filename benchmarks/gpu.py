@@ -2,9 +2,11 @@
 
     python benchmarks/gpu.py [bench options]   # = cupy-bn bench --suite gpu [bench options]
 
-ResNet-50's nine batch-norm inputs (batch 32) in NCHW and NHWC memory: the CUDA backend through
-the functional API (`cupy_bn.cuda`) and as bare primitive launches (`cupy_bn.cuda.kernels`),
-against a naive CuPy composition (`cupy.naive`) and PyTorch CUDA (`torch.cuda`). GB/s divide
+ResNet-50's nine batch-norm inputs (batch 256) in NCHW and NHWC memory, float16, bfloat16 and
+float32, the L2 cache flushed before every timed call: the CUDA backend through the functional
+API (`cupy_bn.cuda`) and as bare primitive launches (`cupy_bn.cuda.kernels`), against a naive
+CuPy composition (`cupy.naive`), PyTorch's native CUDA kernels (`torch.cuda`) and cuDNN
+(`torch.cuda.cudnn`, what `F.batch_norm` runs). GB/s divide
 `cupy_bn.traffic`'s minimal traffic for every implementation, "moved" GB/s the traffic the
 kernels make; % bw relates both to the device's peak. Options, output and exit codes are those
 of `cupy-bn bench` (docs/cli.md); without a usable GPU it exits 2 with one line on stderr.

@@ -17,13 +17,14 @@ than every peer).
 
 Case sets (`SUITES`): "default" (ResNet-50-like NCHW and NHWC activations and a dense input,
 every implementation that runs here but the simulator) and "gpu" (ResNet-50's nine batch-norm
-inputs in both layouts; the CUDA backend through the functional API and as bare primitive
-launches, against a naive CuPy composition and PyTorch CUDA; needs a GPU).
+inputs at batch 256 in both layouts, float16/bfloat16/float32, the L2 cache flushed before
+every timed call; the CUDA backend through the functional API and as bare primitive launches,
+against a naive CuPy composition, PyTorch's native CUDA kernels and cuDNN; needs a GPU).
 
-CPU timings use `time.perf_counter` around each call; GPU timings use
-`cupyx.profiler.benchmark` (CUDA events). Implementations that cannot run here (no GPU, torch
-not installed, a dtype a peer does not support) are skipped with a note unless named
-explicitly (`select_implementations`).
+CPU timings use `time.perf_counter` around each call; GPU timings use CUDA events
+(`cupyx.profiler.benchmark`, or `time_gpu`'s own loop around each call after an L2 flush).
+Implementations that cannot run here (no GPU, torch not installed, a dtype a peer does not
+support) are skipped with a note unless named explicitly (`select_implementations`).
 """
 
 from __future__ import annotations
@@ -133,7 +134,11 @@ RESNET50_BN_INPUTS: tuple[tuple[int, int], ...] = (
 )
 
 
-def gpu_cases(dtype: str = "float32", batch: int = 32) -> list[BenchCase]:
+#: Batch of the GPU case set: large enough that no input fits in an H100/H200's 50-60 MB L2.
+GPU_BATCH = 256
+
+
+def gpu_cases(dtype: str = "float32", batch: int = GPU_BATCH) -> list[BenchCase]:
     """ResNet-50's batch-norm inputs at `batch`, each in NCHW and in NHWC memory."""
     cases = []
     for channels, side in RESNET50_BN_INPUTS:
@@ -160,14 +165,28 @@ class Implementation:
     setup: Callable[[BenchCase, np.random.Generator], dict[str, Runner]]
 
 
+_HOST_INPUTS: dict[tuple[BenchCase, str], dict[str, np.ndarray]] = {}
+
+
 def _host_inputs(case: BenchCase, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A case's inputs in host memory. Every implementation of a case gets a generator in the
+    same state, so the tensors of the last case are kept and shared (read-only by convention;
+    drawing them dominates a large GPU case's setup), the per-channel vectors copied."""
+    key = (case, repr(rng.bit_generator.state))
+    tensors = _HOST_INPUTS.get(key)
+    if tensors is None:
+        _HOST_INPUTS.clear()
+        tensors = _HOST_INPUTS[key] = {
+            "x": (rng.standard_normal(case.shape, dtype=np.float32) * 2 + 1).astype(case.dtype),
+            "dy": rng.standard_normal(case.shape, dtype=np.float32).astype(case.dtype),
+        }
     param = np.float32 if case.itemsize < 4 else np.dtype(case.dtype)
     c = case.channels
+    vectors = np.random.default_rng([c, case.itemsize])
     return {
-        "x": (rng.standard_normal(case.shape, dtype=np.float32) * 2 + 1).astype(case.dtype),
-        "dy": rng.standard_normal(case.shape, dtype=np.float32).astype(case.dtype),
-        "weight": rng.uniform(0.5, 1.5, c).astype(param),
-        "bias": rng.standard_normal(c).astype(param),
+        **tensors,
+        "weight": vectors.uniform(0.5, 1.5, c).astype(param),
+        "bias": vectors.standard_normal(c).astype(param),
         "running_mean": np.zeros(c, param),
         "running_var": np.ones(c, param),
     }
@@ -397,6 +416,42 @@ def _torch_setup(device: str):
     return setup
 
 
+def _cudnn_setup(case: BenchCase, rng: np.random.Generator) -> dict[str, Runner]:
+    """PyTorch's cuDNN batch norm (what `F.batch_norm` runs on CUDA for float16, bfloat16 and
+    float32, persistent kernels for channels_last), as its two aten ops alone."""
+    import torch
+
+    h = _host_inputs(case, rng)
+    axis = case.channel_axis % len(case.shape)
+    if axis == 0:
+        raise ValueError("channel axis 0 has no PyTorch equivalent")
+    order = [0, axis, *[i for i in range(1, len(case.shape)) if i != axis]]
+    x, dy = (torch.from_numpy(h[k]).to("cuda").permute(*order) for k in ("x", "dy"))
+    w, b, rm, rv = (
+        torch.from_numpy(h[k]).to("cuda") for k in ("weight", "bias", "running_mean", "running_var")
+    )
+    ops = torch.ops.aten
+    with torch.no_grad():
+        _, save_mean, save_var, reserve = ops.cudnn_batch_norm(x, w, b, rm, rv, True, MOMENTUM, EPS)
+
+    def run(fn):
+        def call():
+            with torch.no_grad():
+                return fn()
+
+        return call
+
+    return {
+        "forward_train": run(lambda: ops.cudnn_batch_norm(x, w, b, rm, rv, True, MOMENTUM, EPS)),
+        "backward": run(
+            lambda: ops.cudnn_batch_norm_backward(
+                x, dy, w, rm, rv, save_mean, save_var, EPS, reserve
+            )
+        ),
+        "eval": run(lambda: ops.cudnn_batch_norm(x, w, b, rm, rv, False, MOMENTUM, EPS)),
+    }
+
+
 def _torch_available(device: str) -> Callable[[], str | None]:
     def check() -> str | None:
         try:
@@ -466,6 +521,7 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
         Implementation("numpy.einsum", False, "cpu", _always, _einsum_setup),
         Implementation("torch.cpu", False, "cpu", _torch_available("cpu"), _torch_setup("cpu")),
         Implementation("torch.cuda", False, "gpu", _torch_available("cuda"), _torch_setup("cuda")),
+        Implementation("torch.cuda.cudnn", False, "gpu", _torch_available("cuda"), _cudnn_setup),
         Implementation("cupy.naive", False, "gpu", _gpu_available, _textbook_setup("cupy")),
     )
 }
@@ -486,6 +542,8 @@ class Suite:
     cases: Callable[[str], list[BenchCase]]  # dtype -> cases
     implementations: tuple[str, ...]
     needs_gpu: bool
+    dtypes: tuple[str, ...] = ("float32",)  # timed when no dtype is asked for
+    flush_l2: bool = False  # evict the GPU's L2 cache before every timed call
 
 
 SUITES: dict[str, Suite] = {
@@ -495,8 +553,16 @@ SUITES: dict[str, Suite] = {
         Suite(
             "gpu",
             gpu_cases,
-            ("cupy_bn.cuda", "cupy_bn.cuda.kernels", "cupy.naive", "torch.cuda"),
+            (
+                "cupy_bn.cuda",
+                "cupy_bn.cuda.kernels",
+                "cupy.naive",
+                "torch.cuda",
+                "torch.cuda.cudnn",
+            ),
             needs_gpu=True,
+            dtypes=("float16", "bfloat16", "float32"),
+            flush_l2=True,
         ),
     )
 }
@@ -552,11 +618,47 @@ def time_cpu(fn: Runner, repeat: int, warmup: int) -> list[float]:
     return times
 
 
-def time_gpu(fn: Runner, repeat: int, warmup: int) -> list[float]:
-    from cupyx.profiler import benchmark
+def time_gpu(fn: Runner, repeat: int, warmup: int, flush: Runner | None = None) -> list[float]:
+    """Device seconds per call, from CUDA events on the current stream (PyTorch's default
+    stream and CuPy's are the same legacy stream). `flush` runs before every call, untimed."""
+    if flush is None:
+        from cupyx.profiler import benchmark
 
-    result = benchmark(fn, n_repeat=repeat, n_warmup=warmup)
-    return [float(t) for t in np.asarray(result.gpu_times).reshape(-1)]
+        result = benchmark(fn, n_repeat=repeat, n_warmup=warmup)
+        return [float(t) for t in np.asarray(result.gpu_times).reshape(-1)]
+    import cupy
+
+    for _ in range(warmup):
+        flush()
+        fn()
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    times = []
+    for _ in range(repeat):
+        flush()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3)
+    return times
+
+
+def l2_flush(xp: Any, l2_bytes: int) -> Runner:
+    """A call that writes a buffer twice the size of the L2 cache, evicting what a timed call
+    left there (the next call then reads its inputs from memory, as in a network)."""
+    buffer = xp.empty(2 * max(l2_bytes, 1), np.uint8)
+
+    def flush() -> None:
+        buffer.fill(1)
+
+    return flush
+
+
+def _device_l2_bytes() -> int:
+    import cupy
+
+    runtime = cupy.cuda.runtime
+    return int(runtime.deviceGetAttribute(runtime.cudaDevAttrL2CacheSize, cupy.cuda.Device().id))
 
 
 def timing_stats(times: Sequence[float]) -> dict[str, Any]:
@@ -738,12 +840,14 @@ def run_bench(
     seed: int = 0,
     copy_bytes: int = 256 << 20,
     progress: Callable[[str], None] | None = None,
+    flush_l2: bool = False,
 ) -> BenchReport:
     """Time every (case, phase, implementation); see the module docstring for the figures.
 
     Implementations that cannot run here are skipped with a note (`select_implementations`
     refuses those that must run). `progress(label)` is called once per (case, implementation,
-    phase), after timing it.
+    phase), after timing it. `flush_l2`: GPU calls are timed one at a time, each after writing
+    twice the device's L2 size (`l2_flush`).
     """
     cases, phases = list(cases), list(phases)
     names = list(implementations)
@@ -771,15 +875,22 @@ def run_bench(
     report.cpu_threads = cpu_threads()
     report.gpus = gpu_devices() if on_gpu else []
     gpu_peak = report.gpus[0]["peak_bandwidth"] if report.gpus else None
+    flush = None
+    if on_gpu and flush_l2:
+        import cupy
+
+        flush = l2_flush(cupy, _device_l2_bytes())
 
     for case_index, case in enumerate(cases):
         for impl in runnable:
             rng = np.random.default_rng([seed, case_index])
             try:
                 runners = impl.setup(case, rng)
-                timer = time_gpu if impl.device == "gpu" else time_cpu
                 for phase in phases:
-                    times = timer(runners[phase], repeat, warmup)
+                    if impl.device == "gpu":
+                        times = time_gpu(runners[phase], repeat, warmup, flush)
+                    else:
+                        times = time_cpu(runners[phase], repeat, warmup)
                     report.rows.append(
                         BenchRow(
                             impl=impl.name,

@@ -213,7 +213,9 @@ def test_gpu_case_set_is_resnet50_in_both_layouts_against_the_gpu_peers():
         "cupy_bn.cuda.kernels",
         "cupy.naive",
         "torch.cuda",
+        "torch.cuda.cudnn",
     )
+    assert suite.dtypes == ("float16", "bfloat16", "float32") and suite.flush_l2
     assert all(bench.IMPLEMENTATIONS[n].device == "gpu" for n in suite.implementations)
     cases = suite.cases("float16")
     assert len(cases) == 18
@@ -221,12 +223,51 @@ def test_gpu_case_set_is_resnet50_in_both_layouts_against_the_gpu_peers():
     first, first_last = cases[0], cases[1]
     assert (first.name, first.shape, first.channel_axis) == (
         "64x112x112-nchw",
-        (32, 64, 112, 112),
+        (256, 64, 112, 112),
         1,
     )
-    assert (first_last.shape, first_last.channel_axis) == ((32, 112, 112, 64), -1)
+    assert (first_last.shape, first_last.channel_axis) == ((256, 112, 112, 64), -1)
     assert {c.channels for c in cases} == {64, 128, 256, 512, 1024, 2048}
     assert [c.shape for c in bench.gpu_cases(batch=2)][-1] == (2, 7, 7, 2048)
+
+
+def test_gpu_inputs_at_batch_256_overflow_an_h200_l2():
+    """Every input is at least 12 MB at float16: a timed call cannot find it in a 50-60 MB L2
+    after the flush, which writes twice the L2 (and the smallest tensors are x plus dy)."""
+    smallest = min(c.numel * 2 for c in bench.gpu_cases("float16"))
+    assert smallest >= 12 << 20
+    flush = bench.l2_flush(np, 1000)
+    flush()  # writes a host buffer here; a device buffer on a GPU
+
+
+def test_cudnn_peer_calls_the_aten_ops_with_their_schemas():
+    """The cuDNN peer runs on a GPU only; its calls are checked against the ops' schemas."""
+    torch = pytest.importorskip("torch")
+    forward = torch.ops.aten.cudnn_batch_norm.default._schema
+    backward = torch.ops.aten.cudnn_batch_norm_backward.default._schema
+    assert [a.name for a in forward.arguments] == [
+        "input", "weight", "bias", "running_mean", "running_var", "training",
+        "exponential_average_factor", "epsilon",
+    ]  # fmt: skip
+    assert len(forward.returns) == 4  # output, save_mean, save_var, reserve
+    assert [a.name for a in backward.arguments] == [
+        "input", "grad_output", "weight", "running_mean", "running_var", "save_mean",
+        "save_var", "epsilon", "reserveSpace",
+    ]  # fmt: skip
+    reason = bench.IMPLEMENTATIONS["torch.cuda.cudnn"].available()
+    assert reason is None or "GPU" in reason
+
+
+def test_host_inputs_are_drawn_once_per_case_and_vectors_fresh():
+    case = bench.BenchCase("t", (4, 3, 5), 1, "float32")
+    first = bench._host_inputs(case, np.random.default_rng([0, 0]))
+    first["running_mean"] += 1  # a setup updating its running statistics
+    again = bench._host_inputs(case, np.random.default_rng([0, 0]))
+    assert again["x"] is first["x"] and np.array_equal(again["dy"], first["dy"])
+    assert np.array_equal(again["weight"], first["weight"])
+    assert np.array_equal(again["running_mean"], np.zeros(3, np.float32))
+    other = bench._host_inputs(case, np.random.default_rng([0, 1]))
+    assert not np.array_equal(other["x"], first["x"])
 
 
 def _gpu(monkeypatch, usable: bool) -> None:

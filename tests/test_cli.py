@@ -795,3 +795,14 @@ def test_bench_failure_of_our_backend_exits_1(monkeypatch):
     monkeypatch.setattr(functional, "batch_norm_backward", broken)
     result = run("bench", "--shape", "4,2", *QUICK, "--impl", "cupy_bn.numpy")
     assert_user_error(result, "kernel fell over", code=1)
+
+
+def test_bench_times_every_dtype_asked_for():
+    result = run(
+        "bench", "--shape", "4,3", *QUICK, "--impl", "cupy_bn.numpy",
+        "--dtype", "float32", "--dtype", "bfloat16", "--dtype", "float32", "--json", "-",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    benchmarks = json.loads(result.stdout)["benchmarks"]
+    assert sorted({b["params"]["dtype"] for b in benchmarks}) == ["bfloat16", "float32"]
+    assert len(benchmarks) == 2 * 3

@@ -26,8 +26,9 @@ from cupy_bn.cli.common import (
     default="default",
     show_default=True,
     help="Case set: 'default' (every implementation that runs here on ResNet-50-like and dense "
-    "inputs) or 'gpu' (ResNet-50's batch-norm inputs, NCHW and NHWC: our CUDA kernels against "
-    "naive CuPy and PyTorch CUDA; needs a GPU).",
+    "inputs) or 'gpu' (ResNet-50's batch-norm inputs at batch 256, NCHW and NHWC, float16, "
+    "bfloat16 and float32, L2 flushed: our CUDA kernels against naive CuPy, PyTorch CUDA and "
+    "cuDNN; needs a GPU).",
 )
 @click.option(
     "--shape",
@@ -45,9 +46,11 @@ from cupy_bn.cli.common import (
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["float16", "float32", "float64"]),
-    default="float32",
-    show_default=True,
+    "dtypes",
+    multiple=True,
+    type=click.Choice(["float16", "bfloat16", "float32", "float64"]),
+    help="Storage dtype; repeatable [default: the suite's: float32; gpu: float16, bfloat16 "
+    "and float32].",
 )
 @click.option("--repeat", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True)
@@ -64,8 +67,13 @@ from cupy_bn.cli.common import (
     multiple=True,
     metavar="NAME",
     help="Implementation to time; repeatable [default: the suite's]. Names: cupy_bn.numpy, "
-    "cupy_bn.sim, cupy_bn.cuda, cupy_bn.cuda.kernels, numpy.textbook, torch.cpu, torch.cuda, "
-    "cupy.naive.",
+    "cupy_bn.sim, cupy_bn.cuda, cupy_bn.cuda.kernels, numpy.textbook, numpy.einsum, torch.cpu, "
+    "torch.cuda, torch.cuda.cudnn, cupy.naive.",
+)
+@click.option(
+    "--flush-l2/--no-flush-l2",
+    default=None,
+    help="Evict the GPU's L2 cache before every timed GPU call [default: on for the gpu suite].",
 )
 @click.option(
     "--copy-mb",
@@ -93,11 +101,12 @@ def bench(
     suite: str,
     shapes: tuple[str, ...],
     channel_axis: int,
-    dtype: str,
+    dtypes: tuple[str, ...],
     repeat: int,
     warmup: int,
     phases: tuple[str, ...],
     impls: tuple[str, ...],
+    flush_l2: bool | None,
     copy_mb: int,
     seed: int,
     json_path: str | None,
@@ -133,8 +142,11 @@ def bench(
         names = b.select_implementations(impls, suite)
     except (ValueError, b.UnavailableError) as e:
         raise UserError(str(e)) from None
-    if shapes:
-        cases = []
+    chosen = b.SUITES[suite]
+    cases = []
+    for dtype in dict.fromkeys(dtypes) or chosen.dtypes:
+        if not shapes:
+            cases += chosen.cases(dtype)
         for text in shapes:
             shape = parse_sizes(text, "--shape")
             name = "x".join(str(d) for d in shape) + ("" if channel_axis == 1 else "-last")
@@ -142,8 +154,6 @@ def bench(
                 cases.append(b.BenchCase(name, shape, channel_axis, dtype))
             except (TypeError, ValueError) as e:
                 raise UserError(str(e)) from None
-    else:
-        cases = b.SUITES[suite].cases(dtype)
     phase_list = list(dict.fromkeys(phases)) or list(b.PHASES)
 
     progress, task = progress_bar(not to_stdout, len(cases) * len(names) * len(phase_list), "bench")
@@ -157,6 +167,7 @@ def bench(
             seed=seed,
             copy_bytes=copy_mb << 20,
             progress=lambda label: progress.update(task, advance=1, description=label),
+            flush_l2=chosen.flush_l2 if flush_l2 is None else flush_l2,
         )
     if json_path is not None:
         payload = report.to_json()
