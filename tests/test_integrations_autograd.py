@@ -15,6 +15,7 @@ from torch_reference import (  # noqa: E402
     assert_close,
     assert_matches,
     case,
+    gradient_penalty,
     plain_batch_norm,
     torch,
     torch_batch_norm,
@@ -106,24 +107,13 @@ def gradient_penalty_autograd(c, training: bool):
     return autograd.grad(penalty, (0, 1, 2))(c.x, c.weight, c.bias)
 
 
-def gradient_penalty_torch(c, training: bool):
-    import torch
-
-    x, w, b = (torch.tensor(a, requires_grad=True) for a in (c.x, c.weight, c.bias))
-    rm, rv = (torch.tensor(a) for a in c.running())
-    y = torch_batch_norm(x, w, b, rm, rv, training, 0.1, 1e-5, c.channel_axis)
-    gx, gw = torch.autograd.grad((y * torch.tensor(c.dy)).sum(), (x, w), create_graph=True)
-    grads = torch.autograd.grad((gx**2).sum() + (gw**2).sum(), (x, w, b), allow_unused=True)
-    return [np.zeros_like(c.bias) if g is None else g.numpy() for g in grads]
-
-
 @pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
 @pytest.mark.parametrize("channel_axis,shape", LAYOUTS, ids=["NCHW", "NHWC"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
 def test_second_order_matches_pytorchs_double_backward(dtype, channel_axis, shape, training):
     c = case(dtype, channel_axis, shape)
     ours = gradient_penalty_autograd(c, training)
-    theirs = gradient_penalty_torch(c, training)
+    theirs = gradient_penalty(torch_batch_norm, c, training)
     for name, a, b in zip(("x", "weight", "bias"), ours, theirs, strict=True):
         assert_close(a, b, f"d penalty / d {name}")
 

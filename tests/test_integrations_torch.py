@@ -12,6 +12,7 @@ from torch_reference import (
     assert_close,
     assert_matches,
     case,
+    gradient_penalty,
     torch,
     torch_batch_norm,
     torch_first_order,
@@ -101,17 +102,6 @@ def test_gradgradcheck(channel_axis):
     )
     x = inputs[0]
     assert torch.autograd.gradgradcheck(lambda x: batch_norm(x, channel_axis=channel_axis), (x,))
-
-
-def gradient_penalty(bn, c, training: bool) -> list[np.ndarray]:
-    """Gradients in (x, weight, bias) of `|d sum(y * dy) / d(x, weight)|^2` for `bn`, a
-    batch norm with F.batch_norm's arguments and channel_axis."""
-    x, w, b = (torch.tensor(a, requires_grad=True) for a in (c.x, c.weight, c.bias))
-    rm, rv = (torch.tensor(a) for a in c.running())
-    y = bn(x, w, b, rm, rv, training, MOMENTUM, 1e-5, c.channel_axis)
-    gx, gw = torch.autograd.grad((y * torch.tensor(c.dy)).sum(), (x, w), create_graph=True)
-    grads = torch.autograd.grad((gx**2).sum() + (gw**2).sum(), (x, w, b), allow_unused=True)
-    return [np.zeros_like(c.bias) if g is None else g.numpy() for g in grads]
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])

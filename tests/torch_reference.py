@@ -98,6 +98,17 @@ def torch_first_order(c: Case, training: bool = True) -> dict[str, np.ndarray]:
     }
 
 
+def gradient_penalty(bn, c, training: bool) -> list[np.ndarray]:
+    """Gradients in (x, weight, bias) of `|d sum(y * dy) / d(x, weight)|^2` for `bn`, a
+    batch norm with F.batch_norm's arguments and channel_axis."""
+    x, w, b = (torch.tensor(a, requires_grad=True) for a in (c.x, c.weight, c.bias))
+    rm, rv = (torch.tensor(a) for a in c.running())
+    y = bn(x, w, b, rm, rv, training, MOMENTUM, 1e-5, c.channel_axis)
+    gx, gw = torch.autograd.grad((y * torch.tensor(c.dy)).sum(), (x, w), create_graph=True)
+    grads = torch.autograd.grad((gx**2).sum() + (gw**2).sum(), (x, w, b), allow_unused=True)
+    return [np.zeros_like(c.bias) if g is None else g.numpy() for g in grads]
+
+
 def assert_close(actual, expected, what: str = "") -> None:
     """Agreement to `TOLERANCE` of the expected dtype (relative and absolute)."""
     expected = np.asarray(expected)
