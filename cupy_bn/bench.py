@@ -372,45 +372,54 @@ def _einsum_setup(case: BenchCase, rng: np.random.Generator) -> dict[str, Runner
     return {"forward_train": forward_train, "backward": backward, "eval": evaluate}
 
 
+def _torch_inputs(case: BenchCase, rng: np.random.Generator, device: str) -> dict[str, Any]:
+    """The case's inputs as PyTorch tensors on `device`. `x` and `dy` are NCHW views: a
+    channels-last input stays in its memory order (a permuted, strided view)."""
+    import torch
+
+    axis = case.channel_axis % len(case.shape)
+    if axis == 0:
+        raise ValueError("channel axis 0 has no PyTorch equivalent")
+    order = [0, axis, *[i for i in range(1, len(case.shape)) if i != axis]]
+    tensors = {k: torch.from_numpy(v).to(device) for k, v in _host_inputs(case, rng).items()}
+    for k in ("x", "dy"):
+        tensors[k] = tensors[k].permute(*order)
+    return tensors
+
+
+def _without_autograd(fn: Runner) -> Runner:
+    """`fn` run under `torch.no_grad()`: the kernels alone, no autograd graph."""
+    import torch
+
+    def call():
+        with torch.no_grad():
+            return fn()
+
+    return call
+
+
 def _torch_setup(device: str):
     def setup(case: BenchCase, rng: np.random.Generator) -> dict[str, Runner]:
         import torch
 
-        h = _host_inputs(case, rng)
-        axis = case.channel_axis % len(case.shape)
-        order = [0, axis, *[i for i in range(1, len(case.shape)) if i != axis]]
-        if axis == 0:
-            raise ValueError("channel axis 0 has no PyTorch equivalent")
-
-        def tensor(v: np.ndarray, permute: bool) -> Any:
-            t = torch.from_numpy(v).to(device)
-            # Channels-last input stays in its memory order: a permuted (strided) NCHW view.
-            return t.permute(*order) if permute else t
-
-        x, dy = tensor(h["x"], True), tensor(h["dy"], True)
-        w, b = tensor(h["weight"], False), tensor(h["bias"], False)
-        rm, rv = tensor(h["running_mean"], False), tensor(h["running_var"], False)
+        t = _torch_inputs(case, rng, device)
+        x, dy, w, b = t["x"], t["dy"], t["weight"], t["bias"]
+        rm, rv = t["running_mean"], t["running_var"]
         ops = torch.ops.aten
         with torch.no_grad():
             _, save_mean, save_invstd = ops.native_batch_norm(x, w, b, rm, rv, True, MOMENTUM, EPS)
-
-        def run(fn):
-            def call():
-                with torch.no_grad():
-                    return fn()
-
-            return call
-
         return {
-            "forward_train": run(
+            "forward_train": _without_autograd(
                 lambda: ops.native_batch_norm(x, w, b, rm, rv, True, MOMENTUM, EPS)
             ),
-            "backward": run(
+            "backward": _without_autograd(
                 lambda: ops.native_batch_norm_backward(
                     dy, x, w, rm, rv, save_mean, save_invstd, True, EPS, [True, True, True]
                 )
             ),
-            "eval": run(lambda: ops.native_batch_norm(x, w, b, rm, rv, False, MOMENTUM, EPS)),
+            "eval": _without_autograd(
+                lambda: ops.native_batch_norm(x, w, b, rm, rv, False, MOMENTUM, EPS)
+            ),
         }
 
     return setup
@@ -421,34 +430,24 @@ def _cudnn_setup(case: BenchCase, rng: np.random.Generator) -> dict[str, Runner]
     float32, persistent kernels for channels_last), as its two aten ops alone."""
     import torch
 
-    h = _host_inputs(case, rng)
-    axis = case.channel_axis % len(case.shape)
-    if axis == 0:
-        raise ValueError("channel axis 0 has no PyTorch equivalent")
-    order = [0, axis, *[i for i in range(1, len(case.shape)) if i != axis]]
-    x, dy = (torch.from_numpy(h[k]).to("cuda").permute(*order) for k in ("x", "dy"))
-    w, b, rm, rv = (
-        torch.from_numpy(h[k]).to("cuda") for k in ("weight", "bias", "running_mean", "running_var")
-    )
+    t = _torch_inputs(case, rng, "cuda")
+    x, dy, w, b = t["x"], t["dy"], t["weight"], t["bias"]
+    rm, rv = t["running_mean"], t["running_var"]
     ops = torch.ops.aten
     with torch.no_grad():
         _, save_mean, save_var, reserve = ops.cudnn_batch_norm(x, w, b, rm, rv, True, MOMENTUM, EPS)
-
-    def run(fn):
-        def call():
-            with torch.no_grad():
-                return fn()
-
-        return call
-
     return {
-        "forward_train": run(lambda: ops.cudnn_batch_norm(x, w, b, rm, rv, True, MOMENTUM, EPS)),
-        "backward": run(
+        "forward_train": _without_autograd(
+            lambda: ops.cudnn_batch_norm(x, w, b, rm, rv, True, MOMENTUM, EPS)
+        ),
+        "backward": _without_autograd(
             lambda: ops.cudnn_batch_norm_backward(
                 x, dy, w, rm, rv, save_mean, save_var, EPS, reserve
             )
         ),
-        "eval": run(lambda: ops.cudnn_batch_norm(x, w, b, rm, rv, False, MOMENTUM, EPS)),
+        "eval": _without_autograd(
+            lambda: ops.cudnn_batch_norm(x, w, b, rm, rv, False, MOMENTUM, EPS)
+        ),
     }
 
 
