@@ -32,6 +32,7 @@ device (a device with another SM count may split differently).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -425,6 +426,21 @@ class CudaBackend:
 
     # -- forward apply ------------------------------------------------------------------------
     def apply(self, x: View, scale: Array, shift: Array) -> Array:
+        return self._launch_apply(
+            x, scale, shift, ("ncs", "bn_ncs_apply"), ("mc", "bn_mc_apply"), lambda a, b: (a, b)
+        )
+
+    def _launch_apply(
+        self,
+        x: View,
+        scale: Array,
+        shift: Array,
+        ncs_kernel: tuple[str, str],
+        mc_kernel: tuple[str, str],
+        operands: Callable[[Array, Array], tuple],
+    ) -> Array:
+        """One elementwise launch over `x` with `apply`'s grid: the kernel `(file, name)` of
+        x's layout, called with `(x, *operands(scale, shift), *shape, out)`."""
         xp, data = self.xp, x.data
         acc = accumulation_dtype(data.dtype)
         out = xp.empty(data.shape, data.dtype)
@@ -434,12 +450,13 @@ class CudaBackend:
         shift = self._vector(shift, acc, x.num_channels, "shift")
         if x.layout == NCS:
             grid = self._ncs_elementwise_grid(x)
-            kernel = self.loader.function("ncs", "bn_ncs_apply", data.dtype)
-            args = (data, scale, shift, *self._ncs_shape_args(x, grid), out)
+            kernel = self.loader.function(*ncs_kernel, data.dtype)
+            shape = self._ncs_shape_args(x, grid)
         else:
             grid = self._mc_elementwise_grid(x)
-            kernel = self.loader.function("mc", "bn_mc_apply", data.dtype)
-            args = (data, scale, shift, np.int64(data.shape[0]), np.int32(data.shape[1]), out)
+            kernel = self.loader.function(*mc_kernel, data.dtype)
+            shape = (np.int64(data.shape[0]), np.int32(data.shape[1]))
+        args = (data, *operands(scale, shift), *shape, out)
         self.loader.launch(kernel, grid.grid, grid.block, args)
         return out
 
@@ -448,26 +465,17 @@ class CudaBackend:
     ) -> Array:
         """`FusedActivation.apply_activation`: `bn_{ncs,mc}_apply_fused`, `apply`'s launch
         geometry with the residual read alongside `x` (R1 W1, R2 W1 with a residual)."""
-        xp, data = self.xp, x.data
-        acc = accumulation_dtype(data.dtype)
-        out = xp.empty(data.shape, data.dtype)
-        if data.size == 0:
-            return out
-        scale = self._vector(scale, acc, x.num_channels, "scale")
-        shift = self._vector(shift, acc, x.num_channels, "shift")
+        data = x.data
         flags = (0 if residual is None else _FUSED_RESIDUAL) | (_FUSED_RELU if relu else 0)
         z = data if residual is None else residual.data.astype(data.dtype, copy=False)
-        operands = (data, z, scale, shift, np.int32(flags))
-        if x.layout == NCS:
-            grid = self._ncs_elementwise_grid(x)
-            kernel = self.loader.function("fused", "bn_ncs_apply_fused", data.dtype)
-            args = (*operands, *self._ncs_shape_args(x, grid), out)
-        else:
-            grid = self._mc_elementwise_grid(x)
-            kernel = self.loader.function("fused", "bn_mc_apply_fused", data.dtype)
-            args = (*operands, np.int64(data.shape[0]), np.int32(data.shape[1]), out)
-        self.loader.launch(kernel, grid.grid, grid.block, args)
-        return out
+        return self._launch_apply(
+            x,
+            scale,
+            shift,
+            ("fused", "bn_ncs_apply_fused"),
+            ("fused", "bn_mc_apply_fused"),
+            lambda a, b: (z, a, b, np.int32(flags)),
+        )
 
     def relu_gradient(self, dy: View, y: View) -> Array:
         """`FusedActivation.relu_gradient`: `bn_relu_gradient`, a flat pass (R2 W1); `dy` and
