@@ -24,13 +24,12 @@ the same collectives). `ddweight`/`ddbias` are this process's cotangents of its 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 
 from cupy_bn.backends.base import double_backward_coefficients, double_backward_weight_grad
-from cupy_bn.functional import SavedForBackward, StatsReducer
+from cupy_bn.functional import SavedForBackward, StatsReducer, grads_collective
 from cupy_bn.layout import View
 from cupy_bn.validation import check_array, check_array_module, check_channel_vector, type_name
 
@@ -64,13 +63,7 @@ def batch_norm_double_backward(
             "double backward of a fused activation is not supported "
             "(a batch_norm with activation or residual)"
         )
-    reducer = saved.reducer
-    collective = (
-        reducer.collective("grads")
-        if reducer is not None and saved.batch_statistics
-        else nullcontext()
-    )
-    with collective:
+    with grads_collective(saved):
         dyv, ddxv = _check_arguments(ddx, ddweight, ddbias, dy, saved)
         return _double_backward(ddxv, ddweight, ddbias, dyv, saved)
 

@@ -346,14 +346,17 @@ def batch_norm_backward(dy: Array, saved: SavedForBackward) -> tuple[Array | Non
     dtype, with `dy`'s shape (without activation it may share memory with `dy`, as the
     gradient of an addition does).
     """
-    reducer = saved.reducer
-    collective = (
-        reducer.collective("grads")
-        if reducer is not None and saved.batch_statistics
-        else nullcontext()
-    )
-    with collective:
+    with grads_collective(saved):
         return _batch_norm_backward(dy, saved)
+
+
+def grads_collective(saved: SavedForBackward) -> AbstractContextManager[None]:
+    """The reducer's "grads" collective that a backward of `saved` runs in (sync batch norm in
+    training mode), else a context that does nothing."""
+    reducer = saved.reducer
+    if reducer is not None and saved.batch_statistics:
+        return reducer.collective("grads")
+    return nullcontext()
 
 
 def _parameter_gradients(
