@@ -11,6 +11,7 @@ Momentum follows PyTorch: the weight of the new batch in the running averages.
 """
 
 from cupy_bn.backends import Backend, available_backends, get_backend
+from cupy_bn.deferred import check_errors, set_deferred_checks
 from cupy_bn.distributed import (
     RemoteFailure,
     SyncBatchNorm,
@@ -39,11 +40,13 @@ __all__ = [
     "batch_norm",
     "batch_norm_backward",
     "batch_norm_double_backward",
+    "check_errors",
     "convert_sync_batchnorm",
     "fold_conv_bn",
     "fold_linear_bn",
     "fold_state_dict",
     "get_backend",
     "gradcheck",
+    "set_deferred_checks",
     "sync_batch_norm",
 ]

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from cupy_bn import deferred
 from cupy_bn.backends.base import double_backward_coefficients, double_backward_weight_grad
 from cupy_bn.functional import SavedForBackward, StatsReducer, grads_collective
 from cupy_bn.layout import View
@@ -64,6 +65,7 @@ def batch_norm_double_backward(
             "(a batch_norm with activation or residual)"
         )
     with grads_collective(saved):
+        deferred.poll()
         dyv, ddxv = _check_arguments(ddx, ddweight, ddbias, dy, saved)
         return _double_backward(ddxv, ddweight, ddbias, dyv, saved)
 

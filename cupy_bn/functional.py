@@ -38,6 +38,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from cupy_bn import deferred
 from cupy_bn.arrays import array_module, to_host
 from cupy_bn.backends import (
     Backend,
@@ -147,11 +148,6 @@ def restore_saved(
     )
 
 
-def _describe_channels(bad) -> str:
-    shown = ", ".join(str(int(c)) for c in bad[:10])
-    return shown + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-
-
 def check_finite_stats(mean: Array, var: Array) -> None:
     """Raise FloatingPointError naming the channels whose batch statistics are NaN or Inf."""
     xp = array_module(mean)
@@ -159,11 +155,16 @@ def check_finite_stats(mean: Array, var: Array) -> None:
         return  # a NaN or Inf makes the dot product non-finite (an overflow: checked below)
     finite = xp.isfinite(mean) & xp.isfinite(var)
     if not bool(finite.all()):
-        bad = (~to_host(finite)).nonzero()[0]
-        raise FloatingPointError(
-            f"batch statistics are not finite in channel(s) {_describe_channels(bad)}; "
-            "the input holds NaN or Inf (running statistics left unchanged)"
-        )
+        raise deferred.nonfinite_error((~to_host(finite)).nonzero()[0])
+
+
+def _check_statistics(be: Backend, mean: Array, var: Array, view: View) -> None:
+    """`check_finite_stats` now, or queued on the device by a backend that `defers_checks`
+    (`cupy_bn.deferred`; it leaves the running statistics unchanged itself)."""
+    if getattr(be, "defers_checks", False) and deferred.deferred_checks_enabled():
+        be.report_nonfinite(mean, var, f"input shape {view.shape}, backend {be.name!r}")
+    else:
+        check_finite_stats(mean, var)
 
 
 def _scale_shift(
@@ -235,6 +236,7 @@ def _batch_norm(
     reducer, activation=None, residual=None,
 ) -> tuple[Array, SavedForBackward]:  # fmt: skip
     """`batch_norm`'s work, inside the reducer's collective when there is one."""
+    deferred.poll()
     view = canonical(check_array("x", x), channel_axis)
     xp = array_module(x)
     activation = check_activation(activation)
@@ -269,13 +271,13 @@ def _batch_norm(
         mean, var, invstd, scale, shift = be.train_statistics(
             view, weight, bias, running_mean, running_var, momentum, eps
         )
-        check_finite_stats(mean, var)  # the fused update skips non-finite statistics
+        _check_statistics(be, mean, var, view)  # the fused update skips non-finite statistics
     else:
         mean, var = be.batch_stats(view)
         if reducer is not None:
             count, mean, var = reducer.merge_stats(count, mean, var)
             check_batch_count(count, " over all processes")
-        check_finite_stats(mean, var)
+        _check_statistics(be, mean, var, view)
         invstd = _invstd(var, eps, acc)
         if running_mean is not None:
             be.update_running(running_mean, running_var, mean, var, count, momentum)
@@ -371,6 +373,7 @@ def _parameter_gradients(
 
 
 def _batch_norm_backward(dy: Array, saved: SavedForBackward) -> tuple[Array | None, ...]:
+    deferred.poll()
     view = saved.view
     dyv = view.match(check_array("dy", dy), "dy")
     be = saved.backend

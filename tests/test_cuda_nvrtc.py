@@ -57,16 +57,21 @@ def test_kernel_file_compiles_for_architecture(key, arch):
 
 
 _SCALAR_TYPES = {"float32": "float", "float64": "double", "int32": "int", "int64": "long long"}
+_ARRAY_TYPES = {"uint8": "unsigned char"}
 
 
 def elementwise_source(spec, t: str) -> str:
     """The spec's operation in a kernel shaped like CuPy's ElementwiseKernel code (type T = t,
-    arrays read / referenced per element, typed scalars by value)."""
+    arrays read / referenced per element, raw arrays as pointers, typed scalars by value)."""
     params, loads = ["long long _n"], []
     for text, is_input in ((spec.in_params, True), (spec.out_params, False)):
         for param in (p.split() for p in text.split(",")):
-            ctype, name = param
-            if ctype in _SCALAR_TYPES:
+            raw = param[0] == "raw"
+            ctype, name = param[1:] if raw else param
+            ctype = _ARRAY_TYPES.get(ctype, ctype)
+            if raw:
+                params.append(f"{'const ' if is_input else ''}{ctype}* {name}")
+            elif ctype in _SCALAR_TYPES:
                 params.append(f"{_SCALAR_TYPES[ctype]} {name}")
             elif is_input:
                 params.append(f"const {ctype}* _{name}")

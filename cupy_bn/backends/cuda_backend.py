@@ -38,10 +38,11 @@ from typing import Any
 
 import numpy as np
 
+from cupy_bn import deferred
 from cupy_bn.backends.base import Array, DoubleBackwardCoefficients
 from cupy_bn.dtypes import accumulation_dtype
 from cupy_bn.intmath import ceil_div
-from cupy_bn.kernels.elementwise import UPDATE_RUNNING
+from cupy_bn.kernels.elementwise import NONFINITE_CHANNELS, UPDATE_RUNNING
 from cupy_bn.kernels.loader import CupyLoader, KernelLoader, SimLoader
 from cupy_bn.layout import NCS, View
 from cupy_bn.validation import check_batch_count, check_vector_shape
@@ -185,18 +186,26 @@ class CudaBackend:
     compiles and launches the kernels for that target.
     """
 
-    def __init__(self, name: str, xp: Any, loader: KernelLoader, tuning: Tuning | None = None):
+    def __init__(
+        self,
+        name: str,
+        xp: Any,
+        loader: KernelLoader,
+        tuning: Tuning | None = None,
+        defers_checks: bool = False,
+    ):
         self.name = name
         self.xp = xp
         self.loader = loader
         self.tuning = tuning or Tuning()
+        self.defers_checks = defers_checks
 
     @classmethod
     def for_cupy(cls, tuning: Tuning | None = None) -> CudaBackend:
-        """The "cuda" backend: CuPy arrays on the current GPU."""
+        """The "cuda" backend: CuPy arrays on the current GPU; statistics checks deferred."""
         import cupy
 
-        return cls("cuda", cupy, CupyLoader(), tuning)
+        return cls("cuda", cupy, CupyLoader(), tuning, defers_checks=True)
 
     @classmethod
     def for_simulator(
@@ -206,9 +215,13 @@ class CudaBackend:
         check_races: bool = False,
         tuning: Tuning | None = None,
         check_memory: bool = False,
+        defers_checks: bool = False,
     ) -> CudaBackend:
-        """The "sim" backend: NumPy arrays, kernels run by `cupy_bn.sim` on the CPU."""
-        return cls("sim", np, SimLoader(schedule, seed, check_races, check_memory), tuning)
+        """The "sim" backend: NumPy arrays, kernels run by `cupy_bn.sim` on the CPU. With
+        `defers_checks` its statistics checks take the CUDA backend's deferred path (their
+        copies are ready at once)."""
+        loader = SimLoader(schedule, seed, check_races, check_memory)
+        return cls("sim", np, loader, tuning, defers_checks=defers_checks)
 
     # -- launch geometry ----------------------------------------------------------------------
     def _resident_blocks(self, kernel: Any, threads: int) -> int:
@@ -383,9 +396,8 @@ class CudaBackend:
         The block finalizing each channel derives its invstd, scale and shift and updates its
         running statistics, all channels or none (when given as contiguous vectors of the
         accumulation dtype; other running buffers are updated by `update_running` after the
-        launch, under the same finiteness condition).
+        launch, under the same finiteness condition, decided on the device).
         """
-        xp = self.xp
         channels = x.num_channels
         acc = accumulation_dtype(x.data.dtype)
         if x.count == 0 or channels == 0:
@@ -419,9 +431,7 @@ class CudaBackend:
             (running_mean, running_var) if fused_running else None,
         )
         if running_mean is not None and not fused_running:
-            mean, var = stats[0], stats[1]
-            if bool(xp.isfinite(mean).all()) and bool(xp.isfinite(var).all()):
-                self.update_running(running_mean, running_var, mean, var, x.count, momentum)
+            self.update_running(running_mean, running_var, stats[0], stats[1], x.count, momentum)
         return stats
 
     # -- forward apply ------------------------------------------------------------------------
@@ -648,9 +658,12 @@ class CudaBackend:
         count: int,
         momentum: float,
     ) -> None:
+        """The base contract's update, on the device and only when every channel of `mean` and
+        `var` is finite (else nothing changes), decided there: no host synchronization."""
         check_batch_count(count)
         unbias = count / (count - 1)
         dtype = running_mean.dtype
+        skip = self._nonfinite_channels(mean, var).any().reshape(1)
         if (
             dtype in (np.float32, np.float64)
             and running_var.dtype == dtype
@@ -663,17 +676,32 @@ class CudaBackend:
                 var.astype(dtype, copy=False),
                 float(momentum),
                 float(unbias),
+                skip,
                 running_mean,
                 running_var,
             )
             return
         xp = self.xp  # other dtypes (float16 / bfloat16 buffers): the same formula, in float64
-        running_mean[...] = (1.0 - momentum) * running_mean.astype(
-            np.float64
-        ) + momentum * mean.astype(np.float64)
-        running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + momentum * (
-            xp.asarray(var, np.float64) * unbias
-        )
+        old_mean = running_mean.astype(np.float64)
+        old_var = running_var.astype(np.float64)
+        new_mean = (1.0 - momentum) * old_mean + momentum * mean.astype(np.float64)
+        new_var = (1.0 - momentum) * old_var + momentum * (xp.asarray(var, np.float64) * unbias)
+        running_mean[...] = xp.where(skip, old_mean, new_mean)
+        running_var[...] = xp.where(skip, old_var, new_var)
+
+    # -- statistics checks --------------------------------------------------------------------
+    def _nonfinite_channels(self, mean: Array, var: Array) -> Array:
+        """(C,) uint8 on the device: 1 where a channel's mean or variance is NaN or Inf."""
+        out = self.xp.empty(mean.shape, np.uint8)
+        self.loader.elementwise(NONFINITE_CHANNELS)(mean, var.astype(mean.dtype, copy=False), out)
+        return out
+
+    def report_nonfinite(self, mean: Array, var: Array, context: str) -> None:
+        """Queue the check of `mean` and `var` (`cupy_bn.deferred`): the per-channel mask is
+        copied to the host behind the kernels that produce them; nothing waits for it."""
+        mask = self._nonfinite_channels(mean, var)
+        host, ready, wait = self.loader.to_host_async(mask)
+        deferred.defer(deferred.PendingCheck(host, ready, wait, context, keep=mask))
 
 
 def simulator_usable() -> bool:

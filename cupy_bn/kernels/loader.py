@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -162,6 +163,14 @@ class KernelLoader(ABC):
     ) -> None:
         """Launch `kernel` (from `function`) with CuPy's calling convention."""
 
+    @abstractmethod
+    def to_host_async(
+        self, array: Any
+    ) -> tuple[np.ndarray, Callable[[], bool], Callable[[], None]]:
+        """`(host, ready, wait)`: a host array that a copy of device `array`, queued on the
+        current stream, fills; `ready()` says (without waiting) whether it has, `wait()` waits
+        for it."""
+
     def resident_blocks_per_sm(self, kernel: Any, threads: int) -> int:
         """Blocks of `threads` threads an SM holds at once (thread limit unless known better)."""
         return max(1, self.device().max_threads_per_sm // threads)
@@ -217,6 +226,16 @@ class CupyLoader(KernelLoader):
 
     def launch(self, kernel, grid, block, args, shared_mem=0):
         kernel(grid, block, args, shared_mem=shared_mem)
+
+    def to_host_async(self, array):
+        """Into pinned memory (an asynchronous copy), with an event recorded behind it."""
+        import cupyx
+
+        host = cupyx.empty_pinned(array.shape, array.dtype)
+        array.get(out=host, blocking=False)
+        event = self._cupy.cuda.Event(disable_timing=True)
+        event.record()
+        return host, lambda: event.done, event.synchronize
 
     def resident_blocks_per_sm(self, kernel, threads):
         key = (id(kernel), threads, self._cupy.cuda.runtime.getDevice())
@@ -297,6 +316,10 @@ class SimLoader(KernelLoader):
 
     def device(self) -> DeviceSpec:
         return SIMULATED_DEVICE
+
+    def to_host_async(self, array):
+        """The simulator's arrays are host arrays, its launches done when they return."""
+        return array, lambda: True, lambda: None
 
     def launch(self, kernel, grid, block, args, shared_mem=0):
         kernel(
