@@ -31,10 +31,11 @@ forever.
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
@@ -58,6 +59,9 @@ from cupy_bn.validation import (
     check_eps,
     check_momentum,
 )
+
+if TYPE_CHECKING:
+    from cupy_bn.ghost import GhostSaved
 
 Array = Any
 
@@ -206,7 +210,8 @@ def batch_norm(
     reducer: StatsReducer | None = None,
     activation: str | None = None,
     residual: Array | None = None,
-) -> tuple[Array, SavedForBackward]:
+    virtual_batch: int | None = None,
+) -> tuple[Array, SavedForBackward | GhostSaved]:
     """Normalize `x` per channel; return `(y, saved)` where `saved` feeds the backward.
 
     x: rank >= 2, channels on `channel_axis` (1: NCHW-style, -1: channels-last / dense (N, C)).
@@ -222,13 +227,25 @@ def batch_norm(
     activation, and `activation` None or "relu". The sum and the ReLU are taken in the
     accumulation dtype and rounded once. The backward then also returns the residual's
     gradient; the ReLU's backward reads `y`, which must not be modified in place before it.
+
+    Ghost batches: `virtual_batch=G` (None: off) normalizes each chunk of `G` consecutive
+    samples along axis 0 with its own statistics in training mode; `saved` is then a
+    `cupy_bn.ghost.GhostSaved`. Last chunk, running statistics and the rest: `cupy_bn.ghost`.
     """
     args = (x, weight, bias, running_mean, running_var, training, momentum, eps, channel_axis)
     fused = (activation, residual)
+    run = _batch_norm if virtual_batch is None else _ghost_forward(virtual_batch)
     if reducer is not None and training:
         with reducer.collective("stats"):
-            return _batch_norm(*args, backend, reducer, *fused)
-    return _batch_norm(*args, backend, reducer, *fused)
+            return run(*args, backend, reducer, *fused)
+    return run(*args, backend, reducer, *fused)
+
+
+def _ghost_forward(virtual_batch: int):
+    """`cupy_bn.ghost`'s forward for `virtual_batch`, with `_batch_norm`'s arguments."""
+    from cupy_bn.ghost import ghost_batch_norm  # it builds on this module
+
+    return functools.partial(ghost_batch_norm, virtual_batch=virtual_batch)
 
 
 def _batch_norm(
@@ -337,7 +354,9 @@ def _apply_activation(
     return total.astype(out.dtype, copy=False)
 
 
-def batch_norm_backward(dy: Array, saved: SavedForBackward) -> tuple[Array | None, ...]:
+def batch_norm_backward(
+    dy: Array, saved: SavedForBackward | GhostSaved
+) -> tuple[Array | None, ...]:
     """Gradients `(dx, dweight, dbias)` of the forward that produced `saved`, and
     `(dx, dweight, dbias, dresidual)` when that forward had a residual.
 
@@ -348,6 +367,11 @@ def batch_norm_backward(dy: Array, saved: SavedForBackward) -> tuple[Array | Non
     dtype, with `dy`'s shape (without activation it may share memory with `dy`, as the
     gradient of an addition does).
     """
+    if type(saved) is not SavedForBackward:  # a ghost-batch forward's (cupy_bn.ghost)
+        from cupy_bn.ghost import GhostSaved, ghost_batch_norm_backward
+
+        if isinstance(saved, GhostSaved):
+            return ghost_batch_norm_backward(dy, saved)
     with grads_collective(saved):
         return _batch_norm_backward(dy, saved)
 
