@@ -23,6 +23,12 @@ does no communication. dweight/dbias are this process's share, as in PyTorch's S
 the data-parallel optimizer sums (or averages) them across processes like every other
 parameter gradient.
 
+Ghost batches (`virtual_batch`, `cupy_bn.ghost`) are refused with `ValueError`: each chunk is
+normalized with the statistics of this process's samples alone, so there is nothing to
+synchronize. `SyncBatchNorm(..., virtual_batch=G)` and `convert_sync_batchnorm` of a layer with
+`virtual_batch` raise before any communication; each process can run a local
+`BatchNorm*d(virtual_batch=G)` instead.
+
 Failures: a process whose call fails before its all-reduce (bad input, say) still takes part,
 setting its bit in the flags; every other process then raises `RemoteFailure` naming the failed
 process(es) instead of waiting forever, and the failed process raises its own error. Nothing
@@ -328,7 +334,9 @@ class SyncBatchNorm(_BatchNorm):
 
     def __init__(self, num_features: int, *options: Any, comm: Any, **named_options: Any):
         """`SyncBatchNorm(num_features, eps, momentum, affine, ..., comm=comm)`: BatchNorm's
-        arguments, positional or named, and the communicator."""
+        arguments, positional or named, and the communicator. `virtual_batch` is refused
+        (module docstring)."""
+        _refuse_virtual_batch(named_options.get("virtual_batch"))
         super().__init__(num_features, *options, **named_options)
         self.reducer = SyncReducer(comm, self.num_features)
 
@@ -355,7 +363,18 @@ class SyncBatchNorm(_BatchNorm):
         return super().__repr__()[:-1] + f", comm={self.comm!r})"
 
 
+def _refuse_virtual_batch(virtual_batch: int | None, layer: _BatchNorm | None = None) -> None:
+    if virtual_batch is not None:
+        which = "" if layer is None else f" ({layer!r})"
+        raise ValueError(
+            f"sync batch norm does not take virtual_batch={virtual_batch!r}{which}: ghost "
+            "batches are normalized with the statistics of this process's samples alone, so "
+            "there is nothing to synchronize; use a local BatchNorm with virtual_batch instead"
+        )
+
+
 def _to_sync(layer: _BatchNorm, comm: Any) -> SyncBatchNorm:
+    _refuse_virtual_batch(layer.virtual_batch, layer)
     sync = SyncBatchNorm(
         layer.num_features,
         eps=layer.eps,
@@ -385,7 +404,7 @@ def convert_sync_batchnorm(layers: Any, comm: Any) -> Any:
     layers keep the options, mode and state of the old ones and share their parameter,
     gradient and running-statistics arrays (as PyTorch's conversion does), so optimizers
     holding those arrays keep working. A layer appearing twice becomes one SyncBatchNorm
-    appearing twice.
+    appearing twice. A layer with `virtual_batch` raises `ValueError` (module docstring).
     """
     comm = as_communicator(comm)
     done: dict[int, Any] = {}

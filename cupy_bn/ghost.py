@@ -156,7 +156,7 @@ def ghost_batch_norm(
     for start, stop in rows:
         z = None if residual_data is None else residual_data[start:stop]
         y, saved = functional._batch_norm(
-            view.data[start:stop], weight, bias, None, None, True, momentum, eps, 1, be,
+            view.data[start:stop], weight, bias, None, None, True, momentum, eps, 1, backend,
             None, activation, z,
         )  # fmt: skip
         out[start:stop] = y

@@ -32,6 +32,13 @@ random cotangents `ddx`, `ddweight`, `ddbias` the loss is
 numeric derivatives with respect to `x` (`"x"`), `weight` (`"weight"`, affine cases) and `dy`
 (`"dy"`). `L2` is a sum over channels of per-channel terms too, so the same one-value-per-channel
 perturbations apply: `2 * (values per channel)` backward evaluations for each of `x` and `dy`.
+
+Ghost batches (`GradcheckCase.virtual_batch`, `cupy_bn.ghost`): the forward and backward run with
+`virtual_batch=G`, and the forward is compared with the same textbook formula applied to each
+chunk of `G` samples along axis 0 on its own (`reference_forward`). Chunks are as independent
+as channels, so the perturbations above still read every derivative. A shape whose batch does
+not divide by `G` checks the shorter last chunk. First order only: the double backward does not
+take ghost batches.
 """
 
 from __future__ import annotations
@@ -72,6 +79,8 @@ class GradcheckCase:
     order: int = 1
     """1: `batch_norm_backward` against `batch_norm`; 2: `batch_norm_double_backward` against
     `batch_norm_backward`."""
+    virtual_batch: int | None = None
+    """Ghost batches of this many samples (`cupy_bn.ghost`); None: off."""
 
     @property
     def name(self) -> str:
@@ -80,6 +89,7 @@ class GradcheckCase:
             f"{self.backend} {self.mode} {dims} axis={self.channel_axis} "
             f"{'affine' if self.affine else 'no-affine'}"
             + (f" order={self.order}" if self.order != 1 else "")
+            + (f" virtual_batch={self.virtual_batch}" if self.virtual_batch is not None else "")
         )
 
 
@@ -141,6 +151,7 @@ class CaseResult:
             "mode": case.mode,
             "affine": case.affine,
             "order": case.order,
+            "virtual_batch": case.virtual_batch,
             "passed": self.passed,
             "error": self.error,
             "max_abs_error": finite_or_none(self.max_abs_error),
@@ -215,16 +226,20 @@ def build_cases(
     affine: bool | Iterable[bool] = (True, False),
     backends: str | Iterable[str] = ("numpy",),
     order: int | Iterable[int] = 1,
+    virtual_batch: int | None | Iterable[int | None] = None,
 ) -> list[GradcheckCase]:
     """The cross product of the options, validated (`ValueError` naming the option).
 
     Every backend must be one that can run here (`cupy_bn.backends.available_backends()`);
-    `order` is 1, 2 or several of them.
+    `order` is 1, 2 or several of them; `virtual_batch` None (plain batch norm), a ghost-batch
+    size, or several of them (first order only; in training mode every chunk of every shape
+    needs two values per channel).
     """
     shape_list = [tuple(int(d) for d in s) for s in (DEFAULT_SHAPES if shapes is None else shapes)]
     axes, mode_list = _as_tuple(channel_axes), _as_tuple(modes)
     affine_list, backend_list = _as_tuple(affine), _as_tuple(backends)
     order_list = _as_tuple(order)
+    ghost_list = _as_tuple(virtual_batch)
     for name, values in (
         ("shapes", shape_list),
         ("channel_axes", axes),
@@ -232,6 +247,7 @@ def build_cases(
         ("affine", affine_list),
         ("backends", backend_list),
         ("order", order_list),
+        ("virtual_batch", ghost_list),
     ):
         if not values:
             raise ValueError(f"{name}: expected at least one value")
@@ -241,6 +257,13 @@ def build_cases(
     for value in order_list:
         if isinstance(value, bool) or value not in ORDERS:
             raise ValueError(f"order: expected 1 or 2, got {value!r}")
+    for value in ghost_list:
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(f"virtual_batch: expected None or an int >= 1, got {value!r}")
+        if value is not None and 2 in order_list:
+            raise ValueError("virtual_batch: the double backward (order 2) takes no ghost batches")
     usable = backend_registry.available_backends()
     for backend in backend_list:
         if backend not in usable:
@@ -262,11 +285,28 @@ def build_cases(
             raise ValueError(
                 f"shapes: {shape} has one value per channel (axis {axis}); training needs two"
             )
-    for value, shape, axis, mode, aff, backend in itertools.product(
-        order_list, shape_list, axes, mode_list, affine_list, backend_list
+        for ghost in ghost_list:
+            _check_ghost_shape(ghost, shape, axis % len(shape), mode)
+    for value, ghost, shape, axis, mode, aff, backend in itertools.product(
+        order_list, ghost_list, shape_list, axes, mode_list, affine_list, backend_list
     ):
-        cases.append(GradcheckCase(shape, axis, mode, bool(aff), str(backend), int(value)))
+        cases.append(GradcheckCase(shape, axis, mode, bool(aff), str(backend), int(value), ghost))
     return cases
+
+
+def _check_ghost_shape(ghost: int | None, shape: tuple[int, ...], axis: int, mode: str) -> None:
+    """Ghost batches split axis 0: it must not hold the channels, and in training mode the
+    last (smallest) chunk needs two values per channel."""
+    if ghost is None:
+        return
+    if axis == 0:
+        raise ValueError(f"virtual_batch: splits axis 0, the channel axis of shape {shape}")
+    last = shape[0] - (-(-shape[0] // ghost) - 1) * ghost
+    if mode == "train" and last * int(np.prod(shape[1:])) // shape[axis] < 2:
+        raise ValueError(
+            f"virtual_batch: {ghost} leaves a last chunk of {last} sample(s) of shape {shape} "
+            "with one value per channel; training needs two"
+        )
 
 
 def case_rng(case: GradcheckCase, seed: int) -> np.random.Generator:
@@ -282,6 +322,7 @@ def case_rng(case: GradcheckCase, seed: int) -> np.random.Generator:
         MODES.index(case.mode),
         int(case.affine),
         *([case.order] if case.order != 1 else []),
+        *([0, case.virtual_batch] if case.virtual_batch is not None else []),
     ]
     return np.random.default_rng(key)
 
@@ -345,6 +386,7 @@ def gradcheck(
     seed: int = 0,
     fast: bool = False,
     order: int | Iterable[int] = 1,
+    virtual_batch: int | None | Iterable[int | None] = None,
     progress: Callable[[CaseResult], None] | None = None,
 ) -> GradcheckResult:
     """Check `batch_norm_backward` against central differences of `batch_norm` (`order=1`),
@@ -359,13 +401,15 @@ def gradcheck(
     `fast_mode`): 4 forward evaluations instead of `2 * (values per channel)`, for slow
     backends such as the simulator; it catches errors that affect the whole gradient, but can
     miss a small error confined to one entry, which the default entry-by-entry check cannot.
+    `virtual_batch` (a size, None, or several) runs the cases with ghost batches of that many
+    samples (first order; a batch that `G` does not divide checks the shorter last chunk).
     Each case's data depends on `seed` and the case only (`case_rng`), not on the backend.
     `progress` is called after each case.
     Returns a `GradcheckResult` (truthy when all passed); invalid options raise `ValueError`
     naming the option (`build_cases`, `run_cases`); an exception raised by a backend is
     recorded as a failed case, not raised.
     """
-    cases = build_cases(shapes, channel_axes, modes, affine, backends, order)
+    cases = build_cases(shapes, channel_axes, modes, affine, backends, order, virtual_batch)
     return run_cases(
         cases, step=step, atol=atol, rtol=rtol, eps=eps, seed=seed, fast=fast, progress=progress
     )
@@ -405,8 +449,14 @@ def reference_forward(
     training: bool,
     eps: float,
     channel_axis: int,
+    virtual_batch: int | None = None,
 ) -> np.ndarray:
-    """Float64 batch norm by the textbook formula (two-pass statistics)."""
+    """Float64 batch norm by the textbook formula (two-pass statistics); with `virtual_batch`
+    in training mode, the formula on each chunk of that many samples along axis 0."""
+    if training and virtual_batch is not None:
+        chunks = [x[i : i + virtual_batch] for i in range(0, x.shape[0], virtual_batch)]
+        args = (weight, bias, running_mean, running_var, training, eps, channel_axis)
+        return np.concatenate([reference_forward(c, *args) for c in chunks])
     axis = channel_axis % x.ndim
     others = tuple(a for a in range(x.ndim) if a != axis)
     shape = [1] * x.ndim
@@ -490,6 +540,7 @@ def check_case(
             eps=eps,
             channel_axis=case.channel_axis,
             backend=case.backend,
+            virtual_batch=case.virtual_batch,
         )
 
     def channel_loss(x_: np.ndarray, w_: np.ndarray, b_: np.ndarray) -> np.ndarray:
@@ -513,6 +564,7 @@ def check_case(
                 training,
                 eps,
                 axis,
+                case.virtual_batch,
             ),
             device.back(y),
             atol,

@@ -18,6 +18,10 @@ PyTorch's key names, so weights move between the two with `np.savez`/`torch.from
 `activation="relu"` fuses a ReLU after the normalization, and `forward(x, residual=z)` adds
 `z` before it (`cupy_bn.functional.batch_norm`'s fused forms). `backward(dy)` returns `dx`
 alone after a forward without residual and the pair `(dx, dresidual)` after one with a residual.
+
+`virtual_batch=G` (ghost batches, `cupy_bn.ghost`) normalizes each chunk of `G` consecutive
+samples with its own statistics whenever batch statistics are used (training, or eval without
+running statistics); eval mode with running statistics ignores it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from cupy_bn.arrays import array_module, to_host
 from cupy_bn.backends import Backend
 from cupy_bn.dtypes import check_float_dtype
 from cupy_bn.functional import SavedForBackward, batch_norm, batch_norm_backward
+from cupy_bn.ghost import GhostSaved, check_virtual_batch
 from cupy_bn.validation import (
     check_activation,
     check_array,
@@ -61,6 +66,8 @@ class _BatchNorm:
         dtype: Any = np.float32,
         backend: str | Backend = "auto",
         activation: str | None = None,
+        *,
+        virtual_batch: int | None = None,
     ):
         self.num_features = check_num_features(num_features)
         self.channel_axis = check_channel_axis(channel_axis, self.ranks)
@@ -71,8 +78,9 @@ class _BatchNorm:
         self.dtype = check_float_dtype("dtype", dtype)
         self.backend = backend
         self.activation = check_activation(activation)
+        self.virtual_batch = check_virtual_batch(virtual_batch)
         self.training = True
-        self._saved: SavedForBackward | None = None
+        self._saved: SavedForBackward | GhostSaved | None = None
         self.params: dict[str, Array] = {}
         self.grads: dict[str, Array] = {}
         self.buffers: dict[str, Array] = {}
@@ -187,6 +195,7 @@ class _BatchNorm:
             reducer=self._reducer(),
             activation=self.activation,
             residual=residual,
+            virtual_batch=self.virtual_batch,
         )
         if update:
             self.buffers["num_batches_tracked"] += 1
@@ -244,6 +253,7 @@ class _BatchNorm:
             f"track_running_stats={self.track_running_stats}, "
             f"channel_axis={self.channel_axis}"
             + ("" if self.activation is None else f", activation={self.activation!r}")
+            + ("" if self.virtual_batch is None else f", virtual_batch={self.virtual_batch}")
             + ")"
         )
 

@@ -68,6 +68,14 @@ from cupy_bn.cli.common import (
     help="1: the backward against differences of the forward; 2: the double backward against "
     "differences of the backward; both.",
 )
+@click.option(
+    "--virtual-batch",
+    "virtual_batches",
+    multiple=True,
+    type=int,
+    metavar="G",
+    help="Ghost batches of G samples (first order); repeatable [default: off].",
+)
 @click.option("--step", type=float, default=1e-6, show_default=True, help="Difference step h.")
 @click.option("--atol", type=float, default=1e-5, show_default=True)
 @click.option("--rtol", type=float, default=1e-3, show_default=True)
@@ -82,6 +90,7 @@ def gradcheck(
     backends: tuple[str, ...],
     fast: bool,
     order: str,
+    virtual_batches: tuple[int, ...],
     step: float,
     atol: float,
     rtol: float,
@@ -106,6 +115,7 @@ def gradcheck(
             affine={"both": (True, False), "on": (True,), "off": (False,)}[affine],
             backends=available_backends() if "all" in backends else tuple(dict.fromkeys(backends)),
             order=(1, 2) if order == "both" else (int(order),),
+            virtual_batch=tuple(dict.fromkeys(virtual_batches)) or None,
         )
         progress, task = progress_bar(not as_json, len(cases), "gradcheck")
         with progress:
@@ -132,7 +142,7 @@ def gradcheck(
 
 def _print_gradcheck(result: Any) -> None:
     table = Table(title="Gradient check (central differences, float64)")
-    for column in ("backend", "order", "mode", "shape", "axis", "affine"):
+    for column in ("backend", "order", "mode", "shape", "axis", "affine", "ghost"):
         table.add_column(column, no_wrap=True)
     table.add_column("abs err", justify="right", no_wrap=True)
     table.add_column("rel err", justify="right", no_wrap=True)
@@ -153,6 +163,7 @@ def _print_gradcheck(result: Any) -> None:
             "x".join(str(d) for d in case.shape),
             str(case.channel_axis),
             "yes" if case.affine else "no",
+            "-" if case.virtual_batch is None else str(case.virtual_batch),
             *errors,
             verdict,
         )
