@@ -420,3 +420,26 @@ def test_double_backward_refuses_a_ghost_batch_forward():
     _, saved = cbn.batch_norm(x, virtual_batch=3)
     with pytest.raises(TypeError, match="GhostSaved"):
         cbn.batch_norm_double_backward(x, None, None, x, saved)
+
+
+def test_cli_gradcheck_with_ghost_batches():
+    import json
+
+    from click.testing import CliRunner
+
+    from cupy_bn.cli import main
+
+    def run(*args):
+        return CliRunner().invoke(main, ["gradcheck", *args])
+
+    shapes = ("--shape", "8,3", "--shape", "5,3,4")
+    result = run("--virtual-batch", "3", *shapes, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] and len(report["cases"]) == 2 * 2 * 2 * 2
+    assert {c["virtual_batch"] for c in report["cases"]} == {3}
+    assert all(c["name"].endswith(" virtual_batch=3") for c in report["cases"])
+    table = run("--virtual-batch", "3", "--virtual-batch", "2", "--shape", "5,3,4")
+    assert table.exit_code == 0 and "ghost" in table.stdout and "16/16" in table.stdout
+    refused = run("--virtual-batch", "3", "--shape", "7,2")
+    assert refused.exit_code == 2 and "virtual_batch: 3 leaves a last chunk" in refused.output
