@@ -35,8 +35,10 @@ better"). Conventions:
 
 How it maps onto the primitives: in both canonical layouts (`cupy_bn.layout`) the batch axis
 is the outermost one, so chunk `k` is the row range `[k * G * r, (k + 1) * G * r)` of the
-canonical array (`r` rows per sample: `S`-free NCS rows are samples times the axes between
-batch and channels, MC rows samples times positions), a C-contiguous view of `x`'s memory.
+canonical array (the last chunk: up to its end), with `r` rows per sample: 1 for NCS with
+channels on axis 1 and for dense `(N, C)`, the spatial positions for channels-last MC. A
+row range of a C-contiguous array is a C-contiguous view: of `x`'s own memory whenever the
+canonical view of `x` is (contiguous input, or channels-last memory).
 Each chunk runs through `functional`'s single-batch forward (`_batch_norm`) and backward
 (`_batch_norm_backward`) as an input of its own: `batch_stats` (or the fused statistics) and
 `apply` per chunk, `backward_reduce` and `backward_apply` (or the fused backward) per chunk.
@@ -44,7 +46,8 @@ The chunks cannot be folded into one call over `K * C` channels: a canonical arr
 chunk index beside the channel index would need the rows of a chunk to sit between them in
 memory, which is a transpose (a copy) in both layouts. The outputs (`y`, `dx`, `dresidual`)
 are written chunk by chunk into one array of `x`'s shape and memory order; `dweight` and
-`dbias` are the sums of the chunks' gradients (in the accumulation dtype, rounded once).
+`dbias` are the sums of the chunks' gradients (each in the parameter's dtype, added in the
+accumulation dtype, rounded once more).
 """
 
 from __future__ import annotations
@@ -184,7 +187,7 @@ def _check_chunks(view: View, rows: tuple[tuple[int, int], ...], virtual_batch: 
     if values < 2:
         samples = view.shape[0]
         raise ValueError(
-            f"virtual_batch={virtual_batch} leaves a chunk with one value per channel "
+            f"virtual_batch={virtual_batch} leaves a chunk with {values} value(s) per channel "
             f"(the last chunk of a batch of {samples}: {samples - (len(rows) - 1) * virtual_batch}"
             f" sample(s) of input shape {view.shape}); a training chunk needs two or more"
         )

@@ -278,7 +278,7 @@ def test_chunks_are_views_of_x_and_dy(layout):
         (2.0, TypeError, "virtual_batch must be an int >= 1 or None, got float"),
         ("3", TypeError, "got str"),
         (True, TypeError, "got bool"),
-        (3, ValueError, "virtual_batch=3 leaves a chunk with one value per channel"),
+        (3, ValueError, r"virtual_batch=3 leaves a chunk with 1 value\(s\) per channel"),
     ],
 )
 def test_errors_name_virtual_batch_and_change_nothing(value, error, words):
