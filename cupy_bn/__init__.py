@@ -4,6 +4,7 @@
     bn = cbn.BatchNorm2d(64)
     y = bn(x); dx = bn.backward(dy)
     y, saved = cbn.batch_norm(x, weight, bias, running_mean, running_var, training=True)
+    y, saved = cbn.batch_norm(x, weight, bias, virtual_batch=32)  # ghost batches of 32 samples
     dx, dweight, dbias = cbn.batch_norm_backward(dy, saved)
     gx, gweight, gdy = cbn.batch_norm_double_backward(ddx, ddweight, ddbias, dy, saved)
 
@@ -21,6 +22,7 @@ from cupy_bn.distributed import (
 from cupy_bn.double_backward import batch_norm_double_backward
 from cupy_bn.fold import FoldError, fold_conv_bn, fold_linear_bn, fold_state_dict
 from cupy_bn.functional import SavedForBackward, batch_norm, batch_norm_backward
+from cupy_bn.ghost import GhostSaved
 from cupy_bn.gradient_check import gradcheck
 from cupy_bn.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -32,6 +34,7 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "FoldError",
+    "GhostSaved",
     "RemoteFailure",
     "SavedForBackward",
     "SyncBatchNorm",
