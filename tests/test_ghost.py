@@ -443,3 +443,31 @@ def test_cli_gradcheck_with_ghost_batches():
     assert table.exit_code == 0 and "ghost" in table.stdout and "16/16" in table.stdout
     refused = run("--virtual-batch", "3", "--shape", "7,2")
     assert refused.exit_code == 2 and "virtual_batch: 3 leaves a last chunk" in refused.output
+
+
+@pytest.mark.skipif(not simulator_usable(), reason="CUDA simulator not found")
+@pytest.mark.parametrize("bad_sample", [5, 0], ids=["last-chunk", "first-chunk"])
+def test_deferred_statistics_checks_leave_the_running_statistics_alone(bad_sample):
+    """A backend that defers its non-finite checks to the device (the CUDA backend, here in
+    the simulator) reports a NaN chunk later; the one running update of the call is skipped
+    on the device, as without ghost batches."""
+    from cupy_bn import deferred
+    from cupy_bn.backends.cuda_backend import CudaBackend
+
+    be = CudaBackend.for_simulator(defers_checks=True)
+    previous = deferred.set_deferred_checks(True)
+    try:
+        x = np.random.default_rng(0).standard_normal((6, 3, 4))
+        x[bad_sample, 1, 2] = np.nan
+        rm, rv = np.zeros(3), np.ones(3)
+        with pytest.raises(FloatingPointError, match=r"channel\(s\) 1"):
+            cbn.batch_norm(x, None, None, rm, rv, backend=be, virtual_batch=2)
+            deferred.check_errors()  # when the failing chunk is the last one
+        np.testing.assert_array_equal(rm, 0)
+        np.testing.assert_array_equal(rv, 1)
+        cbn.batch_norm(np.full((4, 3, 4), 1.5), None, None, rm, rv, backend=be, virtual_batch=2)
+        deferred.check_errors()
+        np.testing.assert_array_equal(rm, 0.1 * 1.5)  # the next finite call updates them
+    finally:
+        deferred._pending.checks.clear()
+        deferred.set_deferred_checks(previous)
