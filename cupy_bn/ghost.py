@@ -27,9 +27,9 @@ better"). Conventions:
   counts the differences between chunks, which no chunk ever saw.
 - **NaN or Inf** in a chunk: as without ghost batches, `FloatingPointError` naming the
   channels (from that chunk's forward, or later on a backend that defers its checks,
-  `cupy_bn.deferred`), and the running statistics are left unchanged: the pooled statistics
-  of those channels are not finite, and the update skips them as it skips any non-finite
-  batch.
+  `cupy_bn.deferred`), and the running statistics are left unchanged: the error comes
+  before the update, or the update gets the pooled statistics, not finite in those channels,
+  and the CUDA backend skips it on the device as it does for any non-finite batch.
 - **Inference** (`training=False`) ignores `virtual_batch`: the running statistics normalize
   every sample, as without ghost batches.
 - **Sync batch norm** refuses ghost batches (`ValueError`): a chunk's statistics are those of
