@@ -50,6 +50,7 @@ from cupy_bn.communicators import Communicator, as_communicator
 from cupy_bn.functional import SavedForBackward, batch_norm
 from cupy_bn.intmath import ceil_div
 from cupy_bn.layers import _BatchNorm
+from cupy_bn.renorm import DEFAULT_DMAX, DEFAULT_RMAX
 from cupy_bn.validation import check_num_features, check_vector_shape, normalize_axis
 
 Array = Any
@@ -287,10 +288,14 @@ def sync_batch_norm(
     comm: Any,
     activation: str | None = None,
     residual: Array | None = None,
+    renorm: bool = False,
+    rmax: float = DEFAULT_RMAX,
+    dmax: float = DEFAULT_DMAX,
 ) -> tuple[Array, SavedForBackward]:
     """`batch_norm` with statistics over the batches of all processes of `comm`.
 
-    Same arguments (the fused `activation` and `residual` included) and result as
+    Same arguments (the fused `activation` and `residual`, and batch renormalization's
+    `renorm`, `rmax`, `dmax`, whose `r` and `d` come from the global statistics) and result as
     `cupy_bn.functional.batch_norm`; `batch_norm_backward(dy,
     saved)` gives the gradients (dx over the global batch, one all-reduce).
     `comm`: an mpi4py / NCCL / cupyx.distributed communicator, or a `SyncReducer` kept across
@@ -316,6 +321,9 @@ def sync_batch_norm(
         reducer=reducer,
         activation=activation,
         residual=residual,
+        renorm=renorm,
+        rmax=rmax,
+        dmax=dmax,
     )
 
 
@@ -385,6 +393,9 @@ def _to_sync(layer: _BatchNorm, comm: Any) -> SyncBatchNorm:
         dtype=layer.dtype,
         backend=layer.backend,
         activation=layer.activation,
+        renorm=layer.renorm,
+        rmax=layer.rmax,
+        dmax=layer.dmax,
         comm=comm,
     )
     sync.params, sync.grads, sync.buffers = (

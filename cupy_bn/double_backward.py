@@ -20,6 +20,10 @@ vectors each, in every training-mode call whatever is None, so every process tak
 the same collectives). `ddweight`/`ddbias` are this process's cotangents of its share of
 `dweight`/`dbias`, and `gweight` is this process's share (sum it across processes, as
 `dweight`); `gx` and `gdy` are this process's parts of the global gradients.
+
+Batch renormalization (`cupy_bn.renorm`): `r` and `d` are constants, as in the backward; the
+result is batch norm's double backward at the weight `gamma * r` with the cotangents
+`r * ddweight` and `ddbias + d * ddweight`, and `gweight` is `r` times that weight gradient.
 """
 
 from __future__ import annotations
@@ -116,6 +120,9 @@ def _double_backward(
     invstd = saved.invstd.astype(np.float64)
     gamma = vector(saved.weight, 1.0)
     ddgamma, ddbeta = vector(ddweight, 0.0), vector(ddbias, 0.0)
+    correction = saved.renorm  # renorm: batch norm's double backward at gamma * r
+    if correction is not None:
+        gamma, ddgamma, ddbeta = correction.double_backward_terms(gamma, ddgamma, ddbeta)
 
     synced = training and reducer is not None
     needs_sums = (
@@ -135,6 +142,8 @@ def _double_backward(
     gweight = None
     if saved.weight is not None:
         grad = double_backward_weight_grad(invstd, local, totals, saved.count, training)
+        if correction is not None:
+            grad = correction.weight_double_gradient(grad)
         gweight = grad.astype(saved.weight.dtype)
     return view.restore(gx), gweight, view.restore(gdy)
 

@@ -31,7 +31,6 @@ forever.
 
 from __future__ import annotations
 
-import functools
 import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -50,6 +49,13 @@ from cupy_bn.backends import (
 )
 from cupy_bn.dtypes import accumulation_dtype, check_float_dtype
 from cupy_bn.layout import View, canonical
+from cupy_bn.renorm import (
+    DEFAULT_DMAX,
+    DEFAULT_RMAX,
+    RenormCorrection,
+    check_renorm_options,
+    renorm_prior,
+)
 from cupy_bn.validation import (
     check_activation,
     check_array,
@@ -107,6 +113,8 @@ class SavedForBackward:
     activation: str | None = None
     output: View | None = None
     residual_dtype: Any = None
+    renorm: RenormCorrection | None = None
+    """`r` and `d` of a batch-renormalization forward (`cupy_bn.renorm`), else None."""
 
 
 def restore_saved(
@@ -211,6 +219,9 @@ def batch_norm(
     activation: str | None = None,
     residual: Array | None = None,
     virtual_batch: int | None = None,
+    renorm: bool = False,
+    rmax: float = DEFAULT_RMAX,
+    dmax: float = DEFAULT_DMAX,
 ) -> tuple[Array, SavedForBackward | GhostSaved]:
     """Normalize `x` per channel; return `(y, saved)` where `saved` feeds the backward.
 
@@ -231,26 +242,41 @@ def batch_norm(
     Ghost batches: `virtual_batch=G` (None: off) normalizes each chunk of `G` consecutive
     samples along axis 0 with its own statistics in training mode; `saved` is then a
     `cupy_bn.ghost.GhostSaved`. Last chunk, running statistics and the rest: `cupy_bn.ghost`.
+
+    Batch renormalization (`renorm=True`, training only; `cupy_bn.renorm` has the formulas and
+    the defaults' reasons): `y = gamma * (xhat * r + d) + beta` with
+    `r = clip(sigma_B / sigma, 1/rmax, rmax)` and `d = clip((mean_B - running_mean) / sigma,
+    -dmax, dmax)` from the running statistics before this call's update, constants of the
+    backward. Needs `running_mean`/`running_var`; `rmax >= 1`, `dmax >= 0`, both finite;
+    `rmax=1, dmax=0` is batch norm. In inference mode (`training=False`) it changes nothing.
+    Not with `virtual_batch` (`ValueError`).
     """
     args = (x, weight, bias, running_mean, running_var, training, momentum, eps, channel_axis)
     fused = (activation, residual)
+    options = (renorm, rmax, dmax)
     run = _batch_norm if virtual_batch is None else _ghost_forward(virtual_batch)
     if reducer is not None and training:
         with reducer.collective("stats"):
-            return run(*args, backend, reducer, *fused)
-    return run(*args, backend, reducer, *fused)
+            return run(*args, backend, reducer, *fused, options)
+    return run(*args, backend, reducer, *fused, options)
 
 
 def _ghost_forward(virtual_batch: int):
-    """`cupy_bn.ghost`'s forward for `virtual_batch`, with `_batch_norm`'s arguments."""
+    """`cupy_bn.ghost`'s forward for `virtual_batch`, with `_batch_norm`'s arguments (the
+    last, batch renormalization's options, refused with renorm: `check_renorm_options`)."""
     from cupy_bn.ghost import ghost_batch_norm  # it builds on this module
 
-    return functools.partial(ghost_batch_norm, virtual_batch=virtual_batch)
+    def run(*arguments):
+        *args, renorm = arguments
+        check_renorm_options(*renorm, virtual_batch=virtual_batch)
+        return ghost_batch_norm(*args, virtual_batch=virtual_batch)
+
+    return run
 
 
 def _batch_norm(
     x, weight, bias, running_mean, running_var, training, momentum, eps, channel_axis, backend,
-    reducer, activation=None, residual=None,
+    reducer, activation=None, residual=None, renorm=(False, DEFAULT_RMAX, DEFAULT_DMAX),
 ) -> tuple[Array, SavedForBackward]:  # fmt: skip
     """`batch_norm`'s work, inside the reducer's collective when there is one."""
     deferred.poll()
@@ -278,6 +304,7 @@ def _batch_norm(
         check_batch_count(count, f" (input shape {view.shape})")
     be = get_backend(backend, x)
     acc = accumulation_dtype(x.dtype)
+    prior = renorm_prior(renorm, training, running_mean, running_var, acc)
 
     if not training:
         mean = running_mean.astype(acc)
@@ -299,6 +326,10 @@ def _batch_norm(
         if running_mean is not None:
             be.update_running(running_mean, running_var, mean, var, count, momentum)
         scale, shift = _scale_shift(mean, invstd, weight, bias, acc)
+    correction = None if prior is None else prior.correction(mean, var, eps)
+    if correction is not None:  # batch norm with weight gamma * r and bias beta + gamma * d
+        affine = correction.effective_affine(weight, bias, acc)
+        scale, shift = _scale_shift(mean, invstd, *affine, acc)
 
     if activation is None and residual_view is None:
         out = be.apply(view, scale, shift)
@@ -317,6 +348,7 @@ def _batch_norm(
         activation,
         None if activation is None else _like(view, out),
         None if residual is None else residual.dtype,
+        correction,
     )
     return view.restore(out), saved
 
@@ -388,10 +420,17 @@ def grads_collective(saved: SavedForBackward) -> AbstractContextManager[None]:
 def _parameter_gradients(
     saved: SavedForBackward, sum_dy: Array, sum_dy_xmu: Array
 ) -> tuple[Array | None, Array | None]:
-    """`dweight = sum(dy * (x - mean)) * invstd` and `dbias = sum(dy)` (None without them)."""
-    dweight = (
-        None if saved.weight is None else (sum_dy_xmu * saved.invstd).astype(saved.weight.dtype)
-    )
+    """`dweight = sum(dy * (x - mean)) * invstd` (renorm: `cupy_bn.renorm`'s) and
+    `dbias = sum(dy)` (None without them)."""
+    dweight = None
+    if saved.weight is not None:
+        correction = saved.renorm
+        grad = (
+            sum_dy_xmu * saved.invstd
+            if correction is None
+            else correction.weight_gradient(sum_dy, sum_dy_xmu, saved.invstd)
+        )
+        dweight = grad.astype(saved.weight.dtype)
     dbias = None if saved.bias_dtype is None else sum_dy.astype(saved.bias_dtype)
     return dweight, dbias
 
@@ -426,6 +465,8 @@ def _normalization_backward(
     acc = accumulation_dtype(view.data.dtype)
     xp = be.xp
     gamma = xp.ones(view.num_channels, acc) if saved.weight is None else saved.weight.astype(acc)
+    if saved.renorm is not None:
+        gamma = saved.renorm.backward_gamma(gamma)
     if saved.batch_statistics and saved.reducer is None and has_fused_backward(be):
         sum_dy, sum_dy_xmu, dx = be.backward(
             dyv, view, saved.mean, saved.invstd, gamma, saved.count

@@ -22,6 +22,11 @@ alone after a forward without residual and the pair `(dx, dresidual)` after one 
 `virtual_batch=G` (ghost batches, `cupy_bn.ghost`) normalizes each chunk of `G` consecutive
 samples with its own statistics whenever batch statistics are used (training, or eval without
 running statistics); eval mode with running statistics ignores it.
+
+`renorm=True` trains with batch renormalization (`cupy_bn.renorm`); `rmax` and `dmax` are
+plain attributes, read at every training forward, so a warm-up schedule sets them between
+steps (`bn.rmax = ...`). Inference and `state_dict` are those of batch norm. It does not
+combine with `virtual_batch`.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from cupy_bn.backends import Backend
 from cupy_bn.dtypes import check_float_dtype
 from cupy_bn.functional import SavedForBackward, batch_norm, batch_norm_backward
 from cupy_bn.ghost import GhostSaved, check_virtual_batch
+from cupy_bn.renorm import DEFAULT_DMAX, DEFAULT_RMAX, check_renorm_options
 from cupy_bn.validation import (
     check_activation,
     check_array,
@@ -68,6 +74,9 @@ class _BatchNorm:
         activation: str | None = None,
         *,
         virtual_batch: int | None = None,
+        renorm: bool = False,
+        rmax: float = DEFAULT_RMAX,
+        dmax: float = DEFAULT_DMAX,
     ):
         self.num_features = check_num_features(num_features)
         self.channel_axis = check_channel_axis(channel_axis, self.ranks)
@@ -79,6 +88,9 @@ class _BatchNorm:
         self.backend = backend
         self.activation = check_activation(activation)
         self.virtual_batch = check_virtual_batch(virtual_batch)
+        self.renorm, self.rmax, self.dmax = check_renorm_options(
+            renorm, rmax, dmax, self.track_running_stats, self.virtual_batch
+        )
         self.training = True
         self._saved: SavedForBackward | GhostSaved | None = None
         self.params: dict[str, Array] = {}
@@ -196,6 +208,9 @@ class _BatchNorm:
             activation=self.activation,
             residual=residual,
             virtual_batch=self.virtual_batch,
+            renorm=self.renorm,
+            rmax=self.rmax,
+            dmax=self.dmax,
         )
         if update:
             self.buffers["num_batches_tracked"] += 1
@@ -254,6 +269,7 @@ class _BatchNorm:
             f"channel_axis={self.channel_axis}"
             + ("" if self.activation is None else f", activation={self.activation!r}")
             + ("" if self.virtual_batch is None else f", virtual_batch={self.virtual_batch}")
+            + (f", renorm=True, rmax={self.rmax}, dmax={self.dmax}" if self.renorm else "")
             + ")"
         )
 
