@@ -39,10 +39,21 @@ chunk of `G` samples along axis 0 on its own (`reference_forward`). Chunks are a
 as channels, so the perturbations above still read every derivative. A shape whose batch does
 not divide by `G` checks the shorter last chunk. First order only: the double backward does not
 take ghost batches.
+
+Batch renormalization (`GradcheckCase.renorm`, training mode, without ghost batches): the
+running statistics are drawn around the batch's so that `r` and `d` (`cupy_bn.renorm`) stay
+inside the bounds (`"unclipped"`: `rmax=3, dmax=5`, `r` within 0.8 and 1.25, `|d| <= 0.3`) or
+exceed them in every channel (`"clipped"`: `rmax=1.25, dmax=0.25`, `r = 2` or `1/2`,
+`|d| >= 1`). `r` and `d` are constants of the backward, so the numeric derivatives are those of
+the float64 renorm formula `gamma * ((x - mean_B) / sigma_B * r + d) + beta` with `r` and `d`
+held at the values of the unperturbed input (`reference_corrections`); the forward output is
+compared with that formula too. Second order: central differences of `batch_norm_backward` with
+`r` and `d` held at the unperturbed forward's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +75,10 @@ FAST_DIRECTIONS = 2
 MODES: tuple[str, ...] = ("train", "eval")
 #: Derivative orders checked: 1 (`batch_norm_backward`), 2 (`batch_norm_double_backward`).
 ORDERS: tuple[int, ...] = (1, 2)
+#: Batch renormalization: None (batch norm), or the regime of `r` and `d` with its
+#: `(rmax, dmax)` (module docstring).
+RENORM_BOUNDS: dict[str, tuple[float, float]] = {"unclipped": (3.0, 5.0), "clipped": (1.25, 0.25)}
+RENORMS: tuple[str | None, ...] = (None, *RENORM_BOUNDS)
 
 
 @dataclass(frozen=True)
@@ -81,6 +96,9 @@ class GradcheckCase:
     `batch_norm_backward`."""
     virtual_batch: int | None = None
     """Ghost batches of this many samples (`cupy_bn.ghost`); None: off."""
+    renorm: str | None = None
+    """None: batch norm; "clipped" or "unclipped": batch renormalization (train mode) with
+    `r` and `d` beyond or inside their bounds."""
 
     @property
     def name(self) -> str:
@@ -90,6 +108,7 @@ class GradcheckCase:
             f"{'affine' if self.affine else 'no-affine'}"
             + (f" order={self.order}" if self.order != 1 else "")
             + (f" virtual_batch={self.virtual_batch}" if self.virtual_batch is not None else "")
+            + (f" renorm={self.renorm}" if self.renorm is not None else "")
         )
 
 
@@ -152,6 +171,7 @@ class CaseResult:
             "affine": case.affine,
             "order": case.order,
             "virtual_batch": case.virtual_batch,
+            "renorm": case.renorm,
             "passed": self.passed,
             "error": self.error,
             "max_abs_error": finite_or_none(self.max_abs_error),
@@ -227,6 +247,7 @@ def build_cases(
     backends: str | Iterable[str] = ("numpy",),
     order: int | Iterable[int] = 1,
     virtual_batch: int | None | Iterable[int | None] = None,
+    renorm: str | None | Iterable[str | None] = None,
 ) -> list[GradcheckCase]:
     """The cross product of the options, validated (`ValueError` naming the option).
 
@@ -234,11 +255,13 @@ def build_cases(
     `order` is 1, 2 or several of them; `virtual_batch` None (plain batch norm), a ghost-batch
     size, or several of them (first order only; in training mode every chunk of every shape
     needs two values per channel).
+    `renorm` is None, "clipped", "unclipped" or several of them, the last two in mode "train"
+    and without ghost batches only (other combinations are left out).
     """
     shape_list = [tuple(int(d) for d in s) for s in (DEFAULT_SHAPES if shapes is None else shapes)]
     axes, mode_list = _as_tuple(channel_axes), _as_tuple(modes)
     affine_list, backend_list = _as_tuple(affine), _as_tuple(backends)
-    order_list = _as_tuple(order)
+    order_list, renorm_list = _as_tuple(order), _as_tuple(renorm)
     ghost_list = _as_tuple(virtual_batch)
     for name, values in (
         ("shapes", shape_list),
@@ -248,6 +271,7 @@ def build_cases(
         ("backends", backend_list),
         ("order", order_list),
         ("virtual_batch", ghost_list),
+        ("renorm", renorm_list),
     ):
         if not values:
             raise ValueError(f"{name}: expected at least one value")
@@ -264,6 +288,13 @@ def build_cases(
             raise ValueError(f"virtual_batch: expected None or an int >= 1, got {value!r}")
         if value is not None and 2 in order_list:
             raise ValueError("virtual_batch: the double backward (order 2) takes no ghost batches")
+    for value in renorm_list:
+        if value not in RENORMS:
+            raise ValueError(f"renorm: expected None, 'clipped' or 'unclipped', got {value!r}")
+    if None not in renorm_list and ("train" not in mode_list or None not in ghost_list):
+        raise ValueError(
+            "renorm: batch renormalization is checked in mode 'train' without virtual_batch only"
+        )
     usable = backend_registry.available_backends()
     for backend in backend_list:
         if backend not in usable:
@@ -287,10 +318,12 @@ def build_cases(
             )
         for ghost in ghost_list:
             _check_ghost_shape(ghost, shape, axis % len(shape), mode)
-    for value, ghost, shape, axis, mode, aff, backend in itertools.product(
-        order_list, ghost_list, shape_list, axes, mode_list, affine_list, backend_list
+    for value, ghost, renormalized, shape, axis, mode, aff, backend in itertools.product(
+        order_list, ghost_list, renorm_list, shape_list, axes, mode_list, affine_list, backend_list
     ):
-        cases.append(GradcheckCase(shape, axis, mode, bool(aff), str(backend), int(value), ghost))
+        if renormalized is None or (mode == "train" and ghost is None):
+            case = GradcheckCase(shape, axis, mode, bool(aff), str(backend), int(value), ghost)
+            cases.append(dataclasses.replace(case, renorm=renormalized))
     return cases
 
 
@@ -311,8 +344,8 @@ def _check_ghost_shape(ghost: int | None, shape: tuple[int, ...], axis: int, mod
 
 def case_rng(case: GradcheckCase, seed: int) -> np.random.Generator:
     """The generator of `case`'s random data: a function of `seed` and of the case without
-    its backend (shape, channel axis, mode, affine, order), so every backend gets the same
-    data."""
+    its backend (shape, channel axis, mode, affine, order, ghost batches, renorm), so every
+    backend gets the same data."""
     rank = len(case.shape)
     key = [
         seed,
@@ -323,6 +356,7 @@ def case_rng(case: GradcheckCase, seed: int) -> np.random.Generator:
         int(case.affine),
         *([case.order] if case.order != 1 else []),
         *([0, case.virtual_batch] if case.virtual_batch is not None else []),
+        *([1, RENORMS.index(case.renorm)] if case.renorm is not None else []),
     ]
     return np.random.default_rng(key)
 
@@ -387,6 +421,7 @@ def gradcheck(
     fast: bool = False,
     order: int | Iterable[int] = 1,
     virtual_batch: int | None | Iterable[int | None] = None,
+    renorm: str | None | Iterable[str | None] = None,
     progress: Callable[[CaseResult], None] | None = None,
 ) -> GradcheckResult:
     """Check `batch_norm_backward` against central differences of `batch_norm` (`order=1`),
@@ -403,13 +438,15 @@ def gradcheck(
     miss a small error confined to one entry, which the default entry-by-entry check cannot.
     `virtual_batch` (a size, None, or several) runs the cases with ghost batches of that many
     samples (first order; a batch that `G` does not divide checks the shorter last chunk).
+    `renorm` adds batch-renormalization cases in mode "train" ("clipped", "unclipped"; None
+    is batch norm; module docstring).
     Each case's data depends on `seed` and the case only (`case_rng`), not on the backend.
     `progress` is called after each case.
     Returns a `GradcheckResult` (truthy when all passed); invalid options raise `ValueError`
     naming the option (`build_cases`, `run_cases`); an exception raised by a backend is
     recorded as a failed case, not raised.
     """
-    cases = build_cases(shapes, channel_axes, modes, affine, backends, order, virtual_batch)
+    cases = build_cases(shapes, channel_axes, modes, affine, backends, order, virtual_batch, renorm)
     return run_cases(
         cases, step=step, atol=atol, rtol=rtol, eps=eps, seed=seed, fast=fast, progress=progress
     )
@@ -450,9 +487,11 @@ def reference_forward(
     eps: float,
     channel_axis: int,
     virtual_batch: int | None = None,
+    corrections: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Float64 batch norm by the textbook formula (two-pass statistics); with `virtual_batch`
-    in training mode, the formula on each chunk of that many samples along axis 0."""
+    in training mode, the formula on each chunk of that many samples along axis 0; with
+    `corrections` `(r, d)`, batch renormalization's `xhat * r + d` before the weight and bias."""
     if training and virtual_batch is not None:
         chunks = [x[i : i + virtual_batch] for i in range(0, x.shape[0], virtual_batch)]
         args = (weight, bias, running_mean, running_var, training, eps, channel_axis)
@@ -467,11 +506,48 @@ def reference_forward(
     else:
         mean, var = running_mean.reshape(shape), running_var.reshape(shape)
     y = (x - mean) / np.sqrt(var + eps)
+    if corrections is not None:
+        y = y * corrections[0].reshape(shape) + corrections[1].reshape(shape)
     if weight is not None:
         y = y * weight.reshape(shape)
     if bias is not None:
         y = y + bias.reshape(shape)
     return y
+
+
+def reference_corrections(
+    x: np.ndarray,
+    running_mean: np.ndarray,
+    running_var: np.ndarray,
+    rmax: float,
+    dmax: float,
+    eps: float,
+    channel_axis: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Batch renormalization's `(r, d)` of `x` in float64: `r = clip(sigma_B / sigma, 1/rmax,
+    rmax)`, `d = clip((mean_B - running_mean) / sigma, -dmax, dmax)`."""
+    others = tuple(a for a in range(x.ndim) if a != channel_axis % x.ndim)
+    mean, var = x.mean(axis=others), x.var(axis=others)
+    sigma = np.sqrt(running_var + eps)
+    r = np.clip(np.sqrt(var + eps) / sigma, 1 / rmax, rmax)
+    return r, np.clip((mean - running_mean) / sigma, -dmax, dmax)
+
+
+def _renorm_statistics(
+    regime: str, x: np.ndarray, channel_axis: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Running statistics that put `x`'s `r` and `d` inside or beyond the bounds of `regime`
+    (module docstring), with a random sign per channel."""
+    others = tuple(a for a in range(x.ndim) if a != channel_axis % x.ndim)
+    mean, std = x.mean(axis=others), x.std(axis=others)
+    sign = rng.choice([-1.0, 1.0], mean.size)
+    if regime == "unclipped":
+        running_var = (std * rng.uniform(0.8, 1.25, mean.size)) ** 2
+        offset = rng.uniform(0.05, 0.3, mean.size)
+    else:
+        running_var = (std * 2.0**sign) ** 2
+        offset = rng.uniform(1.0, 2.0, mean.size)
+    return mean - sign * offset * np.sqrt(running_var), running_var
 
 
 def _elementwise_check(x, dx, axis, channels, channel_loss, weight, bias, step, atol, rtol):
@@ -528,27 +604,50 @@ def check_case(
     running_mean = rng.uniform(-1.0, 1.0, channels)
     running_var = rng.uniform(0.5, 2.0, channels)
     grad_out = rng.standard_normal(shape)
+    renorm = case.renorm is not None
+    rmax, dmax = RENORM_BOUNDS.get(case.renorm, (1.0, 0.0))
+    if renorm:
+        running_mean, running_var = _renorm_statistics(case.renorm, x, axis, rng)
+    corrections = (
+        reference_corrections(x, running_mean, running_var, rmax, dmax, eps, axis)
+        if renorm
+        else None
+    )
+    with_running = renorm or not training
 
     def forward(x_: np.ndarray, w_: np.ndarray, b_: np.ndarray) -> tuple[Any, Any]:
         return functional.batch_norm(
             device.to(x_),
             device.to(w_) if case.affine else None,
             device.to(b_) if case.affine else None,
-            None if training else device.to(running_mean),
-            None if training else device.to(running_var),
+            device.to(running_mean.copy()) if with_running else None,  # updated by renorm
+            device.to(running_var.copy()) if with_running else None,
             training=training,
             eps=eps,
             channel_axis=case.channel_axis,
             backend=case.backend,
             virtual_batch=case.virtual_batch,
+            renorm=renorm,
+            rmax=rmax,
+            dmax=dmax,
         )
 
     def channel_loss(x_: np.ndarray, w_: np.ndarray, b_: np.ndarray) -> np.ndarray:
-        y = np.asarray(device.back(forward(x_, w_, b_)[0]), dtype=np.float64)
+        if renorm:  # the formula with r and d held constant
+            affine = (w_, b_) if case.affine else (None, None)
+            y = reference_forward(x_, *affine, None, None, True, eps, axis, corrections=corrections)
+        else:
+            y = np.asarray(device.back(forward(x_, w_, b_)[0]), dtype=np.float64)
         return np.moveaxis(y * grad_out, axis, -1).reshape(-1, channels).sum(axis=0)
 
     if case.order == 2:
-        checks = (case, device, forward, x, weight, bias, grad_out, step, atol, rtol)
+        held = forward(x, weight, bias)[1].renorm if renorm else None
+
+        def forward_held(x_: np.ndarray, w_: np.ndarray, b_: np.ndarray) -> tuple[Any, Any]:
+            y, saved = forward(x_, w_, b_)
+            return y, (dataclasses.replace(saved, renorm=held) if renorm else saved)
+
+        checks = (case, device, forward_held, x, weight, bias, grad_out, step, atol, rtol)
         return CaseResult(case, _second_order_comparisons(*checks, rng, fast))
 
     y, saved = forward(x, weight, bias)
@@ -565,6 +664,7 @@ def check_case(
                 eps,
                 axis,
                 case.virtual_batch,
+                corrections,
             ),
             device.back(y),
             atol,

@@ -76,6 +76,14 @@ from cupy_bn.cli.common import (
     metavar="G",
     help="Ghost batches of G samples (first order); repeatable [default: off].",
 )
+@click.option(
+    "--renorm",
+    type=click.Choice(["off", "on", "both"]),
+    default="off",
+    show_default=True,
+    help="Batch renormalization (train mode, r and d clipped and unclipped): off, on, or both "
+    "batch norm and renorm.",
+)
 @click.option("--step", type=float, default=1e-6, show_default=True, help="Difference step h.")
 @click.option("--atol", type=float, default=1e-5, show_default=True)
 @click.option("--rtol", type=float, default=1e-3, show_default=True)
@@ -91,6 +99,7 @@ def gradcheck(
     fast: bool,
     order: str,
     virtual_batches: tuple[int, ...],
+    renorm: str,
     step: float,
     atol: float,
     rtol: float,
@@ -99,13 +108,14 @@ def gradcheck(
     as_json: bool,
 ) -> None:
     """Check batch norm's gradients (x, weight, bias) against central differences in float64;
-    with --order 2, the double backward's (x, weight, dy) against differences of the backward.
+    with --order 2, the double backward's (x, weight, dy) against differences of the backward;
+    with --renorm, batch renormalization's against differences of its formula (r, d constant).
 
     Exit status 0 when every case passes, 1 when one fails, 2 for options the library refuses
     or a backend that cannot run here.
     """
     from cupy_bn.backends import available_backends
-    from cupy_bn.gradient_check import CHANNEL_AXES, MODES, build_cases, run_cases
+    from cupy_bn.gradient_check import CHANNEL_AXES, MODES, RENORMS, build_cases, run_cases
 
     try:
         cases = build_cases(
@@ -116,6 +126,7 @@ def gradcheck(
             backends=available_backends() if "all" in backends else tuple(dict.fromkeys(backends)),
             order=(1, 2) if order == "both" else (int(order),),
             virtual_batch=tuple(dict.fromkeys(virtual_batches)) or None,
+            renorm={"off": (None,), "on": RENORMS[1:], "both": RENORMS}[renorm],
         )
         progress, task = progress_bar(not as_json, len(cases), "gradcheck")
         with progress:
@@ -142,7 +153,7 @@ def gradcheck(
 
 def _print_gradcheck(result: Any) -> None:
     table = Table(title="Gradient check (central differences, float64)")
-    for column in ("backend", "order", "mode", "shape", "axis", "affine", "ghost"):
+    for column in ("backend", "order", "mode", "shape", "axis", "affine", "ghost", "renorm"):
         table.add_column(column, no_wrap=True)
     table.add_column("abs err", justify="right", no_wrap=True)
     table.add_column("rel err", justify="right", no_wrap=True)
@@ -164,6 +175,7 @@ def _print_gradcheck(result: Any) -> None:
             str(case.channel_axis),
             "yes" if case.affine else "no",
             "-" if case.virtual_batch is None else str(case.virtual_batch),
+            case.renorm or "-",
             *errors,
             verdict,
         )
