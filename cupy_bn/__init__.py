@@ -3,6 +3,7 @@
     import cupy_bn as cbn
     bn = cbn.BatchNorm2d(64)
     y = bn(x); dx = bn.backward(dy)
+    bn = cbn.BatchNorm2d(64, renorm=True)  # batch renormalization; set bn.rmax, bn.dmax per step
     y, saved = cbn.batch_norm(x, weight, bias, running_mean, running_var, training=True)
     y, saved = cbn.batch_norm(x, weight, bias, virtual_batch=32)  # ghost batches of 32 samples
     dx, dweight, dbias = cbn.batch_norm_backward(dy, saved)

@@ -377,14 +377,15 @@ def _fixed_corrections_backward(case, axis, saved0, x, weight, dy):
     return cbn.batch_norm_backward(dy, dataclasses.replace(saved, renorm=saved0.renorm))
 
 
+@pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("regime", sorted(REGIMES))
 @pytest.mark.parametrize("axis,shape", [(1, (3, 2, 4)), (-1, (5, 2))], ids=["NCS", "MC"])
-def test_double_backward_matches_differences_of_the_backward(axis, shape, regime):
+def test_double_backward_matches_differences_of_the_backward(axis, shape, regime, backend):
     case = make_case(shape, axis, np.float64, regime, seed=12)
     rmax, dmax = REGIMES[regime]
     rng = np.random.default_rng(13)
     ddx, ddw, ddb = rng.standard_normal(shape), rng.standard_normal(2), rng.standard_normal(2)
-    _, saved = run(case, axis, "numpy", rmax, dmax)
+    _, saved = run(case, axis, backend, rmax, dmax)
     gx, gw, gdy = cbn.batch_norm_double_backward(ddx, ddw, ddb, case["dy"], saved)
     x, w, dy = case["x"], case["weight"], case["dy"]
 
@@ -415,7 +416,55 @@ def test_double_backward_with_rmax_1_dmax_0_is_batch_norms():
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("layer", [cbn.BatchNorm1d, cbn.BatchNorm3d])
+def test_every_layer_class_takes_the_options(layer):
+    rng = np.random.default_rng(17)
+    shape = (6, 3, 4) if layer is cbn.BatchNorm1d else (2, 3, 2, 3, 2)
+    bn = layer(3, dtype=np.float64, momentum=MOMENTUM, renorm=True, rmax=1.25, dmax=0.25)
+    bn.buffers["running_mean"][:] = [4.0, -4.0, 0.5]
+    bn.buffers["running_var"][:] = [0.1, 9.0, 1.0]
+    x, dy = rng.standard_normal(shape), rng.standard_normal(shape)
+    want = renorm_reference(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, dy,
+                            1.25, 0.25, 1)  # fmt: skip
+    np.testing.assert_allclose(bn(x), want["y"], atol=1e-12)
+    np.testing.assert_allclose(bn.backward(dy), want["dx"], atol=1e-12)
+    np.testing.assert_allclose(bn.grads["weight"], want["dweight"], atol=1e-12)
+
+
 # -- sync batch norm -----------------------------------------------------------------------------
+def test_sync_functional_form_and_double_backward_are_those_of_the_concatenated_batch():
+    sizes, axis = [3, 0, 4], 1
+    case = make_case((sum(sizes), 3, 5), axis, np.float64, "clipped", seed=18)
+    rng = np.random.default_rng(19)
+    ddx, ddw, ddb = rng.standard_normal(case["x"].shape), *rng.standard_normal((2, 3))
+    bounds = np.cumsum([0, *sizes])
+    rmax, dmax = REGIMES["clipped"]
+
+    def work(comm):
+        rank = slice(bounds[comm.rank], bounds[comm.rank + 1])
+        rm, rv = case["running_mean"].copy(), case["running_var"].copy()
+        y, saved = cbn.sync_batch_norm(
+            case["x"][rank], case["weight"], case["bias"], rm, rv, True, MOMENTUM, EPS,
+            comm=comm, renorm=True, rmax=rmax, dmax=dmax,
+        )  # fmt: skip
+        dx, dw, _ = cbn.batch_norm_backward(case["dy"][rank], saved)
+        second = cbn.batch_norm_double_backward(ddx[rank], ddw, ddb, case["dy"][rank], saved)
+        return y, dx, dw, second
+
+    results = run_group(len(sizes), work)
+    want = reference_of(case, axis, rmax, dmax)
+    np.testing.assert_allclose(np.concatenate([r[0] for r in results]), want["y"], atol=1e-12)
+    np.testing.assert_allclose(np.concatenate([r[1] for r in results]), want["dx"], atol=1e-12)
+    np.testing.assert_allclose(sum(r[2] for r in results), want["dweight"], atol=1e-11)
+    # every rank's ddweight is the same: the cotangent of the summed dweight is ddweight, and
+    # the local ddbias of each share of dbias sums to the whole batch's
+    _, whole = run(case, axis, "numpy", rmax, dmax)
+    gx, gw, gdy = cbn.batch_norm_double_backward(ddx, ddw, ddb, case["dy"], whole)
+    np.testing.assert_allclose(np.concatenate([r[3][0] for r in results]), gx, atol=1e-10)
+    np.testing.assert_allclose(sum(r[3][1] for r in results), gw, atol=1e-10)
+    np.testing.assert_allclose(np.concatenate([r[3][2] for r in results]), gdy, atol=1e-10)
+
+
 @pytest.mark.parametrize("axis,shape", LAYOUTS, ids=["NCHW", "NHWC"])
 def test_sync_batch_norm_equals_renorm_of_the_concatenated_batch(axis, shape):
     sizes = [2, 0, 3, 1]
