@@ -29,7 +29,9 @@ warm-up. Chainer's `BatchRenormalization` has no defaults (both are required); K
 `renorm_clipping=None` leaves `r` and `d` unclipped, which lets the first steps, whose running
 statistics are still the initial 0 and 1, rescale the batch by any factor. The paper's warm-up
 (`rmax=1, dmax=0`, batch norm, for the first steps, then a ramp) is the caller's: the layers'
-`rmax` and `dmax` attributes may be changed between steps.
+`rmax` and `dmax` attributes may be changed between steps. As in the paper and Chainer, `r`
+and `d` use the layer's one pair of running statistics (Keras keeps a second pair for them,
+with its own `renorm_momentum`).
 """
 
 from __future__ import annotations

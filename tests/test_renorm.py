@@ -507,3 +507,52 @@ def test_convert_sync_batchnorm_keeps_the_renorm_options():
     bn = cbn.BatchNorm2d(3, renorm=True, rmax=2.0, dmax=1.0)
     sync = cbn.convert_sync_batchnorm(bn, ThreadComm(_Group(1, 1.0), 0))
     assert (sync.renorm, sync.rmax, sync.dmax) == (True, 2.0, 1.0)
+
+
+def test_a_bad_bound_on_one_process_changes_nothing_anywhere():
+    """A process whose rmax is refused raises its own error, the others RemoteFailure, before
+    the statistics all-reduce; no process's state changes."""
+    x = np.random.default_rng(20).standard_normal((4, 3, 2))
+
+    def work(comm):
+        bn = cbn.SyncBatchNorm(3, dtype=np.float64, comm=comm, renorm=True)
+        state = bn.state_dict()
+        if comm.rank == 1:
+            bn.rmax = 0.5
+        try:
+            bn(x)
+        except Exception as exc:  # each process's own outcome, checked below
+            outcome = exc
+        else:
+            outcome = None
+        for k, v in bn.state_dict().items():
+            np.testing.assert_array_equal(v, state[k], err_msg=k)
+        return outcome
+
+    outcomes = run_group(3, work)
+    assert isinstance(outcomes[1], ValueError) and "rmax must be" in str(outcomes[1])
+    for rank in (0, 2):
+        assert isinstance(outcomes[rank], cbn.RemoteFailure) and outcomes[rank].ranks == [1]
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_float16_layer_state(backend):
+    """A float16 layer: float16 parameters and running statistics, r and d in float32 from
+    the running statistics as stored."""
+    rng = np.random.default_rng(21)
+    bn = cbn.BatchNorm2d(3, channel_axis=-1, dtype=np.float16, backend=backend, renorm=True,
+                         rmax=1.25, dmax=0.25, momentum=MOMENTUM)  # fmt: skip
+    bn.buffers["running_mean"][:] = [1.0, -1.0, 0.25]
+    bn.buffers["running_var"][:] = [0.2, 6.0, 1.5]
+    bn.params["weight"][:] = [0.5, -1.5, 1.0]
+    x = rng.normal(0.5, 1.5, (4, 3, 5, 3)).astype(np.float16)
+    dy = rng.standard_normal(x.shape).astype(np.float16)
+    want = renorm_reference(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, dy,
+                            1.25, 0.25, -1)  # fmt: skip
+    y = bn(x)
+    dx = bn.backward(dy)
+    assert y.dtype == dx.dtype == bn.grads["weight"].dtype == np.float16
+    for name, got in (("y", y), ("dx", dx), ("dweight", bn.grads["weight"])):
+        assert relative_error(got, want[name]) < TOLERANCE["float16"], name
+    for name, got in (("rm", bn.running_mean), ("rv", bn.running_var)):  # float16 storage
+        assert relative_error(got, want[name]) < 1e-3, name
