@@ -170,10 +170,15 @@ def check_finite_stats(mean: Array, var: Array) -> None:
         raise deferred.nonfinite_error((~to_host(finite)).nonzero()[0])
 
 
+def _defers_checks(be: Backend) -> bool:
+    """Whether `be` checks on its device without waiting (`cupy_bn.deferred`)."""
+    return getattr(be, "defers_checks", False) and deferred.deferred_checks_enabled()
+
+
 def _check_statistics(be: Backend, mean: Array, var: Array, view: View) -> None:
     """`check_finite_stats` now, or queued on the device by a backend that `defers_checks`
     (`cupy_bn.deferred`; it leaves the running statistics unchanged itself)."""
-    if getattr(be, "defers_checks", False) and deferred.deferred_checks_enabled():
+    if _defers_checks(be):
         be.report_nonfinite(mean, var, f"input shape {view.shape}, backend {be.name!r}")
     else:
         check_finite_stats(mean, var)
@@ -304,7 +309,7 @@ def _batch_norm(
         check_batch_count(count, f" (input shape {view.shape})")
     be = get_backend(backend, x)
     acc = accumulation_dtype(x.dtype)
-    prior = renorm_prior(renorm, training, running_mean, running_var, acc)
+    prior = renorm_prior(renorm, training, running_mean, running_var, acc, not _defers_checks(be))
 
     if not training:
         mean = running_mean.astype(acc)

@@ -164,15 +164,22 @@ def renorm_prior(
     running_mean: Array | None,
     running_var: Array | None,
     acc: Any,
+    check_values: bool = True,
 ) -> RenormPrior | None:
     """The `RenormPrior` of a training forward with `options = (renorm, rmax, dmax)`; None
     without renorm or in inference mode (plain batch norm). Raises naming the argument before
-    any state changes: bad options, no running statistics, running statistics that are not
-    finite or a negative running variance."""
+    any state changes: bad options, no running statistics, and, when `check_values`, running
+    statistics that are not finite or a negative running variance. That check reads device
+    values back, so a backend that defers its checks so as not to wait for the device
+    (`cupy_bn.deferred`, the CUDA backend) skips it: there, non-finite running statistics (or
+    a negative running variance) give non-finite outputs and gradients in their channels, as
+    they do in inference mode."""
     renorm, rmax, dmax = check_renorm_options(*options, running_mean is not None)
     if not renorm or not training:
         return None
     mean, var = running_mean.astype(acc), running_var.astype(acc)  # copies: updated later
+    if not check_values:
+        return RenormPrior(mean, var, rmax, dmax)
     xp = array_module(mean)
     for name, v in (("running_mean", mean), ("running_var", var)):
         if not bool(xp.isfinite(v).all()):

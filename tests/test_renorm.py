@@ -556,3 +556,32 @@ def test_float16_layer_state(backend):
         assert relative_error(got, want[name]) < TOLERANCE["float16"], name
     for name, got in (("rm", bn.running_mean), ("rv", bn.running_var)):  # float16 storage
         assert relative_error(got, want[name]) < 1e-3, name
+
+
+@pytest.mark.skipif(not simulator_usable(), reason="CUDA simulator not found")
+def test_a_backend_that_defers_its_checks_reads_no_running_statistics_back():
+    """The CUDA backend's deferred checks (`cupy_bn.deferred`), in the simulator: renorm adds no
+    read-back to the forward, so a NaN running variance gives NaN in its channel only; with
+    deferral off the same call raises before any update. The results agree otherwise."""
+    from cupy_bn import deferred
+    from cupy_bn.backends.cuda_backend import CudaBackend
+
+    backend = CudaBackend.for_simulator(defers_checks=True)
+    case = make_case((5, 3, 4), 1, np.float32, "clipped", seed=22)
+    rv = case["running_var"].copy()
+    rv[1] = np.nan
+    previous = deferred.set_deferred_checks(True)
+    try:
+        rm = case["running_mean"].copy()
+        y, _ = cbn.batch_norm(case["x"], None, None, rm, rv.copy(), backend=backend, renorm=True)
+        assert np.isnan(y[:, 1]).all() and np.isfinite(y[:, [0, 2]]).all()
+        want = reference_of(dict(case, weight=None, bias=None), 1, 3.0, 5.0)["y"]
+        assert relative_error(y[:, [0, 2]], want[:, [0, 2]]) < TOLERANCE["float32"]
+        deferred.set_deferred_checks(False)
+        rm, bad = case["running_mean"].copy(), rv.copy()
+        with pytest.raises(ValueError, match="running_var must be finite for renorm"):
+            cbn.batch_norm(case["x"], None, None, rm, bad, backend=backend, renorm=True)
+        np.testing.assert_array_equal(rm, case["running_mean"])
+    finally:
+        deferred.set_deferred_checks(previous)
+        deferred.check_errors()
