@@ -187,14 +187,19 @@ def test_matches_the_float64_reference(axis, shape, dtype, regime, backend):
 
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("axis,shape", LAYOUTS, ids=["NCHW", "NHWC"])
-def test_without_weight_and_bias(axis, shape, backend):
+@pytest.mark.parametrize("missing", [("weight", "bias"), ("weight",), ("bias",)], ids=str)
+def test_without_weight_or_bias(axis, shape, backend, missing):
     case = make_case(shape, axis, np.float64, "clipped", seed=2)
-    case["weight"] = case["bias"] = None
+    case.update(dict.fromkeys(missing))
     got, _ = run(case, axis, backend, *REGIMES["clipped"])
     want = reference_of(case, axis, *REGIMES["clipped"])
-    assert got["dweight"] is None and got["dbias"] is None
+    for name in ("weight", "bias"):
+        if name in missing:
+            assert got["d" + name] is None, name
+        else:
+            assert relative_error(got["d" + name], want["d" + name]) < 1e-14, name
     for name in ("y", "dx"):
-        assert relative_error(got[name], want[name]) < 1e-12, name
+        assert relative_error(got[name], want[name]) < 1e-14, name
 
 
 @pytest.mark.parametrize("backend", _backends())
