@@ -13,7 +13,7 @@ the call updated them. `r` and `d` are computed in the accumulation dtype (float
 float64 input) and are constants of the backward, as in the paper. The running statistics are
 updated as in plain batch norm (PyTorch's momentum, unbiased variance); inference is plain
 batch norm with the running statistics. `rmax=1, dmax=0` gives `r = 1`, `d = 0`: batch norm
-bit for bit.
+bit for bit. Ghost batches (`virtual_batch`, `cupy_bn.ghost`) are refused with `ValueError`.
 
 Composition: renorm is batch norm with the effective weight `gamma * r` and bias
 `beta + gamma * d`, so the forward is the primitive `apply` with

@@ -102,6 +102,10 @@ def test_build_cases_keeps_renorm_to_training():
     assert found == [("train", None), ("eval", None), ("train", "clipped")]
     with pytest.raises(ValueError, match="renorm: batch renormalization is checked in mode"):
         build_cases([(4, 3)], modes="eval", renorm="clipped")
+    ghost = build_cases([(4, 3)], channel_axes=1, modes="train", affine=True,
+                        virtual_batch=(None, 2), renorm=(None, "unclipped"))  # fmt: skip
+    found = [(c.virtual_batch, c.renorm) for c in ghost]
+    assert found == [(None, None), (None, "unclipped"), (2, None)]
     with pytest.raises(ValueError, match="renorm: expected None, 'clipped' or 'unclipped'"):
         build_cases([(4, 3)], renorm="on")
 
@@ -118,4 +122,6 @@ def test_cli_renorm_option():
     table = runner.invoke(main, ["gradcheck", "--renorm", "on", "--shape", "4,3"])
     assert table.exit_code == 0 and "clipped" in table.stdout and "8/8 cases" in table.stdout
     refused = runner.invoke(main, ["gradcheck", "--renorm", "on", "--mode", "eval"])
-    assert refused.exit_code == 2 and "mode 'train' only" in refused.stderr
+    assert refused.exit_code == 2 and "mode 'train' without virtual_batch only" in refused.stderr
+    ghost = runner.invoke(main, ["gradcheck", "--renorm", "on", "--virtual-batch", "2"])
+    assert ghost.exit_code == 2 and "without virtual_batch" in ghost.stderr

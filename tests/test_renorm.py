@@ -288,6 +288,18 @@ def test_bad_options_raise_naming_them_before_any_update(options, error, match):
     np.testing.assert_array_equal(rv, case["running_var"])
 
 
+def test_renorm_does_not_combine_with_ghost_batches():
+    case = make_case((6, 3, 4), 1, np.float32, "clipped", seed=8)
+    rm, rv = case["running_mean"].copy(), case["running_var"].copy()
+    with pytest.raises(ValueError, match="renorm=True is not supported with virtual_batch=2"):
+        cbn.batch_norm(case["x"], None, None, rm, rv, renorm=True, virtual_batch=2)
+    np.testing.assert_array_equal(rm, case["running_mean"])
+    np.testing.assert_array_equal(rv, case["running_var"])
+    with pytest.raises(ValueError, match="renorm=True is not supported with virtual_batch=4"):
+        cbn.BatchNorm1d(3, renorm=True, virtual_batch=4)
+    cbn.batch_norm(case["x"], None, None, rm, rv, renorm=False, virtual_batch=2)  # accepted
+
+
 def test_renorm_needs_running_statistics():
     x = np.random.default_rng(0).standard_normal((5, 3))
     with pytest.raises(ValueError, match="renorm=True needs running statistics"):
