@@ -31,6 +31,7 @@ forever.
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ from cupy_bn.renorm import (
     DEFAULT_DMAX,
     DEFAULT_RMAX,
     RenormCorrection,
-    check_renorm_options,
+    RenormPrior,
     renorm_prior,
 )
 from cupy_bn.validation import (
@@ -254,7 +255,7 @@ def batch_norm(
     -dmax, dmax)` from the running statistics before this call's update, constants of the
     backward. Needs `running_mean`/`running_var`; `rmax >= 1`, `dmax >= 0`, both finite;
     `rmax=1, dmax=0` is batch norm. In inference mode (`training=False`) it changes nothing.
-    Not with `virtual_batch` (`ValueError`).
+    With `virtual_batch`, each chunk is renormalized against the running statistics.
     """
     args = (x, weight, bias, running_mean, running_var, training, momentum, eps, channel_axis)
     fused = (activation, residual)
@@ -267,16 +268,10 @@ def batch_norm(
 
 
 def _ghost_forward(virtual_batch: int):
-    """`cupy_bn.ghost`'s forward for `virtual_batch`, with `_batch_norm`'s arguments (the
-    last, batch renormalization's options, refused with renorm: `check_renorm_options`)."""
+    """`cupy_bn.ghost`'s forward for `virtual_batch`, with `_batch_norm`'s arguments."""
     from cupy_bn.ghost import ghost_batch_norm  # it builds on this module
 
-    def run(*arguments):
-        *args, renorm = arguments
-        check_renorm_options(*renorm, virtual_batch=virtual_batch)
-        return ghost_batch_norm(*args, virtual_batch=virtual_batch)
-
-    return run
+    return functools.partial(ghost_batch_norm, virtual_batch=virtual_batch)
 
 
 def _batch_norm(
@@ -309,7 +304,11 @@ def _batch_norm(
         check_batch_count(count, f" (input shape {view.shape})")
     be = get_backend(backend, x)
     acc = accumulation_dtype(x.dtype)
-    prior = renorm_prior(renorm, training, running_mean, running_var, acc, not _defers_checks(be))
+    prior = (
+        renorm  # ghost batches: the prior of the whole call, for every chunk
+        if isinstance(renorm, RenormPrior)
+        else renorm_prior(renorm, training, running_mean, running_var, acc, not _defers_checks(be))
+    )
 
     if not training:
         mean = running_mean.astype(acc)

@@ -66,6 +66,7 @@ from cupy_bn.arrays import array_module
 from cupy_bn.backends import Backend, get_backend
 from cupy_bn.dtypes import accumulation_dtype
 from cupy_bn.layout import MC, View, canonical
+from cupy_bn.renorm import DEFAULT_DMAX, DEFAULT_RMAX, renorm_prior
 from cupy_bn.validation import (
     check_array,
     check_channel_vector,
@@ -131,9 +132,12 @@ def chunk_rows(view: View, virtual_batch: int) -> tuple[tuple[int, int], ...]:
 
 def ghost_batch_norm(
     x, weight, bias, running_mean, running_var, training, momentum, eps, channel_axis, backend,
-    reducer, activation=None, residual=None, *, virtual_batch,
+    reducer, activation=None, residual=None, renorm=(False, DEFAULT_RMAX, DEFAULT_DMAX), *,
+    virtual_batch,
 ) -> tuple[Array, GhostSaved | functional.SavedForBackward]:  # fmt: skip
-    """`functional.batch_norm` with `virtual_batch` (module docstring); the same arguments.
+    """`functional.batch_norm` with `virtual_batch` (module docstring); the same arguments
+    (`renorm`: batch renormalization's `(renorm, rmax, dmax)`, each chunk against the running
+    statistics as they were before the call).
 
     Returns `(y, saved)`: `saved` is a `GhostSaved` when the batch has two chunks or more, and
     the plain forward's `SavedForBackward` otherwise (inference, or `virtual_batch >= N`).
@@ -148,15 +152,23 @@ def ghost_batch_norm(
         )
     view = canonical(check_array("x", x), channel_axis)
     if not training:
-        return functional._batch_norm(*args, backend, None, activation, residual)
+        return functional._batch_norm(*args, backend, None, activation, residual, renorm)
     rows = chunk_rows(view, virtual_batch)
     if len(rows) <= 1:
-        return functional._batch_norm(*args, backend, None, activation, residual)
+        return functional._batch_norm(*args, backend, None, activation, residual, renorm)
     _check_chunks(view, rows, virtual_batch)
     xp = array_module(x)
     be = get_backend(backend, x)
     _check_running(running_mean, running_var, view.num_channels, xp)
     momentum = check_momentum(momentum)
+    prior = renorm_prior(
+        renorm,
+        True,
+        running_mean,
+        running_var,
+        accumulation_dtype(view.data.dtype),
+        not functional._defers_checks(be),
+    )
     residual_data = None if residual is None else functional._residual_view(view, residual, xp).data
 
     out = xp.empty(view.data.shape, view.data.dtype)
@@ -165,7 +177,7 @@ def ghost_batch_norm(
         z = None if residual_data is None else residual_data[start:stop]
         y, saved = functional._batch_norm(
             view.data[start:stop], weight, bias, None, None, True, momentum, eps, 1, backend,
-            None, activation, z,
+            None, activation, z, prior or renorm,
         )  # fmt: skip
         out[start:stop] = y
         if saved.output is not None:  # keep the ReLU's mask in the returned y, not in a copy

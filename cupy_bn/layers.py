@@ -25,8 +25,8 @@ running statistics); eval mode with running statistics ignores it.
 
 `renorm=True` trains with batch renormalization (`cupy_bn.renorm`); `rmax` and `dmax` are
 plain attributes, read at every training forward, so a warm-up schedule sets them between
-steps (`bn.rmax = ...`). Inference and `state_dict` are those of batch norm. It does not
-combine with `virtual_batch`.
+steps (`bn.rmax = ...`). Inference and `state_dict` are those of batch norm. With
+`virtual_batch` each chunk is renormalized against the running statistics.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class _BatchNorm:
         self.activation = check_activation(activation)
         self.virtual_batch = check_virtual_batch(virtual_batch)
         self.renorm, self.rmax, self.dmax = check_renorm_options(
-            renorm, rmax, dmax, self.track_running_stats, self.virtual_batch
+            renorm, rmax, dmax, self.track_running_stats
         )
         self.training = True
         self._saved: SavedForBackward | GhostSaved | None = None

@@ -13,7 +13,10 @@ the call updated them. `r` and `d` are computed in the accumulation dtype (float
 float64 input) and are constants of the backward, as in the paper. The running statistics are
 updated as in plain batch norm (PyTorch's momentum, unbiased variance); inference is plain
 batch norm with the running statistics. `rmax=1, dmax=0` gives `r = 1`, `d = 0`: batch norm
-bit for bit. Ghost batches (`virtual_batch`, `cupy_bn.ghost`) are refused with `ValueError`.
+bit for bit. With ghost batches (`virtual_batch`, `cupy_bn.ghost`) each chunk is
+renormalized with its own statistics against the running statistics as they were before the
+call (one `RenormPrior` for all chunks), and the running statistics are updated once, by
+ghost batches' rule.
 
 Composition: renorm is batch norm with the effective weight `gamma * r` and bias
 `beta + gamma * d`, so the forward is the primitive `apply` with
@@ -74,15 +77,10 @@ def _check_bound(name: str, value: object, low: float) -> float:
 
 
 def check_renorm_options(
-    renorm: object,
-    rmax: object,
-    dmax: object,
-    has_running_stats: bool = True,
-    virtual_batch: int | None = None,
+    renorm: object, rmax: object, dmax: object, has_running_stats: bool = True
 ) -> tuple[bool, float, float]:
     """`(renorm, rmax, dmax)` checked: `renorm` a bool, `rmax` finite and >= 1, `dmax` finite
-    and >= 0, and, when `renorm`, running statistics present (`has_running_stats`) and no
-    ghost batches (`virtual_batch` None)."""
+    and >= 0, and, when `renorm`, running statistics present (`has_running_stats`)."""
     if not isinstance(renorm, (bool, np.bool_)):
         raise TypeError(f"renorm must be a bool, got {type_name(renorm)}")
     rmax = _check_bound("rmax", rmax, 1.0)
@@ -91,11 +89,6 @@ def check_renorm_options(
         raise ValueError(
             "renorm=True needs running statistics (running_mean and running_var, "
             "track_running_stats=True): r and d are computed from them"
-        )
-    if renorm and virtual_batch is not None:
-        raise ValueError(
-            f"renorm=True is not supported with virtual_batch={virtual_batch!r} "
-            "(ghost batches); use one or the other"
         )
     return bool(renorm), rmax, dmax
 

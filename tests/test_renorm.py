@@ -288,16 +288,46 @@ def test_bad_options_raise_naming_them_before_any_update(options, error, match):
     np.testing.assert_array_equal(rv, case["running_var"])
 
 
-def test_renorm_does_not_combine_with_ghost_batches():
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("axis,shape", [(1, (7, 3, 4)), (-1, (7, 2, 3))], ids=str)
+@pytest.mark.parametrize("regime", ["clipped", "unclipped"])
+def test_ghost_batches_renormalize_each_chunk_against_the_running_statistics(
+    axis, shape, regime, backend
+):
+    """Chunks of 3, 3 and 1 samples: each chunk is the float64 renorm of those samples against
+    the running statistics before the call; the running statistics are those of ghost batches
+    without renorm (one update per call)."""
+    case = make_case(shape, axis, np.float64, regime, seed=8)
+    rmax, dmax = (1.25, 0.25) if regime == "clipped" else (3.0, 5.0)
+    got, _ = run(case, axis, backend, rmax, dmax, virtual_batch=3)
+    plain = dict(case)
+    rm, rv = case["running_mean"].copy(), case["running_var"].copy()
+    cbn.batch_norm(case["x"], None, None, rm, rv, True, MOMENTUM, EPS, axis, virtual_batch=3)
+    np.testing.assert_allclose(got["rm"], rm, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(got["rv"], rv, rtol=1e-14, atol=1e-14)
+    for start in range(0, shape[0], 3):
+        rows = slice(start, start + 3)
+        chunk = {k: (v[rows] if k in ("x", "dy") else v) for k, v in plain.items()}
+        want = reference_of(chunk, axis, rmax, dmax)
+        for key in ("y", "dx"):
+            assert relative_error(got[key][rows], want[key]) < 1e-9, key  # chunk of 1: tiny dx
+    sums = [reference_of({k: (v[s : s + 3] if k in ("x", "dy") else v) for k, v in plain.items()},
+                         axis, rmax, dmax) for s in range(0, shape[0], 3)]  # fmt: skip
+    for key in ("dweight", "dbias"):
+        assert relative_error(got[key], sum(w[key] for w in sums)) < 1e-12, key
+
+
+def test_ghost_renorm_errors_come_before_any_update():
     case = make_case((6, 3, 4), 1, np.float32, "clipped", seed=8)
     rm, rv = case["running_mean"].copy(), case["running_var"].copy()
-    with pytest.raises(ValueError, match="renorm=True is not supported with virtual_batch=2"):
+    rv[1] = np.nan
+    with pytest.raises(ValueError, match="running_var must be finite for renorm"):
         cbn.batch_norm(case["x"], None, None, rm, rv, renorm=True, virtual_batch=2)
+    with pytest.raises(ValueError, match="rmax must be a finite number >= 1"):
+        cbn.batch_norm(case["x"], None, None, rm, rv, renorm=True, rmax=0.5, virtual_batch=2)
     np.testing.assert_array_equal(rm, case["running_mean"])
-    np.testing.assert_array_equal(rv, case["running_var"])
-    with pytest.raises(ValueError, match="renorm=True is not supported with virtual_batch=4"):
-        cbn.BatchNorm1d(3, renorm=True, virtual_batch=4)
-    cbn.batch_norm(case["x"], None, None, rm, rv, renorm=False, virtual_batch=2)  # accepted
+    layer = cbn.BatchNorm1d(3, renorm=True, virtual_batch=4)  # accepted
+    assert "virtual_batch=4, renorm=True" in repr(layer)
 
 
 def test_renorm_needs_running_statistics():
