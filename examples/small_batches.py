@@ -33,7 +33,7 @@ accuracy in inference mode; seconds of training.
 
 Writes to --out: accuracy.png, results.md and results.json.
 
-    python examples/small_batches.py            # 2-8 minutes on 2 shared CPU cores
+    python examples/small_batches.py            # 8 minutes on 2 CPU cores busy with other work
     python examples/small_batches.py --quick    # under a minute
 """
 
