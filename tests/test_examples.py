@@ -393,6 +393,52 @@ def test_autograd_mlp_quick(tmp_path, dataset):
     assert set(r["runs"]) == {"with batch_norm", "without"}
 
 
+def test_small_batches_renorm_schedule_and_training_mode_accuracy():
+    import small_batches as sb
+
+    assert sb.renorm_bounds(0, 100) == (1.0, 0.0) and sb.renorm_bounds(10, 100) == (1.0, 0.0)
+    assert sb.renorm_bounds(30, 100) == pytest.approx((2.0, 2.5))
+    assert sb.renorm_bounds(50, 100) == (3.0, 5.0) and sb.renorm_bounds(100, 100) == (3.0, 5.0)
+    rng = np.random.default_rng(8)
+    model = sb.build_network(12, 3, 5, seed=0, renorm=True)
+    x, y = rng.standard_normal((10, 12)).astype(np.float32), rng.integers(0, 3, 10)
+    model(x)  # move the running statistics away from 0 and 1
+    before = model.state_dict()
+    accuracy = sb.training_mode_accuracy(model, x, y, batch_size=4)  # 2 batches; 2 left out
+    assert 0 <= accuracy <= 1 and accuracy * 8 == round(accuracy * 8)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    assert [bn.momentum for bn in sb.batch_norms(model)] == [0.1, 0.1]
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_small_batches_quick(tmp_path, dataset):
+    r = run_quick("small_batches", dataset, tmp_path)
+    assert r["small_batch_sizes"] == [4] and r["ghost_factor"] == 8
+    assert set(r["runs"]) == {
+        "batch norm, batch 4",
+        "renorm, batch 4",
+        "ghost, batch 32 in 4s",
+        "batch norm, batch 32",
+    }
+    for run in r["runs"].values():
+        assert run["diverged"] is None and run["seconds"] > 0
+        for key in (
+            "train_accuracy_training_mode",
+            "train_accuracy_inference_mode",
+            "test_accuracy",
+        ):
+            assert run[key] > 0.5, key  # chance is 0.1
+        gap = run["train_accuracy_training_mode"] - run["train_accuracy_inference_mode"]
+        assert run["gap"] == pytest.approx(gap)
+    assert [r["runs"][name]["samples_per_normalization"] for name in r["runs"]] == [4, 4, 4, 32]
+    renorm = r["runs"]["renorm, batch 4"]
+    assert (renorm["final_rmax"], renorm["final_dmax"]) == (3.0, 5.0)  # the ramp's end
+    # renorm trains with outputs corrected towards the running statistics: a smaller gap
+    assert abs(renorm["gap"]) < abs(r["runs"]["batch norm, batch 4"]["gap"])
+    assert (tmp_path / "accuracy.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_gpu_without_a_usable_device_is_a_clear_usage_error(tmp_path):
     try:
         import cupy
