@@ -246,6 +246,37 @@ def points(gap: float | None) -> str:
     return "-" if gap is None else f"{100 * gap:+.1f}"
 
 
+def plot_accuracy(runs: dict, dataset_name: str, path) -> None:
+    """Bars of each run's training-mode, inference-mode and test accuracy, saved at `path`."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    names = list(runs)
+    bars = (
+        ("train_accuracy_training_mode", "train, training mode", "tab:orange"),
+        ("train_accuracy_inference_mode", "train, inference mode", "tab:blue"),
+        ("test_accuracy", "test, inference mode", "tab:green"),
+    )
+    width = 0.8 / len(bars)
+    for k, (key, label, color) in enumerate(bars):
+        ax.bar(
+            np.arange(len(names)) + (k - 1) * width,
+            [runs[n][key] or 0.0 for n in names],
+            width,
+            label=label,
+            color=color,
+        )
+    low = min([r[key] for r in runs.values() for key, _, _ in bars if r[key] is not None] or [0])
+    ax.set_xticks(np.arange(len(names)), [n.replace(", ", "\n") for n in names], fontsize=8)
+    ax.set(
+        ylabel="accuracy",
+        ylim=(max(0.0, low - 0.1), 1.0),
+        title=f"Small batches on {dataset_name}: training vs inference normalization",
+    )
+    ax.legend(loc="upper center", ncol=3, fontsize=8)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = example_parser(__doc__, "out/small_batches")
     parser.add_argument(
@@ -338,33 +369,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = intro + markdown_table(headers, rows)
     out = args.out
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(9, 4.2))
-    names = list(runs)
-    bars = (
-        ("train_accuracy_training_mode", "train, training mode", "tab:orange"),
-        ("train_accuracy_inference_mode", "train, inference mode", "tab:blue"),
-        ("test_accuracy", "test, inference mode", "tab:green"),
-    )
-    width = 0.8 / len(bars)
-    for k, (key, label, color) in enumerate(bars):
-        ax.bar(
-            np.arange(len(names)) + (k - 1) * width,
-            [runs[n][key] or 0.0 for n in names],
-            width,
-            label=label,
-            color=color,
-        )
-    low = min([r[key] for r in runs.values() for key, _, _ in bars if r[key] is not None] or [0])
-    ax.set_xticks(np.arange(len(names)), [n.replace(", ", "\n") for n in names], fontsize=8)
-    ax.set(
-        ylabel="accuracy",
-        ylim=(max(0.0, low - 0.1), 1.0),
-        title=f"Small batches on {dataset.name}: training vs inference normalization",
-    )
-    ax.legend(loc="lower right", fontsize=8)
-    save_figure(fig, out / "accuracy.png")
-    plt.close(fig)
+    plot_accuracy(runs, dataset.name, out / "accuracy.png")
     write_text(out / "results.md", report)
     write_json(
         out / "results.json",
