@@ -102,12 +102,46 @@ bn_mc_stats(const T* __restrict__ x, long long M, int C, int group,
   if (flags & BN_RUNNING) bn::update_running_if_last(out, sy.done, sy.bad, gridDim.x, bad, C);
 }
 
-// y = x * scale[c] + shift[c], computed in Acc and rounded once to T.
+// bn_mc_apply on 16-byte packs along the channels (bn::mc_packable): a thread moves
+// PackUnroll<T> packs of one channel group (rows `step` apart) per step, with the group's
+// scale and shift in registers.
+template <typename T, typename Acc>
+__device__ __forceinline__ bool mc_apply_packs(const T* __restrict__ x,
+                                               const Acc* __restrict__ scale,
+                                               const Acc* __restrict__ shift, long long M, int C,
+                                               T* __restrict__ y) {
+  using P = bn::Pack<T>;
+  const bn::McPackShare s = bn::mc_pack_share<T>(M, C);
+  Acc a[P::size], b[P::size];
+  if (s.active) {
+    bn::load_channels<T>(scale, s.channel, a);
+    bn::load_channels<T>(shift, s.channel, b);
+  }
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + s.base;
+  P* __restrict__ yp = reinterpret_cast<P*>(y) + s.base;
+  return bn::mc_pack_walk<bn::PackUnroll<T>::value>(s, [&](auto n, const auto& off) {
+    constexpr int K = decltype(n)::value;
+    P v[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) v[k] = xp[off[k]];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      P r;
+#pragma unroll
+      for (int j = 0; j < P::size; ++j) bn::store(&r.v[j], bn::widen(v[k].v[j]) * a[j] + b[j]);
+      yp[off[k]] = r;
+    }
+  });
+}
+
+// y = x * scale[c] + shift[c], computed in Acc and rounded once to T; on 16-byte packs where
+// the pointers and C allow (bn::mc_packable), element by element otherwise.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(256)
 bn_mc_apply(const T* __restrict__ x, const Acc* __restrict__ scale,
             const Acc* __restrict__ shift, long long M, int C, T* __restrict__ y) {
   constexpr int U = bn::Unroll<T>::value;
+  if (bn::mc_packable<T>(C, x, y) && mc_apply_packs<T, Acc>(x, scale, shift, M, C, y)) return;
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= C) return;
   const bn::McRows rows = bn::mc_rows(M);
@@ -190,7 +224,47 @@ bn_mc_reduce(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __res
   }
 }
 
-// dx of training-mode batch norm, coefficients as in bn_ncs_backward.
+// bn_mc_backward on 16-byte packs of dy, x and dx along the channels (bn::mc_packable), as
+// mc_apply_packs. The tile's coefficients (p, q, r, mean of blockDim.x channels) sit in shared
+// memory, read with the packs: in registers they would take 32 of them for 16-bit types.
+template <typename T, typename Acc>
+__device__ __forceinline__ bool mc_backward_packs(
+    const T* __restrict__ dy, const T* __restrict__ x, const Acc* __restrict__ mean,
+    const Acc* __restrict__ invstd, const Acc* __restrict__ gamma,
+    const Acc* __restrict__ sum_dy, const Acc* __restrict__ sum_dy_xmu, long long count,
+    long long M, int C, T* __restrict__ dx) {
+  using P = bn::Pack<T>;
+  __shared__ Acc s_k[4][32];
+  const int t = threadIdx.y * blockDim.x + threadIdx.x;
+  const int c = blockIdx.x * blockDim.x + t;
+  if (t < blockDim.x && c < C) {
+    const bn::DxCoefficients<Acc> k =
+        bn::dx_coefficients(invstd, gamma, sum_dy, sum_dy_xmu, count, c);
+    s_k[0][t] = k.p;
+    s_k[1][t] = k.q;
+    s_k[2][t] = k.r;
+    s_k[3][t] = mean[c];
+  }
+  __syncthreads();
+  const bn::McPackShare s = bn::mc_pack_share<T>(M, C);
+  const int j0 = s.channel - blockIdx.x * blockDim.x;
+  const P* __restrict__ gp = reinterpret_cast<const P*>(dy) + s.base;
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + s.base;
+  P* __restrict__ dxp = reinterpret_cast<P*>(dx) + s.base;
+  return bn::mc_pack_walk<1>(s, [&](auto, const auto& off) {
+    const P g = gp[off[0]], v = xp[off[0]];
+    P o;
+#pragma unroll
+    for (int j = 0; j < P::size; ++j)
+      bn::store(&o.v[j], (bn::widen(g.v[j]) * s_k[0][j0 + j] +
+                          (bn::widen(v.v[j]) - s_k[3][j0 + j]) * s_k[1][j0 + j]) +
+                             s_k[2][j0 + j]);
+    dxp[off[0]] = o;
+  });
+}
+
+// dx of training-mode batch norm, coefficients as in bn_ncs_backward; on 16-byte packs where
+// the pointers and C allow (bn::mc_packable).
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(256)
 bn_mc_backward(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __restrict__ mean,
@@ -198,6 +272,9 @@ bn_mc_backward(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __r
                const Acc* __restrict__ sum_dy, const Acc* __restrict__ sum_dy_xmu,
                long long count, long long M, int C, T* __restrict__ dx) {
   constexpr int U = bn::Unroll<T>::value;
+  if (bn::mc_packable<T>(C, dy, x, dx) &&
+      mc_backward_packs<T, Acc>(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xmu, count, M, C, dx))
+    return;
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= C) return;
   const bn::McRows rows = bn::mc_rows(M);

@@ -75,37 +75,26 @@ bn_ncs_stats(const T* __restrict__ x, long long N, int C, long long S, int col_p
 // bn_ncs_apply on 16-byte packs (bn::ncs_packable): each thread moves PackUnroll<T> packs
 // (the elements of U scalar loads) per step with 128-bit loads and stores.
 template <typename T, typename Acc>
-__device__ __forceinline__ void ncs_apply_packs(const T* __restrict__ x, Acc a, Acc b,
+__device__ __forceinline__ bool ncs_apply_packs(const T* __restrict__ x, Acc a, Acc b,
                                                 long long N, int C, long long S, int col_pieces,
                                                 T* __restrict__ y) {
   using P = bn::Pack<T>;
-  constexpr int K = bn::PackUnroll<T>::value;
-  const int step = blockDim.x;
   const bn::NcsTile tile = bn::ncs_tile(N, C, S / P::size, col_pieces);
-  const P* __restrict__ xp = reinterpret_cast<const P*>(x);
-  P* __restrict__ yp = reinterpret_cast<P*>(y);
-  bn::NcsCursor cur(tile, threadIdx.x, step);
-  for (int i = threadIdx.x; i < tile.count; i += K * step) {
-    bn::NcsCursor out = cur;
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + tile.base;
+  P* __restrict__ yp = reinterpret_cast<P*>(y) + tile.base;
+  return bn::ncs_pack_walk<bn::PackUnroll<T>::value>(tile, [&](auto n, const auto& off) {
+    constexpr int K = decltype(n)::value;
     P v[K];
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      if (i + k * step < tile.count) {
-        v[k] = xp[cur.off];
-        cur.advance();
-      }
-    }
+    for (int k = 0; k < K; ++k) v[k] = xp[off[k]];
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      if (i + k * step < tile.count) {
-        P r;
+      P r;
 #pragma unroll
-        for (int j = 0; j < P::size; ++j) bn::store(&r.v[j], bn::widen(v[k].v[j]) * a + b);
-        yp[out.off] = r;
-        out.advance();
-      }
+      for (int j = 0; j < P::size; ++j) bn::store(&r.v[j], bn::widen(v[k].v[j]) * a + b);
+      yp[off[k]] = r;
     }
-  }
+  });
 }
 
 // y = x * scale[c] + shift[c], computed in Acc and rounded once to T; on 16-byte packs where
@@ -118,10 +107,8 @@ bn_ncs_apply(const T* __restrict__ x, const Acc* __restrict__ scale,
   constexpr int U = bn::Unroll<T>::value;
   const int step = blockDim.x;
   const Acc a = scale[blockIdx.x], b = shift[blockIdx.x];
-  if (bn::ncs_packable<T>(S, x, y)) {
-    ncs_apply_packs<T, Acc>(x, a, b, N, C, S, col_pieces, y);
+  if (bn::ncs_packable<T>(S, x, y) && ncs_apply_packs<T, Acc>(x, a, b, N, C, S, col_pieces, y))
     return;
-  }
   const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
   bn::NcsCursor cur(tile, threadIdx.x, step);
   for (int i = threadIdx.x; i < tile.count; i += U * step) {
@@ -185,43 +172,36 @@ bn_ncs_reduce(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __re
 
 // bn_ncs_backward on 16-byte packs of dy, x and dx (bn::ncs_packable), as ncs_apply_packs.
 template <typename T, typename Acc>
-__device__ __forceinline__ void ncs_backward_packs(const T* __restrict__ dy,
+__device__ __forceinline__ bool ncs_backward_packs(const T* __restrict__ dy,
                                                    const T* __restrict__ x, Acc p, Acc q, Acc r,
                                                    Acc mu, long long N, int C, long long S,
                                                    int col_pieces, T* __restrict__ dx) {
   using P = bn::Pack<T>;
   // one pack of each tensor in flight for double: two would take sm_80 past 48 registers
   constexpr int K = sizeof(T) >= 8 ? 1 : bn::PackUnroll<T>::value;
-  const int step = blockDim.x;
+  // 64-bit offsets: with 32-bit ones ptxas gives the float instantiation 64 registers on
+  // sm_100 (and spills it when bounded to 48)
   const bn::NcsTile tile = bn::ncs_tile(N, C, S / P::size, col_pieces);
-  const P* __restrict__ gp = reinterpret_cast<const P*>(dy);
-  const P* __restrict__ xp = reinterpret_cast<const P*>(x);
-  P* __restrict__ dxp = reinterpret_cast<P*>(dx);
-  bn::NcsCursor cur(tile, threadIdx.x, step);
-  for (int i = threadIdx.x; i < tile.count; i += K * step) {
-    bn::NcsCursor out = cur;
-    P g[K], v[K];
+  const P* __restrict__ gp = reinterpret_cast<const P*>(dy) + tile.base;
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + tile.base;
+  P* __restrict__ dxp = reinterpret_cast<P*>(dx) + tile.base;
+  return bn::ncs_pack_walk<K, long long>(tile, [&](auto n, const auto& off) {
+    constexpr int G = decltype(n)::value;
+    P g[G], v[G];
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      if (i + k * step < tile.count) {
-        g[k] = gp[cur.off];
-        v[k] = xp[cur.off];
-        cur.advance();
-      }
+    for (int k = 0; k < G; ++k) {
+      g[k] = gp[off[k]];
+      v[k] = xp[off[k]];
     }
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      if (i + k * step < tile.count) {
-        P o;
+    for (int k = 0; k < G; ++k) {
+      P o;
 #pragma unroll
-        for (int j = 0; j < P::size; ++j)
-          bn::store(&o.v[j],
-                    (bn::widen(g[k].v[j]) * p + (bn::widen(v[k].v[j]) - mu) * q) + r);
-        dxp[out.off] = o;
-        out.advance();
-      }
+      for (int j = 0; j < P::size; ++j)
+        bn::store(&o.v[j], (bn::widen(g[k].v[j]) * p + (bn::widen(v[k].v[j]) - mu) * q) + r);
+      dxp[off[k]] = o;
     }
-  }
+  });
 }
 
 // dx of training-mode batch norm: with p = gamma * invstd, q = -p * invstd^2 * sum_dy_xmu / M
@@ -242,10 +222,9 @@ bn_ncs_backward(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __
       bn::dx_coefficients(invstd, gamma, sum_dy, sum_dy_xmu, count, c);
   const Acc p = k_dx.p, q = k_dx.q, r = k_dx.r;
   const Acc mu = mean[c];
-  if (bn::ncs_packable<T>(S, dy, x, dx)) {
-    ncs_backward_packs<T, Acc>(dy, x, p, q, r, mu, N, C, S, col_pieces, dx);
+  if (bn::ncs_packable<T>(S, dy, x, dx) &&
+      ncs_backward_packs<T, Acc>(dy, x, p, q, r, mu, N, C, S, col_pieces, dx))
     return;
-  }
   bn::NcsCursor cur(tile, threadIdx.x, step);
   for (int i = threadIdx.x; i < tile.count; i += U * step) {
     bn::NcsCursor out = cur;

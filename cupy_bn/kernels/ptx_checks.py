@@ -348,7 +348,17 @@ def kernel_facts(key: str, arch: str, *, use_ptxas: bool = True) -> list[KernelF
 
 #: Kernels that move 16-byte packs where alignment allows: their PTX must hold 128-bit global
 #: loads and stores, in every instantiation.
-PACKED_KERNELS = ("bn_ncs_apply", "bn_ncs_backward")
+PACKED_KERNELS = (
+    "bn_ncs_apply",
+    "bn_ncs_backward",
+    "bn_mc_apply",
+    "bn_mc_backward",
+    "bn_ncs_double_backward_apply",
+    "bn_mc_double_backward_apply",
+    "bn_ncs_apply_fused",
+    "bn_mc_apply_fused",
+    "bn_relu_gradient",
+)
 
 
 def check_facts(facts: list[KernelFacts]) -> list[str]:
