@@ -92,10 +92,10 @@ def _placed(a: np.ndarray, offset: int) -> np.ndarray:
 def test_elementwise_packs_and_misaligned_views(
     shape, channel_axis, dtype, misaligned, schedule, tuning
 ):
-    """Every elementwise kernel with a 16-byte pack path (apply, backward apply, the fused
-    apply and the ReLU's gradient, the double backward's apply), on aligned tensors and with
-    one operand one element past a 16-byte boundary ("third": the residual and ddx), against
-    float64 formulas."""
+    """Every kernel with a 16-byte pack path (apply, backward apply, the fused apply and the
+    ReLU's gradient, the double backward's apply; the NCS statistics and reductions), on
+    aligned tensors and with one operand one element past a 16-byte boundary ("third": the
+    residual and ddx), against float64 formulas and sums."""
     be = sim(schedule, TUNINGS[tuning])
     acc = np.dtype(np.float64 if dtype == np.float64 else np.float32)
     x_np, dy_np = cc.make_inputs(shape, dtype)
@@ -114,11 +114,28 @@ def test_elementwise_packs_and_misaligned_views(
         rng.normal(1.0, 0.5, channels).astype(acc) for _ in range(6)
     )
     invstd = rng.uniform(0.5, 2.0, channels).astype(acc)
-    tol = cc.OUTPUT_TOL[dtype.name]
+    tol, acc_tol = cc.OUTPUT_TOL[dtype.name], cc.ACC_TOL[acc.name]
+    axes = (0, 2) if view.layout == "NCS" else (0,)
 
     def per_channel(v):
         v = np.asarray(v, np.float64)
         return v[None, :, None] if view.layout == "NCS" else v[None, :]
+
+    def assert_sums(got, terms, what):
+        scale = max(1.0, np.abs(terms).sum() / channels)
+        cc.assert_close(got, terms.sum(axis=axes), acc_tol * scale, what)
+
+    batch_mean, batch_var = be.batch_stats(view)
+    cc.assert_close(batch_mean, x64.mean(axis=axes), acc_tol, "mean")
+    cc.assert_close(batch_var, x64.var(axis=axes), acc_tol, "var")
+    xmu = x64 - per_channel(mean)
+    sum_pair = be.backward_reduce(dview, view, mean)
+    for got, terms, what in zip(sum_pair, (dy64, dy64 * xmu), ("sum_dy", "sum_dy_xmu")):
+        assert_sums(got, terms, what)
+    sums = be.double_backward_reduce(dview, view, zview, mean)
+    expected = (dy64, dy64 * xmu, z64, z64 * xmu, z64 * dy64)
+    for k, (got, terms) in enumerate(zip(sums, expected, strict=True)):
+        assert_sums(got, terms, f"double backward sum {k}")
 
     y = be.apply(view, scale, shift)
     cc.assert_close(y, x64 * per_channel(scale) + per_channel(shift), tol, "apply")
@@ -143,7 +160,6 @@ def test_elementwise_packs_and_misaligned_views(
 
     k = DoubleBackwardCoefficients(*(rng.normal(0.0, 1.0, channels) for _ in range(6)))
     kc = DoubleBackwardCoefficients(*(per_channel(v) for v in k.vectors()))
-    xmu = x64 - per_channel(mean)
     for ddx, h in ((zview, z64), (None, np.zeros_like(z64))):
         gx, gdy = be.double_backward_apply(dview, view, ddx, mean, k)
         want_gx = kc.gx_dy * dy64 + kc.gx_ddx * h + kc.gx_xmu * xmu + kc.gx_one
@@ -304,7 +320,11 @@ def _is_counter(a, buffers) -> bool:
     return isinstance(a, np.ndarray) and any(a is b for b in buffers)
 
 
-@pytest.mark.parametrize("shape,channel_axis", [((5, 3, 301), 1), ((700, 37), -1)])
+#: S = 301 and C = 37 take the element-by-element paths, S = 304 and C = 40 the 16-byte packs.
+@pytest.mark.parametrize(
+    "shape,channel_axis",
+    [((5, 3, 301), 1), ((700, 37), -1), ((5, 3, 304), 1), ((300, 40), -1)],
+)
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_bitwise_identical_across_schedules(shape, channel_axis, dtype):
     schedules = (("forward", 0), ("reverse", 0), ("random", 1), ("random", 2))

@@ -449,6 +449,19 @@ __device__ __forceinline__ void load_channels(const Acc* __restrict__ v, int c,
   for (int j = 0; j < Pack<T>::size; ++j) out[j] = v[c + j];
 }
 
+// The Acc values of the packs `src[off[0..K)]`, pack by pack: K * size values.
+template <int K, typename T, typename Acc, typename Off>
+__device__ __forceinline__ void load_packs(const Pack<T>* __restrict__ src, const Off (&off)[K],
+                                           Acc (&out)[K * Pack<T>::size]) {
+  Pack<T> p[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) p[k] = src[off[k]];
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+#pragma unroll
+    for (int j = 0; j < Pack<T>::size; ++j) out[k * Pack<T>::size + j] = widen(p[k].v[j]);
+}
+
 // ------------------------------------------------------------------ backward pieces
 
 // Loads an unrolled group of U (dy, x) pairs into registers, the MC way: rows m, m + step,

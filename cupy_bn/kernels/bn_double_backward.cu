@@ -186,6 +186,26 @@ __device__ __forceinline__ void store_double_backward(const DoubleBackwardCoeffi
 
 }  // namespace bn
 
+// The per-thread sums of bn_ncs_double_backward_reduce on 16-byte packs of dy, x and ddx
+// (bn::ncs_packable), one pack of each per step.
+template <typename T, typename Acc>
+__device__ __forceinline__ bool ncs_double_backward_reduce_packs(
+    const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ ddx, Acc mu,
+    long long N, int C, long long S, int col_pieces, Acc (&s)[bn::kDoubleBackwardSums]) {
+  using P = bn::Pack<T>;
+  const bn::NcsTile tile = bn::ncs_tile(N, C, S / P::size, col_pieces);
+  const P* __restrict__ gp = reinterpret_cast<const P*>(dy) + tile.base;
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + tile.base;
+  const P* __restrict__ hp = reinterpret_cast<const P*>(ddx) + tile.base;
+  return bn::ncs_pack_walk<1>(tile, [&](auto, const auto& off) {
+    Acc g[P::size], v[P::size], h[P::size];
+    bn::load_packs<1, T>(gp, off, g);
+    bn::load_packs<1, T>(xp, off, v);
+    bn::load_packs<1, T>(hp, off, h);
+    bn::add_double_backward_terms(g, v, h, mu, P::size, s);
+  });
+}
+
 // The five per-channel sums in one pass over dy, x and ddx, merged across blocks like
 // bn_ncs_reduce (`sync`: C channel counters). `sums`: [5][C].
 template <typename T, typename Acc>
@@ -198,14 +218,17 @@ bn_ncs_double_backward_reduce(const T* __restrict__ dy, const T* __restrict__ x,
   constexpr int U = bn::Unroll<T>::value;
   constexpr int K = bn::kDoubleBackwardSums;
   const int step = blockDim.x;
-  const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
   const Acc mu = mean[blockIdx.x];
-  bn::NcsCursor cur(tile, threadIdx.x, step);
   Acc s[K] = {Acc(0), Acc(0), Acc(0), Acc(0), Acc(0)};
-  for (int i = threadIdx.x; i < tile.count; i += U * step) {
-    Acc g[U], v[U], h[U];
-    bn::load_ncs_triples(dy, x, ddx, true, i, step, tile.count, cur, g, v, h);
-    bn::add_double_backward_terms(g, v, h, mu, (tile.count - i + step - 1) / step, s);
+  if (!(bn::ncs_packable<T>(S, dy, x, ddx) &&
+        ncs_double_backward_reduce_packs<T, Acc>(dy, x, ddx, mu, N, C, S, col_pieces, s))) {
+    const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
+    bn::NcsCursor cur(tile, threadIdx.x, step);
+    for (int i = threadIdx.x; i < tile.count; i += U * step) {
+      Acc g[U], v[U], h[U];
+      bn::load_ncs_triples(dy, x, ddx, true, i, step, tile.count, cur, g, v, h);
+      bn::add_double_backward_terms(g, v, h, mu, (tile.count - i + step - 1) / step, s);
+    }
   }
   bn::block_sums(s);
 

@@ -15,6 +15,23 @@
 #include "bn_common.cuh"
 #include "bn_finalize.cuh"
 
+// The per-thread loads of bn_ncs_stats on 16-byte packs (bn::ncs_packable): each group of
+// PackUnroll<T> packs (U values) is folded into `w` at once, a last single pack on its own.
+template <typename T, typename Acc>
+__device__ __forceinline__ bool ncs_stats_packs(const T* __restrict__ x, long long N, int C,
+                                                long long S, int col_pieces,
+                                                bn::Welford<Acc, int>& w) {
+  using P = bn::Pack<T>;
+  const bn::NcsTile tile = bn::ncs_tile(N, C, S / P::size, col_pieces);
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + tile.base;
+  return bn::ncs_pack_walk<bn::PackUnroll<T>::value>(tile, [&](auto n, const auto& off) {
+    constexpr int K = decltype(n)::value;
+    Acc v[K * P::size];
+    bn::load_packs<K, T>(xp, off, v);
+    bn::fold_group<K * P::size>(w, v, K * P::size);
+  });
+}
+
 // Statistics: Welford per thread (values folded U at a time), warp shuffles, shared memory
 // across warps, then the fixed-order cross-block merge. No floating-point atomics: results are
 // bitwise identical run to run. `sync`: C channel counters, done, bad (see bn_finalize.cuh);
@@ -31,22 +48,24 @@ bn_ncs_stats(const T* __restrict__ x, long long N, int C, long long S, int col_p
              Acc* __restrict__ running_backup) {
   constexpr int U = bn::Unroll<T>::value;
   const int step = blockDim.x;
-  const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
-  bn::NcsCursor cur(tile, threadIdx.x, step);
   bn::Welford<Acc, int> w = {0, Acc(0), Acc(0)};
-  for (int i = threadIdx.x; i < tile.count; i += U * step) {
-    Acc v[U];
-    int cnt = 0;
+  if (!(bn::ncs_packable<T>(S, x, x) && ncs_stats_packs<T, Acc>(x, N, C, S, col_pieces, w))) {
+    const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
+    bn::NcsCursor cur(tile, threadIdx.x, step);
+    for (int i = threadIdx.x; i < tile.count; i += U * step) {
+      Acc v[U];
+      int cnt = 0;
 #pragma unroll
-    for (int k = 0; k < U; ++k) {
-      v[k] = Acc(0);
-      if (i + k * step < tile.count) {
-        v[k] = bn::widen(x[cur.off]);
-        cur.advance();
-        ++cnt;
+      for (int k = 0; k < U; ++k) {
+        v[k] = Acc(0);
+        if (i + k * step < tile.count) {
+          v[k] = bn::widen(x[cur.off]);
+          cur.advance();
+          ++cnt;
+        }
       }
+      bn::fold_group<U>(w, v, cnt);
     }
-    bn::fold_group<U>(w, v, cnt);
   }
   w = bn::block_merge(w);
 
@@ -132,6 +151,26 @@ bn_ncs_apply(const T* __restrict__ x, const Acc* __restrict__ scale,
   }
 }
 
+// The per-thread sums of bn_ncs_reduce on 16-byte packs of dy and x (bn::ncs_packable), a
+// group of PackUnroll<T> packs (U pairs) at a time.
+template <typename T, typename Acc>
+__device__ __forceinline__ bool ncs_reduce_packs(const T* __restrict__ dy,
+                                                 const T* __restrict__ x, Acc mu, long long N,
+                                                 int C, long long S, int col_pieces,
+                                                 Acc& sum_dy, Acc& sum_dy_xmu) {
+  using P = bn::Pack<T>;
+  const bn::NcsTile tile = bn::ncs_tile(N, C, S / P::size, col_pieces);
+  const P* __restrict__ gp = reinterpret_cast<const P*>(dy) + tile.base;
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + tile.base;
+  return bn::ncs_pack_walk<bn::PackUnroll<T>::value>(tile, [&](auto n, const auto& off) {
+    constexpr int K = decltype(n)::value;
+    Acc g[K * P::size], v[K * P::size];
+    bn::load_packs<K, T>(gp, off, g);
+    bn::load_packs<K, T>(xp, off, v);
+    bn::add_dy_xmu(g, v, mu, K * P::size, sum_dy, sum_dy_xmu);
+  });
+}
+
 // sum(dy) and sum(dy * (x - mean[c])) per channel, both in one pass over dy and x, merged
 // across blocks like the statistics (`sync`: C channel counters).
 template <typename T, typename Acc>
@@ -142,14 +181,17 @@ bn_ncs_reduce(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __re
               Acc* __restrict__ out_dy, Acc* __restrict__ out_dy_xmu) {
   constexpr int U = bn::Unroll<T>::value;
   const int step = blockDim.x;
-  const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
   const Acc mu = mean[blockIdx.x];
-  bn::NcsCursor cur(tile, threadIdx.x, step);
   Acc sum_dy = Acc(0), sum_dy_xmu = Acc(0);
-  for (int i = threadIdx.x; i < tile.count; i += U * step) {
-    Acc g[U], v[U];
-    bn::load_ncs_pairs(dy, x, i, step, tile.count, cur, g, v);
-    bn::add_dy_xmu(g, v, mu, (tile.count - i + step - 1) / step, sum_dy, sum_dy_xmu);
+  if (!(bn::ncs_packable<T>(S, dy, x) &&
+        ncs_reduce_packs<T, Acc>(dy, x, mu, N, C, S, col_pieces, sum_dy, sum_dy_xmu))) {
+    const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
+    bn::NcsCursor cur(tile, threadIdx.x, step);
+    for (int i = threadIdx.x; i < tile.count; i += U * step) {
+      Acc g[U], v[U];
+      bn::load_ncs_pairs(dy, x, i, step, tile.count, cur, g, v);
+      bn::add_dy_xmu(g, v, mu, (tile.count - i + step - 1) / step, sum_dy, sum_dy_xmu);
+    }
   }
   bn::block_sum2(sum_dy, sum_dy_xmu);
 
