@@ -59,6 +59,18 @@ def _skip_unsupported(arch: str) -> None:
 
 # ------------------------------------------------------------------ the kernels
 
+#: The kernels of each file with a 16-byte pack path.
+PACKED_PER_FILE = {
+    "ncs": {"bn_ncs_stats", "bn_ncs_apply", "bn_ncs_reduce", "bn_ncs_backward"},
+    "mc": {"bn_mc_stats", "bn_mc_apply", "bn_mc_backward"},
+    "double_backward": {
+        "bn_ncs_double_backward_reduce",
+        "bn_ncs_double_backward_apply",
+        "bn_mc_double_backward_apply",
+    },
+    "fused": {"bn_ncs_apply_fused", "bn_mc_apply_fused", "bn_relu_gradient"},
+}
+
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("key", sorted(KERNEL_FILES))
@@ -68,15 +80,21 @@ def test_kernels_use_no_local_memory_and_pack_where_they_should(key, arch):
     facts = _facts(key, arch, False)
     assert len(facts) == len(KERNEL_FILES[key].kernels) * 4
     assert [f.expression for f in facts if f.local_memory] == []
-    # the 16-byte pack paths of the NCS apply and backward: 128-bit loads and stores
+    # the 16-byte pack paths: 128-bit loads (and stores, but in the reductions)
     assert ptx_checks.check_facts(list(facts)) == []
-    packed = [f for f in facts if f.kernel in ptx_checks.PACKED_KERNELS]
-    assert len(packed) == (8 if key == "ncs" else 0)
+    packed = [
+        f
+        for f in facts
+        if f.kernel in ptx_checks.PACKED_KERNELS + ptx_checks.PACKED_LOAD_KERNELS
+    ]
+    assert {f.kernel for f in packed} == PACKED_PER_FILE[key]
     for f in packed:
-        if "double" in f.expression:
-            assert f.v2_loads >= 2 and f.v4_loads == 0, f  # two doubles per load
+        if "<double" in f.expression:
+            assert f.v2_loads >= 1 and f.v4_loads == 0, f  # two doubles per load
         else:
             assert f.v4_loads >= 1, f
+        if f.kernel in ptx_checks.PACKED_KERNELS:
+            assert f.wide_stores >= 1, f
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -24,12 +24,65 @@
 #include "bn_finalize.cuh"
 #include "bn_mc_layout.cuh"
 
+// The per-thread loads of bn_mc_stats on 16-byte packs along the channels (bn::mc_packable):
+// a thread folds kMcPackRows rows of its pack's channels at a time into one Welford triple
+// per channel; through shared memory, thread (tx, ty) of the element-by-element layout then
+// merges the triples of channel tx in a fixed row order, and the block goes on as there.
+constexpr int kMcPackRows = 2;
+
+template <typename T, typename Acc>
+__device__ __forceinline__ bool mc_stats_packs(const T* __restrict__ x, long long M, int C,
+                                               bn::Welford<Acc, int>& w) {
+  using P = bn::Pack<T>;
+  constexpr int size = P::size;
+  __shared__ int s_count[256 * size];
+  __shared__ Acc s_mean[256 * size];
+  __shared__ Acc s_m2[256 * size];
+  const bn::McPackShare s = bn::mc_pack_share<T>(M, C);
+  bn::Welford<Acc, int> acc[size];
+#pragma unroll
+  for (int j = 0; j < size; ++j) acc[j] = {0, Acc(0), Acc(0)};
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + s.base;
+  const bool walked = bn::mc_pack_walk<kMcPackRows>(s, [&](auto n, const auto& off) {
+    constexpr int G = decltype(n)::value;
+    P p[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) p[g] = xp[off[g]];
+#pragma unroll
+    for (int j = 0; j < size; ++j) {
+      Acc v[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) v[g] = bn::widen(p[g].v[j]);
+      bn::fold_group<G>(acc[j], v, G);
+    }
+  });
+  if (!walked) return false;
+  const int lanes = blockDim.x / size;
+  const int t = threadIdx.y * blockDim.x + threadIdx.x;
+  const int slot = (t / lanes) * blockDim.x + (t % lanes) * size;
+#pragma unroll
+  for (int j = 0; j < size; ++j) {
+    s_count[slot + j] = acc[j].n;
+    s_mean[slot + j] = acc[j].mean;
+    s_m2[slot + j] = acc[j].m2;
+  }
+  __syncthreads();
+  // thread (tx, ty): the triples of channel tx from rows ty * size, ty * size + 1, ...
+#pragma unroll
+  for (int i = 0; i < size; ++i) {
+    const int at = (threadIdx.y * size + i) * blockDim.x + threadIdx.x;
+    const bn::Welford<Acc, int> r = {s_count[at], s_mean[at], s_m2[at]};
+    w = bn::chan_merge(w, r);
+  }
+  return true;
+}
+
 // Statistics: each thread folds its channel's values U rows at a time into a Welford triple
 // (U loads in flight), the block merges its rows with a fixed shared-memory tree, then the
 // fixed-order cross-block merge. `sync`: one counter per channel tile, done, bad;
 // `flags` as for bn_ncs_stats.
 template <typename T, typename Acc>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, 3)
 bn_mc_stats(const T* __restrict__ x, long long M, int C, int group,
             Acc* __restrict__ part_mean, Acc* __restrict__ part_m2,
             int* __restrict__ part_count, Acc* __restrict__ group_mean,
@@ -45,7 +98,7 @@ bn_mc_stats(const T* __restrict__ x, long long M, int C, int group,
   const bn::McRows rows = bn::mc_rows(M);
   const long long row_step = blockDim.y;
   bn::Welford<Acc, int> w = {0, Acc(0), Acc(0)};
-  if (c < C) {
+  if (!(bn::mc_packable<T>(C, x, x) && mc_stats_packs<T, Acc>(x, M, C, w)) && c < C) {
     for (long long m = rows.first; m < rows.end; m += U * row_step) {
       const T* p = x + m * C + c;
       Acc v[U];
