@@ -62,7 +62,7 @@ def _skip_unsupported(arch: str) -> None:
 #: The kernels of each file with a 16-byte pack path.
 PACKED_PER_FILE = {
     "ncs": {"bn_ncs_stats", "bn_ncs_apply", "bn_ncs_reduce", "bn_ncs_backward"},
-    "mc": {"bn_mc_stats", "bn_mc_apply", "bn_mc_backward"},
+    "mc": {"bn_mc_stats", "bn_mc_apply", "bn_mc_reduce", "bn_mc_backward"},
     "double_backward": {
         "bn_ncs_double_backward_reduce",
         "bn_ncs_double_backward_apply",
@@ -231,13 +231,20 @@ def test_check_facts_names_each_broken_rule():
     assert "spills (0 bytes stored, 4 loaded)" in problems[2]
     assert "bn_mc_reduce<float, float> on compute_90: 72 registers, budget 64" in problems[3]
     unpacked = ptx_checks.check_facts(
-        [_fact(wide_loads=0), _fact(wide_stores=0), _fact("bn_mc_apply", wide_loads=0)]
+        [
+            _fact(wide_loads=0),
+            _fact(wide_stores=0),
+            _fact("bn_mc_double_backward_reduce", wide_loads=0, wide_stores=0),  # not packed
+            _fact("bn_ncs_stats", wide_stores=0),  # a reduction stores no tensor
+            _fact("bn_mc_reduce", wide_loads=0, wide_stores=0),
+        ]
     )
     assert unpacked == [
         "bn_ncs_apply<float, float> on compute_90: no 128-bit global loads or stores "
         "(0 loads, 1 stores)",
         "bn_ncs_apply<float, float> on compute_90: no 128-bit global loads or stores "
         "(1 loads, 0 stores)",
+        "bn_mc_reduce<float, float> on compute_90: no 128-bit global loads",
     ]
 
 

@@ -449,6 +449,28 @@ __device__ __forceinline__ void load_channels(const Acc* __restrict__ v, int c,
   for (int j = 0; j < Pack<T>::size; ++j) out[j] = v[c + j];
 }
 
+// Hands NS per-channel sums of a packed MC block (bn::mc_pack_share) back to the
+// element-by-element layout: each thread gives `v[k][j]`, sum k of channel `channel + j`, and
+// thread (tx, ty) adds those of channel tx from rows ty * size, ty * size + 1, ... in that
+// order to `out[k]`. `buf` holds 256 * size values; one sum at a time passes through it.
+template <int NS, typename T, typename Acc>
+__device__ __forceinline__ void mc_pack_column_sums(Acc* buf, const Acc (&v)[NS][Pack<T>::size],
+                                                    Acc (&out)[NS]) {
+  constexpr int size = Pack<T>::size;
+  const int lanes = blockDim.x / size;
+  const int t = threadIdx.y * blockDim.x + threadIdx.x;
+  const int slot = (t / lanes) * blockDim.x + (t % lanes) * size;
+#pragma unroll
+  for (int k = 0; k < NS; ++k) {
+    if (k > 0) __syncthreads();
+#pragma unroll
+    for (int j = 0; j < size; ++j) buf[slot + j] = v[k][j];
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < size; ++i) out[k] += buf[(threadIdx.y * size + i) * blockDim.x + threadIdx.x];
+  }
+}
+
 // The Acc values of the packs `src[off[0..K)]`, pack by pack: K * size values.
 template <int K, typename T, typename Acc, typename Off>
 __device__ __forceinline__ void load_packs(const Pack<T>* __restrict__ src, const Off (&off)[K],

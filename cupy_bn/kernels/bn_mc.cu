@@ -214,6 +214,55 @@ bn_mc_apply(const T* __restrict__ x, const Acc* __restrict__ scale,
   }
 }
 
+// The per-thread sums of bn_mc_reduce on 16-byte packs of dy and x along the channels
+// (bn::mc_packable): a row of the pack's channels at a time, one pair of sums per channel; thread (tx, ty) of the element-by-element layout then adds those of channel tx in
+// a fixed row order (bn::mc_pack_column_sums).
+template <typename T, typename Acc>
+__device__ __forceinline__ bool mc_reduce_packs(const T* __restrict__ dy,
+                                                const T* __restrict__ x,
+                                                const Acc* __restrict__ mean, long long M, int C,
+                                                Acc& sum_dy, Acc& sum_dy_xmu) {
+  using P = bn::Pack<T>;
+  constexpr int size = P::size;
+  __shared__ Acc s_buf[256 * size];
+  const bn::McPackShare s = bn::mc_pack_share<T>(M, C);
+  Acc sums[2][size], mu[size];
+#pragma unroll
+  for (int j = 0; j < size; ++j) {
+    sums[0][j] = Acc(0);
+    sums[1][j] = Acc(0);
+    mu[j] = s.active ? mean[s.channel + j] : Acc(0);
+  }
+  const P* __restrict__ gp = reinterpret_cast<const P*>(dy) + s.base;
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + s.base;
+  // one row at a time: two would take the 16-bit types past 64 registers on sm_100
+  const bool walked = bn::mc_pack_walk<1>(s, [&](auto n, const auto& off) {
+    constexpr int G = decltype(n)::value;
+    P g[G], v[G];
+#pragma unroll
+    for (int k = 0; k < G; ++k) {
+      g[k] = gp[off[k]];
+      v[k] = xp[off[k]];
+    }
+#pragma unroll
+    for (int j = 0; j < size; ++j) {
+      Acc gj[G], vj[G];
+#pragma unroll
+      for (int k = 0; k < G; ++k) {
+        gj[k] = bn::widen(g[k].v[j]);
+        vj[k] = bn::widen(v[k].v[j]);
+      }
+      bn::add_dy_xmu(gj, vj, mu[j], G, sums[0][j], sums[1][j]);
+    }
+  });
+  if (!walked) return false;
+  Acc out[2] = {Acc(0), Acc(0)};
+  bn::mc_pack_column_sums<2, T>(s_buf, sums, out);
+  sum_dy = out[0];
+  sum_dy_xmu = out[1];
+  return true;
+}
+
 // sum(dy) and sum(dy * (x - mean[c])) per channel, both in one pass over dy and x, merged
 // across blocks in the statistics' two levels. Four resident blocks asked of ptxas (64
 // registers): left to itself, ptxas 13.5 spills the __half instantiation on sm_80.
@@ -229,7 +278,9 @@ bn_mc_reduce(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __res
   const bn::McRows rows = bn::mc_rows(M);
   const long long row_step = blockDim.y;
   Acc sum_dy = Acc(0), sum_dy_xmu = Acc(0);
-  if (c < C) {
+  if (!(bn::mc_packable<T>(C, dy, x) &&
+        mc_reduce_packs<T, Acc>(dy, x, mean, M, C, sum_dy, sum_dy_xmu)) &&
+      c < C) {
     const Acc mu = mean[c];
     for (long long m = rows.first; m < rows.end; m += U * row_step) {
       const long long base = m * C + c;
