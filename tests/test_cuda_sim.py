@@ -130,7 +130,9 @@ def test_elementwise_packs_and_misaligned_views(
     cc.assert_close(batch_var, x64.var(axis=axes), acc_tol, "var")
     xmu = x64 - per_channel(mean)
     sum_pair = be.backward_reduce(dview, view, mean)
-    for got, terms, what in zip(sum_pair, (dy64, dy64 * xmu), ("sum_dy", "sum_dy_xmu")):
+    for got, terms, what in zip(
+        sum_pair, (dy64, dy64 * xmu), ("sum_dy", "sum_dy_xmu"), strict=True
+    ):
         assert_sums(got, terms, what)
     sums = be.double_backward_reduce(dview, view, zview, mean)
     expected = (dy64, dy64 * xmu, z64, z64 * xmu, z64 * dy64)

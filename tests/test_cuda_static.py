@@ -83,9 +83,7 @@ def test_kernels_use_no_local_memory_and_pack_where_they_should(key, arch):
     # the 16-byte pack paths: 128-bit loads (and stores, but in the reductions)
     assert ptx_checks.check_facts(list(facts)) == []
     packed = [
-        f
-        for f in facts
-        if f.kernel in ptx_checks.PACKED_KERNELS + ptx_checks.PACKED_LOAD_KERNELS
+        f for f in facts if f.kernel in ptx_checks.PACKED_KERNELS + ptx_checks.PACKED_LOAD_KERNELS
     ]
     assert {f.kernel for f in packed} == PACKED_PER_FILE[key]
     for f in packed:

@@ -304,10 +304,11 @@ __device__ __forceinline__ bool mc_packable(int C, const void* a, const void* b,
 //
 // A packed kernel's loop: each thread visits its packs in groups of K (the packs it loads
 // before it uses any) and calls `body(Count<n>{}, off)` with the n pack offsets `off[0..n)`
-// of the group, relative to the block's first pack, 32-bit unless the kernel asks for 64. Whole groups (n = K) carry no
-// per-lane test; the packs after the last whole group come one at a time (n = 1). A walk
-// returns false, visiting nothing, when an offset it would form does not fit in 32 bits (a
-// block spanning 2^31 packs, 32 GiB): the caller takes its element-by-element path.
+// of the group, relative to the block's first pack, 32-bit unless the kernel asks for 64.
+// Whole groups (n = K) carry no per-lane test; the packs after the last whole group come one
+// at a time (n = 1). A 32-bit walk returns false, visiting nothing, when an offset it would
+// form does not fit (a block spanning 2^31 packs, 32 GiB): the caller takes its
+// element-by-element path.
 
 template <int N>
 struct Count {
@@ -467,7 +468,8 @@ __device__ __forceinline__ void mc_pack_column_sums(Acc* buf, const Acc (&v)[NS]
     for (int j = 0; j < size; ++j) buf[slot + j] = v[k][j];
     __syncthreads();
 #pragma unroll
-    for (int i = 0; i < size; ++i) out[k] += buf[(threadIdx.y * size + i) * blockDim.x + threadIdx.x];
+    for (int i = 0; i < size; ++i)
+      out[k] += buf[(threadIdx.y * size + i) * blockDim.x + threadIdx.x];
   }
 }
 

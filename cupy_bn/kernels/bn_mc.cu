@@ -215,8 +215,9 @@ bn_mc_apply(const T* __restrict__ x, const Acc* __restrict__ scale,
 }
 
 // The per-thread sums of bn_mc_reduce on 16-byte packs of dy and x along the channels
-// (bn::mc_packable): a row of the pack's channels at a time, one pair of sums per channel; thread (tx, ty) of the element-by-element layout then adds those of channel tx in
-// a fixed row order (bn::mc_pack_column_sums).
+// (bn::mc_packable): a row of the pack's channels at a time, one pair of sums per channel;
+// thread (tx, ty) of the element-by-element layout then adds those of channel tx in a fixed
+// row order (bn::mc_pack_column_sums).
 template <typename T, typename Acc>
 __device__ __forceinline__ bool mc_reduce_packs(const T* __restrict__ dy,
                                                 const T* __restrict__ x,

@@ -80,13 +80,13 @@ def budget_for_blocks(blocks: int, threads: int = BLOCK_THREADS) -> int:
 #: `bn_mc_reduce`, which asks ptxas for 4 with `__launch_bounds__(256, 4)` (64 registers:
 #: without the bound, ptxas 13.5 spills it on sm_80 for __half); the double backward's apply
 #: writes two tensors from six coefficients and targets 4 (64), its reductions carry five sums
-#: and target 3. `bn_mc_stats` (3) and `bn_mc_double_backward_apply` (4) also pass their
-#: target to `__launch_bounds__`: with their 16-byte pack paths, ptxas 13.5 left to itself
-#: spills `bn_mc_stats` at 64 registers (sm_80 __half, sm_100 float) and gives
-#: `bn_mc_double_backward_apply` 73 on sm_100. No target changed with the packs. The fused apply kernels read `x` and a residual and target 4 (64); the ReLU's
+#: and target 3. The fused apply kernels read `x` and a residual and target 4 (64); the ReLU's
 #: gradient, a flat pass, targets full occupancy, 8 (32). A reduction's grid is one wave
 #: sized by the occupancy API, so a kernel over budget runs fewer blocks at once, not a
-#: different result.
+#: different result. No target changed with the 16-byte packs; `bn_mc_stats` (3) and
+#: `bn_mc_double_backward_apply` (4) pass theirs to `__launch_bounds__`, because with their
+#: pack paths ptxas 13.5 left to itself spills `bn_mc_stats` at 64 registers (sm_80 __half,
+#: sm_100 float) and gives `bn_mc_double_backward_apply` 73 on sm_100.
 TARGET_BLOCKS: dict[str, int] = {
     "bn_ncs_stats": 3,
     "bn_ncs_apply": 5,
