@@ -18,8 +18,8 @@ Method, per instantiation, from the PTX text of its entry:
 - **Loops**: the PTX's basic blocks (a label starts one, a branch ends one) and their
   natural loops: a branch back to a block that dominates it, with every block that reaches
   the branch without passing that head; the innermost loops are those that hold no other
-  loop's head. The **hot loop** is, among the innermost
-  loops that store to global memory (that load, for a reduction), one with 128-bit accesses
+  loop's head. The **hot loop** is, among the innermost loops that store to global memory
+  (that load and store nothing, for a reduction), one with 128-bit accesses
   where there is one (the packed loop: the path aligned tensors take), the element-by-element
   loop otherwise, and among those the one moving the most global bytes per iteration (the
   sum over its ``ld.global`` / ``st.global`` of lanes x lane width; the ``ld.global.cg``
@@ -27,9 +27,11 @@ Method, per instantiation, from the PTX text of its entry:
   residual, ``ddx``) the variant that reads it, where the compiler made two.
 - **Elements per iteration**: the bytes stored per iteration / (sizeof(T) x the tensors the
   kernel writes), or for a reduction the bytes loaded / (sizeof(T) x the tensors it reads).
-- **Instructions per element**: the PTX instructions of the loop's blocks (every line ending
-  in ``;``, declarations excluded; both sides of a branch inside the loop counted) / elements
-  per iteration.
+- **One iteration**: the path through the loop's blocks from its head back to it that moves
+  the most global bytes (the fewest instructions among equals): where the loop branches on an
+  optional operand or a lane test, the side that moves it.
+- **Instructions per element**: the PTX instructions on that path (every line ending in
+  ``;``, declarations excluded) / elements per iteration.
   PTX is not SASS: ptxas expands some instructions (divisions, conversions) and folds others,
   so the figure ranks loops rather than counting issued instructions.
 - **Bytes per element**: the loop's global bytes per iteration / elements per iteration (the
@@ -179,10 +181,32 @@ def _dominators(succ: list[list[int]]) -> list[set[int]]:
     return dom
 
 
+def _block_loop(lines: list[str]) -> Loop:
+    loop = Loop(sum(map(_is_instruction, lines)), 0, 0, 0, 0, 0)
+    for line in lines:
+        for op, kind, lanes, _, bits in _GLOBAL.findall(line.split("//", 1)[0]):
+            if ".cg" in op:  # the cross-block partials (__ldcg), not the tensors
+                continue
+            size = int(lanes or 1) * int(bits) // 8
+            loop.wide += size == 16
+            if kind == "ld":
+                loop.loads += 1
+                loop.load_bytes += size
+            else:
+                loop.stores += 1
+                loop.store_bytes += size
+    return loop
+
+
+def _add(a: Loop, b: Loop) -> Loop:
+    return Loop(*(x + y for x, y in zip(vars(a).values(), vars(b).values(), strict=True)))
+
+
 def loops(entry: str) -> list[Loop]:
-    """The innermost natural loops of a PTX entry (a branch back to a block that dominates
-    it, and every block that reaches that branch without passing the loop's head), with the
-    instructions and global accesses of their blocks."""
+    """One iteration of each innermost natural loop of a PTX entry (a branch back to a block
+    that dominates it, with every block that reaches that branch without passing the loop's
+    head): the instructions and global accesses along the path from the head back to it that
+    moves the most global bytes (fewest instructions among equals)."""
     blocks, succ = _blocks(entry)
     dom = _dominators(succ)
     pred: list[list[int]] = [[] for _ in blocks]
@@ -200,29 +224,33 @@ def loops(entry: str) -> list[Loop]:
                             body.add(w)
                             stack.append(w)
                 bodies.setdefault(head, set()).update(body)
-    innermost = [
-        body
-        for head, body in bodies.items()
-        if not any(other != head and other in body for other in bodies)
-    ]
     out = []
-    for body in innermost:
-        lines = [line for i in sorted(body) for line in blocks[i]]
-        loop = Loop(sum(map(_is_instruction, lines)), 0, 0, 0, 0, 0)
-        for line in lines:
-            for op, kind, lanes, _, bits in _GLOBAL.findall(line.split("//", 1)[0]):
-                if ".cg" in op:  # the cross-block partials (__ldcg), not the tensors
-                    continue
-                size = int(lanes or 1) * int(bits) // 8
-                loop.wide += size == 16
-                if kind == "ld":
-                    loop.loads += 1
-                    loop.load_bytes += size
-                else:
-                    loop.stores += 1
-                    loop.store_bytes += size
-        out.append(loop)
+    for head, body in bodies.items():
+        if any(other != head and other in body for other in bodies):
+            continue  # not innermost
+        cost = {i: _block_loop(blocks[i]) for i in body}
+        out.append(_heaviest_iteration(head, body, succ, cost))
     return out
+
+
+def _heaviest_iteration(
+    head: int, body: set[int], succ: list[list[int]], cost: dict[int, Loop]
+) -> Loop:
+    """The path from `head` back to it through `body` moving the most global bytes."""
+    best: dict[int, Loop] = {}
+
+    def key(lp: Loop) -> tuple[int, int]:
+        return (lp.load_bytes + lp.store_bytes, -lp.instructions)
+
+    def heaviest(i: int) -> Loop:
+        if i not in best:
+            tails = [heaviest(v) for v in succ[i] if v in body and v != head]
+            back = head in succ[i]
+            options = tails + ([Loop(0, 0, 0, 0, 0, 0)] if back or not tails else [])
+            best[i] = _add(cost[i], max(options, key=key))
+        return best[i]
+
+    return heaviest(head)
 
 
 @dataclass
@@ -249,7 +277,11 @@ class Row:
 def hot_loop_figures(kernel: str, dtype: str, entry: str) -> tuple[float, float, float] | None:
     """(instructions, bytes, global accesses) per element of the hot loop, or None."""
     writes, reads = TENSORS[kernel]
-    candidates = [lp for lp in loops(entry) if (lp.store_bytes if writes else lp.load_bytes)]
+    candidates = [
+        lp
+        for lp in loops(entry)
+        if (lp.store_bytes if writes else lp.load_bytes and not lp.store_bytes)
+    ]
     if not candidates:
         return None
     hot = max(
