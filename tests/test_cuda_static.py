@@ -8,7 +8,10 @@ checked on hand-written PTX and ptxas messages, which need neither.
 """
 
 import functools
+import importlib.util
 import re
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -291,3 +294,75 @@ def test_local_memory_and_spills_of_a_real_kernel_are_found():
         [_fact("spill", **ptx_checks.ptx_facts(entry), **report["spill"])]  # type: ignore[arg-type]
     )
     assert len(problems) == 2 and "local memory" in problems[0] and "spills" in problems[1]
+
+
+# ------------------------------------------------------------------ benchmarks/kernel_report.py
+
+
+@functools.cache
+def _kernel_report():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_report.py"
+    spec = importlib.util.spec_from_file_location("kernel_report", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+#: An entry with a loop whose body branches: one side loads and stores a 16-byte pack, the
+#: other a 4-byte value; then a second loop (a merge) of cache-global loads.
+LOOP_PTX = """
+.visible .entry k(
+)
+{
+\tmov.u32 \t%r1, 0;
+$L__BB0_1:
+\tsetp.eq.s32 \t%p1, %r1, 7;
+\t@%p1 bra \t$L__BB0_3;
+\tld.global.nc.v4.u32 \t{%r2, %r3, %r4, %r5}, [%rd1];
+\tst.global.v4.u32 \t[%rd2], {%r2, %r3, %r4, %r5};
+\tbra.uni \t$L__BB0_4;
+$L__BB0_3:
+\tld.global.f32 \t%f1, [%rd1];
+\tst.global.f32 \t[%rd2], %f1;
+$L__BB0_4:
+\tadd.s32 \t%r1, %r1, 1;
+\tsetp.lt.s32 \t%p2, %r1, 100;
+\t@%p2 bra \t$L__BB0_1;
+$L__BB0_5:
+\tld.global.cg.f32 \t%f2, [%rd3];
+\tadd.s32 \t%r1, %r1, 1;
+\t@%p2 bra \t$L__BB0_5;
+\tret;
+}
+"""
+
+
+def test_kernel_report_counts_one_iteration_along_the_heaviest_path():
+    report = _kernel_report()
+    first, merge = report.loops(LOOP_PTX)
+    # the head (2 instructions), the pack side (3), the latch (3); the 4-byte side not taken
+    assert (first.instructions, first.loads, first.stores) == (8, 1, 1)
+    assert (first.load_bytes, first.store_bytes, first.wide) == (16, 16, 2)
+    assert (merge.loads, merge.load_bytes) == (0, 0)  # __ldcg partials are not the tensors
+    # bn_ncs_apply<float>: 4 elements per iteration, 8 / 4 instructions each, 8 bytes each
+    assert report.hot_loop_figures("bn_ncs_apply", "float32", LOOP_PTX) == (2.0, 8.0, 0.5)
+    row = report.Row("bn_ncs_apply", "float32", per_element=2.0, bytes_per_element=8.0)
+    assert row.hbm_fraction == 1.0
+    row.per_element = 2 * 8.0 * report.ISSUE_PER_S / report.HBM_BYTES_PER_S  # issue-bound x2
+    assert row.hbm_fraction == pytest.approx(0.5)
+
+
+def test_kernel_report_on_the_kernels():
+    _skip_without_nvrtc()
+    _skip_unsupported("compute_90")
+    report = _kernel_report()
+    rows = report.report(Path(__file__).resolve().parents[1], "compute_90")
+    assert {k for k, _ in rows} == set(report.TENSORS)
+    for kernel in ptx_checks.PACKED_KERNELS + ptx_checks.PACKED_LOAD_KERNELS:
+        for dtype, size in (("float16", 8), ("float32", 4), ("float64", 2)):
+            row = rows[kernel, dtype]
+            writes, reads = report.TENSORS[kernel]
+            # the hot loop is the packed one: one access per pack of each tensor
+            assert row.accesses_per_element == pytest.approx((writes + reads) / size), row
+            assert row.bytes_per_element == (writes + reads) * report.ITEMSIZE[dtype], row
