@@ -24,7 +24,8 @@
 #include "bn_finalize.cuh"
 #include "bn_mc_layout.cuh"
 
-// The per-thread loads of bn_mc_stats on 16-byte packs along the channels (bn::mc_packable):
+// The per-thread loads of bn_mc_stats on 16-byte packs along the channels (bn::mc_packable;
+// 16-bit types, bn::StatsPacks):
 // a thread folds kMcPackRows rows of its pack's channels at a time into one Welford triple
 // per channel; through shared memory, thread (tx, ty) of the element-by-element layout then
 // merges the triples of channel tx in a fixed row order, and the block goes on as there.
@@ -98,7 +99,9 @@ bn_mc_stats(const T* __restrict__ x, long long M, int C, int group,
   const bn::McRows rows = bn::mc_rows(M);
   const long long row_step = blockDim.y;
   bn::Welford<Acc, int> w = {0, Acc(0), Acc(0)};
-  if (!(bn::mc_packable<T>(C, x, x) && mc_stats_packs<T, Acc>(x, M, C, w)) && c < C) {
+  if (!(bn::StatsPacks<T>::value && bn::mc_packable<T>(C, x, x) &&
+        mc_stats_packs<T, Acc>(x, M, C, w)) &&
+      c < C) {
     for (long long m = rows.first; m < rows.end; m += U * row_step) {
       const T* p = x + m * C + c;
       Acc v[U];

@@ -15,8 +15,9 @@
 #include "bn_common.cuh"
 #include "bn_finalize.cuh"
 
-// The per-thread loads of bn_ncs_stats on 16-byte packs (bn::ncs_packable): each group of
-// PackUnroll<T> packs (U values) is folded into `w` at once, a last single pack on its own.
+// The per-thread loads of bn_ncs_stats on 16-byte packs (bn::ncs_packable; 16-bit types,
+// bn::StatsPacks): each group of PackUnroll<T> packs (U values) is folded into `w` at once, a
+// last single pack on its own.
 template <typename T, typename Acc>
 __device__ __forceinline__ bool ncs_stats_packs(const T* __restrict__ x, long long N, int C,
                                                 long long S, int col_pieces,
@@ -49,7 +50,8 @@ bn_ncs_stats(const T* __restrict__ x, long long N, int C, long long S, int col_p
   constexpr int U = bn::Unroll<T>::value;
   const int step = blockDim.x;
   bn::Welford<Acc, int> w = {0, Acc(0), Acc(0)};
-  if (!(bn::ncs_packable<T>(S, x, x) && ncs_stats_packs<T, Acc>(x, N, C, S, col_pieces, w))) {
+  if (!(bn::StatsPacks<T>::value && bn::ncs_packable<T>(S, x, x) &&
+        ncs_stats_packs<T, Acc>(x, N, C, S, col_pieces, w))) {
     const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
     bn::NcsCursor cur(tile, threadIdx.x, step);
     for (int i = threadIdx.x; i < tile.count; i += U * step) {

@@ -45,6 +45,7 @@ __all__ = [
     "TARGET_BLOCKS",
     "PACKED_KERNELS",
     "PACKED_LOAD_KERNELS",
+    "PACKED_16BIT_ONLY",
     "KernelFacts",
     "Ptxas",
     "budget_for_blocks",
@@ -85,8 +86,8 @@ def budget_for_blocks(blocks: int, threads: int = BLOCK_THREADS) -> int:
 #: sized by the occupancy API, so a kernel over budget runs fewer blocks at once, not a
 #: different result. No target changed with the 16-byte packs; `bn_mc_stats` (3) and
 #: `bn_mc_double_backward_apply` (4) pass theirs to `__launch_bounds__`, because with their
-#: pack paths ptxas 13.5 left to itself spills `bn_mc_stats` at 64 registers (sm_80 __half,
-#: sm_100 float) and gives `bn_mc_double_backward_apply` 73 on sm_100.
+#: pack paths ptxas 13.5 left to itself spills `bn_mc_stats` at 64 registers (sm_80 __half)
+#: and gives `bn_mc_double_backward_apply` 73 on sm_100.
 TARGET_BLOCKS: dict[str, int] = {
     "bn_ncs_stats": 3,
     "bn_ncs_apply": 5,
@@ -365,7 +366,8 @@ PACKED_KERNELS = (
 )
 
 #: Reductions that load 16-byte packs where alignment allows (they store no tensor): their PTX
-#: must hold 128-bit global loads, in every instantiation.
+#: must hold 128-bit global loads, in every instantiation but those of `PACKED_16BIT_ONLY` for
+#: 4- and 8-byte types.
 PACKED_LOAD_KERNELS = (
     "bn_ncs_stats",
     "bn_ncs_reduce",
@@ -373,13 +375,16 @@ PACKED_LOAD_KERNELS = (
     "bn_mc_reduce",
     "bn_ncs_double_backward_reduce",
 )
+#: The statistics fold packs of 16-bit types only (bn::StatsPacks in bn_common.cuh).
+PACKED_16BIT_ONLY = ("bn_ncs_stats", "bn_mc_stats")
+_16BIT = ("<__half,", "<__nv_bfloat16,")
 
 
 def check_facts(facts: list[KernelFacts]) -> list[str]:
     """Every broken rule, one line each: local memory in the PTX, spills, registers above the
     kernel's `REGISTER_BUDGETS` entry, a `PACKED_KERNELS` instantiation without 128-bit loads
-    or stores, a `PACKED_LOAD_KERNELS` one without 128-bit loads. Register facts absent (no
-    ptxas) are not checked."""
+    or stores, a `PACKED_LOAD_KERNELS` one without 128-bit loads (for `PACKED_16BIT_ONLY`, of a
+    16-bit type). Register facts absent (no ptxas) are not checked."""
     problems = []
     for f in facts:
         where = f"{f.expression} on {f.arch}"
@@ -388,7 +393,9 @@ def check_facts(facts: list[KernelFacts]) -> list[str]:
                 f"{where}: no 128-bit global loads or stores ({f.wide_loads} loads, "
                 f"{f.wide_stores} stores)"
             )
-        if f.kernel in PACKED_LOAD_KERNELS and not f.wide_loads:
+        sixteen = any(t in f.expression for t in _16BIT)
+        packs = f.kernel not in PACKED_16BIT_ONLY or sixteen
+        if f.kernel in PACKED_LOAD_KERNELS and packs and not f.wide_loads:
             problems.append(f"{where}: no 128-bit global loads")
         if f.local_memory:
             problems.append(f"{where}: the PTX uses local memory")
