@@ -56,10 +56,22 @@ def test_double_backward_primitives_match_float64(shape, channel_axis, dtype, tu
     cc.check_double_backward(sim(schedule, TUNINGS[tuning]), shape, channel_axis, dtype)
 
 
-#: NCS shapes of the 16-byte pack paths of apply and backward_apply: S a multiple of every
-#: pack (8 elements), S = 6 (packs of 2 doubles only), S odd and C * S not a multiple of 4
-#: (never packable).
-PACK_SHAPES = [(3, 2, 8), (2, 3, 24), (2, 3, 6), (3, 5, 7)]
+#: Shapes of the 16-byte pack paths (shape, channel axis). NCS: S a multiple of every pack (8
+#: elements), S = 6 (packs of 2 doubles only), S odd and C * S not a multiple of 4 (never
+#: packable). MC (packs run along C): C = 16 (every pack, one channel tile), C = 40 (two tiles,
+#: the second with 8 channels: lanes of it idle), C = 6 (rows of 24 bytes for float: packs of
+#: 2 doubles only), C = 7 (never), an odd row count, and an NHWC tensor.
+PACK_SHAPES = [
+    ((3, 2, 8), 1),
+    ((2, 3, 24), 1),
+    ((2, 3, 6), 1),
+    ((3, 5, 7), 1),
+    ((37, 16), -1),
+    ((9, 40), -1),
+    ((11, 6), -1),
+    ((5, 7), -1),
+    ((2, 3, 5, 8), -1),
+]
 
 
 def _placed(a: np.ndarray, offset: int) -> np.ndarray:
@@ -74,39 +86,89 @@ def _placed(a: np.ndarray, offset: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("schedule,tuning", [("forward", "default"), ("reverse", "split")])
-@pytest.mark.parametrize("misaligned", ["none", "x", "dy"])
+@pytest.mark.parametrize("misaligned", ["none", "x", "dy", "third"])
 @pytest.mark.parametrize("dtype", cc.DTYPES, ids=lambda d: d.name)
-@pytest.mark.parametrize("shape", PACK_SHAPES, ids=str)
-def test_elementwise_packs_and_misaligned_views(shape, dtype, misaligned, schedule, tuning):
+@pytest.mark.parametrize("shape,channel_axis", PACK_SHAPES, ids=str)
+def test_elementwise_packs_and_misaligned_views(
+    shape, channel_axis, dtype, misaligned, schedule, tuning
+):
+    """Every kernel with a 16-byte pack path (apply, backward apply, the fused apply and the
+    ReLU's gradient, the double backward's apply; the NCS statistics and reductions), on
+    aligned tensors and with one operand one element past a 16-byte boundary ("third": the
+    residual and ddx), against float64 formulas and sums."""
     be = sim(schedule, TUNINGS[tuning])
     acc = np.dtype(np.float64 if dtype == np.float64 else np.float32)
     x_np, dy_np = cc.make_inputs(shape, dtype)
+    z_np = np.random.default_rng(5).normal(0.0, 2.0, shape).astype(dtype)
     x = _placed(x_np, 1 if misaligned == "x" else 0)
     dy = _placed(dy_np, 1 if misaligned == "dy" else 0)
-    view = canonical(x, 1)
-    dview = view.match(dy, "dy")
-    assert view.data.ctypes.data == x.ctypes.data  # no copy: the kernels see the offset
-    x64, dy64 = x_np.astype(np.float64), dy_np.astype(np.float64)
+    z = _placed(z_np, 1 if misaligned == "third" else 0)
+    view = canonical(x, channel_axis)
+    dview, zview = view.match(dy, "dy"), view.match(z, "z")
+    for v, a in ((view, x), (dview, dy), (zview, z)):
+        assert v.data.ctypes.data == a.ctypes.data  # no copy: the kernels see the offset
+    x64, dy64, z64 = (v.data.astype(np.float64) for v in (view, dview, zview))
+    channels = view.num_channels
     rng = np.random.default_rng(3)
     scale, shift, mean, gamma, sum_dy, sum_dy_xmu = (
-        rng.normal(1.0, 0.5, shape[1]).astype(acc) for _ in range(6)
+        rng.normal(1.0, 0.5, channels).astype(acc) for _ in range(6)
     )
-    invstd = rng.uniform(0.5, 2.0, shape[1]).astype(acc)
-    tol = cc.OUTPUT_TOL[dtype.name]
+    invstd = rng.uniform(0.5, 2.0, channels).astype(acc)
+    tol, acc_tol = cc.OUTPUT_TOL[dtype.name], cc.ACC_TOL[acc.name]
+    axes = (0, 2) if view.layout == "NCS" else (0,)
 
     def per_channel(v):
-        return v.astype(np.float64)[None, :, None]
+        v = np.asarray(v, np.float64)
+        return v[None, :, None] if view.layout == "NCS" else v[None, :]
+
+    def assert_sums(got, terms, what):
+        scale = max(1.0, np.abs(terms).sum() / channels)
+        cc.assert_close(got, terms.sum(axis=axes), acc_tol * scale, what)
+
+    batch_mean, batch_var = be.batch_stats(view)
+    cc.assert_close(batch_mean, x64.mean(axis=axes), acc_tol, "mean")
+    cc.assert_close(batch_var, x64.var(axis=axes), acc_tol, "var")
+    xmu = x64 - per_channel(mean)
+    sum_pair = be.backward_reduce(dview, view, mean)
+    for got, terms, what in zip(
+        sum_pair, (dy64, dy64 * xmu), ("sum_dy", "sum_dy_xmu"), strict=True
+    ):
+        assert_sums(got, terms, what)
+    sums = be.double_backward_reduce(dview, view, zview, mean)
+    expected = (dy64, dy64 * xmu, z64, z64 * xmu, z64 * dy64)
+    for k, (got, terms) in enumerate(zip(sums, expected, strict=True)):
+        assert_sums(got, terms, f"double backward sum {k}")
 
     y = be.apply(view, scale, shift)
     cc.assert_close(y, x64 * per_channel(scale) + per_channel(shift), tol, "apply")
 
-    count = shape[0] * shape[2]
+    count = view.count
     dx = be.backward_apply(dview, view, mean, invstd, gamma, sum_dy, sum_dy_xmu, count)
     p = per_channel(gamma) * per_channel(invstd)
     q = -p * per_channel(invstd) ** 2 * per_channel(sum_dy_xmu) / count
     r = -p * per_channel(sum_dy) / count
     expect = p * dy64 + q * (x64 - per_channel(mean)) + r
     cc.assert_close(dx, expect, 4 * tol, "backward_apply")
+
+    affine = x64 * per_channel(scale) + per_channel(shift)
+    for residual, relu in ((zview, True), (zview, False), (None, True)):
+        got = be.apply_activation(view, scale, shift, residual, relu)
+        want = affine + (z64 if residual is not None else 0.0)
+        want = np.maximum(want, 0.0) if relu else want
+        cc.assert_close(got, want, 2 * tol, f"apply_activation {residual is not None} {relu}")
+
+    g = be.relu_gradient(dview, zview)
+    cc.assert_close(g, np.where(z64 > 0, dy64, 0.0), 0.0, "relu_gradient")
+
+    k = DoubleBackwardCoefficients(*(rng.normal(0.0, 1.0, channels) for _ in range(6)))
+    kc = DoubleBackwardCoefficients(*(per_channel(v) for v in k.vectors()))
+    for ddx, h in ((zview, z64), (None, np.zeros_like(z64))):
+        gx, gdy = be.double_backward_apply(dview, view, ddx, mean, k)
+        want_gx = kc.gx_dy * dy64 + kc.gx_ddx * h + kc.gx_xmu * xmu + kc.gx_one
+        want_gdy = kc.gdy_ddx * h + kc.gx_dy * xmu + kc.gdy_one
+        what = "with ddx" if ddx is not None else "without ddx"
+        cc.assert_close(gx, want_gx, 4 * tol, f"gx {what}")
+        cc.assert_close(gdy, want_gdy, 4 * tol, f"gdy {what}")
 
 
 def test_split_tuning_really_splits():
@@ -260,7 +322,11 @@ def _is_counter(a, buffers) -> bool:
     return isinstance(a, np.ndarray) and any(a is b for b in buffers)
 
 
-@pytest.mark.parametrize("shape,channel_axis", [((5, 3, 301), 1), ((700, 37), -1)])
+#: S = 301 and C = 37 take the element-by-element paths, S = 304 and C = 40 the 16-byte packs.
+@pytest.mark.parametrize(
+    "shape,channel_axis",
+    [((5, 3, 301), 1), ((700, 37), -1), ((5, 3, 304), 1), ((300, 40), -1)],
+)
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_bitwise_identical_across_schedules(shape, channel_axis, dtype):
     schedules = (("forward", 0), ("reverse", 0), ("random", 1), ("random", 2))

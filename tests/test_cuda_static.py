@@ -8,7 +8,10 @@ checked on hand-written PTX and ptxas messages, which need neither.
 """
 
 import functools
+import importlib.util
 import re
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -59,6 +62,18 @@ def _skip_unsupported(arch: str) -> None:
 
 # ------------------------------------------------------------------ the kernels
 
+#: The kernels of each file with a 16-byte pack path.
+PACKED_PER_FILE = {
+    "ncs": {"bn_ncs_stats", "bn_ncs_apply", "bn_ncs_reduce", "bn_ncs_backward"},
+    "mc": {"bn_mc_stats", "bn_mc_apply", "bn_mc_reduce", "bn_mc_backward"},
+    "double_backward": {
+        "bn_ncs_double_backward_reduce",
+        "bn_ncs_double_backward_apply",
+        "bn_mc_double_backward_apply",
+    },
+    "fused": {"bn_ncs_apply_fused", "bn_mc_apply_fused", "bn_relu_gradient"},
+}
+
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("key", sorted(KERNEL_FILES))
@@ -68,15 +83,23 @@ def test_kernels_use_no_local_memory_and_pack_where_they_should(key, arch):
     facts = _facts(key, arch, False)
     assert len(facts) == len(KERNEL_FILES[key].kernels) * 4
     assert [f.expression for f in facts if f.local_memory] == []
-    # the 16-byte pack paths of the NCS apply and backward: 128-bit loads and stores
+    # the 16-byte pack paths: 128-bit loads (and stores, but in the reductions)
     assert ptx_checks.check_facts(list(facts)) == []
-    packed = [f for f in facts if f.kernel in ptx_checks.PACKED_KERNELS]
-    assert len(packed) == (8 if key == "ncs" else 0)
+    packed = [
+        f for f in facts if f.kernel in ptx_checks.PACKED_KERNELS + ptx_checks.PACKED_LOAD_KERNELS
+    ]
+    assert {f.kernel for f in packed} == PACKED_PER_FILE[key]
     for f in packed:
-        if "double" in f.expression:
-            assert f.v2_loads >= 2 and f.v4_loads == 0, f  # two doubles per load
+        sixteen = re.search(r"<__(half|nv_bfloat16),", f.expression)
+        if f.kernel in ptx_checks.PACKED_16BIT_ONLY and not sixteen:
+            assert f.wide_loads == 0, f  # float and double fold element by element
+            continue
+        if "<double" in f.expression:
+            assert f.v2_loads >= 1 and f.v4_loads == 0, f  # two doubles per load
         else:
             assert f.v4_loads >= 1, f
+        if f.kernel in ptx_checks.PACKED_KERNELS:
+            assert f.wide_stores >= 1, f
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -213,13 +236,23 @@ def test_check_facts_names_each_broken_rule():
     assert "spills (0 bytes stored, 4 loaded)" in problems[2]
     assert "bn_mc_reduce<float, float> on compute_90: 72 registers, budget 64" in problems[3]
     unpacked = ptx_checks.check_facts(
-        [_fact(wide_loads=0), _fact(wide_stores=0), _fact("bn_mc_apply", wide_loads=0)]
+        [
+            _fact(wide_loads=0),
+            _fact(wide_stores=0),
+            _fact("bn_mc_double_backward_reduce", wide_loads=0, wide_stores=0),  # not packed
+            _fact("bn_ncs_stats", wide_stores=0),  # a reduction stores no tensor
+            _fact("bn_mc_reduce", wide_loads=0, wide_stores=0),
+            _fact("bn_ncs_stats", wide_loads=0, wide_stores=0),  # float: element by element
+            _fact("bn_ncs_stats", wide_loads=0, expression="bn_ncs_stats<__half, float>"),
+        ]
     )
     assert unpacked == [
         "bn_ncs_apply<float, float> on compute_90: no 128-bit global loads or stores "
         "(0 loads, 1 stores)",
         "bn_ncs_apply<float, float> on compute_90: no 128-bit global loads or stores "
         "(1 loads, 0 stores)",
+        "bn_mc_reduce<float, float> on compute_90: no 128-bit global loads",
+        "bn_ncs_stats<__half, float> on compute_90: no 128-bit global loads",
     ]
 
 
@@ -268,3 +301,77 @@ def test_local_memory_and_spills_of_a_real_kernel_are_found():
         [_fact("spill", **ptx_checks.ptx_facts(entry), **report["spill"])]  # type: ignore[arg-type]
     )
     assert len(problems) == 2 and "local memory" in problems[0] and "spills" in problems[1]
+
+
+# ------------------------------------------------------------------ benchmarks/kernel_report.py
+
+
+@functools.cache
+def _kernel_report():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_report.py"
+    spec = importlib.util.spec_from_file_location("kernel_report", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+#: An entry with a loop whose body branches: one side loads and stores a 16-byte pack, the
+#: other a 4-byte value; then a second loop (a merge) of cache-global loads.
+LOOP_PTX = """
+.visible .entry k(
+)
+{
+\tmov.u32 \t%r1, 0;
+$L__BB0_1:
+\tsetp.eq.s32 \t%p1, %r1, 7;
+\t@%p1 bra \t$L__BB0_3;
+\tld.global.nc.v4.u32 \t{%r2, %r3, %r4, %r5}, [%rd1];
+\tst.global.v4.u32 \t[%rd2], {%r2, %r3, %r4, %r5};
+\tbra.uni \t$L__BB0_4;
+$L__BB0_3:
+\tld.global.f32 \t%f1, [%rd1];
+\tst.global.f32 \t[%rd2], %f1;
+$L__BB0_4:
+\tadd.s32 \t%r1, %r1, 1;
+\tsetp.lt.s32 \t%p2, %r1, 100;
+\t@%p2 bra \t$L__BB0_1;
+$L__BB0_5:
+\tld.global.cg.f32 \t%f2, [%rd3];
+\tadd.s32 \t%r1, %r1, 1;
+\t@%p2 bra \t$L__BB0_5;
+\tret;
+}
+"""
+
+
+def test_kernel_report_counts_one_iteration_along_the_heaviest_path():
+    report = _kernel_report()
+    first, merge = report.loops(LOOP_PTX)
+    # the head (2 instructions), the pack side (3), the latch (3); the 4-byte side not taken
+    assert (first.instructions, first.loads, first.stores) == (8, 1, 1)
+    assert (first.load_bytes, first.store_bytes, first.wide) == (16, 16, 2)
+    assert (merge.loads, merge.load_bytes) == (0, 0)  # __ldcg partials are not the tensors
+    # bn_ncs_apply<float>: 4 elements per iteration, 8 / 4 instructions each, 8 bytes each
+    assert report.hot_loop_figures("bn_ncs_apply", "float32", LOOP_PTX) == (2.0, 8.0, 0.5)
+    row = report.Row("bn_ncs_apply", "float32", per_element=2.0, bytes_per_element=8.0)
+    assert row.hbm_fraction == 1.0
+    row.per_element = 2 * 8.0 * report.ISSUE_PER_S / report.HBM_BYTES_PER_S  # issue-bound x2
+    assert row.hbm_fraction == pytest.approx(0.5)
+
+
+def test_kernel_report_on_the_kernels():
+    _skip_without_nvrtc()
+    _skip_unsupported("compute_90")
+    report = _kernel_report()
+    rows = report.report(Path(__file__).resolve().parents[1], "compute_90")
+    assert {k for k, _ in rows} == set(report.TENSORS)
+    for kernel in ptx_checks.PACKED_KERNELS + ptx_checks.PACKED_LOAD_KERNELS:
+        for dtype, size in (("float16", 8), ("float32", 4), ("float64", 2)):
+            row = rows[kernel, dtype]
+            writes, reads = report.TENSORS[kernel]
+            if kernel in ptx_checks.PACKED_16BIT_ONLY and size < 8:
+                size = 1  # float and double statistics load element by element
+            # the hot loop is the packed one: one access per pack of each tensor
+            assert row.accesses_per_element == pytest.approx((writes + reads) / size), row
+            assert row.bytes_per_element == (writes + reads) * report.ITEMSIZE[dtype], row

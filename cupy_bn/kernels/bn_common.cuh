@@ -288,6 +288,214 @@ __device__ __forceinline__ bool ncs_packable(long long S, const void* a, const v
   return S % Pack<T>::size == 0 && aligned16(a) && aligned16(b) && (c == nullptr || aligned16(c));
 }
 
+// Whether an MC kernel may move whole packs of the (M, C) tensors at `a`, `b`, `c`, `d`:
+// every pointer 16-byte aligned and C a multiple of the pack, so that every row starts on a
+// 16-byte boundary and no pack straddles two rows; blockDim.x (the channels of a tile, a power
+// of two) holds whole packs. Null pointers are not checked.
+template <typename T>
+__device__ __forceinline__ bool mc_packable(int C, const void* a, const void* b,
+                                            const void* c = nullptr, const void* d = nullptr) {
+  constexpr int size = Pack<T>::size;
+  return C % size == 0 && blockDim.x % size == 0 && aligned16(a) && aligned16(b) &&
+         (c == nullptr || aligned16(c)) && (d == nullptr || aligned16(d));
+}
+
+// Whether the statistics kernels fold packs of T: 16-bit types only. There the element-by-
+// element loop issues more instructions per element than HBM delivers bytes for (the kernel
+// report estimates 61-73 % of an H200's peak without packs, 100 % with them); float and double
+// keep the element-by-element fold, and with it their rounding (the estimate is 100 % either
+// way).
+template <typename T>
+struct StatsPacks {
+  static constexpr bool value = sizeof(T) == 2;
+};
+
+// ------------------------------------------------------------------ pack walks
+//
+// A packed kernel's loop: each thread visits its packs in groups of K (the packs it loads
+// before it uses any) and calls `body(Count<n>{}, off)` with the n pack offsets `off[0..n)`
+// of the group, relative to the block's first pack, 32-bit unless the kernel asks for 64.
+// Whole groups (n = K) carry no per-lane test; the packs after the last whole group come one
+// at a time (n = 1). A 32-bit walk returns false, visiting nothing, when an offset it would
+// form does not fit (a block spanning 2^31 packs, 32 GiB): the caller takes its
+// element-by-element path.
+
+template <int N>
+struct Count {
+  static constexpr int value = N;
+};
+
+constexpr long long kInt32Span = 0x7fffffffLL;
+
+// The NcsCursor of a tile of packs, with offsets of type Off relative to the tile's base.
+template <typename Off>
+struct PackCursor {
+  Off off;
+  int col;
+  int width;
+  int col_step;
+  Off off_step;
+  Off wrap;
+
+  __device__ __forceinline__ PackCursor(const NcsTile& t, int first, int stride) {
+    width = t.width;
+    const int row = first / width;
+    col = first - row * width;
+    off = static_cast<Off>(row * t.row_stride + col);
+    const int rows_per_step = stride / width;
+    col_step = stride - rows_per_step * width;
+    off_step = static_cast<Off>(rows_per_step * t.row_stride + col_step);
+    wrap = static_cast<Off>(t.row_stride - width);
+  }
+
+  __device__ __forceinline__ void advance() {
+    off += off_step;
+    col += col_step;
+    if (col >= width) {
+      col -= width;
+      off += wrap;
+    }
+  }
+};
+
+// The packs of tile `t` (of the (N, C, S / size) tensor of packs) a thread of a 1-D block
+// visits: tile elements threadIdx.x, threadIdx.x + blockDim.x, ... in row-major order.
+template <int K, typename Off = int, typename Body>
+__device__ __forceinline__ bool ncs_pack_walk(const NcsTile& t, Body&& body) {
+  const int step = blockDim.x;
+  if constexpr (sizeof(Off) < 8) {
+    // rows the cursor reaches, one step past the tile's end included
+    const long long rows = (t.count + (K + 1LL) * step) / t.width + 2;
+    if (rows * t.row_stride >= kInt32Span) return false;
+  }
+  PackCursor<Off> cur(t, threadIdx.x, step);
+  int i = threadIdx.x;
+#pragma unroll 1
+  for (; i + (K - 1) * step < t.count; i += K * step) {
+    Off off[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      off[k] = cur.off;
+      cur.advance();
+    }
+    body(Count<K>{}, off);
+  }
+  if constexpr (K > 1) {
+#pragma unroll 1
+    for (; i < t.count; i += step) {
+      const Off off[1] = {cur.off};
+      cur.advance();
+      body(Count<1>{}, off);
+    }
+  }
+  return true;
+}
+
+// A thread's share of an MC block in packs (bn::mc_packable): the block's threads, numbered
+// t = threadIdx.y * blockDim.x + threadIdx.x, cover `lanes` = blockDim.x / size packs of each
+// row of the tile (thread t takes pack column t % lanes, channels `channel`..+size) and
+// rows t / lanes, t / lanes + step, ... of the block's row range, step = threads / lanes.
+struct McPackShare {
+  long long base;       // pack offset of the thread's column in the block's first row
+  long long row_packs;  // C / size: packs per row
+  int first;            // the thread's first row, relative to the block's first row
+  int rows;             // rows of the block's range
+  int step;             // rows per step
+  int channel;          // the thread's first channel
+  bool active;          // channel < C: the thread has packs to move
+};
+
+template <typename T>
+__device__ __forceinline__ McPackShare mc_pack_share(long long M, int C) {
+  constexpr int size = Pack<T>::size;
+  const int lanes = blockDim.x / size;
+  const int t = threadIdx.y * blockDim.x + threadIdx.x;
+  const int col = t % lanes;
+  const long long m0 = M * blockIdx.y / gridDim.y, m1 = M * (blockIdx.y + 1) / gridDim.y;
+  McPackShare s;
+  s.channel = blockIdx.x * blockDim.x + col * size;
+  s.row_packs = C / size;
+  s.base = m0 * s.row_packs + s.channel / size;
+  s.first = t / lanes;
+  s.rows = static_cast<int>(m1 - m0);
+  s.step = blockDim.x * blockDim.y / lanes;
+  s.active = s.channel < C;
+  return s;
+}
+
+// The packs of an MC block a thread visits (none when !s.active). The 32-bit test is the
+// same for the whole block, so either every thread walks or none does.
+template <int K, typename Body>
+__device__ __forceinline__ bool mc_pack_walk(const McPackShare& s, Body&& body) {
+  if ((s.rows + (K + 1LL) * s.step) * s.row_packs >= kInt32Span) return false;
+  if (!s.active) return true;
+  const int row_packs = static_cast<int>(s.row_packs);
+  const int jump = s.step * row_packs;
+  int at = s.first * row_packs;
+  int r = s.first;
+#pragma unroll 1
+  for (; r + (K - 1) * s.step < s.rows; r += K * s.step) {
+    int off[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) off[k] = at + k * jump;
+    at += K * jump;
+    body(Count<K>{}, off);
+  }
+  if constexpr (K > 1) {
+#pragma unroll 1
+    for (; r < s.rows; r += s.step) {
+      const int off[1] = {at};
+      at += jump;
+      body(Count<1>{}, off);
+    }
+  }
+  return true;
+}
+
+// Loads the Acc values of `size` consecutive per-channel entries from `v + c`.
+template <typename T, typename Acc>
+__device__ __forceinline__ void load_channels(const Acc* __restrict__ v, int c,
+                                              Acc (&out)[Pack<T>::size]) {
+#pragma unroll
+  for (int j = 0; j < Pack<T>::size; ++j) out[j] = v[c + j];
+}
+
+// Hands NS per-channel sums of a packed MC block (bn::mc_pack_share) back to the
+// element-by-element layout: each thread gives `v[k][j]`, sum k of channel `channel + j`, and
+// thread (tx, ty) adds those of channel tx from rows ty * size, ty * size + 1, ... in that
+// order to `out[k]`. `buf` holds 256 * size values; one sum at a time passes through it.
+template <int NS, typename T, typename Acc>
+__device__ __forceinline__ void mc_pack_column_sums(Acc* buf, const Acc (&v)[NS][Pack<T>::size],
+                                                    Acc (&out)[NS]) {
+  constexpr int size = Pack<T>::size;
+  const int lanes = blockDim.x / size;
+  const int t = threadIdx.y * blockDim.x + threadIdx.x;
+  const int slot = (t / lanes) * blockDim.x + (t % lanes) * size;
+#pragma unroll
+  for (int k = 0; k < NS; ++k) {
+    if (k > 0) __syncthreads();
+#pragma unroll
+    for (int j = 0; j < size; ++j) buf[slot + j] = v[k][j];
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < size; ++i)
+      out[k] += buf[(threadIdx.y * size + i) * blockDim.x + threadIdx.x];
+  }
+}
+
+// The Acc values of the packs `src[off[0..K)]`, pack by pack: K * size values.
+template <int K, typename T, typename Acc, typename Off>
+__device__ __forceinline__ void load_packs(const Pack<T>* __restrict__ src, const Off (&off)[K],
+                                           Acc (&out)[K * Pack<T>::size]) {
+  Pack<T> p[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) p[k] = src[off[k]];
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+#pragma unroll
+    for (int j = 0; j < Pack<T>::size; ++j) out[k * Pack<T>::size + j] = widen(p[k].v[j]);
+}
+
 // ------------------------------------------------------------------ backward pieces
 
 // Loads an unrolled group of U (dy, x) pairs into registers, the MC way: rows m, m + step,

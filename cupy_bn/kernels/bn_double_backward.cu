@@ -186,6 +186,26 @@ __device__ __forceinline__ void store_double_backward(const DoubleBackwardCoeffi
 
 }  // namespace bn
 
+// The per-thread sums of bn_ncs_double_backward_reduce on 16-byte packs of dy, x and ddx
+// (bn::ncs_packable), one pack of each per step.
+template <typename T, typename Acc>
+__device__ __forceinline__ bool ncs_double_backward_reduce_packs(
+    const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ ddx, Acc mu,
+    long long N, int C, long long S, int col_pieces, Acc (&s)[bn::kDoubleBackwardSums]) {
+  using P = bn::Pack<T>;
+  const bn::NcsTile tile = bn::ncs_tile(N, C, S / P::size, col_pieces);
+  const P* __restrict__ gp = reinterpret_cast<const P*>(dy) + tile.base;
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + tile.base;
+  const P* __restrict__ hp = reinterpret_cast<const P*>(ddx) + tile.base;
+  return bn::ncs_pack_walk<1>(tile, [&](auto, const auto& off) {
+    Acc g[P::size], v[P::size], h[P::size];
+    bn::load_packs<1, T>(gp, off, g);
+    bn::load_packs<1, T>(xp, off, v);
+    bn::load_packs<1, T>(hp, off, h);
+    bn::add_double_backward_terms(g, v, h, mu, P::size, s);
+  });
+}
+
 // The five per-channel sums in one pass over dy, x and ddx, merged across blocks like
 // bn_ncs_reduce (`sync`: C channel counters). `sums`: [5][C].
 template <typename T, typename Acc>
@@ -198,14 +218,17 @@ bn_ncs_double_backward_reduce(const T* __restrict__ dy, const T* __restrict__ x,
   constexpr int U = bn::Unroll<T>::value;
   constexpr int K = bn::kDoubleBackwardSums;
   const int step = blockDim.x;
-  const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
   const Acc mu = mean[blockIdx.x];
-  bn::NcsCursor cur(tile, threadIdx.x, step);
   Acc s[K] = {Acc(0), Acc(0), Acc(0), Acc(0), Acc(0)};
-  for (int i = threadIdx.x; i < tile.count; i += U * step) {
-    Acc g[U], v[U], h[U];
-    bn::load_ncs_triples(dy, x, ddx, true, i, step, tile.count, cur, g, v, h);
-    bn::add_double_backward_terms(g, v, h, mu, (tile.count - i + step - 1) / step, s);
+  if (!(bn::ncs_packable<T>(S, dy, x, ddx) &&
+        ncs_double_backward_reduce_packs<T, Acc>(dy, x, ddx, mu, N, C, S, col_pieces, s))) {
+    const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
+    bn::NcsCursor cur(tile, threadIdx.x, step);
+    for (int i = threadIdx.x; i < tile.count; i += U * step) {
+      Acc g[U], v[U], h[U];
+      bn::load_ncs_triples(dy, x, ddx, true, i, step, tile.count, cur, g, v, h);
+      bn::add_double_backward_terms(g, v, h, mu, (tile.count - i + step - 1) / step, s);
+    }
   }
   bn::block_sums(s);
 
@@ -227,7 +250,36 @@ bn_ncs_double_backward_reduce(const T* __restrict__ dy, const T* __restrict__ x,
   }
 }
 
-// gx and gdy in one pass; ddx is read only when with_ddx != 0.
+// bn_ncs_double_backward_apply on 16-byte packs of dy, x, ddx, gx and gdy (bn::ncs_packable):
+// one pack of each tensor per step.
+template <typename T, typename Acc>
+__device__ __forceinline__ bool ncs_double_backward_apply_packs(
+    const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ ddx, bool with_ddx,
+    const bn::DoubleBackwardCoefficients<Acc>& k, Acc mu, long long N, int C, long long S,
+    int col_pieces, T* __restrict__ gx, T* __restrict__ gdy) {
+  using P = bn::Pack<T>;
+  const bn::NcsTile tile = bn::ncs_tile(N, C, S / P::size, col_pieces);
+  const P* __restrict__ gp = reinterpret_cast<const P*>(dy) + tile.base;
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + tile.base;
+  const P* __restrict__ hp = reinterpret_cast<const P*>(ddx) + tile.base;
+  P* __restrict__ gxp = reinterpret_cast<P*>(gx) + tile.base;
+  P* __restrict__ gdyp = reinterpret_cast<P*>(gdy) + tile.base;
+  return bn::ncs_pack_walk<1>(tile, [&](auto, const auto& off) {
+    const P g = gp[off[0]], v = xp[off[0]];
+    P h;
+    if (with_ddx) h = hp[off[0]];
+    P o1, o2;
+#pragma unroll
+    for (int j = 0; j < P::size; ++j)
+      bn::store_double_backward(k, bn::widen(g.v[j]), bn::widen(v.v[j]),
+                                with_ddx ? bn::widen(h.v[j]) : Acc(0), mu, &o1.v[j], &o2.v[j]);
+    gxp[off[0]] = o1;
+    gdyp[off[0]] = o2;
+  });
+}
+
+// gx and gdy in one pass; ddx is read only when with_ddx != 0. On 16-byte packs where the
+// pointers and S allow (bn::ncs_packable).
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(256)
 bn_ncs_double_backward_apply(const T* __restrict__ dy, const T* __restrict__ x,
@@ -237,11 +289,16 @@ bn_ncs_double_backward_apply(const T* __restrict__ dy, const T* __restrict__ x,
                              T* __restrict__ gx, T* __restrict__ gdy) {
   constexpr int U = bn::Unroll<T>::value;
   const int step = blockDim.x;
-  const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
   const int c = blockIdx.x;
   const bn::DoubleBackwardCoefficients<Acc> k =
       bn::double_backward_coefficients(coef, C, c, with_ddx != 0);
   const Acc mu = mean[c];
+  if (bn::ncs_packable<T>(S, dy, x, with_ddx ? ddx : nullptr) && bn::aligned16(gx) &&
+      bn::aligned16(gdy) &&
+      ncs_double_backward_apply_packs<T, Acc>(dy, x, ddx, with_ddx != 0, k, mu, N, C, S,
+                                              col_pieces, gx, gdy))
+    return;
+  const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
   bn::NcsCursor cur(tile, threadIdx.x, step);
   for (int i = threadIdx.x; i < tile.count; i += U * step) {
     bn::NcsCursor out = cur;
@@ -320,14 +377,77 @@ bn_mc_double_backward_reduce(const T* __restrict__ dy, const T* __restrict__ x,
   }
 }
 
-// gx and gdy in one pass, coefficients as in bn_ncs_double_backward_apply.
+// bn_mc_double_backward_apply on 16-byte packs along the channels (bn::mc_packable), as
+// bn_mc.cu's mc_backward_packs: the tile's six coefficients and mean sit in shared memory.
 template <typename T, typename Acc>
-__global__ void __launch_bounds__(256)
+__device__ __forceinline__ bool mc_double_backward_apply_packs(
+    const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ ddx, bool with_ddx,
+    const Acc* __restrict__ mean, const Acc* __restrict__ coef, long long M, int C,
+    T* __restrict__ gx, T* __restrict__ gdy) {
+  using P = bn::Pack<T>;
+  // [field][channel]: gx_dy, gx_ddx, gx_xmu, gx_one, gdy_ddx, gdy_one, mean; read through a
+  // volatile pointer with each pack, so that the compiler does not hoist 7 * size of them
+  // into registers (73 for float on sm_100)
+  __shared__ Acc s_k[7][32];
+  const int t = threadIdx.y * blockDim.x + threadIdx.x;
+  const int c = blockIdx.x * blockDim.x + t;
+  if (t < blockDim.x && c < C) {
+    const bn::DoubleBackwardCoefficients<Acc> k =
+        bn::double_backward_coefficients(coef, C, c, with_ddx);
+    s_k[0][t] = k.gx_dy;
+    s_k[1][t] = k.gx_ddx;
+    s_k[2][t] = k.gx_xmu;
+    s_k[3][t] = k.gx_one;
+    s_k[4][t] = k.gdy_ddx;
+    s_k[5][t] = k.gdy_one;
+    s_k[6][t] = mean[c];
+  }
+  __syncthreads();
+  const bn::McPackShare s = bn::mc_pack_share<T>(M, C);
+  const volatile Acc* sk = &s_k[0][s.channel - blockIdx.x * blockDim.x];
+  const P* __restrict__ gp = reinterpret_cast<const P*>(dy) + s.base;
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + s.base;
+  const P* __restrict__ hp = reinterpret_cast<const P*>(ddx) + s.base;
+  P* __restrict__ gxp = reinterpret_cast<P*>(gx) + s.base;
+  P* __restrict__ gdyp = reinterpret_cast<P*>(gdy) + s.base;
+  return bn::mc_pack_walk<1>(s, [&](auto, const auto& off) {
+    const P g = gp[off[0]], v = xp[off[0]];
+    P h;
+    if (with_ddx) h = hp[off[0]];
+    // gx, then gdy: one output pack and the coefficients of one formula live at a time
+    P o;
+#pragma unroll
+    for (int j = 0; j < P::size; ++j) {
+      const Acc xmu = bn::widen(v.v[j]) - sk[192 + j];
+      const Acc hj = with_ddx ? bn::widen(h.v[j]) : Acc(0);
+      bn::store(&o.v[j],
+                ((sk[j] * bn::widen(g.v[j]) + sk[32 + j] * hj) + sk[64 + j] * xmu) + sk[96 + j]);
+    }
+    gxp[off[0]] = o;
+#pragma unroll
+    for (int j = 0; j < P::size; ++j) {
+      const Acc xmu = bn::widen(v.v[j]) - sk[192 + j];
+      const Acc hj = with_ddx ? bn::widen(h.v[j]) : Acc(0);
+      bn::store(&o.v[j], (sk[128 + j] * hj + sk[j] * xmu) + sk[160 + j]);
+    }
+    gdyp[off[0]] = o;
+  });
+}
+
+// gx and gdy in one pass, coefficients as in bn_ncs_double_backward_apply; on 16-byte packs
+// where the pointers and C allow (bn::mc_packable). Four resident blocks asked of ptxas (64
+// registers): left to itself, ptxas 13.5 gives the packed kernel up to 73 on sm_100.
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(256, 4)
 bn_mc_double_backward_apply(const T* __restrict__ dy, const T* __restrict__ x,
                             const T* __restrict__ ddx, int with_ddx,
                             const Acc* __restrict__ mean, const Acc* __restrict__ coef,
                             long long M, int C, T* __restrict__ gx, T* __restrict__ gdy) {
   constexpr int U = bn::Unroll<T>::value;
+  if (bn::mc_packable<T>(C, dy, x, gx, gdy) && (!with_ddx || bn::aligned16(ddx)) &&
+      mc_double_backward_apply_packs<T, Acc>(dy, x, ddx, with_ddx != 0, mean, coef, M, C, gx,
+                                             gdy))
+    return;
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= C) return;
   const bn::McRows rows = bn::mc_rows(M);

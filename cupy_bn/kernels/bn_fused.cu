@@ -29,6 +29,41 @@ __device__ __forceinline__ Acc fused_output(Acc v, Acc z, int flags) {
 
 }  // namespace bn
 
+// bn_ncs_apply_fused on 16-byte packs of x, z and y (bn::ncs_packable), as bn_ncs.cu's
+// ncs_apply_packs.
+template <typename T, typename Acc>
+__device__ __forceinline__ bool ncs_apply_fused_packs(const T* __restrict__ x,
+                                                      const T* __restrict__ z, Acc a, Acc b,
+                                                      int flags, long long N, int C,
+                                                      long long S, int col_pieces,
+                                                      T* __restrict__ y) {
+  using P = bn::Pack<T>;
+  const bn::NcsTile tile = bn::ncs_tile(N, C, S / P::size, col_pieces);
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + tile.base;
+  const P* __restrict__ zp = reinterpret_cast<const P*>(z) + tile.base;
+  P* __restrict__ yp = reinterpret_cast<P*>(y) + tile.base;
+  const bool residual = (flags & bn::kFusedResidual) != 0;
+  return bn::ncs_pack_walk<bn::PackUnroll<T>::value>(tile, [&](auto n, const auto& off) {
+    constexpr int K = decltype(n)::value;
+    P v[K], r[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      v[k] = xp[off[k]];
+      if (residual) r[k] = zp[off[k]];
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      P o;
+#pragma unroll
+      for (int j = 0; j < P::size; ++j)
+        bn::store(&o.v[j], bn::fused_output(bn::widen(v[k].v[j]) * a + b,
+                                            residual ? bn::widen(r[k].v[j]) : Acc(0), flags));
+      yp[off[k]] = o;
+    }
+  });
+}
+
+// y = act(x * scale[c] + shift[c] + z); on 16-byte packs where the pointers and S allow.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(256)
 bn_ncs_apply_fused(const T* __restrict__ x, const T* __restrict__ z,
@@ -36,9 +71,12 @@ bn_ncs_apply_fused(const T* __restrict__ x, const T* __restrict__ z,
                    long long N, int C, long long S, int col_pieces, T* __restrict__ y) {
   constexpr int U = bn::Unroll<T>::value;
   const int step = blockDim.x;
-  const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
   const Acc a = scale[blockIdx.x], b = shift[blockIdx.x];
   const bool residual = (flags & bn::kFusedResidual) != 0;
+  if (bn::ncs_packable<T>(S, x, y, residual ? z : nullptr) &&
+      ncs_apply_fused_packs<T, Acc>(x, z, a, b, flags, N, C, S, col_pieces, y))
+    return;
+  const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
   bn::NcsCursor cur(tile, threadIdx.x, step);
   for (int i = threadIdx.x; i < tile.count; i += U * step) {
     bn::NcsCursor out = cur;
@@ -63,12 +101,56 @@ bn_ncs_apply_fused(const T* __restrict__ x, const T* __restrict__ z,
   }
 }
 
+// bn_mc_apply_fused on 16-byte packs along the channels (bn::mc_packable), as bn_mc.cu's
+// mc_apply_packs.
+template <typename T, typename Acc>
+__device__ __forceinline__ bool mc_apply_fused_packs(const T* __restrict__ x,
+                                                     const T* __restrict__ z,
+                                                     const Acc* __restrict__ scale,
+                                                     const Acc* __restrict__ shift, int flags,
+                                                     long long M, int C, T* __restrict__ y) {
+  using P = bn::Pack<T>;
+  const bn::McPackShare s = bn::mc_pack_share<T>(M, C);
+  Acc a[P::size], b[P::size];
+  if (s.active) {
+    bn::load_channels<T>(scale, s.channel, a);
+    bn::load_channels<T>(shift, s.channel, b);
+  }
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + s.base;
+  const P* __restrict__ zp = reinterpret_cast<const P*>(z) + s.base;
+  P* __restrict__ yp = reinterpret_cast<P*>(y) + s.base;
+  const bool residual = (flags & bn::kFusedResidual) != 0;
+  return bn::mc_pack_walk<bn::PackUnroll<T>::value>(s, [&](auto n, const auto& off) {
+    constexpr int K = decltype(n)::value;
+    P v[K], r[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      v[k] = xp[off[k]];
+      if (residual) r[k] = zp[off[k]];
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      P o;
+#pragma unroll
+      for (int j = 0; j < P::size; ++j)
+        bn::store(&o.v[j], bn::fused_output(bn::widen(v[k].v[j]) * a[j] + b[j],
+                                            residual ? bn::widen(r[k].v[j]) : Acc(0), flags));
+      yp[off[k]] = o;
+    }
+  });
+}
+
+// y = act(x * scale[c] + shift[c] + z) over MC data; on 16-byte packs where the pointers and
+// C allow.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(256)
 bn_mc_apply_fused(const T* __restrict__ x, const T* __restrict__ z,
                   const Acc* __restrict__ scale, const Acc* __restrict__ shift, int flags,
                   long long M, int C, T* __restrict__ y) {
   constexpr int U = bn::Unroll<T>::value;
+  if (bn::mc_packable<T>(C, x, y, (flags & bn::kFusedResidual) ? z : nullptr) &&
+      mc_apply_fused_packs<T, Acc>(x, z, scale, shift, flags, M, C, y))
+    return;
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= C) return;
   const bn::McRows rows = bn::mc_rows(M);
@@ -94,14 +176,33 @@ bn_mc_apply_fused(const T* __restrict__ x, const T* __restrict__ z,
   }
 }
 
-// g = dy where y > 0, else 0 (a NaN in dy where y <= 0 does not pass), over n elements.
+// g = dy where y > 0, else 0 (a NaN in dy where y <= 0 does not pass), over n elements; in
+// 16-byte packs when dy, y and g are 16-byte aligned (the last n % size elements one by one).
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(256)
 bn_relu_gradient(const T* __restrict__ dy, const T* __restrict__ y, long long n,
                  T* __restrict__ g) {
+  using P = bn::Pack<T>;
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += stride) {
+  const long long first = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  long long i = first;
+  if (bn::aligned16(dy) && bn::aligned16(y) && bn::aligned16(g)) {
+    const P* __restrict__ dp = reinterpret_cast<const P*>(dy);
+    const P* __restrict__ yp = reinterpret_cast<const P*>(y);
+    P* __restrict__ gp = reinterpret_cast<P*>(g);
+    const long long packs = n / P::size;
+#pragma unroll 1
+    for (long long k = first; k < packs; k += stride) {
+      const P d = dp[k], v = yp[k];
+      P o;
+#pragma unroll
+      for (int j = 0; j < P::size; ++j)
+        bn::store(&o.v[j], bn::widen(v.v[j]) > Acc(0) ? bn::widen(d.v[j]) : Acc(0));
+      gp[k] = o;
+    }
+    i = packs * P::size + first;
+  }
+  for (; i < n; i += stride) {
     const Acc d = bn::widen(dy[i]);
     bn::store(&g[i], bn::widen(y[i]) > Acc(0) ? d : Acc(0));
   }

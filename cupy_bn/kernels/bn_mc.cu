@@ -24,12 +24,66 @@
 #include "bn_finalize.cuh"
 #include "bn_mc_layout.cuh"
 
+// The per-thread loads of bn_mc_stats on 16-byte packs along the channels (bn::mc_packable;
+// 16-bit types, bn::StatsPacks):
+// a thread folds kMcPackRows rows of its pack's channels at a time into one Welford triple
+// per channel; through shared memory, thread (tx, ty) of the element-by-element layout then
+// merges the triples of channel tx in a fixed row order, and the block goes on as there.
+constexpr int kMcPackRows = 2;
+
+template <typename T, typename Acc>
+__device__ __forceinline__ bool mc_stats_packs(const T* __restrict__ x, long long M, int C,
+                                               bn::Welford<Acc, int>& w) {
+  using P = bn::Pack<T>;
+  constexpr int size = P::size;
+  __shared__ int s_count[256 * size];
+  __shared__ Acc s_mean[256 * size];
+  __shared__ Acc s_m2[256 * size];
+  const bn::McPackShare s = bn::mc_pack_share<T>(M, C);
+  bn::Welford<Acc, int> acc[size];
+#pragma unroll
+  for (int j = 0; j < size; ++j) acc[j] = {0, Acc(0), Acc(0)};
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + s.base;
+  const bool walked = bn::mc_pack_walk<kMcPackRows>(s, [&](auto n, const auto& off) {
+    constexpr int G = decltype(n)::value;
+    P p[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) p[g] = xp[off[g]];
+#pragma unroll
+    for (int j = 0; j < size; ++j) {
+      Acc v[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) v[g] = bn::widen(p[g].v[j]);
+      bn::fold_group<G>(acc[j], v, G);
+    }
+  });
+  if (!walked) return false;
+  const int lanes = blockDim.x / size;
+  const int t = threadIdx.y * blockDim.x + threadIdx.x;
+  const int slot = (t / lanes) * blockDim.x + (t % lanes) * size;
+#pragma unroll
+  for (int j = 0; j < size; ++j) {
+    s_count[slot + j] = acc[j].n;
+    s_mean[slot + j] = acc[j].mean;
+    s_m2[slot + j] = acc[j].m2;
+  }
+  __syncthreads();
+  // thread (tx, ty): the triples of channel tx from rows ty * size, ty * size + 1, ...
+#pragma unroll
+  for (int i = 0; i < size; ++i) {
+    const int at = (threadIdx.y * size + i) * blockDim.x + threadIdx.x;
+    const bn::Welford<Acc, int> r = {s_count[at], s_mean[at], s_m2[at]};
+    w = bn::chan_merge(w, r);
+  }
+  return true;
+}
+
 // Statistics: each thread folds its channel's values U rows at a time into a Welford triple
 // (U loads in flight), the block merges its rows with a fixed shared-memory tree, then the
 // fixed-order cross-block merge. `sync`: one counter per channel tile, done, bad;
 // `flags` as for bn_ncs_stats.
 template <typename T, typename Acc>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, 3)
 bn_mc_stats(const T* __restrict__ x, long long M, int C, int group,
             Acc* __restrict__ part_mean, Acc* __restrict__ part_m2,
             int* __restrict__ part_count, Acc* __restrict__ group_mean,
@@ -45,7 +99,9 @@ bn_mc_stats(const T* __restrict__ x, long long M, int C, int group,
   const bn::McRows rows = bn::mc_rows(M);
   const long long row_step = blockDim.y;
   bn::Welford<Acc, int> w = {0, Acc(0), Acc(0)};
-  if (c < C) {
+  if (!(bn::StatsPacks<T>::value && bn::mc_packable<T>(C, x, x) &&
+        mc_stats_packs<T, Acc>(x, M, C, w)) &&
+      c < C) {
     for (long long m = rows.first; m < rows.end; m += U * row_step) {
       const T* p = x + m * C + c;
       Acc v[U];
@@ -102,12 +158,46 @@ bn_mc_stats(const T* __restrict__ x, long long M, int C, int group,
   if (flags & BN_RUNNING) bn::update_running_if_last(out, sy.done, sy.bad, gridDim.x, bad, C);
 }
 
-// y = x * scale[c] + shift[c], computed in Acc and rounded once to T.
+// bn_mc_apply on 16-byte packs along the channels (bn::mc_packable): a thread moves
+// PackUnroll<T> packs of one channel group (rows `step` apart) per step, with the group's
+// scale and shift in registers.
+template <typename T, typename Acc>
+__device__ __forceinline__ bool mc_apply_packs(const T* __restrict__ x,
+                                               const Acc* __restrict__ scale,
+                                               const Acc* __restrict__ shift, long long M, int C,
+                                               T* __restrict__ y) {
+  using P = bn::Pack<T>;
+  const bn::McPackShare s = bn::mc_pack_share<T>(M, C);
+  Acc a[P::size], b[P::size];
+  if (s.active) {
+    bn::load_channels<T>(scale, s.channel, a);
+    bn::load_channels<T>(shift, s.channel, b);
+  }
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + s.base;
+  P* __restrict__ yp = reinterpret_cast<P*>(y) + s.base;
+  return bn::mc_pack_walk<bn::PackUnroll<T>::value>(s, [&](auto n, const auto& off) {
+    constexpr int K = decltype(n)::value;
+    P v[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) v[k] = xp[off[k]];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      P r;
+#pragma unroll
+      for (int j = 0; j < P::size; ++j) bn::store(&r.v[j], bn::widen(v[k].v[j]) * a[j] + b[j]);
+      yp[off[k]] = r;
+    }
+  });
+}
+
+// y = x * scale[c] + shift[c], computed in Acc and rounded once to T; on 16-byte packs where
+// the pointers and C allow (bn::mc_packable), element by element otherwise.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(256)
 bn_mc_apply(const T* __restrict__ x, const Acc* __restrict__ scale,
             const Acc* __restrict__ shift, long long M, int C, T* __restrict__ y) {
   constexpr int U = bn::Unroll<T>::value;
+  if (bn::mc_packable<T>(C, x, y) && mc_apply_packs<T, Acc>(x, scale, shift, M, C, y)) return;
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= C) return;
   const bn::McRows rows = bn::mc_rows(M);
@@ -127,6 +217,56 @@ bn_mc_apply(const T* __restrict__ x, const Acc* __restrict__ scale,
   }
 }
 
+// The per-thread sums of bn_mc_reduce on 16-byte packs of dy and x along the channels
+// (bn::mc_packable): a row of the pack's channels at a time, one pair of sums per channel;
+// thread (tx, ty) of the element-by-element layout then adds those of channel tx in a fixed
+// row order (bn::mc_pack_column_sums).
+template <typename T, typename Acc>
+__device__ __forceinline__ bool mc_reduce_packs(const T* __restrict__ dy,
+                                                const T* __restrict__ x,
+                                                const Acc* __restrict__ mean, long long M, int C,
+                                                Acc& sum_dy, Acc& sum_dy_xmu) {
+  using P = bn::Pack<T>;
+  constexpr int size = P::size;
+  __shared__ Acc s_buf[256 * size];
+  const bn::McPackShare s = bn::mc_pack_share<T>(M, C);
+  Acc sums[2][size], mu[size];
+#pragma unroll
+  for (int j = 0; j < size; ++j) {
+    sums[0][j] = Acc(0);
+    sums[1][j] = Acc(0);
+    mu[j] = s.active ? mean[s.channel + j] : Acc(0);
+  }
+  const P* __restrict__ gp = reinterpret_cast<const P*>(dy) + s.base;
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + s.base;
+  // one row at a time: two would take the 16-bit types past 64 registers on sm_100
+  const bool walked = bn::mc_pack_walk<1>(s, [&](auto n, const auto& off) {
+    constexpr int G = decltype(n)::value;
+    P g[G], v[G];
+#pragma unroll
+    for (int k = 0; k < G; ++k) {
+      g[k] = gp[off[k]];
+      v[k] = xp[off[k]];
+    }
+#pragma unroll
+    for (int j = 0; j < size; ++j) {
+      Acc gj[G], vj[G];
+#pragma unroll
+      for (int k = 0; k < G; ++k) {
+        gj[k] = bn::widen(g[k].v[j]);
+        vj[k] = bn::widen(v[k].v[j]);
+      }
+      bn::add_dy_xmu(gj, vj, mu[j], G, sums[0][j], sums[1][j]);
+    }
+  });
+  if (!walked) return false;
+  Acc out[2] = {Acc(0), Acc(0)};
+  bn::mc_pack_column_sums<2, T>(s_buf, sums, out);
+  sum_dy = out[0];
+  sum_dy_xmu = out[1];
+  return true;
+}
+
 // sum(dy) and sum(dy * (x - mean[c])) per channel, both in one pass over dy and x, merged
 // across blocks in the statistics' two levels. Four resident blocks asked of ptxas (64
 // registers): left to itself, ptxas 13.5 spills the __half instantiation on sm_80.
@@ -142,7 +282,9 @@ bn_mc_reduce(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __res
   const bn::McRows rows = bn::mc_rows(M);
   const long long row_step = blockDim.y;
   Acc sum_dy = Acc(0), sum_dy_xmu = Acc(0);
-  if (c < C) {
+  if (!(bn::mc_packable<T>(C, dy, x) &&
+        mc_reduce_packs<T, Acc>(dy, x, mean, M, C, sum_dy, sum_dy_xmu)) &&
+      c < C) {
     const Acc mu = mean[c];
     for (long long m = rows.first; m < rows.end; m += U * row_step) {
       const long long base = m * C + c;
@@ -190,7 +332,47 @@ bn_mc_reduce(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __res
   }
 }
 
-// dx of training-mode batch norm, coefficients as in bn_ncs_backward.
+// bn_mc_backward on 16-byte packs of dy, x and dx along the channels (bn::mc_packable), as
+// mc_apply_packs. The tile's coefficients (p, q, r, mean of blockDim.x channels) sit in shared
+// memory, read with the packs: in registers they would take 32 of them for 16-bit types.
+template <typename T, typename Acc>
+__device__ __forceinline__ bool mc_backward_packs(
+    const T* __restrict__ dy, const T* __restrict__ x, const Acc* __restrict__ mean,
+    const Acc* __restrict__ invstd, const Acc* __restrict__ gamma,
+    const Acc* __restrict__ sum_dy, const Acc* __restrict__ sum_dy_xmu, long long count,
+    long long M, int C, T* __restrict__ dx) {
+  using P = bn::Pack<T>;
+  __shared__ Acc s_k[4][32];
+  const int t = threadIdx.y * blockDim.x + threadIdx.x;
+  const int c = blockIdx.x * blockDim.x + t;
+  if (t < blockDim.x && c < C) {
+    const bn::DxCoefficients<Acc> k =
+        bn::dx_coefficients(invstd, gamma, sum_dy, sum_dy_xmu, count, c);
+    s_k[0][t] = k.p;
+    s_k[1][t] = k.q;
+    s_k[2][t] = k.r;
+    s_k[3][t] = mean[c];
+  }
+  __syncthreads();
+  const bn::McPackShare s = bn::mc_pack_share<T>(M, C);
+  const int j0 = s.channel - blockIdx.x * blockDim.x;
+  const P* __restrict__ gp = reinterpret_cast<const P*>(dy) + s.base;
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + s.base;
+  P* __restrict__ dxp = reinterpret_cast<P*>(dx) + s.base;
+  return bn::mc_pack_walk<1>(s, [&](auto, const auto& off) {
+    const P g = gp[off[0]], v = xp[off[0]];
+    P o;
+#pragma unroll
+    for (int j = 0; j < P::size; ++j)
+      bn::store(&o.v[j], (bn::widen(g.v[j]) * s_k[0][j0 + j] +
+                          (bn::widen(v.v[j]) - s_k[3][j0 + j]) * s_k[1][j0 + j]) +
+                             s_k[2][j0 + j]);
+    dxp[off[0]] = o;
+  });
+}
+
+// dx of training-mode batch norm, coefficients as in bn_ncs_backward; on 16-byte packs where
+// the pointers and C allow (bn::mc_packable).
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(256)
 bn_mc_backward(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __restrict__ mean,
@@ -198,6 +380,9 @@ bn_mc_backward(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __r
                const Acc* __restrict__ sum_dy, const Acc* __restrict__ sum_dy_xmu,
                long long count, long long M, int C, T* __restrict__ dx) {
   constexpr int U = bn::Unroll<T>::value;
+  if (bn::mc_packable<T>(C, dy, x, dx) &&
+      mc_backward_packs<T, Acc>(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xmu, count, M, C, dx))
+    return;
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= C) return;
   const bn::McRows rows = bn::mc_rows(M);

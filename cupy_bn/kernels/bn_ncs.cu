@@ -15,6 +15,24 @@
 #include "bn_common.cuh"
 #include "bn_finalize.cuh"
 
+// The per-thread loads of bn_ncs_stats on 16-byte packs (bn::ncs_packable; 16-bit types,
+// bn::StatsPacks): each group of PackUnroll<T> packs (U values) is folded into `w` at once, a
+// last single pack on its own.
+template <typename T, typename Acc>
+__device__ __forceinline__ bool ncs_stats_packs(const T* __restrict__ x, long long N, int C,
+                                                long long S, int col_pieces,
+                                                bn::Welford<Acc, int>& w) {
+  using P = bn::Pack<T>;
+  const bn::NcsTile tile = bn::ncs_tile(N, C, S / P::size, col_pieces);
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + tile.base;
+  return bn::ncs_pack_walk<bn::PackUnroll<T>::value>(tile, [&](auto n, const auto& off) {
+    constexpr int K = decltype(n)::value;
+    Acc v[K * P::size];
+    bn::load_packs<K, T>(xp, off, v);
+    bn::fold_group<K * P::size>(w, v, K * P::size);
+  });
+}
+
 // Statistics: Welford per thread (values folded U at a time), warp shuffles, shared memory
 // across warps, then the fixed-order cross-block merge. No floating-point atomics: results are
 // bitwise identical run to run. `sync`: C channel counters, done, bad (see bn_finalize.cuh);
@@ -31,22 +49,25 @@ bn_ncs_stats(const T* __restrict__ x, long long N, int C, long long S, int col_p
              Acc* __restrict__ running_backup) {
   constexpr int U = bn::Unroll<T>::value;
   const int step = blockDim.x;
-  const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
-  bn::NcsCursor cur(tile, threadIdx.x, step);
   bn::Welford<Acc, int> w = {0, Acc(0), Acc(0)};
-  for (int i = threadIdx.x; i < tile.count; i += U * step) {
-    Acc v[U];
-    int cnt = 0;
+  if (!(bn::StatsPacks<T>::value && bn::ncs_packable<T>(S, x, x) &&
+        ncs_stats_packs<T, Acc>(x, N, C, S, col_pieces, w))) {
+    const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
+    bn::NcsCursor cur(tile, threadIdx.x, step);
+    for (int i = threadIdx.x; i < tile.count; i += U * step) {
+      Acc v[U];
+      int cnt = 0;
 #pragma unroll
-    for (int k = 0; k < U; ++k) {
-      v[k] = Acc(0);
-      if (i + k * step < tile.count) {
-        v[k] = bn::widen(x[cur.off]);
-        cur.advance();
-        ++cnt;
+      for (int k = 0; k < U; ++k) {
+        v[k] = Acc(0);
+        if (i + k * step < tile.count) {
+          v[k] = bn::widen(x[cur.off]);
+          cur.advance();
+          ++cnt;
+        }
       }
+      bn::fold_group<U>(w, v, cnt);
     }
-    bn::fold_group<U>(w, v, cnt);
   }
   w = bn::block_merge(w);
 
@@ -75,37 +96,26 @@ bn_ncs_stats(const T* __restrict__ x, long long N, int C, long long S, int col_p
 // bn_ncs_apply on 16-byte packs (bn::ncs_packable): each thread moves PackUnroll<T> packs
 // (the elements of U scalar loads) per step with 128-bit loads and stores.
 template <typename T, typename Acc>
-__device__ __forceinline__ void ncs_apply_packs(const T* __restrict__ x, Acc a, Acc b,
+__device__ __forceinline__ bool ncs_apply_packs(const T* __restrict__ x, Acc a, Acc b,
                                                 long long N, int C, long long S, int col_pieces,
                                                 T* __restrict__ y) {
   using P = bn::Pack<T>;
-  constexpr int K = bn::PackUnroll<T>::value;
-  const int step = blockDim.x;
   const bn::NcsTile tile = bn::ncs_tile(N, C, S / P::size, col_pieces);
-  const P* __restrict__ xp = reinterpret_cast<const P*>(x);
-  P* __restrict__ yp = reinterpret_cast<P*>(y);
-  bn::NcsCursor cur(tile, threadIdx.x, step);
-  for (int i = threadIdx.x; i < tile.count; i += K * step) {
-    bn::NcsCursor out = cur;
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + tile.base;
+  P* __restrict__ yp = reinterpret_cast<P*>(y) + tile.base;
+  return bn::ncs_pack_walk<bn::PackUnroll<T>::value>(tile, [&](auto n, const auto& off) {
+    constexpr int K = decltype(n)::value;
     P v[K];
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      if (i + k * step < tile.count) {
-        v[k] = xp[cur.off];
-        cur.advance();
-      }
-    }
+    for (int k = 0; k < K; ++k) v[k] = xp[off[k]];
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      if (i + k * step < tile.count) {
-        P r;
+      P r;
 #pragma unroll
-        for (int j = 0; j < P::size; ++j) bn::store(&r.v[j], bn::widen(v[k].v[j]) * a + b);
-        yp[out.off] = r;
-        out.advance();
-      }
+      for (int j = 0; j < P::size; ++j) bn::store(&r.v[j], bn::widen(v[k].v[j]) * a + b);
+      yp[off[k]] = r;
     }
-  }
+  });
 }
 
 // y = x * scale[c] + shift[c], computed in Acc and rounded once to T; on 16-byte packs where
@@ -118,10 +128,8 @@ bn_ncs_apply(const T* __restrict__ x, const Acc* __restrict__ scale,
   constexpr int U = bn::Unroll<T>::value;
   const int step = blockDim.x;
   const Acc a = scale[blockIdx.x], b = shift[blockIdx.x];
-  if (bn::ncs_packable<T>(S, x, y)) {
-    ncs_apply_packs<T, Acc>(x, a, b, N, C, S, col_pieces, y);
+  if (bn::ncs_packable<T>(S, x, y) && ncs_apply_packs<T, Acc>(x, a, b, N, C, S, col_pieces, y))
     return;
-  }
   const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
   bn::NcsCursor cur(tile, threadIdx.x, step);
   for (int i = threadIdx.x; i < tile.count; i += U * step) {
@@ -145,6 +153,26 @@ bn_ncs_apply(const T* __restrict__ x, const Acc* __restrict__ scale,
   }
 }
 
+// The per-thread sums of bn_ncs_reduce on 16-byte packs of dy and x (bn::ncs_packable), a
+// group of PackUnroll<T> packs (U pairs) at a time.
+template <typename T, typename Acc>
+__device__ __forceinline__ bool ncs_reduce_packs(const T* __restrict__ dy,
+                                                 const T* __restrict__ x, Acc mu, long long N,
+                                                 int C, long long S, int col_pieces,
+                                                 Acc& sum_dy, Acc& sum_dy_xmu) {
+  using P = bn::Pack<T>;
+  const bn::NcsTile tile = bn::ncs_tile(N, C, S / P::size, col_pieces);
+  const P* __restrict__ gp = reinterpret_cast<const P*>(dy) + tile.base;
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + tile.base;
+  return bn::ncs_pack_walk<bn::PackUnroll<T>::value>(tile, [&](auto n, const auto& off) {
+    constexpr int K = decltype(n)::value;
+    Acc g[K * P::size], v[K * P::size];
+    bn::load_packs<K, T>(gp, off, g);
+    bn::load_packs<K, T>(xp, off, v);
+    bn::add_dy_xmu(g, v, mu, K * P::size, sum_dy, sum_dy_xmu);
+  });
+}
+
 // sum(dy) and sum(dy * (x - mean[c])) per channel, both in one pass over dy and x, merged
 // across blocks like the statistics (`sync`: C channel counters).
 template <typename T, typename Acc>
@@ -155,14 +183,17 @@ bn_ncs_reduce(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __re
               Acc* __restrict__ out_dy, Acc* __restrict__ out_dy_xmu) {
   constexpr int U = bn::Unroll<T>::value;
   const int step = blockDim.x;
-  const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
   const Acc mu = mean[blockIdx.x];
-  bn::NcsCursor cur(tile, threadIdx.x, step);
   Acc sum_dy = Acc(0), sum_dy_xmu = Acc(0);
-  for (int i = threadIdx.x; i < tile.count; i += U * step) {
-    Acc g[U], v[U];
-    bn::load_ncs_pairs(dy, x, i, step, tile.count, cur, g, v);
-    bn::add_dy_xmu(g, v, mu, (tile.count - i + step - 1) / step, sum_dy, sum_dy_xmu);
+  if (!(bn::ncs_packable<T>(S, dy, x) &&
+        ncs_reduce_packs<T, Acc>(dy, x, mu, N, C, S, col_pieces, sum_dy, sum_dy_xmu))) {
+    const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
+    bn::NcsCursor cur(tile, threadIdx.x, step);
+    for (int i = threadIdx.x; i < tile.count; i += U * step) {
+      Acc g[U], v[U];
+      bn::load_ncs_pairs(dy, x, i, step, tile.count, cur, g, v);
+      bn::add_dy_xmu(g, v, mu, (tile.count - i + step - 1) / step, sum_dy, sum_dy_xmu);
+    }
   }
   bn::block_sum2(sum_dy, sum_dy_xmu);
 
@@ -185,43 +216,36 @@ bn_ncs_reduce(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __re
 
 // bn_ncs_backward on 16-byte packs of dy, x and dx (bn::ncs_packable), as ncs_apply_packs.
 template <typename T, typename Acc>
-__device__ __forceinline__ void ncs_backward_packs(const T* __restrict__ dy,
+__device__ __forceinline__ bool ncs_backward_packs(const T* __restrict__ dy,
                                                    const T* __restrict__ x, Acc p, Acc q, Acc r,
                                                    Acc mu, long long N, int C, long long S,
                                                    int col_pieces, T* __restrict__ dx) {
   using P = bn::Pack<T>;
   // one pack of each tensor in flight for double: two would take sm_80 past 48 registers
   constexpr int K = sizeof(T) >= 8 ? 1 : bn::PackUnroll<T>::value;
-  const int step = blockDim.x;
+  // 64-bit offsets: with 32-bit ones ptxas gives the float instantiation 64 registers on
+  // sm_100 (and spills it when bounded to 48)
   const bn::NcsTile tile = bn::ncs_tile(N, C, S / P::size, col_pieces);
-  const P* __restrict__ gp = reinterpret_cast<const P*>(dy);
-  const P* __restrict__ xp = reinterpret_cast<const P*>(x);
-  P* __restrict__ dxp = reinterpret_cast<P*>(dx);
-  bn::NcsCursor cur(tile, threadIdx.x, step);
-  for (int i = threadIdx.x; i < tile.count; i += K * step) {
-    bn::NcsCursor out = cur;
-    P g[K], v[K];
+  const P* __restrict__ gp = reinterpret_cast<const P*>(dy) + tile.base;
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + tile.base;
+  P* __restrict__ dxp = reinterpret_cast<P*>(dx) + tile.base;
+  return bn::ncs_pack_walk<K, long long>(tile, [&](auto n, const auto& off) {
+    constexpr int G = decltype(n)::value;
+    P g[G], v[G];
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      if (i + k * step < tile.count) {
-        g[k] = gp[cur.off];
-        v[k] = xp[cur.off];
-        cur.advance();
-      }
+    for (int k = 0; k < G; ++k) {
+      g[k] = gp[off[k]];
+      v[k] = xp[off[k]];
     }
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      if (i + k * step < tile.count) {
-        P o;
+    for (int k = 0; k < G; ++k) {
+      P o;
 #pragma unroll
-        for (int j = 0; j < P::size; ++j)
-          bn::store(&o.v[j],
-                    (bn::widen(g[k].v[j]) * p + (bn::widen(v[k].v[j]) - mu) * q) + r);
-        dxp[out.off] = o;
-        out.advance();
-      }
+      for (int j = 0; j < P::size; ++j)
+        bn::store(&o.v[j], (bn::widen(g[k].v[j]) * p + (bn::widen(v[k].v[j]) - mu) * q) + r);
+      dxp[off[k]] = o;
     }
-  }
+  });
 }
 
 // dx of training-mode batch norm: with p = gamma * invstd, q = -p * invstd^2 * sum_dy_xmu / M
@@ -242,10 +266,9 @@ bn_ncs_backward(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __
       bn::dx_coefficients(invstd, gamma, sum_dy, sum_dy_xmu, count, c);
   const Acc p = k_dx.p, q = k_dx.q, r = k_dx.r;
   const Acc mu = mean[c];
-  if (bn::ncs_packable<T>(S, dy, x, dx)) {
-    ncs_backward_packs<T, Acc>(dy, x, p, q, r, mu, N, C, S, col_pieces, dx);
+  if (bn::ncs_packable<T>(S, dy, x, dx) &&
+      ncs_backward_packs<T, Acc>(dy, x, p, q, r, mu, N, C, S, col_pieces, dx))
     return;
-  }
   bn::NcsCursor cur(tile, threadIdx.x, step);
   for (int i = threadIdx.x; i < tile.count; i += U * step) {
     bn::NcsCursor out = cur;

@@ -44,6 +44,8 @@ __all__ = [
     "REGISTER_BUDGETS",
     "TARGET_BLOCKS",
     "PACKED_KERNELS",
+    "PACKED_LOAD_KERNELS",
+    "PACKED_16BIT_ONLY",
     "KernelFacts",
     "Ptxas",
     "budget_for_blocks",
@@ -82,7 +84,10 @@ def budget_for_blocks(blocks: int, threads: int = BLOCK_THREADS) -> int:
 #: and target 3. The fused apply kernels read `x` and a residual and target 4 (64); the ReLU's
 #: gradient, a flat pass, targets full occupancy, 8 (32). A reduction's grid is one wave
 #: sized by the occupancy API, so a kernel over budget runs fewer blocks at once, not a
-#: different result.
+#: different result. No target changed with the 16-byte packs; `bn_mc_stats` (3) and
+#: `bn_mc_double_backward_apply` (4) pass theirs to `__launch_bounds__`, because with their
+#: pack paths ptxas 13.5 left to itself spills `bn_mc_stats` at 64 registers (sm_80 __half)
+#: and gives `bn_mc_double_backward_apply` 73 on sm_100.
 TARGET_BLOCKS: dict[str, int] = {
     "bn_ncs_stats": 3,
     "bn_ncs_apply": 5,
@@ -348,13 +353,38 @@ def kernel_facts(key: str, arch: str, *, use_ptxas: bool = True) -> list[KernelF
 
 #: Kernels that move 16-byte packs where alignment allows: their PTX must hold 128-bit global
 #: loads and stores, in every instantiation.
-PACKED_KERNELS = ("bn_ncs_apply", "bn_ncs_backward")
+PACKED_KERNELS = (
+    "bn_ncs_apply",
+    "bn_ncs_backward",
+    "bn_mc_apply",
+    "bn_mc_backward",
+    "bn_ncs_double_backward_apply",
+    "bn_mc_double_backward_apply",
+    "bn_ncs_apply_fused",
+    "bn_mc_apply_fused",
+    "bn_relu_gradient",
+)
+
+#: Reductions that load 16-byte packs where alignment allows (they store no tensor): their PTX
+#: must hold 128-bit global loads, in every instantiation but those of `PACKED_16BIT_ONLY` for
+#: 4- and 8-byte types.
+PACKED_LOAD_KERNELS = (
+    "bn_ncs_stats",
+    "bn_ncs_reduce",
+    "bn_mc_stats",
+    "bn_mc_reduce",
+    "bn_ncs_double_backward_reduce",
+)
+#: The statistics fold packs of 16-bit types only (bn::StatsPacks in bn_common.cuh).
+PACKED_16BIT_ONLY = ("bn_ncs_stats", "bn_mc_stats")
+_16BIT = ("<__half,", "<__nv_bfloat16,")
 
 
 def check_facts(facts: list[KernelFacts]) -> list[str]:
     """Every broken rule, one line each: local memory in the PTX, spills, registers above the
     kernel's `REGISTER_BUDGETS` entry, a `PACKED_KERNELS` instantiation without 128-bit loads
-    or stores. Register facts absent (no ptxas) are not checked."""
+    or stores, a `PACKED_LOAD_KERNELS` one without 128-bit loads (for `PACKED_16BIT_ONLY`, of a
+    16-bit type). Register facts absent (no ptxas) are not checked."""
     problems = []
     for f in facts:
         where = f"{f.expression} on {f.arch}"
@@ -363,6 +393,10 @@ def check_facts(facts: list[KernelFacts]) -> list[str]:
                 f"{where}: no 128-bit global loads or stores ({f.wide_loads} loads, "
                 f"{f.wide_stores} stores)"
             )
+        sixteen = any(t in f.expression for t in _16BIT)
+        packs = f.kernel not in PACKED_16BIT_ONLY or sixteen
+        if f.kernel in PACKED_LOAD_KERNELS and packs and not f.wide_loads:
+            problems.append(f"{where}: no 128-bit global loads")
         if f.local_memory:
             problems.append(f"{where}: the PTX uses local memory")
         if f.spill_stores or f.spill_loads:

@@ -105,6 +105,27 @@ MUTANTS = (
         "    for (int k = 0; k < K; ++k) s_v[k][warp] = v[k];\n  }\n",
         "warp 0 reads the other warps' double-backward sums without a barrier",
     ),
+    Mutant(
+        "pack-walk-drops-tail",
+        "bn_common.cuh",
+        "    for (; i < t.count; i += step) {",
+        "    for (; i + step < t.count; i += step) {",
+        "an NCS pack walk skips the last pack after its whole groups",
+    ),
+    Mutant(
+        "mc-pack-channel",
+        "bn_common.cuh",
+        "  s.channel = blockIdx.x * blockDim.x + col * size;",
+        "  s.channel = blockIdx.x * blockDim.x + col;",
+        "an MC pack's channels are counted in packs, not channels",
+    ),
+    Mutant(
+        "relu-pack-tail",
+        "bn_fused.cu",
+        "    i = packs * P::size + first;",
+        "    i = n;",
+        "the ReLU's gradient on packs leaves the last n % size elements unwritten",
+    ),
 )
 
 
