@@ -227,24 +227,26 @@ __device__ __forceinline__ NcsTile ncs_tile(long long N, int C, long long S, int
 }
 
 // A thread's position in its tile, visiting tile elements first, first + stride, ... in
-// row-major order without a division per element.
-struct NcsCursor {
-  long long off;       // element offset in the tensor
-  int col;             // column within the tile
+// row-major order without a division per element; offsets of type Off relative to the tile's
+// base (the 16-byte packs' walks use 32-bit ones where they fit).
+template <typename Off>
+struct TileCursor {
+  Off off;       // offset from the tile's base
+  int col;       // column within the tile
   int width;
-  int col_step;        // stride % width
-  long long off_step;  // (stride / width) * row_stride + col_step
-  long long wrap;      // row_stride - width: the extra jump when a step crosses a row end
+  int col_step;  // stride % width
+  Off off_step;  // (stride / width) * row_stride + col_step
+  Off wrap;      // row_stride - width: the extra jump when a step crosses a row end
 
-  __device__ __forceinline__ NcsCursor(const NcsTile& t, int first, int stride) {
+  __device__ __forceinline__ TileCursor(const NcsTile& t, int first, int stride) {
     width = t.width;
     const int row = first / width;
     col = first - row * width;
-    off = t.base + row * t.row_stride + col;
+    off = static_cast<Off>(row * t.row_stride + col);
     const int rows_per_step = stride / width;
     col_step = stride - rows_per_step * width;
-    off_step = rows_per_step * t.row_stride + col_step;
-    wrap = t.row_stride - width;
+    off_step = static_cast<Off>(rows_per_step * t.row_stride + col_step);
+    wrap = static_cast<Off>(t.row_stride - width);
   }
 
   __device__ __forceinline__ void advance() {
@@ -254,6 +256,14 @@ struct NcsCursor {
       col -= width;
       off += wrap;
     }
+  }
+};
+
+// The element-by-element kernels' cursor: `off` is the element offset in the tensor.
+struct NcsCursor : TileCursor<long long> {
+  __device__ __forceinline__ NcsCursor(const NcsTile& t, int first, int stride)
+      : TileCursor<long long>(t, first, stride) {
+    off += t.base;
   }
 };
 
@@ -327,37 +337,6 @@ struct Count {
 
 constexpr long long kInt32Span = 0x7fffffffLL;
 
-// The NcsCursor of a tile of packs, with offsets of type Off relative to the tile's base.
-template <typename Off>
-struct PackCursor {
-  Off off;
-  int col;
-  int width;
-  int col_step;
-  Off off_step;
-  Off wrap;
-
-  __device__ __forceinline__ PackCursor(const NcsTile& t, int first, int stride) {
-    width = t.width;
-    const int row = first / width;
-    col = first - row * width;
-    off = static_cast<Off>(row * t.row_stride + col);
-    const int rows_per_step = stride / width;
-    col_step = stride - rows_per_step * width;
-    off_step = static_cast<Off>(rows_per_step * t.row_stride + col_step);
-    wrap = static_cast<Off>(t.row_stride - width);
-  }
-
-  __device__ __forceinline__ void advance() {
-    off += off_step;
-    col += col_step;
-    if (col >= width) {
-      col -= width;
-      off += wrap;
-    }
-  }
-};
-
 // The packs of tile `t` (of the (N, C, S / size) tensor of packs) a thread of a 1-D block
 // visits: tile elements threadIdx.x, threadIdx.x + blockDim.x, ... in row-major order.
 template <int K, typename Off = int, typename Body>
@@ -368,7 +347,7 @@ __device__ __forceinline__ bool ncs_pack_walk(const NcsTile& t, Body&& body) {
     const long long rows = (t.count + (K + 1LL) * step) / t.width + 2;
     if (rows * t.row_stride >= kInt32Span) return false;
   }
-  PackCursor<Off> cur(t, threadIdx.x, step);
+  TileCursor<Off> cur(t, threadIdx.x, step);
   int i = threadIdx.x;
 #pragma unroll 1
   for (; i + (K - 1) * step < t.count; i += K * step) {
