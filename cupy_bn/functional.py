@@ -50,13 +50,8 @@ from cupy_bn.backends import (
 )
 from cupy_bn.dtypes import accumulation_dtype, check_float_dtype
 from cupy_bn.layout import View, canonical
-from cupy_bn.renorm import (
-    DEFAULT_DMAX,
-    DEFAULT_RMAX,
-    RenormCorrection,
-    RenormPrior,
-    renorm_prior,
-)
+from cupy_bn.renorm import DEFAULT_DMAX, DEFAULT_RMAX, RenormCorrection, RenormPrior, renorm_prior
+from cupy_bn.renorm import PLAIN as RENORM_PLAIN
 from cupy_bn.validation import (
     check_activation,
     check_array,
@@ -257,14 +252,21 @@ def batch_norm(
     `rmax=1, dmax=0` is batch norm. In inference mode (`training=False`) it changes nothing.
     With `virtual_batch`, each chunk is renormalized against the running statistics.
     """
-    args = (x, weight, bias, running_mean, running_var, training, momentum, eps, channel_axis)
-    fused = (activation, residual)
-    options = (renorm, rmax, dmax)
+    if renorm is False and rmax is DEFAULT_RMAX and dmax is DEFAULT_DMAX:
+        options = RENORM_PLAIN  # the defaults, as given: nothing to check
+    else:
+        options = (renorm, rmax, dmax)
     run = _batch_norm if virtual_batch is None else _ghost_forward(virtual_batch)
     if reducer is not None and training:
         with reducer.collective("stats"):
-            return run(*args, backend, reducer, *fused, options)
-    return run(*args, backend, reducer, *fused, options)
+            return run(
+                x, weight, bias, running_mean, running_var, training, momentum, eps,
+                channel_axis, backend, reducer, activation, residual, options,
+            )  # fmt: skip
+    return run(
+        x, weight, bias, running_mean, running_var, training, momentum, eps, channel_axis,
+        backend, reducer, activation, residual, options,
+    )  # fmt: skip
 
 
 def _ghost_forward(virtual_batch: int):
@@ -276,7 +278,7 @@ def _ghost_forward(virtual_batch: int):
 
 def _batch_norm(
     x, weight, bias, running_mean, running_var, training, momentum, eps, channel_axis, backend,
-    reducer, activation=None, residual=None, renorm=(False, DEFAULT_RMAX, DEFAULT_DMAX),
+    reducer, activation=None, residual=None, renorm=RENORM_PLAIN,
 ) -> tuple[Array, SavedForBackward]:  # fmt: skip
     """`batch_norm`'s work, inside the reducer's collective when there is one."""
     deferred.poll()
@@ -304,11 +306,14 @@ def _batch_norm(
         check_batch_count(count, f" (input shape {view.shape})")
     be = get_backend(backend, x)
     acc = accumulation_dtype(x.dtype)
-    prior = (
-        renorm  # ghost batches: the prior of the whole call, for every chunk
-        if isinstance(renorm, RenormPrior)
-        else renorm_prior(renorm, training, running_mean, running_var, acc, not _defers_checks(be))
-    )
+    if renorm is RENORM_PLAIN:
+        prior = None
+    elif isinstance(renorm, RenormPrior):  # ghost batches: the whole call's, for every chunk
+        prior = renorm
+    else:
+        prior = renorm_prior(
+            renorm, training, running_mean, running_var, acc, not _defers_checks(be)
+        )
 
     if not training:
         mean = running_mean.astype(acc)

@@ -66,7 +66,8 @@ from cupy_bn.arrays import array_module
 from cupy_bn.backends import Backend, get_backend
 from cupy_bn.dtypes import accumulation_dtype
 from cupy_bn.layout import MC, View, canonical
-from cupy_bn.renorm import DEFAULT_DMAX, DEFAULT_RMAX, renorm_prior
+from cupy_bn.renorm import PLAIN as RENORM_PLAIN
+from cupy_bn.renorm import renorm_prior
 from cupy_bn.validation import (
     check_array,
     check_channel_vector,
@@ -132,7 +133,7 @@ def chunk_rows(view: View, virtual_batch: int) -> tuple[tuple[int, int], ...]:
 
 def ghost_batch_norm(
     x, weight, bias, running_mean, running_var, training, momentum, eps, channel_axis, backend,
-    reducer, activation=None, residual=None, renorm=(False, DEFAULT_RMAX, DEFAULT_DMAX), *,
+    reducer, activation=None, residual=None, renorm=RENORM_PLAIN, *,
     virtual_batch,
 ) -> tuple[Array, GhostSaved | functional.SavedForBackward]:  # fmt: skip
     """`functional.batch_norm` with `virtual_batch` (module docstring); the same arguments

@@ -54,6 +54,7 @@ Array = Any
 __all__ = [
     "DEFAULT_DMAX",
     "DEFAULT_RMAX",
+    "PLAIN",
     "RenormCorrection",
     "RenormPrior",
     "check_renorm_options",
@@ -63,6 +64,9 @@ __all__ = [
 #: The paper's values after its warm-up (see the module docstring).
 DEFAULT_RMAX = 3.0
 DEFAULT_DMAX = 5.0
+#: The options `(renorm, rmax, dmax)` of plain batch norm with the default bounds: a caller
+#: that passes this very tuple skips their checks (the common call, kept cheap).
+PLAIN = (False, DEFAULT_RMAX, DEFAULT_DMAX)
 
 
 def _check_bound(name: str, value: object, low: float) -> float:
