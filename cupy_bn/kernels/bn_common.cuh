@@ -439,6 +439,45 @@ __device__ __forceinline__ void load_channels(const Acc* __restrict__ v, int c,
   for (int j = 0; j < Pack<T>::size; ++j) out[j] = v[c + j];
 }
 
+// The fused apply's flags (bn_fused.cu): add the residual z; take the ReLU.
+constexpr int kFusedResidual = 1;
+constexpr int kFusedRelu = 2;
+
+// act(v + z) for the value `v = x * scale + shift`, `z` the residual (ignored without it).
+template <typename Acc>
+__device__ __forceinline__ Acc fused_output(Acc v, Acc z, int flags) {
+  if (flags & kFusedResidual) v += z;
+  if ((flags & kFusedRelu) && v < Acc(0)) v = Acc(0);
+  return v;
+}
+
+// One step of a pack walk of the applies: the K packs of x at `off` (and of the residual z
+// with kFusedResidual) become y = act(x * a[j] + b[j] + z), lane j of a pack taking a[j] and
+// b[j] (one channel for all lanes in NCS, a channel per lane in MC), computed in Acc and
+// rounded once. The plain applies pass flags 0 (z unread).
+template <int K, typename P, typename Acc, typename Offs>
+__device__ __forceinline__ void apply_packs(const P* __restrict__ xp, const P* __restrict__ zp,
+                                            P* __restrict__ yp, const Offs& off,
+                                            const Acc (&a)[P::size], const Acc (&b)[P::size],
+                                            int flags) {
+  const bool residual = (flags & kFusedResidual) != 0;
+  P v[K], r[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    v[k] = xp[off[k]];
+    if (residual) r[k] = zp[off[k]];
+  }
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    P o;
+#pragma unroll
+    for (int j = 0; j < P::size; ++j)
+      store(&o.v[j], fused_output(widen(v[k].v[j]) * a[j] + b[j],
+                                  residual ? widen(r[k].v[j]) : Acc(0), flags));
+    yp[off[k]] = o;
+  }
+}
+
 // Hands NS per-channel sums of a packed MC block (bn::mc_pack_share) back to the
 // element-by-element layout: each thread gives `v[k][j]`, sum k of channel `channel + j`, and
 // thread (tx, ty) adds those of channel tx from rows ty * size, ty * size + 1, ... in that

@@ -14,21 +14,6 @@
 #include "bn_common.cuh"
 #include "bn_mc_layout.cuh"
 
-namespace bn {
-
-constexpr int kFusedResidual = 1;
-constexpr int kFusedRelu = 2;
-
-// act(v + z) for the value `v = x * scale + shift`, `z` the residual (ignored without it).
-template <typename Acc>
-__device__ __forceinline__ Acc fused_output(Acc v, Acc z, int flags) {
-  if (flags & kFusedResidual) v += z;
-  if ((flags & kFusedRelu) && v < Acc(0)) v = Acc(0);
-  return v;
-}
-
-}  // namespace bn
-
 // bn_ncs_apply_fused on 16-byte packs of x, z and y (bn::ncs_packable), as bn_ncs.cu's
 // ncs_apply_packs.
 template <typename T, typename Acc>
@@ -42,24 +27,14 @@ __device__ __forceinline__ bool ncs_apply_fused_packs(const T* __restrict__ x,
   const P* __restrict__ xp = reinterpret_cast<const P*>(x) + tile.base;
   const P* __restrict__ zp = reinterpret_cast<const P*>(z) + tile.base;
   P* __restrict__ yp = reinterpret_cast<P*>(y) + tile.base;
-  const bool residual = (flags & bn::kFusedResidual) != 0;
+  Acc al[P::size], bl[P::size];
+#pragma unroll
+  for (int j = 0; j < P::size; ++j) {
+    al[j] = a;
+    bl[j] = b;
+  }
   return bn::ncs_pack_walk<bn::PackUnroll<T>::value>(tile, [&](auto n, const auto& off) {
-    constexpr int K = decltype(n)::value;
-    P v[K], r[K];
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      v[k] = xp[off[k]];
-      if (residual) r[k] = zp[off[k]];
-    }
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      P o;
-#pragma unroll
-      for (int j = 0; j < P::size; ++j)
-        bn::store(&o.v[j], bn::fused_output(bn::widen(v[k].v[j]) * a + b,
-                                            residual ? bn::widen(r[k].v[j]) : Acc(0), flags));
-      yp[off[k]] = o;
-    }
+    bn::apply_packs<decltype(n)::value>(xp, zp, yp, off, al, bl, flags);
   });
 }
 
@@ -119,24 +94,8 @@ __device__ __forceinline__ bool mc_apply_fused_packs(const T* __restrict__ x,
   const P* __restrict__ xp = reinterpret_cast<const P*>(x) + s.base;
   const P* __restrict__ zp = reinterpret_cast<const P*>(z) + s.base;
   P* __restrict__ yp = reinterpret_cast<P*>(y) + s.base;
-  const bool residual = (flags & bn::kFusedResidual) != 0;
   return bn::mc_pack_walk<bn::PackUnroll<T>::value>(s, [&](auto n, const auto& off) {
-    constexpr int K = decltype(n)::value;
-    P v[K], r[K];
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      v[k] = xp[off[k]];
-      if (residual) r[k] = zp[off[k]];
-    }
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      P o;
-#pragma unroll
-      for (int j = 0; j < P::size; ++j)
-        bn::store(&o.v[j], bn::fused_output(bn::widen(v[k].v[j]) * a[j] + b[j],
-                                            residual ? bn::widen(r[k].v[j]) : Acc(0), flags));
-      yp[off[k]] = o;
-    }
+    bn::apply_packs<decltype(n)::value>(xp, zp, yp, off, a, b, flags);
   });
 }
 

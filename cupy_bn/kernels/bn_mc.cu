@@ -176,17 +176,7 @@ __device__ __forceinline__ bool mc_apply_packs(const T* __restrict__ x,
   const P* __restrict__ xp = reinterpret_cast<const P*>(x) + s.base;
   P* __restrict__ yp = reinterpret_cast<P*>(y) + s.base;
   return bn::mc_pack_walk<bn::PackUnroll<T>::value>(s, [&](auto n, const auto& off) {
-    constexpr int K = decltype(n)::value;
-    P v[K];
-#pragma unroll
-    for (int k = 0; k < K; ++k) v[k] = xp[off[k]];
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      P r;
-#pragma unroll
-      for (int j = 0; j < P::size; ++j) bn::store(&r.v[j], bn::widen(v[k].v[j]) * a[j] + b[j]);
-      yp[off[k]] = r;
-    }
+    bn::apply_packs<decltype(n)::value>(xp, static_cast<const P*>(nullptr), yp, off, a, b, 0);
   });
 }
 

@@ -103,18 +103,14 @@ __device__ __forceinline__ bool ncs_apply_packs(const T* __restrict__ x, Acc a, 
   const bn::NcsTile tile = bn::ncs_tile(N, C, S / P::size, col_pieces);
   const P* __restrict__ xp = reinterpret_cast<const P*>(x) + tile.base;
   P* __restrict__ yp = reinterpret_cast<P*>(y) + tile.base;
+  Acc al[P::size], bl[P::size];
+#pragma unroll
+  for (int j = 0; j < P::size; ++j) {
+    al[j] = a;
+    bl[j] = b;
+  }
   return bn::ncs_pack_walk<bn::PackUnroll<T>::value>(tile, [&](auto n, const auto& off) {
-    constexpr int K = decltype(n)::value;
-    P v[K];
-#pragma unroll
-    for (int k = 0; k < K; ++k) v[k] = xp[off[k]];
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      P r;
-#pragma unroll
-      for (int j = 0; j < P::size; ++j) bn::store(&r.v[j], bn::widen(v[k].v[j]) * a + b);
-      yp[off[k]] = r;
-    }
+    bn::apply_packs<decltype(n)::value>(xp, static_cast<const P*>(nullptr), yp, off, al, bl, 0);
   });
 }
 
