@@ -478,6 +478,54 @@ __device__ __forceinline__ void apply_packs(const P* __restrict__ xp, const P* _
   }
 }
 
+// The applies (bn_ncs_apply, and bn_ncs_apply_fused with `flags`) on 16-byte packs of an NCS
+// tile (bn::ncs_packable): each thread moves PackUnroll<T> packs per step with 128-bit loads
+// and stores, y = act(x * a + b + z) for the block's channel. `z` is read only with
+// kFusedResidual (any valid pointer otherwise). Returns false, having done nothing, where the
+// 32-bit pack walk does not fit (the caller goes element by element).
+template <typename T, typename Acc>
+__device__ __forceinline__ bool ncs_apply_packs(const T* __restrict__ x, const T* __restrict__ z,
+                                                Acc a, Acc b, int flags, long long N, int C,
+                                                long long S, int col_pieces, T* __restrict__ y) {
+  using P = Pack<T>;
+  const NcsTile tile = ncs_tile(N, C, S / P::size, col_pieces);
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + tile.base;
+  const P* __restrict__ zp = reinterpret_cast<const P*>(z) + tile.base;
+  P* __restrict__ yp = reinterpret_cast<P*>(y) + tile.base;
+  Acc al[P::size], bl[P::size];
+#pragma unroll
+  for (int j = 0; j < P::size; ++j) {
+    al[j] = a;
+    bl[j] = b;
+  }
+  return ncs_pack_walk<PackUnroll<T>::value>(tile, [&](auto n, const auto& off) {
+    apply_packs<decltype(n)::value>(xp, zp, yp, off, al, bl, flags);
+  });
+}
+
+// The same for MC data (bn_mc_apply, bn_mc_apply_fused; bn::mc_packable): packs along the
+// channels, a thread's group of channels with their scale and shift in registers, its packs
+// `step` rows apart.
+template <typename T, typename Acc>
+__device__ __forceinline__ bool mc_apply_packs(const T* __restrict__ x, const T* __restrict__ z,
+                                               const Acc* __restrict__ scale,
+                                               const Acc* __restrict__ shift, int flags,
+                                               long long M, int C, T* __restrict__ y) {
+  using P = Pack<T>;
+  const McPackShare s = mc_pack_share<T>(M, C);
+  Acc a[P::size], b[P::size];
+  if (s.active) {
+    load_channels<T>(scale, s.channel, a);
+    load_channels<T>(shift, s.channel, b);
+  }
+  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + s.base;
+  const P* __restrict__ zp = reinterpret_cast<const P*>(z) + s.base;
+  P* __restrict__ yp = reinterpret_cast<P*>(y) + s.base;
+  return mc_pack_walk<PackUnroll<T>::value>(s, [&](auto n, const auto& off) {
+    apply_packs<decltype(n)::value>(xp, zp, yp, off, a, b, flags);
+  });
+}
+
 // Hands NS per-channel sums of a packed MC block (bn::mc_pack_share) back to the
 // element-by-element layout: each thread gives `v[k][j]`, sum k of channel `channel + j`, and
 // thread (tx, ty) adds those of channel tx from rows ty * size, ty * size + 1, ... in that

@@ -14,30 +14,6 @@
 #include "bn_common.cuh"
 #include "bn_mc_layout.cuh"
 
-// bn_ncs_apply_fused on 16-byte packs of x, z and y (bn::ncs_packable), as bn_ncs.cu's
-// ncs_apply_packs.
-template <typename T, typename Acc>
-__device__ __forceinline__ bool ncs_apply_fused_packs(const T* __restrict__ x,
-                                                      const T* __restrict__ z, Acc a, Acc b,
-                                                      int flags, long long N, int C,
-                                                      long long S, int col_pieces,
-                                                      T* __restrict__ y) {
-  using P = bn::Pack<T>;
-  const bn::NcsTile tile = bn::ncs_tile(N, C, S / P::size, col_pieces);
-  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + tile.base;
-  const P* __restrict__ zp = reinterpret_cast<const P*>(z) + tile.base;
-  P* __restrict__ yp = reinterpret_cast<P*>(y) + tile.base;
-  Acc al[P::size], bl[P::size];
-#pragma unroll
-  for (int j = 0; j < P::size; ++j) {
-    al[j] = a;
-    bl[j] = b;
-  }
-  return bn::ncs_pack_walk<bn::PackUnroll<T>::value>(tile, [&](auto n, const auto& off) {
-    bn::apply_packs<decltype(n)::value>(xp, zp, yp, off, al, bl, flags);
-  });
-}
-
 // y = act(x * scale[c] + shift[c] + z); on 16-byte packs where the pointers and S allow.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(256)
@@ -49,7 +25,7 @@ bn_ncs_apply_fused(const T* __restrict__ x, const T* __restrict__ z,
   const Acc a = scale[blockIdx.x], b = shift[blockIdx.x];
   const bool residual = (flags & bn::kFusedResidual) != 0;
   if (bn::ncs_packable<T>(S, x, y, residual ? z : nullptr) &&
-      ncs_apply_fused_packs<T, Acc>(x, z, a, b, flags, N, C, S, col_pieces, y))
+      bn::ncs_apply_packs<T, Acc>(x, z, a, b, flags, N, C, S, col_pieces, y))
     return;
   const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
   bn::NcsCursor cur(tile, threadIdx.x, step);
@@ -76,29 +52,6 @@ bn_ncs_apply_fused(const T* __restrict__ x, const T* __restrict__ z,
   }
 }
 
-// bn_mc_apply_fused on 16-byte packs along the channels (bn::mc_packable), as bn_mc.cu's
-// mc_apply_packs.
-template <typename T, typename Acc>
-__device__ __forceinline__ bool mc_apply_fused_packs(const T* __restrict__ x,
-                                                     const T* __restrict__ z,
-                                                     const Acc* __restrict__ scale,
-                                                     const Acc* __restrict__ shift, int flags,
-                                                     long long M, int C, T* __restrict__ y) {
-  using P = bn::Pack<T>;
-  const bn::McPackShare s = bn::mc_pack_share<T>(M, C);
-  Acc a[P::size], b[P::size];
-  if (s.active) {
-    bn::load_channels<T>(scale, s.channel, a);
-    bn::load_channels<T>(shift, s.channel, b);
-  }
-  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + s.base;
-  const P* __restrict__ zp = reinterpret_cast<const P*>(z) + s.base;
-  P* __restrict__ yp = reinterpret_cast<P*>(y) + s.base;
-  return bn::mc_pack_walk<bn::PackUnroll<T>::value>(s, [&](auto n, const auto& off) {
-    bn::apply_packs<decltype(n)::value>(xp, zp, yp, off, a, b, flags);
-  });
-}
-
 // y = act(x * scale[c] + shift[c] + z) over MC data; on 16-byte packs where the pointers and
 // C allow.
 template <typename T, typename Acc>
@@ -108,7 +61,7 @@ bn_mc_apply_fused(const T* __restrict__ x, const T* __restrict__ z,
                   long long M, int C, T* __restrict__ y) {
   constexpr int U = bn::Unroll<T>::value;
   if (bn::mc_packable<T>(C, x, y, (flags & bn::kFusedResidual) ? z : nullptr) &&
-      mc_apply_fused_packs<T, Acc>(x, z, scale, shift, flags, M, C, y))
+      bn::mc_apply_packs<T, Acc>(x, z, scale, shift, flags, M, C, y))
     return;
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= C) return;

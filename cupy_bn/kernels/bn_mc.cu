@@ -158,28 +158,6 @@ bn_mc_stats(const T* __restrict__ x, long long M, int C, int group,
   if (flags & BN_RUNNING) bn::update_running_if_last(out, sy.done, sy.bad, gridDim.x, bad, C);
 }
 
-// bn_mc_apply on 16-byte packs along the channels (bn::mc_packable): a thread moves
-// PackUnroll<T> packs of one channel group (rows `step` apart) per step, with the group's
-// scale and shift in registers.
-template <typename T, typename Acc>
-__device__ __forceinline__ bool mc_apply_packs(const T* __restrict__ x,
-                                               const Acc* __restrict__ scale,
-                                               const Acc* __restrict__ shift, long long M, int C,
-                                               T* __restrict__ y) {
-  using P = bn::Pack<T>;
-  const bn::McPackShare s = bn::mc_pack_share<T>(M, C);
-  Acc a[P::size], b[P::size];
-  if (s.active) {
-    bn::load_channels<T>(scale, s.channel, a);
-    bn::load_channels<T>(shift, s.channel, b);
-  }
-  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + s.base;
-  P* __restrict__ yp = reinterpret_cast<P*>(y) + s.base;
-  return bn::mc_pack_walk<bn::PackUnroll<T>::value>(s, [&](auto n, const auto& off) {
-    bn::apply_packs<decltype(n)::value>(xp, static_cast<const P*>(nullptr), yp, off, a, b, 0);
-  });
-}
-
 // y = x * scale[c] + shift[c], computed in Acc and rounded once to T; on 16-byte packs where
 // the pointers and C allow (bn::mc_packable), element by element otherwise.
 template <typename T, typename Acc>
@@ -187,7 +165,8 @@ __global__ void __launch_bounds__(256)
 bn_mc_apply(const T* __restrict__ x, const Acc* __restrict__ scale,
             const Acc* __restrict__ shift, long long M, int C, T* __restrict__ y) {
   constexpr int U = bn::Unroll<T>::value;
-  if (bn::mc_packable<T>(C, x, y) && mc_apply_packs<T, Acc>(x, scale, shift, M, C, y)) return;
+  if (bn::mc_packable<T>(C, x, y) && bn::mc_apply_packs<T, Acc>(x, x, scale, shift, 0, M, C, y))
+    return;
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= C) return;
   const bn::McRows rows = bn::mc_rows(M);
@@ -323,7 +302,7 @@ bn_mc_reduce(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __res
 }
 
 // bn_mc_backward on 16-byte packs of dy, x and dx along the channels (bn::mc_packable), as
-// mc_apply_packs. The tile's coefficients (p, q, r, mean of blockDim.x channels) sit in shared
+// bn::mc_apply_packs. The tile's coefficients (p, q, r, mean of blockDim.x channels) sit in shared
 // memory, read with the packs: in registers they would take 32 of them for 16-bit types.
 template <typename T, typename Acc>
 __device__ __forceinline__ bool mc_backward_packs(

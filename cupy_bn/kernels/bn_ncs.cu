@@ -93,27 +93,6 @@ bn_ncs_stats(const T* __restrict__ x, long long N, int C, long long S, int col_p
     bn::update_running_if_last(out, &sync[C], &sync[C + 1], C, bad, C);
 }
 
-// bn_ncs_apply on 16-byte packs (bn::ncs_packable): each thread moves PackUnroll<T> packs
-// (the elements of U scalar loads) per step with 128-bit loads and stores.
-template <typename T, typename Acc>
-__device__ __forceinline__ bool ncs_apply_packs(const T* __restrict__ x, Acc a, Acc b,
-                                                long long N, int C, long long S, int col_pieces,
-                                                T* __restrict__ y) {
-  using P = bn::Pack<T>;
-  const bn::NcsTile tile = bn::ncs_tile(N, C, S / P::size, col_pieces);
-  const P* __restrict__ xp = reinterpret_cast<const P*>(x) + tile.base;
-  P* __restrict__ yp = reinterpret_cast<P*>(y) + tile.base;
-  Acc al[P::size], bl[P::size];
-#pragma unroll
-  for (int j = 0; j < P::size; ++j) {
-    al[j] = a;
-    bl[j] = b;
-  }
-  return bn::ncs_pack_walk<bn::PackUnroll<T>::value>(tile, [&](auto n, const auto& off) {
-    bn::apply_packs<decltype(n)::value>(xp, static_cast<const P*>(nullptr), yp, off, al, bl, 0);
-  });
-}
-
 // y = x * scale[c] + shift[c], computed in Acc and rounded once to T; on 16-byte packs where
 // the pointers and S allow (bn::ncs_packable), element by element otherwise.
 template <typename T, typename Acc>
@@ -124,7 +103,8 @@ bn_ncs_apply(const T* __restrict__ x, const Acc* __restrict__ scale,
   constexpr int U = bn::Unroll<T>::value;
   const int step = blockDim.x;
   const Acc a = scale[blockIdx.x], b = shift[blockIdx.x];
-  if (bn::ncs_packable<T>(S, x, y) && ncs_apply_packs<T, Acc>(x, a, b, N, C, S, col_pieces, y))
+  if (bn::ncs_packable<T>(S, x, y) &&
+      bn::ncs_apply_packs<T, Acc>(x, x, a, b, 0, N, C, S, col_pieces, y))
     return;
   const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
   bn::NcsCursor cur(tile, threadIdx.x, step);
@@ -210,7 +190,7 @@ bn_ncs_reduce(const T* __restrict__ dy, const T* __restrict__ x, const Acc* __re
   }
 }
 
-// bn_ncs_backward on 16-byte packs of dy, x and dx (bn::ncs_packable), as ncs_apply_packs.
+// bn_ncs_backward on 16-byte packs of dy, x and dx (bn::ncs_packable), as bn::ncs_apply_packs.
 template <typename T, typename Acc>
 __device__ __forceinline__ bool ncs_backward_packs(const T* __restrict__ dy,
                                                    const T* __restrict__ x, Acc p, Acc q, Acc r,
