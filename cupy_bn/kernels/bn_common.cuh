@@ -637,4 +637,46 @@ __device__ __forceinline__ DxCoefficients<Acc> dx_coefficients(
   return k;
 }
 
+// bn_ncs_apply and bn_ncs_apply_fused: y = act(x * scale[c] + shift[c] + z), the sum and the
+// ReLU as `flags` ask (kFusedResidual, kFusedRelu; 0 for the plain apply, z then unread), in
+// Acc and rounded once; on 16-byte packs where the pointers and S allow (ncs_packable),
+// element by element otherwise.
+template <typename T, typename Acc>
+__device__ __forceinline__ void ncs_apply(const T* __restrict__ x, const T* __restrict__ z,
+                                          const Acc* __restrict__ scale,
+                                          const Acc* __restrict__ shift, int flags, long long N,
+                                          int C, long long S, int col_pieces,
+                                          T* __restrict__ y) {
+  constexpr int U = Unroll<T>::value;
+  const int step = blockDim.x;
+  const Acc a = scale[blockIdx.x], b = shift[blockIdx.x];
+  const bool residual = (flags & kFusedResidual) != 0;
+  if (ncs_packable<T>(S, x, y, residual ? z : nullptr) &&
+      ncs_apply_packs<T, Acc>(x, z, a, b, flags, N, C, S, col_pieces, y))
+    return;
+  const NcsTile tile = ncs_tile(N, C, S, col_pieces);
+  NcsCursor cur(tile, threadIdx.x, step);
+  for (int i = threadIdx.x; i < tile.count; i += U * step) {
+    NcsCursor out = cur;
+    Acc v[U], r[U];
+#pragma unroll
+    for (int k = 0; k < U; ++k) {
+      v[k] = Acc(0);
+      r[k] = Acc(0);
+      if (i + k * step < tile.count) {
+        v[k] = widen(x[cur.off]);
+        if (residual) r[k] = widen(z[cur.off]);
+        cur.advance();
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < U; ++k) {
+      if (i + k * step < tile.count) {
+        store(&y[out.off], fused_output(v[k] * a + b, r[k], flags));
+        out.advance();
+      }
+    }
+  }
+}
+
 }  // namespace bn

@@ -14,78 +14,22 @@
 #include "bn_common.cuh"
 #include "bn_mc_layout.cuh"
 
-// y = act(x * scale[c] + shift[c] + z); on 16-byte packs where the pointers and S allow.
+// y = act(x * scale[c] + shift[c] + z) (bn::ncs_apply).
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(256)
 bn_ncs_apply_fused(const T* __restrict__ x, const T* __restrict__ z,
                    const Acc* __restrict__ scale, const Acc* __restrict__ shift, int flags,
                    long long N, int C, long long S, int col_pieces, T* __restrict__ y) {
-  constexpr int U = bn::Unroll<T>::value;
-  const int step = blockDim.x;
-  const Acc a = scale[blockIdx.x], b = shift[blockIdx.x];
-  const bool residual = (flags & bn::kFusedResidual) != 0;
-  if (bn::ncs_packable<T>(S, x, y, residual ? z : nullptr) &&
-      bn::ncs_apply_packs<T, Acc>(x, z, a, b, flags, N, C, S, col_pieces, y))
-    return;
-  const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
-  bn::NcsCursor cur(tile, threadIdx.x, step);
-  for (int i = threadIdx.x; i < tile.count; i += U * step) {
-    bn::NcsCursor out = cur;
-    Acc v[U], r[U];
-#pragma unroll
-    for (int k = 0; k < U; ++k) {
-      v[k] = Acc(0);
-      r[k] = Acc(0);
-      if (i + k * step < tile.count) {
-        v[k] = bn::widen(x[cur.off]);
-        if (residual) r[k] = bn::widen(z[cur.off]);
-        cur.advance();
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < U; ++k) {
-      if (i + k * step < tile.count) {
-        bn::store(&y[out.off], bn::fused_output(v[k] * a + b, r[k], flags));
-        out.advance();
-      }
-    }
-  }
+  bn::ncs_apply<T, Acc>(x, z, scale, shift, flags, N, C, S, col_pieces, y);
 }
 
-// y = act(x * scale[c] + shift[c] + z) over MC data; on 16-byte packs where the pointers and
-// C allow.
+// y = act(x * scale[c] + shift[c] + z) over MC data (bn::mc_apply).
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(256)
 bn_mc_apply_fused(const T* __restrict__ x, const T* __restrict__ z,
                   const Acc* __restrict__ scale, const Acc* __restrict__ shift, int flags,
                   long long M, int C, T* __restrict__ y) {
-  constexpr int U = bn::Unroll<T>::value;
-  if (bn::mc_packable<T>(C, x, y, (flags & bn::kFusedResidual) ? z : nullptr) &&
-      bn::mc_apply_packs<T, Acc>(x, z, scale, shift, flags, M, C, y))
-    return;
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  const bn::McRows rows = bn::mc_rows(M);
-  const long long row_step = blockDim.y;
-  const Acc a = scale[c], b = shift[c];
-  const bool residual = (flags & bn::kFusedResidual) != 0;
-  for (long long m = rows.first; m < rows.end; m += U * row_step) {
-    const long long base = m * C + c;
-    Acc v[U], r[U];
-#pragma unroll
-    for (int k = 0; k < U; ++k) {
-      v[k] = Acc(0);
-      r[k] = Acc(0);
-      if (m + k * row_step < rows.end) {
-        v[k] = bn::widen(x[base + k * row_step * C]);
-        if (residual) r[k] = bn::widen(z[base + k * row_step * C]);
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < U; ++k)
-      if (m + k * row_step < rows.end)
-        bn::store(&y[base + k * row_step * C], bn::fused_output(v[k] * a + b, r[k], flags));
-  }
+  bn::mc_apply<T, Acc>(x, z, scale, shift, flags, M, C, y);
 }
 
 // g = dy where y > 0, else 0 (a NaN in dy where y <= 0 does not pass), over n elements; in

@@ -158,32 +158,12 @@ bn_mc_stats(const T* __restrict__ x, long long M, int C, int group,
   if (flags & BN_RUNNING) bn::update_running_if_last(out, sy.done, sy.bad, gridDim.x, bad, C);
 }
 
-// y = x * scale[c] + shift[c], computed in Acc and rounded once to T; on 16-byte packs where
-// the pointers and C allow (bn::mc_packable), element by element otherwise.
+// y = x * scale[c] + shift[c], computed in Acc and rounded once to T (bn::mc_apply).
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(256)
 bn_mc_apply(const T* __restrict__ x, const Acc* __restrict__ scale,
             const Acc* __restrict__ shift, long long M, int C, T* __restrict__ y) {
-  constexpr int U = bn::Unroll<T>::value;
-  if (bn::mc_packable<T>(C, x, y) && bn::mc_apply_packs<T, Acc>(x, x, scale, shift, 0, M, C, y))
-    return;
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  const bn::McRows rows = bn::mc_rows(M);
-  const long long row_step = blockDim.y;
-  const Acc a = scale[c], b = shift[c];
-  for (long long m = rows.first; m < rows.end; m += U * row_step) {
-    const long long base = m * C + c;
-    Acc v[U];
-#pragma unroll
-    for (int k = 0; k < U; ++k) {
-      v[k] = Acc(0);
-      if (m + k * row_step < rows.end) v[k] = bn::widen(x[base + k * row_step * C]);
-    }
-#pragma unroll
-    for (int k = 0; k < U; ++k)
-      if (m + k * row_step < rows.end) bn::store(&y[base + k * row_step * C], v[k] * a + b);
-  }
+  bn::mc_apply<T, Acc>(x, x, scale, shift, 0, M, C, y);
 }
 
 // The per-thread sums of bn_mc_reduce on 16-byte packs of dy and x along the channels

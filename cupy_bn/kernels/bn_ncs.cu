@@ -93,40 +93,13 @@ bn_ncs_stats(const T* __restrict__ x, long long N, int C, long long S, int col_p
     bn::update_running_if_last(out, &sync[C], &sync[C + 1], C, bad, C);
 }
 
-// y = x * scale[c] + shift[c], computed in Acc and rounded once to T; on 16-byte packs where
-// the pointers and S allow (bn::ncs_packable), element by element otherwise.
+// y = x * scale[c] + shift[c], computed in Acc and rounded once to T (bn::ncs_apply).
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(256)
 bn_ncs_apply(const T* __restrict__ x, const Acc* __restrict__ scale,
              const Acc* __restrict__ shift, long long N, int C, long long S, int col_pieces,
              T* __restrict__ y) {
-  constexpr int U = bn::Unroll<T>::value;
-  const int step = blockDim.x;
-  const Acc a = scale[blockIdx.x], b = shift[blockIdx.x];
-  if (bn::ncs_packable<T>(S, x, y) &&
-      bn::ncs_apply_packs<T, Acc>(x, x, a, b, 0, N, C, S, col_pieces, y))
-    return;
-  const bn::NcsTile tile = bn::ncs_tile(N, C, S, col_pieces);
-  bn::NcsCursor cur(tile, threadIdx.x, step);
-  for (int i = threadIdx.x; i < tile.count; i += U * step) {
-    bn::NcsCursor out = cur;
-    Acc v[U];
-#pragma unroll
-    for (int k = 0; k < U; ++k) {
-      v[k] = Acc(0);
-      if (i + k * step < tile.count) {
-        v[k] = bn::widen(x[cur.off]);
-        cur.advance();
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < U; ++k) {
-      if (i + k * step < tile.count) {
-        bn::store(&y[out.off], v[k] * a + b);
-        out.advance();
-      }
-    }
-  }
+  bn::ncs_apply<T, Acc>(x, x, scale, shift, 0, N, C, S, col_pieces, y);
 }
 
 // The per-thread sums of bn_ncs_reduce on 16-byte packs of dy and x (bn::ncs_packable), a
