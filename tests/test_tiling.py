@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import cupy_bn as cbn
+from cupy_bn.backends import tiling
 from cupy_bn.backends.tiling import _share_bounds, plan_for, store
 from cupy_bn.layout import canonical
 
@@ -21,6 +22,43 @@ SHAPES = [
     ((32, 64, 56, 56), 1),
     ((33, 1000), -1),
 ]
+
+
+@pytest.fixture(autouse=True)
+def quarter_size_blocks(monkeypatch):
+    """Blocks of 2^18 values at most, so that SHAPES, small enough to test quickly, take every
+    kind of plan (the same code cuts a tensor 4x larger in each dimension that way at the
+    default block size)."""
+    monkeypatch.setattr(tiling, "BLOCK_ELEMENTS", 1 << 18)
+    monkeypatch.setattr(tiling, "MIN_BLOCK_ELEMENTS", 1 << 16)
+    tiling._cached_plan.cache_clear()
+    yield
+    tiling._cached_plan.cache_clear()
+
+
+def test_the_shapes_take_every_kind_of_plan():
+    kinds = {
+        plan_for(canonical(np.empty(shape, np.float32), axis), coefficients).kind
+        for shape, axis in SHAPES
+        for coefficients in (False, True)
+    }
+    assert kinds == {"periods", "groups", "segments"}
+
+
+def test_small_tensors_get_a_block_per_core_and_large_ones_full_blocks(monkeypatch):
+    monkeypatch.setattr(tiling, "_worker_count", lambda: 2)
+    assert tiling.block_elements(1 << 10) == tiling.MIN_BLOCK_ELEMENTS
+    assert tiling.block_elements(3 << 17) == 3 << 16
+    assert tiling.block_elements(1 << 30) == tiling.BLOCK_ELEMENTS
+
+
+@pytest.mark.parametrize("block_elements", [1 << 16, 1 << 18, 1 << 20])
+@pytest.mark.parametrize("shape,channel_axis", SHAPES)
+def test_column_sums_add_at_most_max_sum_rows_values_in_sequence(shape, channel_axis, block_elements):
+    view = canonical(np.empty(shape, np.float32), channel_axis)
+    plan = tiling.Plan(view.layout, view.data.shape, block_elements)
+    if plan.kind == "periods":
+        assert all(b.size // plan.sum_cols <= tiling.MAX_SUM_ROWS for b in plan.blocks)
 
 
 def channel_of_each_value(view):

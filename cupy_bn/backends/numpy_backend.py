@@ -31,9 +31,13 @@ from cupy_bn.backends import numpy_direct as direct
 from cupy_bn.backends import numpy_double_backward
 from cupy_bn.backends.base import Array, DoubleBackwardCoefficients
 from cupy_bn.backends.numpy_direct import raw_sums_are_exact
-from cupy_bn.backends.tiling import BLOCK_ELEMENTS, PAGE, Plan, plan_for, store, workspace
+from cupy_bn.backends.tiling import PAGE, Plan, plan_for, store, workspace
 from cupy_bn.dtypes import accumulation_dtype
 from cupy_bn.layout import View
+
+
+#: Outputs smaller than this are not placed by `empty_unaliased`.
+UNALIASED_MIN_BYTES = 1 << 19
 
 
 def empty_unaliased(shape: tuple[int, ...], dtype: np.dtype, *avoid: np.ndarray) -> np.ndarray:
@@ -45,7 +49,7 @@ def empty_unaliased(shape: tuple[int, ...], dtype: np.dtype, *avoid: np.ndarray)
     """
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < BLOCK_ELEMENTS * 2 or not avoid:  # small: aliasing costs less than the search
+    if nbytes < UNALIASED_MIN_BYTES or not avoid:  # aliasing costs less than the search
         return np.empty(shape, dtype)
     taken = sorted({a.__array_interface__["data"][0] % PAGE for a in avoid})
     gap, start = max(

@@ -10,8 +10,12 @@ NumPy's ufuncs and BLAS release the GIL, so blocks run in parallel on the CPU's 
 What the design answers to (measured on a 2-core Xeon against PyTorch's CPU kernels):
 
 - **Few, large NumPy calls.** Every call re-acquires the GIL, and two threads issuing many
-  short calls spend their time handing it over. A block is about `BLOCK_ELEMENTS` values
-  (1 MB of float32) and the work on it is two to five calls.
+  short calls spend their time handing it over (tens of microseconds each where the waiting
+  thread has to be woken). A block is about `BLOCK_ELEMENTS` values (4 MB of float32; a
+  tensor under twice that is cut into one block per core, of at least `MIN_BLOCK_ELEMENTS`),
+  and the work on it is two to five calls. Blocks of 1 MB, which fit a 2 MB L2 cache beside
+  their scratch, were 10-25% slower on large tensors with two threads: the GIL hand-overs
+  cost more than the cache misses (`benchmarks/README.md`).
 - **No broadcast inner loops.** A ufunc runs 1.5-4x slower when its innermost operand is
   broadcast (a per-row scalar) than when all operands are contiguous, so per-channel
   coefficients are laid out as contiguous patterns that the blocks line up with, and the
@@ -58,13 +62,17 @@ import numpy as np
 from cupy_bn.intmath import ceil_div, round_up
 from cupy_bn.layout import NCS, View
 
-#: Values per block: a float32 block and its scratch copies stay in a core's L2 cache.
-BLOCK_ELEMENTS = 1 << 18
+#: Values per block of a large tensor (4 MB of float32): few enough calls that the threads
+#: rarely wait for each other's GIL (see the module docstring).
+BLOCK_ELEMENTS = 1 << 20
+#: The fewest values per block when a smaller tensor is cut into one block per core.
+MIN_BLOCK_ELEMENTS = 1 << 18
 #: Least number of columns of a periods block: ufuncs pay per row of a broadcast operand.
 MIN_COLUMNS = 1 << 14
-#: Least number of columns when a periods block is summed down its columns: at most
-#: `BLOCK_ELEMENTS / MIN_SUM_COLUMNS` values are added in sequence per float32 accumulator.
-MIN_SUM_COLUMNS = 1 << 10
+#: The most rows a periods block is summed down in sequence: a block is seen as rows of at
+#: least `block_elements / MAX_SUM_ROWS` columns, so no float32 accumulator of a column sum
+#: adds more values than this before the float64 total.
+MAX_SUM_ROWS = 1 << 8
 #: Samples per block of an elementwise pass over channel groups.
 GROUP_SAMPLES = 8
 #: Rows at least this long are summed along the row rather than down the columns.
@@ -189,7 +197,8 @@ class Plan:
         self.blocks: list[Block] = []
         if period <= (block_elements // 2 if coefficients else block_elements):
             self.kind, self.width = "periods", c
-            per_sum_row = ceil_div(MIN_SUM_COLUMNS, period)  # periods per row, for column sums
+            # periods per row of a column sum, and of a block
+            per_sum_row = ceil_div(ceil_div(block_elements, MAX_SUM_ROWS), period)
             per_row = per_sum_row * ceil_div(MIN_COLUMNS, per_sum_row * period)
             self.cols, self.sum_cols = per_row * period, per_sum_row * period
             rows = max(1, block_elements // self.cols)
@@ -317,9 +326,15 @@ class Plan:
         return np.stack([np.bincount(index, weights=k.ravel(), minlength=self.channels) for k in p])
 
 
+def block_elements(size: int) -> int:
+    """Values per block for a tensor of `size` values: BLOCK_ELEMENTS, or fewer (down to
+    MIN_BLOCK_ELEMENTS) so that every core has a block to work on."""
+    return min(BLOCK_ELEMENTS, max(MIN_BLOCK_ELEMENTS, ceil_div(size, _worker_count())))
+
+
 @lru_cache(maxsize=64)
 def _cached_plan(layout: str, shape: tuple[int, ...], coefficients: bool) -> Plan:
-    return Plan(layout, shape, BLOCK_ELEMENTS, coefficients)
+    return Plan(layout, shape, block_elements(math.prod(shape)), coefficients)
 
 
 def plan_for(view: View, coefficients: bool = False) -> Plan:
