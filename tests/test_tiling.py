@@ -54,7 +54,7 @@ def test_small_tensors_get_a_block_per_core_and_large_ones_full_blocks(monkeypat
 
 @pytest.mark.parametrize("block_elements", [1 << 16, 1 << 18, 1 << 20])
 @pytest.mark.parametrize("shape,channel_axis", SHAPES)
-def test_column_sums_add_at_most_max_sum_rows_values_in_sequence(shape, channel_axis, block_elements):
+def test_column_sums_add_at_most_max_sum_rows_in_sequence(shape, channel_axis, block_elements):
     view = canonical(np.empty(shape, np.float32), channel_axis)
     plan = tiling.Plan(view.layout, view.data.shape, block_elements)
     if plan.kind == "periods":

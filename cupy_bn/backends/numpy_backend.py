@@ -35,7 +35,6 @@ from cupy_bn.backends.tiling import PAGE, Plan, plan_for, store, workspace
 from cupy_bn.dtypes import accumulation_dtype
 from cupy_bn.layout import View
 
-
 #: Outputs smaller than this are not placed by `empty_unaliased`.
 UNALIASED_MIN_BYTES = 1 << 19
 
