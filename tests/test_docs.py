@@ -309,6 +309,8 @@ INTEGRATION_PACKAGES = {
     "cupy_bn.integrations.torch": {"torch"},
 }
 FRAMEWORKS = {"autograd", "mygrad", "thinc", "torch"}
+#: The numba backend's kernels are numba functions: importing the module is using numba.
+KERNEL_PACKAGES = {"cupy_bn.backends.numba_kernels": {"numba"}}
 
 
 @dataclass(frozen=True)
@@ -456,7 +458,7 @@ def test_optional_packages_load_on_use():
     for path in package_modules():
         module = module_name(path)
         allowed = BASE_PACKAGES | (CLI_PACKAGES if part_of(module) == "cli" else set())
-        allowed |= INTEGRATION_PACKAGES.get(module, set())
+        allowed |= INTEGRATION_PACKAGES.get(module, set()) | KERNEL_PACKAGES.get(module, set())
         for imp in imports_of(path):
             top = imp.target.split(".")[0]
             if top in stdlib or top == "cupy_bn" or top in allowed or imp.guarded:

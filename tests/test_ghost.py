@@ -343,7 +343,9 @@ def test_sync_batch_norm_refuses_ghost_batches():
 def test_layer_step_matches_the_functional_form(channel_axis):
     shape = (7, 3, 4, 5) if channel_axis == 1 else (7, 4, 5, 3)
     case = make(shape, channel_axis, np.float32)
-    bn = cbn.BatchNorm2d(3, momentum=MOMENTUM, channel_axis=channel_axis, virtual_batch=3)
+    bn = cbn.BatchNorm2d(
+        3, momentum=MOMENTUM, channel_axis=channel_axis, virtual_batch=3, backend="numpy"
+    )
     bn.params["weight"][...] = case["weight"]
     bn.params["bias"][...] = case["bias"]
     bn.buffers["running_mean"][...] = case["running"][0]
@@ -363,7 +365,7 @@ def test_layer_step_matches_the_functional_form(channel_axis):
     assert bn.num_batches_tracked == 1
     assert repr(bn).endswith(", virtual_batch=3)")
     bn.eval()  # running statistics: the chunks play no part
-    plain = cbn.BatchNorm2d(3, channel_axis=channel_axis)
+    plain = cbn.BatchNorm2d(3, channel_axis=channel_axis, backend="numpy")
     plain.load_state_dict(bn.state_dict())
     np.testing.assert_array_equal(bn(case["x"]).astype(np.float32), plain.eval()(case["x"]))
 

@@ -1,6 +1,7 @@
 """Backends: objects implementing the seven primitives of `cupy_bn.backends.base.Backend`.
 
-`backend="auto"` sends CuPy arrays to the CUDA backend and NumPy arrays to the NumPy backend.
+`backend="auto"` sends CuPy arrays to the CUDA backend, and NumPy arrays to the numba backend
+where numba imports (`pip install cupy-bn[cpu]`: compiled CPU loops), else to the NumPy backend.
 Backends register a factory by name; `get_backend` builds each one once.
 """
 
@@ -30,11 +31,13 @@ __all__ = [
     "FusedBackward",
     "FusedTrainStatistics",
     "available_backends",
+    "cpu_backend_name",
     "cupy_usable",
     "get_backend",
     "has_fused_activation",
     "has_fused_backward",
     "has_fused_statistics",
+    "numba_usable",
     "register_backend",
 ]
 
@@ -68,6 +71,22 @@ def cupy_usable() -> bool:
         return False
 
 
+@cache
+def numba_usable() -> bool:
+    """True when numba imports and compiles for this NumPy (the numba backend's kernels load)."""
+    try:
+        import cupy_bn.backends.numba_kernels  # noqa: F401
+    except Exception:  # not installed, or a numba too old or too new for this NumPy
+        return False
+    return True
+
+
+@cache
+def cpu_backend_name() -> str:
+    """The backend `"auto"` picks for NumPy arrays: "numba" where it is usable, else "numpy"."""
+    return "numba" if numba_usable() else "numpy"
+
+
 def available_backends() -> list[str]:
     """Names of the registered backends that can run on this machine."""
     return [name for name, ok in _AVAILABLE.items() if ok()]
@@ -76,13 +95,13 @@ def available_backends() -> list[str]:
 def get_backend(backend: str | Backend, x: Any) -> Backend:
     """The backend object for `backend` ("auto", a registered name, or a Backend instance)."""
     if backend == "auto" and type(x) is np.ndarray:  # the common case, without the checks below
-        return _instance("numpy")
+        return _instance(cpu_backend_name())
     if not isinstance(backend, str):
         if isinstance(backend, Backend):
             return backend
         raise TypeError(f"backend must be a name or a Backend object, got {type_name(backend)}")
     if backend == "auto":
-        backend = "cuda" if is_cupy(x) else "numpy"
+        backend = "cuda" if is_cupy(x) else cpu_backend_name()
     if backend not in _FACTORIES:
         known = ", ".join(["auto", *_FACTORIES])
         raise ValueError(f"backend must be one of {known}; got {backend!r}")
@@ -101,6 +120,12 @@ def _numpy_backend() -> Backend:
     from cupy_bn.backends.numpy_backend import NumpyBackend
 
     return NumpyBackend()
+
+
+def _numba_backend() -> Backend:
+    from cupy_bn.backends.numba_backend import NumbaBackend
+
+    return NumbaBackend()
 
 
 def _cuda_backend() -> Backend:
@@ -122,5 +147,6 @@ def _sim_usable() -> bool:
 
 
 register_backend("numpy", _numpy_backend)
+register_backend("numba", _numba_backend, numba_usable)
 register_backend("cuda", _cuda_backend, cupy_usable)
 register_backend("sim", _sim_backend, _sim_usable)
