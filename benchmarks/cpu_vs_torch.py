@@ -1,12 +1,13 @@
-"""The NumPy backend against PyTorch's CPU kernels and two plain-NumPy baselines, per phase.
+"""cupy_bn's CPU backends against PyTorch's CPU kernels and two plain-NumPy baselines, per phase.
 
-    pip install torch==2.13.0        # benchmark-only dependency (the CPU build)
+    pip install torch==2.13.0 numba  # benchmark-only torch (the CPU build); numba: cupy-bn[cpu]
     python benchmarks/cpu_vs_torch.py [--shapes all|small|large] [--runs 3] [--threads 2]
 
 Every implementation is timed at its own kernel level, float32, channels on axis 1:
 
-- `cupy_bn`: `batch_norm(training=True)` with running statistics, `batch_norm_backward(dy,
-  saved)` of that forward, `batch_norm(training=False)`;
+- `numba` and `cupy_bn` (the NumPy backend): `batch_norm(training=True)` with running
+  statistics, `batch_norm_backward(dy, saved)` of that forward, `batch_norm(training=False)`,
+  with `backend="numba"` or `backend="numpy"` (the numba column is left out without numba);
 - `torch`: `torch.native_batch_norm(training=True)`, `aten.native_batch_norm_backward` with
   the forward's saved mean and invstd, `F.batch_norm(training=False)` under `no_grad` (no
   autograd engine, whose overhead is not batch norm's);
@@ -20,7 +21,9 @@ Each (implementation, shape) runs in its own process with the same thread count,
 times; a phase's figure is the median per-call time in microseconds, the best of the runs (a
 shared machine's neighbours slow whole processes, every implementation alike). The ratio is
 to PyTorch; the bars are issue 13's: small shapes within 2.5x of PyTorch on every phase, large
-shapes forward-train <= 1.5x, backward <= 2.0x, eval <= 2.5x.
+shapes forward-train <= 1.5x, backward <= 2.0x, eval <= 2.5x. They apply to the backend that
+`backend="auto"` picks: numba where it is installed, else the NumPy backend; the last column
+is that backend's time over the textbook formula's.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ LARGE = [(32, 64, 56, 56), (256, 64, 14, 14), (64, 256, 28, 28), (4096, 1024)]
 PHASES = ("forward_train", "backward", "eval")
 LARGE_BARS = {"forward_train": 1.5, "backward": 2.0, "eval": 2.5}
 SMALL_BAR = 2.5
-IMPLEMENTATIONS = ("cupy_bn", "torch", "numpy", "einsum")
+IMPLEMENTATIONS = ("numba", "cupy_bn", "torch", "numpy", "einsum")
 EPS = 1e-5
 
 
@@ -65,17 +68,25 @@ def _inputs(shape):
     return x, dy, w, b
 
 
-def run_cupy_bn(shape):
+def _run_backend(shape, backend):
     import cupy_bn as cbn
 
     x, dy, w, b = _inputs(shape)
     rm, rv = np.zeros(shape[1], np.float32), np.ones(shape[1], np.float32)
-    _, saved = cbn.batch_norm(x, w, b, rm, rv, training=True, backend="numpy")
+    _, saved = cbn.batch_norm(x, w, b, rm, rv, training=True, backend=backend)
     return {
-        "forward_train": lambda: cbn.batch_norm(x, w, b, rm, rv, training=True, backend="numpy"),
+        "forward_train": lambda: cbn.batch_norm(x, w, b, rm, rv, training=True, backend=backend),
         "backward": lambda: cbn.batch_norm_backward(dy, saved),
-        "eval": lambda: cbn.batch_norm(x, w, b, rm, rv, training=False, backend="numpy"),
+        "eval": lambda: cbn.batch_norm(x, w, b, rm, rv, training=False, backend=backend),
     }
+
+
+def run_cupy_bn(shape):
+    return _run_backend(shape, "numpy")
+
+
+def run_numba(shape):
+    return _run_backend(shape, "numba")
 
 
 def run_torch(shape):
@@ -173,7 +184,13 @@ def run_einsum(shape):
     return {"forward_train": forward, "backward": backward, "eval": evaluate}
 
 
-RUNNERS = {"cupy_bn": run_cupy_bn, "torch": run_torch, "numpy": run_numpy, "einsum": run_einsum}
+RUNNERS = {
+    "numba": run_numba,
+    "cupy_bn": run_cupy_bn,
+    "torch": run_torch,
+    "numpy": run_numpy,
+    "einsum": run_einsum,
+}
 
 
 def child(impl: str, shape: tuple[int, ...], threads: int) -> None:
@@ -227,25 +244,31 @@ def main() -> int:
     except ImportError:
         print("PyTorch is not installed: pip install torch==2.13.0 (CPU build)", file=sys.stderr)
         return 2
+    from cupy_bn.backends import cpu_backend_name
+
+    auto = cpu_backend_name()
+    auto_column = "numba" if auto == "numba" else "cupy_bn"
+    implementations = [i for i in IMPLEMENTATIONS if i != "numba" or auto == "numba"]
     shapes = {"small": SMALL, "large": LARGE, "all": SMALL + LARGE}[args.shapes]
-    header = "".join(f"{name + ' us':>12}" for name in IMPLEMENTATIONS)
+    header = "".join(f"{name + ' us':>12}" for name in implementations)
+    print(f"backend='auto' is {auto!r}: the ratio, bar and textbook columns are {auto_column}'s")
     print(f"{'shape':>18} {'phase':>13}{header} {'ratio':>6} {'bar':>5}  ok  vs numpy")
     failures = rows = 0
     for shape in shapes:
-        times = {impl: best_of(args.runs, impl, shape, args.threads) for impl in IMPLEMENTATIONS}
+        times = {impl: best_of(args.runs, impl, shape, args.threads) for impl in implementations}
         for phase in PHASES:
             bar = SMALL_BAR if shape in SMALL else LARGE_BARS[phase]
-            ratio = times["cupy_bn"][phase] / times["torch"][phase]
-            textbook = times["cupy_bn"][phase] / times["numpy"][phase]
+            ratio = times[auto_column][phase] / times["torch"][phase]
+            textbook = times[auto_column][phase] / times["numpy"][phase]
             ok = ratio <= bar
             failures += not ok
             rows += 1
-            cells = "".join(f"{times[impl][phase]:12.1f}" for impl in IMPLEMENTATIONS)
+            cells = "".join(f"{times[impl][phase]:12.1f}" for impl in implementations)
             print(
                 f"{str(shape):>18} {phase:>13}{cells} {ratio:6.2f} {bar:5.1f}  "
                 f"{'yes' if ok else 'NO ':3} {textbook:6.2f}x"
             )
-    print(f"{failures} of {rows} rows over their bar (ratio = cupy_bn / torch)")
+    print(f"{failures} of {rows} rows over their bar (ratio = {auto_column} / torch)")
     return 0
 
 

@@ -493,6 +493,13 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
     impl.name: impl
     for impl in (
         Implementation(
+            "cupy_bn.numba",
+            True,
+            "cpu",
+            _backend_available("numba"),
+            _cupy_bn_setup("numba", np.asarray),
+        ),
+        Implementation(
             "cupy_bn.numpy",
             True,
             "cpu",

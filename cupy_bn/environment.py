@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from cupy_bn import __version__
-from cupy_bn.backends import available_backends, cupy_usable
+from cupy_bn.backends import available_backends, cpu_backend_name, cupy_usable
 from cupy_bn.jsonable import jsonable
 
 
@@ -73,8 +73,12 @@ class Environment:
     simulator: SimulatorFacts
     torch: str | None
     """PyTorch's version, None when it is not installed."""
+    numba: str | None
+    """numba's version, None when it is not installed."""
     backends: list[str]
     """`cupy_bn.backends.available_backends()`."""
+    cpu_backend: str
+    """The backend `backend="auto"` picks for NumPy arrays (`cpu_backend_name()`)."""
 
     def to_json(self) -> dict[str, Any]:
         """The fields as plain JSON values, nested objects as objects, under the same names."""
@@ -174,5 +178,7 @@ def describe() -> Environment:
         nvrtc=_nvrtc(),
         simulator=_simulator(),
         torch=_version("torch"),
+        numba=_version("numba"),
         backends=available_backends(),
+        cpu_backend=cpu_backend_name(),
     )

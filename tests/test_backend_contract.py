@@ -13,6 +13,7 @@ from cupy_bn.backends import (
     FusedTrainStatistics,
     has_fused_backward,
     has_fused_statistics,
+    numba_usable,
 )
 from cupy_bn.backends.cuda_backend import CudaBackend, simulator_usable
 from cupy_bn.backends.numpy_backend import NumpyBackend
@@ -174,6 +175,10 @@ def test_functional_uses_the_fused_backward_only_without_a_reducer(sync):
 
 def _backends():
     backends = [pytest.param(NumpyBackend(), id="numpy")]
+    if numba_usable():
+        from cupy_bn.backends.numba_backend import NumbaBackend
+
+        backends.append(pytest.param(NumbaBackend(), id="numba"))
     backends.append(
         pytest.param(
             CudaBackend.for_simulator() if simulator_usable() else None, id="sim", marks=needs_sim

@@ -124,6 +124,12 @@ def test_cpu_implementations_compute_batch_norm(name, case):
 
 
 @pytest.mark.parametrize("case", [TINY, TINY_LAST], ids=lambda c: c.name)
+def test_numba_backend_computes_batch_norm(case):
+    pytest.importorskip("numba")
+    _runners_agree_with_reference("cupy_bn.numba", case)
+
+
+@pytest.mark.parametrize("case", [TINY, TINY_LAST], ids=lambda c: c.name)
 def test_torch_peer_computes_batch_norm(case):
     pytest.importorskip("torch")
     _runners_agree_with_reference("torch.cpu", case)

@@ -54,6 +54,7 @@ def test_info_json_reports_versions_toolchain_and_backends():
     assert facts["cupy_bn"] == cupy_bn.__version__
     assert facts["numpy"] == np.__version__
     assert "numpy" in facts["backends"]
+    assert facts["cpu_backend"] == ("numba" if facts["numba"] else "numpy")
     assert set(facts["nvrtc"]) == {"found", "version", "detail"}
     assert facts["cupy"]["usable"] == cupy_usable()
     assert (facts["gpus"] == []) == (not cupy_usable())
@@ -74,6 +75,7 @@ def test_info_table_for_humans():
     assert rows["cupy"] == facts["cupy"]["state"]
     assert rows["simulator"] == facts["simulator"]["detail"]
     assert rows["backends"] == ", ".join(facts["backends"])
+    assert rows["auto on NumPy"] == facts["cpu_backend"]
     if facts["nvrtc"]["found"]:
         assert rows["nvrtc"] == facts["nvrtc"]["version"]
 

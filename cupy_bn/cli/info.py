@@ -60,5 +60,7 @@ def _info_rows(facts: Any) -> list[tuple[str, str]]:
     rows.append(("simulator", facts.simulator.detail))
     rows += [(f"  {tool}", _text(where)) for tool, where in facts.simulator.toolchain.items()]
     rows.append(("torch", facts.torch or "not installed"))
+    rows.append(("numba", facts.numba or "not installed (pip install cupy-bn[cpu])"))
     rows.append(("backends", ", ".join(facts.backends)))
+    rows.append(("auto on NumPy", facts.cpu_backend))
     return rows
