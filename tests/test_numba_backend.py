@@ -20,8 +20,8 @@ CASES = [
     ((4, 6, 7, 7), 1),
     ((700, 3), -1),
     ((2, 4, 5, 3), -1),
-    ((4, 8, 64, 64), 1),  # 2^17 values: threaded, one channel range per core
-    ((1100, 130), -1),  # threaded, 5 chunks of rows, the last one short
+    ((4, 8, 64, 64), 1),
+    ((1100, 130), -1),  # 5 chunks of rows, the last one short
     ((1031, 9), -1),  # chunks whose rows are not a multiple of the kernels' steps (4 and 2)
     ((37, 3), -1),
 ]

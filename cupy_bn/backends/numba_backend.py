@@ -32,8 +32,10 @@ from cupy_bn.dtypes import accumulation_dtype
 from cupy_bn.intmath import ceil_div
 from cupy_bn.layout import NCS, View
 
-#: Tensors of at least this many values are shared among the cores.
-PARALLEL_MIN_ELEMENTS = 1 << 17
+#: Tensors of at least this many values are shared among the cores: handing ranges to the pool
+#: costs 70-100 us per pass on a 2-core VM, and from 2^20 values on the second core wins it
+#: back (measured in `benchmarks/README.md`).
+PARALLEL_MIN_ELEMENTS = 1 << 20
 _COMPILED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _WEIGHT, _BIAS, _RUNNING = 1, 2, 4
 
