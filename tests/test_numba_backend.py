@@ -35,7 +35,7 @@ def ranges(request, monkeypatch):
 
     if request.param == "threaded":
         monkeypatch.setattr(numba_backend, "PARALLEL_MIN_ELEMENTS", 1)
-        monkeypatch.setattr(tiling, "_worker_count", lambda: 3)
+        monkeypatch.setattr(tiling, "worker_count", lambda: 3)
     else:
         monkeypatch.setattr(numba_backend, "PARALLEL_MIN_ELEMENTS", 1 << 62)
     return request.param
@@ -93,7 +93,7 @@ def test_threads_change_no_bit(shape, channel_axis, monkeypatch):
     results = []
     for parallel_min, workers in ((1 << 62, 1), (1, 2), (1, 3)):
         monkeypatch.setattr(numba_backend, "PARALLEL_MIN_ELEMENTS", parallel_min)
-        monkeypatch.setattr(tiling, "_worker_count", lambda workers=workers: workers)
+        monkeypatch.setattr(tiling, "worker_count", lambda workers=workers: workers)
         y, saved = cbn.batch_norm(x, w, b, channel_axis=channel_axis, backend="numba")
         results.append((y, saved.mean, saved.invstd, *cbn.batch_norm_backward(dy, saved)))
     for other in results[1:]:

@@ -46,7 +46,7 @@ def test_the_shapes_take_every_kind_of_plan():
 
 
 def test_small_tensors_get_a_block_per_core_and_large_ones_full_blocks(monkeypatch):
-    monkeypatch.setattr(tiling, "_worker_count", lambda: 2)
+    monkeypatch.setattr(tiling, "worker_count", lambda: 2)
     assert tiling.block_elements(1 << 10) == tiling.MIN_BLOCK_ELEMENTS
     assert tiling.block_elements(3 << 17) == 3 << 16
     assert tiling.block_elements(1 << 30) == tiling.BLOCK_ELEMENTS

@@ -52,6 +52,7 @@ def register_backend(
     _FACTORIES[name] = factory
     _AVAILABLE[name] = available
     _instance.cache_clear()
+    _FOR_NUMPY_ARRAYS.clear()
 
 
 @cache
@@ -94,12 +95,15 @@ def available_backends() -> list[str]:
 
 def get_backend(backend: str | Backend, x: Any) -> Backend:
     """The backend object for `backend` ("auto", a registered name, or a Backend instance)."""
-    if backend == "auto" and type(x) is np.ndarray:  # the common case, without the checks below
-        return _instance(cpu_backend_name())
+    if type(x) is np.ndarray:  # the common case: a name already resolved for NumPy arrays
+        chosen = _FOR_NUMPY_ARRAYS.get(backend)  # type: ignore[arg-type]
+        if chosen is not None:
+            return chosen
     if not isinstance(backend, str):
         if isinstance(backend, Backend):
             return backend
         raise TypeError(f"backend must be a name or a Backend object, got {type_name(backend)}")
+    name = backend
     if backend == "auto":
         backend = "cuda" if is_cupy(x) else cpu_backend_name()
     if backend not in _FACTORIES:
@@ -113,7 +117,14 @@ def get_backend(backend: str | Backend, x: Any) -> Backend:
     chosen = _instance(backend)
     if array_module(x) is not chosen.xp:
         check_array_module("x", x, chosen.xp, f"for backend {backend!r}")
+    if type(x) is np.ndarray:
+        _FOR_NUMPY_ARRAYS[name] = chosen
     return chosen
+
+
+#: The backends names resolved to for NumPy arrays so far (checks passed), until a backend is
+#: registered.
+_FOR_NUMPY_ARRAYS: dict[str, Backend] = {}
 
 
 def _numpy_backend() -> Backend:

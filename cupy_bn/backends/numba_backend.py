@@ -25,9 +25,14 @@ from __future__ import annotations
 import numpy as np
 
 from cupy_bn.backends import numba_kernels as kernels
+from cupy_bn.backends import tiling
 from cupy_bn.backends.base import Array
-from cupy_bn.backends.numpy_backend import NumpyBackend, dx_coefficients, empty_unaliased
-from cupy_bn.backends.tiling import _worker_count, run_parallel
+from cupy_bn.backends.numpy_backend import (
+    UNALIASED_MIN_BYTES,
+    NumpyBackend,
+    dx_coefficients,
+    empty_unaliased,
+)
 from cupy_bn.dtypes import accumulation_dtype
 from cupy_bn.intmath import ceil_div
 from cupy_bn.layout import NCS, View
@@ -67,22 +72,28 @@ def _ranges(view: View) -> list[tuple[int, int]]:
     units = view.data.shape[1] if view.layout == NCS else _chunks(view)
     if view.data.size < PARALLEL_MIN_ELEMENTS:
         return [(0, units)]
-    shares = max(1, min(_worker_count(), units))
+    shares = max(1, min(tiling.worker_count(), units))
     bounds = [units * k // shares for k in range(shares + 1)]
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def _run(kernel, view: View, inputs: tuple, outputs: tuple) -> None:
     """`kernel(*inputs, start, stop, *outputs)` for each range of `view`, in parallel."""
+    if view.data.size < PARALLEL_MIN_ELEMENTS:  # one range: no list of them
+        units = view.data.shape[1] if view.layout == NCS else _chunks(view)
+        kernel(*inputs, 0, units, *outputs)
+        return
     ranges = _ranges(view)
     if len(ranges) == 1:
         kernel(*inputs, *ranges[0], *outputs)
         return
-    run_parallel(lambda i, r: kernel(*inputs, *r, *outputs), ranges)
+    tiling.run_parallel(lambda i, r: kernel(*inputs, *r, *outputs), ranges)
 
 
 def _output(view: View, *inputs: np.ndarray) -> np.ndarray:
-    """A new array shaped like `view.data` (its dtype), placed apart from `inputs`."""
+    """A new array shaped like `view.data` (its dtype), placed apart from `inputs` when large."""
+    if view.data.nbytes < UNALIASED_MIN_BYTES:
+        return np.empty_like(view.data)
     return empty_unaliased(view.data.shape, view.data.dtype, *inputs)
 
 

@@ -105,7 +105,8 @@ def workspace(slot: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return buf[:nbytes].view(dtype).reshape(shape)
 
 
-def _worker_count() -> int:
+def worker_count() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
@@ -113,7 +114,7 @@ def _worker_count() -> int:
 
 @cache
 def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=max(1, _worker_count() - 1), thread_name_prefix="cupy-bn")
+    return ThreadPoolExecutor(max_workers=max(1, worker_count() - 1), thread_name_prefix="cupy-bn")
 
 
 if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's pool threads
@@ -139,7 +140,7 @@ def run_parallel(fn, items, sizes: list[int] | None = None) -> None:
     pool's per-task cost out of the per-block loop.
     """
     items = list(items)
-    shares = min(_worker_count(), len(items))
+    shares = min(worker_count(), len(items))
     if shares == 0:
         return
     bounds = _share_bounds(sizes if sizes is not None else [1] * len(items), shares)
@@ -329,7 +330,7 @@ class Plan:
 def block_elements(size: int) -> int:
     """Values per block for a tensor of `size` values: BLOCK_ELEMENTS, or fewer (down to
     MIN_BLOCK_ELEMENTS) so that every core has a block to work on."""
-    return min(BLOCK_ELEMENTS, max(MIN_BLOCK_ELEMENTS, ceil_div(size, _worker_count())))
+    return min(BLOCK_ELEMENTS, max(MIN_BLOCK_ELEMENTS, ceil_div(size, worker_count())))
 
 
 @lru_cache(maxsize=64)
