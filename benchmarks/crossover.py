@@ -1,15 +1,21 @@
-"""Where the NumPy backend's blocked, threaded path starts to beat its direct path.
+"""Where a CPU backend's threaded path starts to beat its single-threaded one.
 
-    python benchmarks/crossover.py [--runs 3] [--threads 2]
+    python benchmarks/crossover.py [--backend numpy|numba] [--runs 3] [--threads 2]
 
 Times `batch_norm` (training), `batch_norm_backward` and `batch_norm` (inference) at sizes
-from 2^13 to 2^20 values, channels-first `(N, 16, 32, 32)`-like and channels-last `(M, 256)`,
-float32, once with every tensor on the direct path (`numpy_direct`: whole-array calls on the
-calling thread) and once with every tensor on the blocked path (`tiling`: cache-sized blocks on
-a thread pool). Each path runs in its own process, `--runs` times; the figure is the median
-per-call time in microseconds, best of the runs. `DIRECT_MAX_ELEMENTS` (forward) and
-`DIRECT_BACKWARD_MAX_ELEMENTS` in `cupy_bn.backends.numpy_direct` should sit where the
-blocked path starts to win.
+from 2^13 to 2^22 values, channels-first `(N, 16, 64)` and channels-last `(M, 256)`, float32,
+once with every tensor on each of the backend's two paths:
+
+- `numpy`: the direct path (`numpy_direct`: whole-array calls on the calling thread) and the
+  blocked path (`tiling`: blocks on a thread pool). `DIRECT_MAX_ELEMENTS` (forward) and
+  `DIRECT_BACKWARD_MAX_ELEMENTS` in `cupy_bn.backends.numpy_direct` should sit where the
+  blocked path starts to win.
+- `numba`: one kernel call on the calling thread, and one range per core on the thread pool.
+  `PARALLEL_MIN_ELEMENTS` in `cupy_bn.backends.numba_backend` should sit where the second
+  starts to win.
+
+Each path runs in its own process, `--runs` times; the figure is the median per-call time in
+microseconds, best of the runs.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import sys
 import numpy as np
 from cpu_vs_torch import child_env, median_us  # this folder's script
 
-SIZES = [1 << k for k in range(13, 21)]
+SIZES = [1 << k for k in range(13, 23)]
+#: Each backend's two paths: (name, what forces every tensor onto it).
+PATHS = {"numpy": ("direct", "blocked"), "numba": ("single", "threaded")}
 PHASES = ("forward_train", "backward", "eval")
 LAYOUTS = {"NCS": (16, 64), "MC": (256,)}  # channels and spatial size; MC: channels only
 
@@ -37,10 +45,15 @@ def shape_for(layout: str, size: int) -> tuple[int, ...]:
 
 def child(path: str, layout: str, size: int) -> None:
     import cupy_bn as cbn
-    from cupy_bn.backends import numpy_direct
+    from cupy_bn.backends import numba_backend, numpy_direct
 
-    limit = 1 << 40 if path == "direct" else -1
-    numpy_direct.DIRECT_MAX_ELEMENTS = numpy_direct.DIRECT_BACKWARD_MAX_ELEMENTS = limit
+    if path in PATHS["numpy"]:
+        backend = "numpy"
+        limit = 1 << 40 if path == "direct" else -1
+        numpy_direct.DIRECT_MAX_ELEMENTS = numpy_direct.DIRECT_BACKWARD_MAX_ELEMENTS = limit
+    else:
+        backend = "numba"
+        numba_backend.PARALLEL_MIN_ELEMENTS = 1 << 62 if path == "single" else 1
     shape = shape_for(layout, size)
     axis = 1 if layout == "NCS" else -1
     rng = np.random.default_rng(0)
@@ -50,13 +63,13 @@ def child(path: str, layout: str, size: int) -> None:
     rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
 
     def forward():
-        return cbn.batch_norm(x, w, b, rm, rv, training=True, channel_axis=axis)
+        return cbn.batch_norm(x, w, b, rm, rv, True, channel_axis=axis, backend=backend)
 
     _, saved = forward()
     phases = {
         "forward_train": forward,
         "backward": lambda: cbn.batch_norm_backward(dy, saved),
-        "eval": lambda: cbn.batch_norm(x, w, b, rm, rv, training=False, channel_axis=axis),
+        "eval": lambda: cbn.batch_norm(x, w, b, rm, rv, False, channel_axis=axis, backend=backend),
     }
     print(json.dumps({p: median_us(phases[p], x.size) for p in PHASES}))
 
@@ -73,6 +86,7 @@ def measure(path: str, layout: str, size: int, threads: int, runs: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=tuple(PATHS), default="numpy")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -80,16 +94,17 @@ def main() -> int:
     if args.child:
         child(args.child[0], args.child[1], int(args.child[2]))
         return 0
-    header = ("layout", 6), ("values", 8), ("phase", 13), ("direct us", 10), ("blocked us", 11)
-    print(" ".join(f"{name:>{width}}" for name, width in header), f"{'faster':>8}")
+    first, second = PATHS[args.backend]
+    header = ("layout", 6), ("values", 8), ("phase", 13), (f"{first} us", 12), (f"{second} us", 12)
+    print(" ".join(f"{name:>{width}}" for name, width in header), f"{'faster':>9}")
     for layout in LAYOUTS:
         for size in SIZES:
-            direct = measure("direct", layout, size, args.threads, args.runs)
-            blocked = measure("blocked", layout, size, args.threads, args.runs)
+            one = measure(first, layout, size, args.threads, args.runs)
+            two = measure(second, layout, size, args.threads, args.runs)
             for phase in PHASES:
-                d, b = direct[phase], blocked[phase]
-                faster = "direct" if d <= b else "blocked"
-                print(f"{layout:>6} {size:>8} {phase:>13} {d:>10.1f} {b:>11.1f} {faster:>8}")
+                a, b = one[phase], two[phase]
+                faster = first if a <= b else second
+                print(f"{layout:>6} {size:>8} {phase:>13} {a:>12.1f} {b:>12.1f} {faster:>9}")
     return 0
 
 
