@@ -61,6 +61,16 @@ def test_info_json_reports_versions_toolchain_and_backends():
     assert {"available", "detail", "toolchain"} <= set(facts["simulator"])
 
 
+def test_info_table_shows_brackets_as_written(monkeypatch):
+    from cupy_bn import environment
+
+    real = environment._version
+    monkeypatch.setattr(environment, "_version", lambda d: None if d == "numba" else real(d))
+    result = run("info")
+    assert result.exit_code == 0, result.output
+    assert "not installed (pip install cupy-bn[cpu])" in result.stdout
+
+
 def test_info_table_for_humans():
     result = run("info")
     assert result.exit_code == 0, result.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from cupy_bn.cli.common import emit_json, stdout_console
@@ -24,7 +25,7 @@ def info(as_json: bool) -> None:
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     for key, value in _info_rows(facts):
-        table.add_row(key, value)
+        table.add_row(escape(key), escape(value))  # values may hold brackets: not markup
     stdout_console().print(table)
 
 
