@@ -22,7 +22,7 @@ strides for tracing: `make_fx`, `torch.export`, `torch.compile`):
   invstd, training, channel_axis) -> (gx, gweight, gdy)`, the autograd formula of the second.
   It has none itself: a third derivative raises.
 
-CPU tensors are handed to the NumPy backend without a copy (`.detach().numpy()`, results back
+CPU tensors are handed to the CPU backend ("auto") without a copy (`.detach().numpy()`, results back
 through `torch.from_numpy`); CUDA tensors to the CUDA backend as CuPy arrays through DLPack,
 with CuPy on PyTorch's current stream and device, so the kernels are ordered with PyTorch's
 work. bfloat16 goes through `ml_dtypes` on the CPU. Conventions are the core's: `momentum` is
