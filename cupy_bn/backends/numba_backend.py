@@ -12,8 +12,9 @@ extends.
 Threads. A tensor of at least `PARALLEL_MIN_ELEMENTS` values is cut into one range per core
 (channels for NCS, row chunks for MC); the ranges run on the NumPy backend's thread pool
 (`tiling.run_parallel`), one kernel call each, with the GIL released. Smaller ones run on
-the calling thread. No numba threading layer is involved, so calls from several threads at
-once and `fork` behave as with the NumPy backend.
+the calling thread (a channels-first tensor with fewer channels than cores uses fewer cores).
+No numba threading layer is involved, so calls from several threads at once and `fork` behave
+as with the NumPy backend.
 
 Kernels compile on first use for each dtype (a few seconds in all) and are cached on disk
 (numba's `cache=True`: next to the module, or numba's user cache directory where that is
