@@ -190,7 +190,7 @@ def test_outputs_start_away_from_their_inputs_page_offsets(offsets):
         return raw[start : start + (1 << 22)].view(np.float32)
 
     inputs = [at(o) for o in offsets]
-    out = empty_unaliased((1 << 10, 1 << 10), np.float32, *inputs)
+    out = empty_unaliased(np.empty((1 << 10, 1 << 10), np.float32), *inputs)
     assert out.shape == (1 << 10, 1 << 10) and out.flags.c_contiguous
     where = out.ctypes.data % 4096
     distance = min(min((where - o) % 4096, (o - where) % 4096) for o in offsets)

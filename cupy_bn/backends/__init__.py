@@ -122,8 +122,8 @@ def get_backend(backend: str | Backend, x: Any) -> Backend:
     return chosen
 
 
-#: The backends names resolved to for NumPy arrays so far (checks passed), until a backend is
-#: registered.
+#: The backend each name resolved to for NumPy arrays so far (its checks passed), until a
+#: backend is registered.
 _FOR_NUMPY_ARRAYS: dict[str, Backend] = {}
 
 

@@ -28,12 +28,7 @@ import numpy as np
 from cupy_bn.backends import numba_kernels as kernels
 from cupy_bn.backends import tiling
 from cupy_bn.backends.base import Array
-from cupy_bn.backends.numpy_backend import (
-    UNALIASED_MIN_BYTES,
-    NumpyBackend,
-    dx_coefficients,
-    empty_unaliased,
-)
+from cupy_bn.backends.numpy_backend import NumpyBackend, dx_coefficients, empty_unaliased
 from cupy_bn.dtypes import accumulation_dtype
 from cupy_bn.intmath import ceil_div
 from cupy_bn.layout import NCS, View
@@ -67,10 +62,14 @@ def _chunks(view: View) -> int:
     return ceil_div(view.data.shape[0], kernels.CHUNK_ROWS)
 
 
+def _units(view: View) -> int:
+    """What a kernel's ranges count: channels (NCS) or row chunks (MC)."""
+    return view.data.shape[1] if view.layout == NCS else _chunks(view)
+
+
 def _ranges(view: View) -> list[tuple[int, int]]:
-    """The kernel ranges of `view`: channels (NCS) or row chunks (MC), one per core for a large
-    tensor, else a single one."""
-    units = view.data.shape[1] if view.layout == NCS else _chunks(view)
+    """The kernel ranges of `view`: one per core for a large tensor, else a single one."""
+    units = _units(view)
     if view.data.size < PARALLEL_MIN_ELEMENTS:
         return [(0, units)]
     shares = max(1, min(tiling.worker_count(), units))
@@ -80,22 +79,14 @@ def _ranges(view: View) -> list[tuple[int, int]]:
 
 def _run(kernel, view: View, inputs: tuple, outputs: tuple) -> None:
     """`kernel(*inputs, start, stop, *outputs)` for each range of `view`, in parallel."""
-    if view.data.size < PARALLEL_MIN_ELEMENTS:  # one range: no list of them
-        units = view.data.shape[1] if view.layout == NCS else _chunks(view)
-        kernel(*inputs, 0, units, *outputs)
+    if view.data.size < PARALLEL_MIN_ELEMENTS:  # one range, and no list of ranges to build
+        kernel(*inputs, 0, _units(view), *outputs)
         return
     ranges = _ranges(view)
     if len(ranges) == 1:
         kernel(*inputs, *ranges[0], *outputs)
         return
     tiling.run_parallel(lambda i, r: kernel(*inputs, *r, *outputs), ranges)
-
-
-def _output(view: View, *inputs: np.ndarray) -> np.ndarray:
-    """A new array shaped like `view.data` (its dtype), placed apart from `inputs` when large."""
-    if view.data.nbytes < UNALIASED_MIN_BYTES:
-        return np.empty_like(view.data)
-    return empty_unaliased(view.data.shape, view.data.dtype, *inputs)
 
 
 class NumbaBackend(NumpyBackend):
@@ -175,7 +166,7 @@ class NumbaBackend(NumpyBackend):
         if not compiled(x):
             return super().apply(x, scale, shift)
         acc = x.data.dtype
-        out = _output(x, x.data)
+        out = empty_unaliased(x.data, x.data)
         kernel = kernels.ncs_apply if x.layout == NCS else kernels.mc_apply
         _run(kernel, x, (x.data, _vector(scale, acc), _vector(shift, acc)), (out,))
         return out
@@ -215,12 +206,9 @@ class NumbaBackend(NumpyBackend):
             return super().backward_apply(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xmu, count)
         vectors = (np.asarray(v, np.float64) for v in (invstd, gamma, sum_dy, sum_dy_xmu))
         p, q, r = dx_coefficients(*vectors, count)
-        return self._input_gradient(dy, x, _vector(mean, x.data.dtype), p, q, r)
-
-    def _input_gradient(self, dy: View, x: View, mean, p, q, r) -> np.ndarray:
-        dx = _output(dy, dy.data, x.data)
+        dx = empty_unaliased(dy.data, dy.data, x.data)
         kernel = kernels.ncs_input_gradient if x.layout == NCS else kernels.mc_input_gradient
-        _run(kernel, x, (dy.data, x.data, mean, p, q, r), (dx,))
+        _run(kernel, x, (dy.data, x.data, _vector(mean, x.data.dtype), p, q, r), (dx,))
         return dx
 
     def backward(
@@ -234,16 +222,14 @@ class NumbaBackend(NumpyBackend):
         mean, invstd, gamma = (_vector(v, acc) for v in (mean, invstd, gamma))
         sums = np.empty((2, x.num_channels))
         if x.layout == NCS or len(_ranges(x)) == 1:
-            dx = _output(dy, dy.data, x.data)
+            dx = empty_unaliased(dy.data, dy.data, x.data)
             if x.layout == NCS:
                 _run(kernels.ncs_backward, x, (dy.data, x.data, mean, invstd, gamma), (sums, dx))
             else:
                 kernels.mc_backward(dy.data, x.data, mean, invstd, gamma, sums, dx)
-        else:
+        else:  # a large channels-last tensor: the sums, then dx, each shared among the cores
             sums = self._gradient_sums(dy, x, mean)
-            vectors = (np.asarray(v, np.float64) for v in (invstd, gamma))
-            p, q, r = dx_coefficients(*vectors, sums[0], sums[1], count)
-            dx = self._input_gradient(dy, x, mean, p, q, r)
+            dx = self.backward_apply(dy, x, mean, invstd, gamma, sums[0], sums[1], count)
         return sums[0].astype(acc), sums[1].astype(acc), dx
 
 

@@ -23,8 +23,6 @@ taken again as sums of `x - mean` (two-pass), and the gradient sums and `dx` use
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from cupy_bn.backends import numpy_direct as direct
@@ -39,17 +37,17 @@ from cupy_bn.layout import View
 UNALIASED_MIN_BYTES = 1 << 19
 
 
-def empty_unaliased(shape: tuple[int, ...], dtype: np.dtype, *avoid: np.ndarray) -> np.ndarray:
-    """An empty C-contiguous array whose address is far, modulo a page, from those of `avoid`.
+def empty_unaliased(like: np.ndarray, *avoid: np.ndarray) -> np.ndarray:
+    """An empty C-contiguous array of `like`'s shape and dtype whose address is far, modulo a
+    page, from those of `avoid`.
 
     Three-operand ufuncs run 2-3x slower when input and output share a page offset (4K aliasing
     in the CPU's store forwarding), so outputs start in the middle of the widest gap between
     their inputs' page offsets.
     """
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
+    nbytes = like.nbytes
     if nbytes < UNALIASED_MIN_BYTES or not avoid:  # aliasing costs less than the search
-        return np.empty(shape, dtype)
+        return np.empty(like.shape, like.dtype)
     taken = sorted({a.__array_interface__["data"][0] % PAGE for a in avoid})
     gap, start = max(
         ((later - t) % PAGE or PAGE, t)
@@ -58,7 +56,7 @@ def empty_unaliased(shape: tuple[int, ...], dtype: np.dtype, *avoid: np.ndarray)
     raw = np.empty(nbytes + PAGE, np.uint8)
     target = (start + gap // 2) // 64 * 64  # cache-line aligned
     offset = (target - raw.__array_interface__["data"][0]) % PAGE
-    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+    return raw[offset : offset + nbytes].view(like.dtype).reshape(like.shape)
 
 
 def _in_acc(block: np.ndarray, acc: np.dtype, slot: int) -> np.ndarray:
@@ -143,7 +141,7 @@ class NumpyBackend:
         if direct.is_small(x):
             return direct.apply(x, scale, shift)
         acc = accumulation_dtype(x.data.dtype)
-        out = empty_unaliased(x.data.shape, x.data.dtype, x.data)
+        out = empty_unaliased(x.data, x.data)
         if x.data.size == 0:
             return out
         plan = plan_for(x, coefficients=True)
@@ -171,7 +169,7 @@ class NumpyBackend:
             return direct.apply_activation(x, scale, shift, residual, relu)
         acc = accumulation_dtype(x.data.dtype)
         operands = (x.data,) if residual is None else (x.data, residual.data)
-        out = empty_unaliased(x.data.shape, x.data.dtype, *operands)
+        out = empty_unaliased(x.data, *operands)
         if x.data.size == 0:
             return out
         plan = plan_for(x, coefficients=True)
@@ -196,7 +194,7 @@ class NumpyBackend:
         """`dy` where `y > 0`, else zero (`FusedActivation`): one pass over `dy` and `y`."""
         if direct.is_small(dy):
             return direct.relu_gradient(dy, y)
-        out = empty_unaliased(dy.data.shape, dy.data.dtype, dy.data, y.data)
+        out = empty_unaliased(dy.data, dy.data, y.data)
         if dy.data.size == 0:
             return out
         plan = plan_for(dy)
@@ -270,7 +268,7 @@ class NumpyBackend:
             p, q, r = dx_coefficients(*vectors, count)
             xmu = direct.centred(x, np.asarray(mean, acc), acc)
             return direct.input_gradient(dy, xmu, p, q, r)
-        out = empty_unaliased(dy.data.shape, dy.data.dtype, dy.data, x.data)
+        out = empty_unaliased(dy.data, dy.data, x.data)
         if dy.data.size == 0:
             return out
         invstd64 = np.asarray(invstd, np.float64)

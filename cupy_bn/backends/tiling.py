@@ -198,7 +198,7 @@ class Plan:
         self.blocks: list[Block] = []
         if period <= (block_elements // 2 if coefficients else block_elements):
             self.kind, self.width = "periods", c
-            # periods per row of a column sum, and of a block
+            # periods per row of a column sum, then per row of a block
             per_sum_row = ceil_div(ceil_div(block_elements, MAX_SUM_ROWS), period)
             per_row = per_sum_row * ceil_div(MIN_COLUMNS, per_sum_row * period)
             self.cols, self.sum_cols = per_row * period, per_sum_row * period
